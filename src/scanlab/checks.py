@@ -1,0 +1,89 @@
+"""Argument checks shared by the public API.
+
+Each check raises before any tracing, with a message that names the argument, what was expected and
+what came, so a mistake surfaces as one clear line instead of a trace-time stack.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import numpy as np
+
+SEED_LIMIT = 2**32
+
+
+def static_int(name: str, value: object, *, minimum: int) -> int:
+    """Returns `value` as an int if it is a concrete Python/NumPy integer >= `minimum`.
+
+    Shapes and loop lengths decide compilation, so they must be static: a traced value is refused
+    with the fix (mark the argument static), and so are bools, floats and strings.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python int, got a traced value {value.aval}; "
+            f"it decides the compiled shape, so pass it as a static argument "
+            f"(e.g. jax.jit(..., static_argnames={name!r}))"
+        )
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def seed_key(seed: object) -> np.ndarray:
+    """Returns the raw key `jax.random.PRNGKey(seed)` builds, computed on the host.
+
+    Seeds are limited to [0, 2**32): beyond it PRNGKey keeps only the low 32 bits unless
+    JAX_ENABLE_X64 is set, so the same seed would give different weights in the two modes.
+    Building the key with NumPy keeps the per-call path free of eager JAX dispatches.
+
+    Returns:
+      uint32 array of shape (2,), equal to `jax.random.PRNGKey(seed)`.
+    """
+    if isinstance(seed, jax.core.Tracer):
+        raise TypeError(f"seed must be a Python int, got a traced value {seed.aval}")
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r} of type {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    return np.array([0, seed], dtype=np.uint32)
+
+
+def numeric_array(name: str, value: object) -> np.ndarray | jax.Array:
+    """Returns `value` as an array of booleans-excluded real numbers (int or float dtype).
+
+    JAX arrays and tracers pass through untouched; lists and NumPy arrays become NumPy arrays.
+    """
+    array = value if isinstance(value, jax.Array) else np.asarray(value)
+    if array.dtype.kind not in "iuf":
+        raise TypeError(
+            f"{name} must hold real numbers (int or float dtype), got dtype {array.dtype}"
+        )
+    return array
+
+
+def last_axis(name: str, array: np.ndarray | jax.Array, size: int, size_name: str) -> None:
+    """Checks that `array` has shape (..., size)."""
+    if array.ndim == 0:
+        raise ValueError(
+            f"{name} must have shape (..., {size_name}) = (..., {size}), got a 0-d value"
+        )
+    if array.shape[-1] != size:
+        raise ValueError(
+            f"{name} must have shape (..., {size_name}) = (..., {size}), got shape {array.shape}"
+        )
+
+
+def all_finite(name: str, array: np.ndarray | jax.Array) -> None:
+    """Checks that a concrete array holds no NaN or Inf."""
+    if isinstance(array, jax.core.Tracer):
+        raise TypeError(f"check_finite needs a concrete {name}, got a traced value {array.aval}")
+    bad = ~np.isfinite(np.asarray(array))
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} must be finite, got {int(bad.sum())} NaN/Inf value(s), first at index {first}"
+        )

@@ -1,0 +1,139 @@
+"""The tanh recurrence h ← tanh(h @ W) over time, written the seed's way and its nn.scan twin.
+
+`LaxScanModule` is the seed's pattern: one weight declared with `self.param` outside a raw
+`jax.lax.scan`, the body closing over it. `NNScanModule` is the same recurrence lifted with `nn.scan`
+(params broadcast, no RNG split); both produce the parameter tree `{"params": {"W": (H, H)}}` and the
+same numbers. `lax_scan_in_module` is the seed's function, compiled once per static signature.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scanlab import checks
+
+# Pinned so that JAX_ENABLE_X64=1 draws the same W from the same seed.
+PARAM_DTYPE = jnp.float32
+
+
+def _declare_w(module: nn.Module, hidden: int) -> jax.Array:
+    return module.param("W", nn.initializers.lecun_normal(), (hidden, hidden), PARAM_DTYPE)
+
+
+def _with_initial_state(init_carry: jax.Array, states: jax.Array) -> jax.Array:
+    """(..., H) and (T, ..., H) -> (T + 1, ..., H)."""
+    return jnp.concatenate([init_carry[None], states])
+
+
+class LaxScanModule(nn.Module):
+    """h₀ = tanh(x @ W), then T steps of h ← tanh(h @ W), by a raw `jax.lax.scan`.
+
+    `W` (H, H), lecun-normal float32, is declared once, outside the scan; the body closes over it,
+    so `lax.scan` sees a constant and no Flax lifting is needed.
+
+    Attributes:
+      hidden: H, the state width; `x` must have shape (..., H).
+      T: number of recurrence steps after the first; T = 0 returns tanh(x @ W).
+      trajectory: if True, return every state (T + 1, ..., H) instead of the final one.
+
+    Example:
+      >>> module = LaxScanModule(hidden=4, T=10)
+      >>> variables = module.init(jax.random.PRNGKey(0), jnp.ones(4))
+      >>> module.apply(variables, jnp.ones(4)).shape
+      (4,)
+    """
+
+    hidden: int
+    T: int
+    trajectory: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`."""
+        W = _declare_w(self, self.hidden)
+        init_carry = jnp.tanh(x @ W)
+
+        def body(carry, _):
+            new_carry = jnp.tanh(carry @ W)
+            return new_carry, new_carry if self.trajectory else None
+
+        final, states = jax.lax.scan(body, init_carry, jnp.arange(self.T))
+        return _with_initial_state(init_carry, states) if self.trajectory else final
+
+
+class NNScanModule(nn.Module):
+    """The nn.scan twin of `LaxScanModule`: same fields, same parameter tree, same numbers.
+
+    The step is lifted with `nn.scan(variable_broadcast="params", split_rngs={"params": False})`:
+    the one `W` is broadcast to every step rather than stacked per step, which is exactly what the
+    raw `lax.scan` gets for free by closing over it.
+    """
+
+    hidden: int
+    T: int
+    trajectory: bool = False
+
+    def setup(self):
+        self.W = _declare_w(self, self.hidden)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`."""
+        init_carry = jnp.tanh(x @ self.W)
+
+        def body(module, carry, _):
+            new_carry = jnp.tanh(carry @ module.W)
+            return new_carry, new_carry if self.trajectory else None
+
+        scan = nn.scan(
+            body, variable_broadcast="params", split_rngs={"params": False}, length=self.T
+        )
+        final, states = scan(self, init_carry, None)
+        return _with_initial_state(init_carry, states) if self.trajectory else final
+
+
+@functools.partial(jax.jit, static_argnames=("hidden", "T", "trajectory"))
+def _init_and_apply(key: jax.Array, x: jax.Array, *, hidden: int, T: int, trajectory: bool):
+    # init_with_output runs the module once: W is drawn and used in the same compiled program.
+    output, _ = LaxScanModule(hidden, T, trajectory).init_with_output(key, x)
+    return output
+
+
+def lax_scan_in_module(
+    seed: int,
+    x,
+    hidden: int,
+    T: int,
+    *,
+    trajectory: bool = False,
+    check_finite: bool = False,
+) -> jax.Array:
+    """The seed's function: init `LaxScanModule` with `PRNGKey(seed)` and `x`, apply, return.
+
+    Equal to the textbook `init` + `apply` (same W from the same seed), but compiled once per
+    static signature — (hidden, T, trajectory, x's shape and dtype) — and reused on later calls:
+    init and apply run as one jitted program whose key is built on the host, so a call in a loop
+    costs one dispatch.
+
+    Args:
+      seed: int in [0, 2**32), the PRNGKey seed for W.
+      x: (..., H) real numbers — list, NumPy or JAX array; leading axes are batch axes.
+      hidden: H >= 1.
+      T: steps >= 0 after the first.
+      trajectory: return all T + 1 states (T + 1, ..., H) instead of the final one.
+      check_finite: raise if x holds NaN or Inf (needs a concrete x).
+
+    Returns:
+      The final state, (..., H) float32 (float64 if x is float64 under JAX_ENABLE_X64).
+    """
+    hidden = checks.static_int("hidden", hidden, minimum=1)
+    T = checks.static_int("T", T, minimum=0)
+    key = checks.seed_key(seed)
+    x = checks.numeric_array("x", x)
+    checks.last_axis("x", x, hidden, "hidden")
+    if check_finite:
+        checks.all_finite("x", x)
+    return _init_and_apply(key, x, hidden=hidden, T=T, trajectory=bool(trajectory))
