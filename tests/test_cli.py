@@ -42,3 +42,33 @@ def test_bad_arguments_print_one_line_not_a_traceback():
         "error: x must have shape (..., hidden) = (..., 3), got shape (2,)"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_decoder_shapes_prints_the_blog_listing_and_count():
+    result = runner.invoke(app, ["decoder", "shapes", "--preset", "llama2-7b"])
+    assert result.exit_code == 0, result.output
+    assert "q_proj=(32, 4096, 1, 32, 128)" in result.output  # stacked
+    assert "q_proj=(4096, 1, 32, 128)" in result.output  # inside the scan body
+    assert "input_norm=(4096)" in result.output
+    assert "6,738,415,616" in result.output
+
+
+def test_decoder_compare_reports_agreement():
+    result = runner.invoke(app, ["decoder", "compare", "--layers", "2", "--d-model", "32", "--seq", "8"])
+    assert result.exit_code == 0, result.output
+    assert "lax.scan over layers" in result.output and "loop / scan" in result.output
+
+
+def test_decoder_generate_from_a_checkpoint(tmp_path):
+    import jax
+
+    from scanlab.decoder import generate, init_params, preset, save_checkpoint
+
+    config = preset("tiny")
+    params = init_params(config, jax.random.PRNGKey(2))
+    save_checkpoint(tmp_path / "ckpt", config, params)
+    result = runner.invoke(app, ["decoder", "generate", "--checkpoint", str(tmp_path / "ckpt"),
+                                 "--prompt", "5,6,7", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    expected = generate(params, config, np.array([[5, 6, 7]]), 4).tokens[0, 3:].tolist()
+    assert f"generated: {expected}" in result.output

@@ -27,3 +27,10 @@ def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn())
     return time.perf_counter() - start
+
+
+def compile_seconds(jitted: Callable, *args, **kwargs) -> tuple[Callable, float]:
+    """Lowers and compiles `jitted` for these arguments; returns (executable, seconds taken)."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args, **kwargs).compile()
+    return compiled, time.perf_counter() - start
