@@ -72,3 +72,17 @@ def test_decoder_generate_from_a_checkpoint(tmp_path):
     assert result.exit_code == 0, result.output
     expected = generate(params, config, np.array([[5, 6, 7]]), 4).tokens[0, 3:].tolist()
     assert f"generated: {expected}" in result.output
+
+
+def test_train_resume_and_generate(tmp_path):
+    ckpt, plot = str(tmp_path / "run"), tmp_path / "loss.png"
+    args = ["train", "--steps", "40", "--chunk-steps", "20", "--warmup-steps", "5", "--checkpoint-dir", ckpt, "--plot", str(plot)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "held-out exact-match accuracy after 40 steps" in result.output
+    assert plot.stat().st_size > 1000
+    again = runner.invoke(app, args + ["--resume"])  # already complete: nothing to do, same result
+    assert again.exit_code == 0, again.output
+    shown = runner.invoke(app, ["generate", "--checkpoint", ckpt, "--n", "3"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count("reverse ") == 3

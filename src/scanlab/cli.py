@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.syntax import Syntax
 
-from scanlab import explain, pitfalls, show, tour
+from scanlab import explain, pitfalls, plots, show, tour
 from scanlab.recurrence import lax_scan_in_module
 
 app = typer.Typer(
@@ -130,6 +130,46 @@ def decoder_generate(
                            temperature=temperature, top_k=top_k)
     console.print(f"prompt:    {tokens[0].tolist()}")
     console.print(f"generated: {np.asarray(out.tokens[0, tokens.shape[1]:]).tolist()}")
+
+
+@app.command("train")
+def train_command(
+    task: Annotated[str, typer.Option(help="reverse or add.")] = "reverse",
+    steps: Annotated[int, typer.Option(help="Total optimizer steps (add needs ~3000).")] = 600,
+    chunk_steps: Annotated[int, typer.Option(help="Steps per compiled lax.scan call.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 64,
+    learning_rate: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-3,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
+    seed: Annotated[int, typer.Option(help="The run's seed.")] = 0,
+    checkpoint_dir: Annotated[
+        str | None, typer.Option(help="Save orbax checkpoints here.")
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Save every this many chunks.")] = 5,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --checkpoint-dir.")] = False,
+    plot: Annotated[str, typer.Option(help="Where to write the loss curve PNG.")] = "results/train-loss.png",
+) -> None:
+    """Train a small decoder with the whole loop inside lax.scan; report accuracy and samples."""
+    from scanlab import train
+
+    config = train.TrainConfig(task=task, steps=steps, chunk_steps=chunk_steps,
+                               batch_size=batch_size, learning_rate=learning_rate,
+                               warmup_steps=warmup_steps, seed=seed)
+    result = tour.train_with_progress(console, config, checkpoint_dir=checkpoint_dir,
+                                      checkpoint_every=checkpoint_every, resume=resume)
+    path = plots.loss_curve(result.losses, plot, f"{task}: loss per step")
+    console.print(f"loss curve: {path}")
+    tour.print_evaluation(console, result)
+
+
+@app.command("generate")
+def generate_command(
+    checkpoint: Annotated[str, typer.Option(help="A `scanlab train` checkpoint directory.")],
+    n: Annotated[int, typer.Option(help="Held-out examples to show.")] = 8,
+) -> None:
+    """Show held-out inputs and a trained model's generated answers."""
+    from scanlab import train
+
+    tour.print_evaluation(console, train.load(checkpoint), n)
 
 
 def _parse_floats(name: str, text: str) -> np.ndarray:

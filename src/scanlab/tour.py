@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scanlab import explain, pitfalls, reference, show
+from scanlab import explain, pitfalls, reference, show, train
 from scanlab.bench import layers as layer_bench
 from scanlab.decoder import config as decoder_config
 from scanlab.decoder import params as decoder_params
@@ -22,6 +23,7 @@ def run(console: Console) -> None:
     _scan_semantics(console)
     _pitfalls(console)
     _decoder(console)
+    _training(console)
 
 
 def _seed_function(console: Console) -> None:
@@ -92,6 +94,43 @@ def layer_table(point: layer_bench.LayerPoint) -> Table:
     table.add_row("loop / scan", f"{point.loop_compile_s / point.scan_compile_s:.1f}x",
                   f"{point.loop_run_s / point.scan_run_s:.2f}x")
     return table
+
+
+def _training(console: Console) -> None:
+    console.rule("5. A whole training run inside lax.scan")
+    config = train.TrainConfig(task="reverse", steps=500)
+    console.print(f"task: reverse {train.tasks.REVERSE_LENGTH} digits; {config.steps} AdamW steps, "
+                  f"{config.chunk_steps} per compiled lax.scan call")
+    print_evaluation(console, train_with_progress(console, config), n=4)
+
+
+def train_with_progress(console: Console, config: train.TrainConfig, **kwargs) -> train.TrainResult:
+    """Runs `train.train` with a progress bar showing the loss and steps/s after each chunk."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(f"train {config.task}", total=config.steps, loss="-", speed="")
+
+        def on_chunk(report: train.ChunkReport) -> None:
+            progress.update(bar, completed=report.step, loss=f"{report.mean_loss:.4f}",
+                            speed=f"{report.steps_per_s:.0f} steps/s")
+
+        return train.train(config, on_chunk=on_chunk, **kwargs)
+
+
+def print_evaluation(console: Console, result: train.TrainResult, n: int = 5) -> None:
+    """Held-out exact-match accuracy and a few generated answers."""
+    params, config = result.state.params, result.config
+    console.print(f"held-out exact-match accuracy after {int(result.state.step)} steps: "
+                  f"{train.accuracy(params, config):.1%}")
+    table = Table(title="held-out examples, answers generated greedily")
+    for column in ("question", "expected", "model", ""):
+        table.add_column(column)
+    for sample in train.samples(params, config, n):
+        mark = "[green]✓[/green]" if sample.predicted == sample.expected else "[red]✗[/red]"
+        table.add_row(sample.question, sample.expected, sample.predicted, mark)
+    console.print(table)
 
 
 def _s(seconds: float) -> str:

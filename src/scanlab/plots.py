@@ -1,0 +1,30 @@
+"""Matplotlib figures (Agg backend: files only, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+
+def loss_curve(losses: np.ndarray, path: str | Path, title: str) -> Path:
+    """Per-step training loss (log scale) with a running mean, written to a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steps = np.arange(1, len(losses) + 1)
+    window = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, alpha=0.3, label="per step")
+    ax.plot(steps[window - 1:], smooth, label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

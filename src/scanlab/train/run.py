@@ -1,0 +1,149 @@
+"""A long training run as a sequence of scanned chunks, checkpointed with orbax, resumable.
+
+Checkpoints hold the whole TrainState (params, optimizer state, key, step), the loss history and
+the TrainConfig. Orbax writes each one under a temporary name and renames it when complete, so a
+save killed half-way leaves a directory that `latest_step` ignores: resume uses the last complete
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from scanlab.train.config import TrainConfig
+from scanlab.train.step import TrainState, init_state, train_chunk
+
+
+class ChunkReport(NamedTuple):
+    step: int  # steps done after this chunk
+    total_steps: int
+    mean_loss: float  # over the chunk's steps
+    steps_per_s: float  # this chunk's steps over its wall time (the first includes compilation)
+    checkpointed: bool
+
+
+class TrainResult(NamedTuple):
+    config: TrainConfig
+    state: TrainState
+    losses: np.ndarray  # (steps,) per-step loss, from step 1, across resumes
+
+
+def train(
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 5,
+    resume: bool = False,
+    on_chunk: Callable[[ChunkReport], None] | None = None,
+) -> TrainResult:
+    """Runs `config.steps` steps, `config.chunk_steps` per compiled `lax.scan` call.
+
+    Args:
+      config: the run.
+      checkpoint_dir: where orbax checkpoints go; None for no checkpoints.
+      checkpoint_every: save after every this many chunks, and after the last.
+      resume: continue from the last complete checkpoint in `checkpoint_dir` (same config).
+      on_chunk: called after each chunk, e.g. to draw progress.
+    """
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume needs a checkpoint_dir, got None")
+    manager = _manager(checkpoint_dir) if checkpoint_dir is not None else None
+    try:
+        state, history = _starting_point(config, manager, resume)
+        step = int(state.step)
+        while step < config.steps:
+            n = min(config.chunk_steps, config.steps - step)
+            start = time.perf_counter()
+            state, losses = train_chunk(state, config=config, steps=n)
+            losses = np.asarray(losses)  # waits for the chunk
+            elapsed = time.perf_counter() - start
+            step += n
+            history.extend(losses.tolist())
+            save = manager is not None and (
+                step == config.steps or (step // config.chunk_steps) % checkpoint_every == 0
+            )
+            if save:
+                _save(manager, step, config, state, history)
+            if on_chunk is not None:
+                on_chunk(ChunkReport(step, config.steps, float(losses.mean()), n / elapsed, save))
+    finally:
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    return TrainResult(config, state, np.asarray(history, np.float32))
+
+
+def load(checkpoint_dir: str | Path) -> TrainResult:
+    """The last complete checkpoint of a run: its config, state and loss history."""
+    with _manager(checkpoint_dir) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise ValueError(f"checkpoint_dir {checkpoint_dir} holds no complete checkpoint")
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        config = TrainConfig(**saved.config)
+        state, history = _restore(manager, step, config)
+    return TrainResult(config, state, np.asarray(history, np.float32))
+
+
+def _manager(checkpoint_dir: str | Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=3, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(Path(checkpoint_dir).absolute(), options=options)
+
+
+def _starting_point(config, manager, resume: bool) -> tuple[TrainState, list[float]]:
+    latest = manager.latest_step() if manager is not None else None
+    if not resume:
+        if latest is not None:
+            raise ValueError(
+                f"checkpoint_dir {manager.directory} already holds a run (latest step {latest}); "
+                "pass resume=True (--resume) to continue it, or choose another directory"
+            )
+        return init_state(config), []
+    if latest is None:
+        raise ValueError(f"checkpoint_dir {manager.directory} holds no complete checkpoint to resume")
+    saved = manager.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    _check_same_config(saved.config, config, manager.directory)
+    return _restore(manager, latest, config)
+
+
+def _restore(manager, step: int, config: TrainConfig) -> tuple[TrainState, list[float]]:
+    target = jax.eval_shape(lambda: init_state(config))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore(),
+    ))
+    # Orbax hands back plain containers in places: rebuild the exact NamedTuple structure.
+    state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored.state))
+    return state, list(restored.history)
+
+
+def _save(manager, step: int, config: TrainConfig, state: TrainState, history: list[float]):
+    # A copy: the save runs asynchronously, and the next chunk donates (overwrites) `state`.
+    snapshot = jax.tree.map(jnp.copy, state)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(snapshot),
+        history=ocp.args.JsonSave(history),
+        config=ocp.args.JsonSave(config.to_dict()),
+    ))
+
+
+def _check_same_config(saved: dict, config: TrainConfig, directory) -> None:
+    current = config.to_dict()
+    differences = [
+        f"{name}={saved.get(name)!r} there, {value!r} here"
+        for name, value in current.items() if saved.get(name) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"checkpoint_dir {directory} was written by a different config: "
+            + "; ".join(differences)
+        )

@@ -1,0 +1,81 @@
+"""The optimizer step, K of them scanned into one compiled call, and the Python-loop twin."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from scanlab.decoder import DecoderParams, forward, init_params
+from scanlab.train.config import TrainConfig
+from scanlab.train.tasks import Task, task_by_name
+
+
+class TrainState(NamedTuple):
+    params: DecoderParams
+    opt_state: optax.OptState
+    key: jax.Array  # the run's PRNG stream: split once per step for that step's batch
+    step: jax.Array  # int32, steps taken
+
+
+def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=config.steps, end_value=config.learning_rate * 0.1,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(schedule, weight_decay=config.weight_decay),
+    )
+
+
+def init_state(config: TrainConfig) -> TrainState:
+    params_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = init_params(config.model, params_key)
+    return TrainState(params, optimizer(config).init(params), run_key, jnp.zeros((), jnp.int32))
+
+
+def target_loss(params: DecoderParams, tokens_BxL: jax.Array, task: Task, config: TrainConfig):
+    """Mean next-token cross-entropy over the T target positions of each example."""
+    logits_BxLxV = forward(params, tokens_BxL[:, :-1], config.model)
+    targets_BxT = tokens_BxL[:, task.prompt_length:]
+    # Position P-1+t predicts target t.
+    logits_BxTxV = logits_BxLxV[:, task.prompt_length - 1:]
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
+
+
+def train_step(state: TrainState, config: TrainConfig) -> tuple[TrainState, jax.Array]:
+    """One AdamW step on a batch drawn from the state's key; returns (new state, loss)."""
+    task = task_by_name(config.task)
+    key, batch_key = jax.random.split(state.key)
+    tokens = task.sample(batch_key, config.batch_size)
+    loss, grads = jax.value_and_grad(target_loss)(state.params, tokens, task, config)
+    updates, opt_state = optimizer(config).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state, key, state.step + 1), loss
+
+
+# The state is donated: parameters and optimizer moments are updated in place between calls.
+@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnums=0)
+def train_chunk(state: TrainState, *, config: TrainConfig, steps: int):
+    """`steps` optimizer steps in one compiled call: a `jax.lax.scan` over `train_step`.
+
+    Returns:
+      (state after the steps, per-step losses of shape (steps,)).
+    """
+    return jax.lax.scan(lambda s, _: train_step(s, config), state, None, length=steps)
+
+
+_jitted_step = jax.jit(train_step, static_argnames="config", donate_argnums=0)
+
+
+def train_loop(state: TrainState, *, config: TrainConfig, steps: int):
+    """The usual alternative, for comparison: a Python loop over a jitted step."""
+    losses = []
+    for _ in range(steps):
+        state, loss = _jitted_step(state, config)
+        losses.append(loss)
+    return state, jnp.stack(losses)

@@ -1,0 +1,89 @@
+"""Synthetic tasks whose batches are drawn on the device from a PRNG key, inside the scanned step.
+
+Each example is one token sequence: a prompt of P tokens, then the T target tokens the model must
+produce. Training uses next-token loss on the target positions; evaluation asks the model to
+generate the targets from the prompt alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Task(NamedTuple):
+    name: str
+    vocab_size: int
+    prompt_length: int  # P, separator included
+    target_length: int  # T
+    sample: Callable[[jax.Array, int], jax.Array]  # (key, B) -> (B, P + T) int32 tokens
+    describe: Callable[[jax.Array], tuple[str, str]]  # (P + T,) tokens -> (question, answer) text
+
+    @property
+    def length(self) -> int:
+        return self.prompt_length + self.target_length
+
+
+# --- sequence reversal: x1 .. xn SEP -> xn .. x1 ------------------------------------------------
+
+REVERSE_DIGITS, REVERSE_LENGTH = 10, 8
+REVERSE_SEP = REVERSE_DIGITS
+
+
+def _sample_reverse(key: jax.Array, batch: int) -> jax.Array:
+    x_BxN = jax.random.randint(key, (batch, REVERSE_LENGTH), 0, REVERSE_DIGITS, jnp.int32)
+    sep_Bx1 = jnp.full((batch, 1), REVERSE_SEP, jnp.int32)
+    return jnp.concatenate([x_BxN, sep_Bx1, x_BxN[:, ::-1]], axis=1)
+
+
+def _describe_reverse(tokens) -> tuple[str, str]:
+    digits = "".join(str(int(t)) for t in tokens[:REVERSE_LENGTH])
+    return f"reverse {digits}", "".join(str(int(t)) for t in tokens[REVERSE_LENGTH + 1:])
+
+
+# --- addition: a + b with D digits each, the sum written least significant digit first -----------
+
+ADD_DIGITS = 3
+ADD_PLUS, ADD_EQUALS = 10, 11
+
+
+def _digits_msb_first(n_B: jax.Array, count: int) -> jax.Array:
+    powers = 10 ** jnp.arange(count - 1, -1, -1, dtype=jnp.int32)
+    return (n_B[:, None] // powers[None, :]) % 10
+
+
+def _sample_add(key: jax.Array, batch: int) -> jax.Array:
+    a_key, b_key = jax.random.split(key)
+    a_B = jax.random.randint(a_key, (batch,), 0, 10**ADD_DIGITS, jnp.int32)
+    b_B = jax.random.randint(b_key, (batch,), 0, 10**ADD_DIGITS, jnp.int32)
+    # The sum least significant digit first: each output digit depends on digits already seen.
+    sum_lsb_first = _digits_msb_first(a_B + b_B, ADD_DIGITS + 1)[:, ::-1]
+    return jnp.concatenate([
+        _digits_msb_first(a_B, ADD_DIGITS), jnp.full((batch, 1), ADD_PLUS, jnp.int32),
+        _digits_msb_first(b_B, ADD_DIGITS), jnp.full((batch, 1), ADD_EQUALS, jnp.int32),
+        sum_lsb_first,
+    ], axis=1)
+
+
+def _describe_add(tokens) -> tuple[str, str]:
+    a = "".join(str(int(t)) for t in tokens[:ADD_DIGITS])
+    b = "".join(str(int(t)) for t in tokens[ADD_DIGITS + 1: 2 * ADD_DIGITS + 1])
+    answer = "".join(str(int(t)) for t in tokens[2 * ADD_DIGITS + 2:])[::-1]
+    return f"{a} + {b}", answer
+
+
+TASKS: dict[str, Task] = {
+    "reverse": Task("reverse", REVERSE_DIGITS + 1, REVERSE_LENGTH + 1, REVERSE_LENGTH,
+                    _sample_reverse, _describe_reverse),
+    "add": Task("add", 12, 2 * ADD_DIGITS + 2, ADD_DIGITS + 1, _sample_add, _describe_add),
+}
+
+
+def task_by_name(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}") from None

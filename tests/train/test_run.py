@@ -1,0 +1,76 @@
+import os
+
+import chex
+import numpy as np
+import pytest
+
+from scanlab.train import TrainConfig, load, train
+
+# A smaller model than the default: these tests are about the run, not the learning.
+CONFIG = TrainConfig(steps=60, chunk_steps=10, warmup_steps=10, n_layers=1, d_model=32, mlp_dim=64)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(step):
+    def on_chunk(report):
+        if report.step == step:
+            raise Interrupted
+
+    return on_chunk
+
+
+def test_resumed_run_ends_with_exactly_the_same_parameters(tmp_path):
+    full = train(CONFIG, checkpoint_dir=tmp_path / "full", checkpoint_every=2)
+    with pytest.raises(Interrupted):
+        train(CONFIG, checkpoint_dir=tmp_path / "cut", checkpoint_every=2, on_chunk=interrupt_at(50))
+    assert int(load(tmp_path / "cut").state.step) == 40  # the last checkpoint before the cut
+    resumed = train(CONFIG, checkpoint_dir=tmp_path / "cut", checkpoint_every=2, resume=True)
+    chex.assert_trees_all_equal(resumed.state, full.state)
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    assert resumed.losses.shape == (60,)
+
+
+def test_half_written_checkpoint_is_ignored_on_resume(tmp_path):
+    with pytest.raises(Interrupted):
+        train(CONFIG, checkpoint_dir=tmp_path, checkpoint_every=2, on_chunk=interrupt_at(40))
+    # A save killed mid-way: orbax's temporary directory for step 60, never renamed into place.
+    killed = tmp_path / "60.orbax-checkpoint-tmp-1234567"
+    (killed / "state").mkdir(parents=True)
+    (killed / "state" / "partial").write_bytes(b"\0" * 10)
+    assert int(load(tmp_path).state.step) == 40
+    resumed = train(CONFIG, checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
+    assert int(resumed.state.step) == 60
+
+
+def test_resume_with_another_config_is_refused_and_keeps_the_checkpoints(tmp_path):
+    train(CONFIG, checkpoint_dir=tmp_path, checkpoint_every=2)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match=r"was written by a different config: batch_size=64 there, 16 here"):
+        train(CONFIG.replace(batch_size=16), checkpoint_dir=tmp_path, resume=True)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert int(load(tmp_path).state.step) == 60
+
+
+def test_a_new_run_does_not_overwrite_an_old_one(tmp_path):
+    train(CONFIG, checkpoint_dir=tmp_path, checkpoint_every=2)
+    with pytest.raises(ValueError, match="already holds a run .*latest step 60.*pass resume=True"):
+        train(CONFIG, checkpoint_dir=tmp_path)
+
+
+def test_resume_needs_something_to_resume(tmp_path):
+    with pytest.raises(ValueError, match="holds no complete checkpoint to resume"):
+        train(CONFIG, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="resume needs a checkpoint_dir, got None"):
+        train(CONFIG, resume=True)
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1, got 0"):
+        train(CONFIG, checkpoint_every=0)
+
+
+def test_progress_reports_every_chunk():
+    reports = []
+    train(CONFIG.replace(steps=25), on_chunk=reports.append)
+    assert [r.step for r in reports] == [10, 20, 25]
+    assert all(r.steps_per_s > 0 and np.isfinite(r.mean_loss) for r in reports)
