@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from scanlab import LaxScanModule, NNScanModule, lax_scan_in_module
-from scanlab.recurrence import _init_and_apply
+from scanlab.recurrence import _apply, _init_weights, _weights
 
 # float32 rounding, accumulated over up to a few hundred tanh steps.
 RTOL, ATOL = 1e-5, 1e-6
@@ -92,12 +92,22 @@ def test_trajectory_holds_every_state():
 def test_repeated_calls_do_not_retrace():
     x = np.ones((3, 5), np.float32)
     lax_scan_in_module(0, x, 5, 11)
-    before = _init_and_apply._cache_size()
-    for seed in range(10):
+    applies, inits = _apply._cache_size(), _init_weights._cache_size()
+    for seed in range(20):  # more seeds than the weight cache holds: inits re-run, not re-trace
         lax_scan_in_module(seed, x + seed, 5, 11)
-    assert _init_and_apply._cache_size() == before
-    lax_scan_in_module(0, x, 5, 12)  # a new T is a new static signature
-    assert _init_and_apply._cache_size() == before + 1
+    assert (_apply._cache_size(), _init_weights._cache_size()) == (applies, inits)
+    lax_scan_in_module(0, x, 5, 12)  # a new T is a new static signature for apply only
+    assert (_apply._cache_size(), _init_weights._cache_size()) == (applies + 1, inits)
+
+
+def test_weights_are_cached_per_seed_and_hidden():
+    _weights.cache_clear()
+    lax_scan_in_module(3, np.ones(6), 6, 2)
+    lax_scan_in_module(3, np.ones((4, 6)), 6, 9)  # same (seed, hidden): W reused
+    assert _weights.cache_info().hits == 1
+    for seed in (3, 4):  # a different seed still gives the textbook's W for that seed
+        np.testing.assert_allclose(lax_scan_in_module(seed, np.ones(6), 6, 5),
+                                   textbook(seed, jnp.ones(6), 6, 5), rtol=RTOL, atol=ATOL)
 
 
 def test_gradient_matches_textbook():
@@ -108,9 +118,12 @@ def test_gradient_matches_textbook():
 
 
 def test_traced_x_under_jit():
+    _weights.cache_clear()  # the first call for this seed happens while tracing
     x = _x((6,))
     jitted = jax.jit(lambda x: lax_scan_in_module(4, x, 6, 30))
     np.testing.assert_allclose(jitted(x), textbook(4, x, 6, 30), rtol=RTOL, atol=ATOL)
+    # and the cached W is a concrete array, usable outside that trace
+    np.testing.assert_allclose(lax_scan_in_module(4, x, 6, 30), textbook(4, x, 6, 30), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("trajectory", [False, True])

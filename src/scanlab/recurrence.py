@@ -95,11 +95,24 @@ class NNScanModule(nn.Module):
         return _with_initial_state(init_carry, states) if self.trajectory else final
 
 
+@functools.partial(jax.jit, static_argnames="hidden")
+def _init_weights(key: jax.Array, *, hidden: int) -> jax.Array:
+    # W depends only on the key and the parameter's path, not on x or T: init on a dummy x.
+    return LaxScanModule(hidden, 0).init(key, jnp.zeros(hidden, PARAM_DTYPE))["params"]["W"]
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(seed: int, hidden: int) -> jax.Array:
+    """W for (seed, hidden), drawn once: a repeated call skips the truncated-normal draw."""
+    # Concrete even when the first call comes while tracing an outer jit: a cached tracer
+    # would leak into every later call.
+    with jax.ensure_compile_time_eval():
+        return _init_weights(checks.seed_key(seed), hidden=hidden)
+
+
 @functools.partial(jax.jit, static_argnames=("hidden", "T", "trajectory"))
-def _init_and_apply(key: jax.Array, x: jax.Array, *, hidden: int, T: int, trajectory: bool):
-    # init_with_output runs the module once: W is drawn and used in the same compiled program.
-    output, _ = LaxScanModule(hidden, T, trajectory).init_with_output(key, x)
-    return output
+def _apply(W: jax.Array, x: jax.Array, *, hidden: int, T: int, trajectory: bool) -> jax.Array:
+    return LaxScanModule(hidden, T, trajectory).apply({"params": {"W": W}}, x)
 
 
 def lax_scan_in_module(
@@ -114,9 +127,10 @@ def lax_scan_in_module(
     """The seed's function: init `LaxScanModule` with `PRNGKey(seed)` and `x`, apply, return.
 
     Equal to the textbook `init` + `apply` (same W from the same seed), but compiled once per
-    static signature — (hidden, T, trajectory, x's shape and dtype) — and reused on later calls:
-    init and apply run as one jitted program whose key is built on the host, so a call in a loop
-    costs one dispatch.
+    static signature and reused: `init` once per hidden, `apply` once per (hidden, T, trajectory,
+    x's shape and dtype). W depends only on (seed, hidden), so the last 8 such weights are kept
+    (an LRU cache, at most 8·H² floats): a call in a loop costs one dispatch of the compiled
+    apply.
 
     Args:
       seed: int in [0, 2**32), the PRNGKey seed for W.
@@ -131,9 +145,10 @@ def lax_scan_in_module(
     """
     hidden = checks.static_int("hidden", hidden, minimum=1)
     T = checks.static_int("T", T, minimum=0)
-    key = checks.seed_key(seed)
+    checks.seed_key(seed)
     x = checks.numeric_array("x", x)
     checks.last_axis("x", x, hidden, "hidden")
     if check_finite:
         checks.all_finite("x", x)
-    return _init_and_apply(key, x, hidden=hidden, T=T, trajectory=bool(trajectory))
+    W = _weights(int(seed), hidden)
+    return _apply(W, x, hidden=hidden, T=T, trajectory=bool(trajectory))
