@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated
 
@@ -10,8 +11,9 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.syntax import Syntax
+from rich.table import Table
 
-from scanlab import explain, pitfalls, plots, show, tour
+from scanlab import explain, pitfalls, plots, sharding, show, tour
 from scanlab.recurrence import lax_scan_in_module
 
 app = typer.Typer(
@@ -66,6 +68,34 @@ def pitfalls_command() -> None:
         console.print(Syntax(pitfall.fixed_code, "python"))
         console.print(f"[green]fixed result:[/green] {np.asarray(_first(result.fixed_result))}")
         console.print(f"why: {pitfall.why}")
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="Smoke-test sizes: seconds, not figures to quote.")] = False,
+    out: Annotated[str, typer.Option(help="Folder for report.md, results.json and plots.")] = "results/bench",
+    devices: Annotated[
+        int, typer.Option(help="CPU devices to present (for the sharded peer); default: cores.")
+    ] = os.cpu_count() or 1,
+) -> None:
+    """Run the benchmarks W1–W5; write a markdown report with plots."""
+    sharding.host_devices(devices)  # before any JAX computation in this process
+    from scanlab.bench import report, runner
+
+    with console.status("benchmarks") as status:
+        def on_progress(message: str) -> None:
+            status.update(message)
+            console.log(message)
+
+        results = runner.run(quick=quick, on_progress=on_progress)
+    path = report.write(results, out)
+    table = Table(title="targets")
+    for column in ("target", "measured", ""):
+        table.add_column(column)
+    for name, measured, ok in report.targets(results):
+        table.add_row(name, measured, "[green]met[/green]" if ok else "[red]missed[/red]")
+    console.print(table)
+    console.print(f"report: {path}")
 
 
 @app.command()

@@ -23,8 +23,9 @@ import numpy as np
 from scanlab.recurrence import LaxScanModule
 
 _HIDDEN, _T = 4, 3
-_X = jnp.ones(_HIDDEN)
-_KEY = jax.random.PRNGKey(0)
+# NumPy, not JAX, at import time: importing scanlab must not start JAX's backend (see sharding).
+_X = np.ones(_HIDDEN, np.float32)
+_SEED = 0
 
 
 class LeakedTracerError(ValueError):
@@ -106,13 +107,13 @@ class _ParamInsideBody(nn.Module):
 
 def _param_inside_body_wrong():
     module = _ParamInsideBody(_HIDDEN, _T)
-    variables = module.init(_KEY, _X)  # returns normally, with a tracer for W
+    variables = module.init(jax.random.PRNGKey(_SEED), _X)  # returns normally: W is a tracer
     return module.apply(variables, _X)
 
 
 def _param_inside_body_fixed():
     module = LaxScanModule(_HIDDEN, _T)
-    variables = module.init(_KEY, _X)
+    variables = module.init(jax.random.PRNGKey(_SEED), _X)
     check_no_leaked_tracers(variables)
     return module.apply(variables, _X)
 

@@ -13,8 +13,9 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from scanlab import checks
+from scanlab import checks, sharding
 
 # Pinned so that JAX_ENABLE_X64=1 draws the same W from the same seed.
 PARAM_DTYPE = jnp.float32
@@ -123,6 +124,7 @@ def lax_scan_in_module(
     *,
     trajectory: bool = False,
     check_finite: bool = False,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """The seed's function: init `LaxScanModule` with `PRNGKey(seed)` and `x`, apply, return.
 
@@ -139,6 +141,8 @@ def lax_scan_in_module(
       T: steps >= 0 after the first.
       trajectory: return all T + 1 states (T + 1, ..., H) instead of the final one.
       check_finite: raise if x holds NaN or Inf (needs a concrete x).
+      mesh: split x's leading batch axis over this mesh's first axis (W replicated): each
+        device runs the scan on its rows. See `scanlab.sharding`.
 
     Returns:
       The final state, (..., H) float32 (float64 if x is float64 under JAX_ENABLE_X64).
@@ -151,4 +155,7 @@ def lax_scan_in_module(
     if check_finite:
         checks.all_finite("x", x)
     W = _weights(int(seed), hidden)
+    if mesh is not None:
+        # The compiled apply follows its inputs' shardings: no communication, rows independent.
+        x, W = sharding.shard_leading_axis(x, mesh), sharding.replicate(W, mesh)
     return _apply(W, x, hidden=hidden, T=T, trajectory=bool(trajectory))

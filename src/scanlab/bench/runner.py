@@ -1,0 +1,53 @@
+"""Runs every workload in one process and gathers the figures (see `report` for the write-up)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from scanlab.bench import env, generation, layers, recurrence, training
+from scanlab.train import TrainConfig
+
+
+def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message: None) -> dict:
+    """All workloads, W1–W5. `quick` shrinks every one to a smoke test of a few seconds."""
+    results: dict = {"quick": quick, "env": env.describe()}
+    n_devices = len(results["env"]["devices"])
+
+    on_progress("W1 seed-function call latency")
+    results["latency"] = recurrence.call_latency(
+        *(16, 50) if quick else (64, 1000), repeats=5 if quick else 50)._asdict()
+
+    on_progress("machine limit: matmul FLOP/s")
+    results["matmul_flops"] = recurrence.matmul_rate(256 if quick else 2048)
+
+    results["recurrence"] = []
+    for shape in recurrence.QUICK_SHAPES if quick else recurrence.SHAPES:
+        on_progress(f"W2 recurrence B={shape.B} H={shape.H} T={shape.T}")
+        for timing in recurrence.measure(shape, n_devices, repeats=2 if quick else 5):
+            results["recurrence"].append(timing._asdict() | {"shape": shape._asdict()})
+
+    results["layers"], results["remat"] = [], []
+    for n_layers in (2, 4) if quick else (4, 8, 16, 32, 64):
+        on_progress(f"W3 scan vs loop over {n_layers} layers")
+        dims = dict(d_model=32, seq=16) if quick else {}
+        results["layers"].append(layers.measure(n_layers, repeats=2 if quick else 5, **dims)._asdict())
+        results["remat"].append(layers.measure_remat(n_layers, **dims)._asdict())
+
+    results["training"] = {}
+    small = TrainConfig(steps=300, batch_size=1, d_model=16, n_layers=1, n_heads=2,
+                        n_kv_heads=1, mlp_dim=32)
+    models = {"dispatch-bound model": small}
+    if not quick:
+        models = {"default tiny model": TrainConfig()} | models
+    for name, config in models.items():
+        on_progress(f"W4 training: {name}")
+        steps = 20 if quick else 200
+        results["training"][name] = training.measure(
+            config, steps=steps, repeats=1 if quick else 3)._asdict()
+
+    results["generation"] = []
+    for batch in (1,) if quick else (1, 8):
+        on_progress(f"W5 generation, batch {batch}")
+        dims = dict(new_tokens=8, n_layers=2, d_model=32, repeats=1) if quick else {}
+        results["generation"].append(generation.measure(batch=batch, **dims)._asdict())
+    return results
