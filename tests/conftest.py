@@ -3,3 +3,27 @@ import jax
 # Implicit rank promotion hides shape bugs (a (H,) carry silently broadcast against (B, H)):
 # make it an error in every test, as equinox does.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def on_host_devices(tmp_path):
+    """Runs a Python snippet in a fresh process whose CPU shows as `n` devices.
+
+    The device count must be set before JAX's backend starts, so multi-device tests run apart
+    from this process, which keeps one device. The snippet's stdout is returned.
+    """
+
+    def run(n: int, code: str) -> str:
+        script = f"from scanlab import sharding\nsharding.host_devices({n})\n" + textwrap.dedent(code)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result.stdout
+
+    return run

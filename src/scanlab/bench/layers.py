@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scanlab.decoder import DecoderConfig, forward, forward_loop, init_params
 from scanlab.timing import compile_seconds, time_call
@@ -43,15 +44,22 @@ def _inputs(config: DecoderConfig, batch: int):
 
 
 def measure(n_layers: int, *, d_model: int = 256, seq: int = 128, batch: int = 1,
-            repeats: int = 5) -> LayerPoint:
-    """Compiles and runs the scanned and the looped forward on the same params and tokens."""
+            repeats: int = 5, compiles: int = 3) -> LayerPoint:
+    """Compiles and runs the scanned and the looped forward on the same params and tokens.
+
+    Compile time is the median of `compiles` fresh compilations (a new jit object each time,
+    so nothing is reused from an earlier one).
+    """
     config = block_config(n_layers, d_model, seq)
     params, tokens = _inputs(config, batch)
     results = {}
     for name, fn in (("scan", forward), ("loop", forward_loop)):
-        compiled, compile_s = compile_seconds(
-            jax.jit(functools.partial(fn, config=config)), params, tokens
-        )
+        compile_runs = [
+            compile_seconds(jax.jit(functools.partial(fn, config=config)), params, tokens)
+            for _ in range(compiles)
+        ]
+        compiled = compile_runs[0][0]
+        compile_s = float(np.median([seconds for _, seconds in compile_runs]))
         timing = time_call(lambda compiled=compiled: compiled(params, tokens), repeats)
         results[name] = (compile_s, timing.median_s, compiled(params, tokens))
     diff = float(jnp.max(jnp.abs(results["scan"][2] - results["loop"][2])))

@@ -104,18 +104,28 @@ def peers(shape: Shape, n_devices: int) -> dict[str, Callable[[np.ndarray], np.n
     return result
 
 
-def measure(shape: Shape, n_devices: int = 1, repeats: int = 5) -> list[PeerTiming]:
-    """W2 for one shape: every peer on the same x, timed first and steady."""
+def measure(shape: Shape, n_devices: int = 1, repeats: int = 5,
+            budget_s: float = 1.0) -> list[PeerTiming]:
+    """W2 for one shape: every peer on the same x, timed first and then steady.
+
+    Steady runs are interleaved — one run of each peer per round — so that a slow patch of a
+    noisy machine hits all peers alike; fast peers get more rounds, up to `budget_s` each.
+    """
     x = np.random.default_rng(1).standard_normal((shape.B, shape.H)).astype(np.float32)
-    reference = None
-    timings = []
-    for name, run in peers(shape, n_devices).items():
-        first = _median_s(lambda: run(x), 1)
-        median = _median_s(lambda: run(x), repeats)
-        out = np.asarray(run(x))
-        reference = out if reference is None else reference
-        timings.append(PeerTiming(name, shape, first, median, float(np.abs(out - reference).max())))
-    return timings
+    runs = peers(shape, n_devices)
+    first = {name: _median_s(lambda run=run: run(x), 1) for name, run in runs.items()}
+    slowest = max(_median_s(lambda run=run: run(x), 1) for run in runs.values())
+    rounds = int(np.clip(budget_s / slowest, repeats, 10 * repeats))
+    samples = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            samples[name].append(_median_s(lambda run=run: run(x), 1))
+    reference = np.asarray(runs["scanlab"](x))
+    return [
+        PeerTiming(name, shape, first[name], float(np.median(samples[name])),
+                   float(np.abs(np.asarray(run(x)) - reference).max()))
+        for name, run in runs.items()
+    ]
 
 
 def _median_s(fn: Callable[[], object], repeats: int) -> float:

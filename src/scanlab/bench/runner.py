@@ -23,14 +23,17 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
     results["recurrence"] = []
     for shape in recurrence.QUICK_SHAPES if quick else recurrence.SHAPES:
         on_progress(f"W2 recurrence B={shape.B} H={shape.H} T={shape.T}")
-        for timing in recurrence.measure(shape, n_devices, repeats=2 if quick else 5):
+        for timing in recurrence.measure(shape, n_devices, repeats=2 if quick else 5,
+                                         budget_s=0.1 if quick else 2.0):
             results["recurrence"].append(timing._asdict() | {"shape": shape._asdict()})
 
     results["layers"], results["remat"] = [], []
     for n_layers in (2, 4) if quick else (4, 8, 16, 32, 64):
         on_progress(f"W3 scan vs loop over {n_layers} layers")
         dims = dict(d_model=32, seq=16) if quick else {}
-        results["layers"].append(layers.measure(n_layers, repeats=2 if quick else 5, **dims)._asdict())
+        point = layers.measure(n_layers, repeats=2 if quick else 5, compiles=1 if quick else 3,
+                               **dims)
+        results["layers"].append(point._asdict())
         results["remat"].append(layers.measure_remat(n_layers, **dims)._asdict())
 
     results["training"] = {}

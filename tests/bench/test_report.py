@@ -1,0 +1,45 @@
+import json
+import subprocess
+import sys
+
+from scanlab.bench import report
+
+
+def test_quick_run_writes_the_report_plots_and_figures(tmp_path):
+    """`scanlab bench --quick` end to end, in its own process (it sets the device count)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "scanlab", "bench", "--quick", "--devices", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "results.json").read_text())
+    assert {"latency", "matmul_flops", "recurrence", "layers", "remat", "training",
+            "generation", "env"} <= set(figures)
+    assert any(t["peer"].startswith("scanlab, batch on 2 CPU devices") for t in figures["recurrence"])
+    text = (tmp_path / "report.md").read_text()
+    assert "quick mode" in text and "## Targets" in text and "## W5" in text
+    for plot in ("recurrence.png", "layers.png"):
+        assert (tmp_path / plot).stat().st_size > 5000
+    assert all(p["same_tokens"] for p in figures["generation"])
+
+
+def _results(scan_ms, loop_ms):
+    timing = dict(first_s=1.0, max_abs_diff=0.0, shape=dict(B=64, H=256, T=1000))
+    return {
+        "latency": dict(scanlab_s=1e-3, hand_jit_s=1e-3, textbook_s=0.2),
+        "matmul_flops": {"jax": 100e9},
+        "recurrence": [timing | dict(peer="scanlab", median_s=scan_ms / 1e3),
+                       timing | dict(peer="torch loop", median_s=loop_ms / 1e3)],
+        "layers": [dict(n_layers=64, scan_compile_s=0.2, loop_compile_s=4.0, scan_run_s=0.09,
+                        loop_run_s=0.1)],
+        "training": {"default tiny model": dict(scan_steps_per_s=150.0, loop_steps_per_s=100.0)},
+    }
+
+
+def test_targets_are_judged_from_the_figures():
+    # 2*64*256*256*1001 FLOP in 100 ms = 84 GFLOP/s = 84% of a 100 GFLOP/s limit.
+    judged = {name: ok for name, _, ok in report.targets(_results(scan_ms=100, loop_ms=120))}
+    assert all(judged.values()), judged
+    judged = {name: ok for name, _, ok in report.targets(_results(scan_ms=200, loop_ms=120))}
+    assert not judged["W2 scanlab fastest at B=64 H=256 T=1000"]
+    assert not judged["W2 ≥ 60% of the matmul rate at B=64 H=256"]
