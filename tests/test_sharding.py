@@ -22,7 +22,7 @@ def test_batch_sharded_recurrence_equals_one_device(on_host_devices):
         except ValueError as error:
             print(error)
     """)
-    assert "x must have a leading batch axis divisible by the mesh's 'data' size 4, got shape (6, 16)" in out
+    assert "x must have a leading batch axis divisible by the mesh's 'data' axis size 4, got shape (6, 16)" in out
 
 
 def test_host_devices_after_the_backend_started_is_a_clear_error():
@@ -37,6 +37,6 @@ def test_batch_mesh_checks_the_device_count():
     assert sharding.batch_mesh().shape == {"data": 1}
 
 
-def test_shard_leading_axis_on_one_device_keeps_values():
+def test_shard_batch_on_one_device_keeps_values():
     x = np.arange(6.0).reshape(3, 2)
-    np.testing.assert_array_equal(sharding.shard_leading_axis(x, sharding.batch_mesh()), x)
+    np.testing.assert_array_equal(sharding.shard_batch(x, sharding.batch_mesh()), x)

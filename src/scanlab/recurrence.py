@@ -141,7 +141,7 @@ def lax_scan_in_module(
       T: steps >= 0 after the first.
       trajectory: return all T + 1 states (T + 1, ..., H) instead of the final one.
       check_finite: raise if x holds NaN or Inf (needs a concrete x).
-      mesh: split x's leading batch axis over this mesh's first axis (W replicated): each
+      mesh: split x's leading batch axis over this mesh's "data" axis (W replicated): each
         device runs the scan on its rows. See `scanlab.sharding`.
 
     Returns:
@@ -157,5 +157,5 @@ def lax_scan_in_module(
     W = _weights(int(seed), hidden)
     if mesh is not None:
         # The compiled apply follows its inputs' shardings: no communication, rows independent.
-        x, W = sharding.shard_leading_axis(x, mesh), sharding.replicate(W, mesh)
+        x, W = sharding.shard_batch(x, mesh, "x"), sharding.replicate(W, mesh)
     return _apply(W, x, hidden=hidden, T=T, trajectory=bool(trajectory))

@@ -1,4 +1,10 @@
-"""Running on several devices with JAX's own sharding: meshes, batch placement, host devices.
+"""Running on several devices with JAX's own sharding: meshes, placement, host devices.
+
+A mesh has two axes: "data" (the batch is split over it, and so is the model width D of every
+parameter: fully-sharded data parallel) and "model" (key/value heads and the MLP width F are split
+over it: tensor parallel). The leading layer axis of the stacked blocks is never split, so the
+layer scan still slices one whole layer per step; XLA's SPMD partitioner inserts the gathers and
+reductions each layer needs.
 
 On a CPU, XLA can present the host as N devices (`host_devices(N)`), each running its shard of a
 sharded program on its own thread: the batch rows of a scan then run on N cores at once. This
@@ -12,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"
+DATA_AXIS, MODEL_AXIS = "data", "model"
 
 
 def host_devices(n: int) -> None:
@@ -35,16 +41,61 @@ def batch_mesh(n_devices: int | None = None) -> Mesh:
     return Mesh(np.array(devices[:n_devices]), (DATA_AXIS,))
 
 
-def shard_leading_axis(x, mesh: Mesh, name: str = "x") -> jax.Array:
-    """Places `x` with its leading (batch) axis split over the mesh's first axis."""
-    axis = mesh.axis_names[0]
-    size = mesh.shape[axis]
-    if np.ndim(x) < 1 or np.shape(x)[0] % size:
+def parse_mesh(spec: str) -> dict[str, int]:
+    """"data=4,model=2" -> {"data": 4, "model": 2}; a missing axis has size 1."""
+    sizes = {DATA_AXIS: 1, MODEL_AXIS: 1}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in sizes or not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"mesh must look like 'data=4,model=2' (axes data and model, sizes >= 1), "
+                f"got {spec!r}"
+            )
+        sizes[name] = int(value)
+    return sizes
+
+
+def make_mesh(spec: str = "data=1") -> Mesh:
+    """A ("data", "model") mesh from a spec like "data=4,model=2", on the first devices."""
+    sizes = parse_mesh(spec)
+    needed, available = sizes[DATA_AXIS] * sizes[MODEL_AXIS], jax.device_count()
+    if needed > available:
         raise ValueError(
-            f"{name} must have a leading batch axis divisible by the mesh's {axis!r} size {size}, "
-            f"got shape {np.shape(x)}"
+            f"mesh {spec!r} needs {needed} devices, got {available}; on a CPU, present more "
+            f"with scanlab.sharding.host_devices({needed}) before any computation"
         )
-    spec = PartitionSpec(axis, *([None] * (np.ndim(x) - 1)))
+    devices = np.array(jax.devices()[:needed]).reshape(sizes[DATA_AXIS], sizes[MODEL_AXIS])
+    return Mesh(devices, (DATA_AXIS, MODEL_AXIS))
+
+
+def axis_size(mesh: Mesh, axis: str) -> int:
+    return mesh.shape.get(axis, 1)
+
+
+def check_divisible(name: str, size: int, mesh: Mesh, axis: str) -> None:
+    """Raises if `size` does not split evenly over the mesh axis."""
+    parts = axis_size(mesh, axis)
+    if size % parts:
+        raise ValueError(
+            f"{name}={size} must be divisible by the mesh's {axis!r} axis size {parts}"
+        )
+
+
+def named(specs, mesh: Mesh):
+    """A tree of PartitionSpecs -> the same tree of NamedShardings on `mesh`."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda node: isinstance(node, PartitionSpec))
+
+
+def shard_batch(x, mesh: Mesh, name: str = "batch") -> jax.Array:
+    """Places `x` with its leading (batch) axis split over "data" (whole along "model")."""
+    parts = axis_size(mesh, DATA_AXIS)
+    if np.ndim(x) < 1 or np.shape(x)[0] % parts:
+        raise ValueError(
+            f"{name} must have a leading batch axis divisible by the mesh's {DATA_AXIS!r} axis "
+            f"size {parts}, got shape {np.shape(x)}"
+        )
+    spec = PartitionSpec(DATA_AXIS, *([None] * (np.ndim(x) - 1)))
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 

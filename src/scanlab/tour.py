@@ -104,7 +104,8 @@ def _training(console: Console) -> None:
     print_evaluation(console, train_with_progress(console, config), n=4)
 
 
-def train_with_progress(console: Console, config: train.TrainConfig, **kwargs) -> train.TrainResult:
+def train_with_progress(console: Console, config: train.TrainConfig,
+                        **kwargs) -> train.TrainResult:
     """Runs `train.train` with a progress bar showing the loss and steps/s after each chunk."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),

@@ -9,7 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from scanlab import sharding
 from scanlab.decoder import DecoderConfig, forward, forward_loop, init_params
+from scanlab.decoder import sharding as decoder_sharding
 from scanlab.timing import compile_seconds, time_call
 
 
@@ -22,6 +26,12 @@ class LayerPoint(NamedTuple):
     max_abs_diff: float  # between the scan's and the loop's logits
 
 
+class ShardedPoint(NamedTuple):
+    mesh_shape: dict
+    run_s: float  # median steady forward of the scanned model on the mesh
+    max_abs_diff: float  # against the same forward on one device
+
+
 class RematPoint(NamedTuple):
     n_layers: int
     temp_bytes: int  # XLA's compiled temp allocation for forward + backward, no remat
@@ -32,8 +42,12 @@ def block_config(n_layers: int, d_model: int = 256, seq: int = 128) -> DecoderCo
     """The measured block: RMSNorm + 4-head attention + SwiGLU at width D, sequence S."""
     return DecoderConfig(
         vocab_size=256, n_layers=n_layers, d_model=d_model, n_heads=4, n_kv_heads=4,
-        head_dim=d_model // 4, mlp_dim=(8 * d_model) // 3, max_seq_len=seq,
+        head_dim=d_model // 4, mlp_dim=_round_up(8 * d_model // 3, 16), max_seq_len=seq,
     )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _inputs(config: DecoderConfig, batch: int):
@@ -82,3 +96,17 @@ def measure_remat(n_layers: int, *, d_model: int = 256, seq: int = 128,
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     return RematPoint(n_layers, temp_bytes(False), temp_bytes(True))
+
+
+def measure_sharded(n_layers: int, mesh: Mesh, *, d_model: int = 256, seq: int = 128,
+                    batch: int = 1, repeats: int = 5) -> ShardedPoint:
+    """The scanned forward with params and batch sharded on `mesh`, against one device."""
+    config = block_config(n_layers, d_model, seq)
+    params, tokens = _inputs(config, batch)
+    forward_fn = jax.jit(functools.partial(forward, config=config))
+    single = forward_fn(params, tokens)
+    sharded_params = decoder_sharding.shard_params(params, config, mesh)
+    sharded_tokens = sharding.shard_batch(tokens, mesh, "tokens")
+    timing = time_call(lambda: forward_fn(sharded_params, sharded_tokens), repeats)
+    diff = float(jnp.max(jnp.abs(forward_fn(sharded_params, sharded_tokens) - single)))
+    return ShardedPoint(dict(mesh.shape), timing.median_s, diff)

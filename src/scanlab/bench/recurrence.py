@@ -108,8 +108,9 @@ def measure(shape: Shape, n_devices: int = 1, repeats: int = 5,
             budget_s: float = 1.0) -> list[PeerTiming]:
     """W2 for one shape: every peer on the same x, timed first and then steady.
 
-    Steady runs are interleaved — one run of each peer per round — so that a slow patch of a
-    noisy machine hits all peers alike; fast peers get more rounds, up to `budget_s` each.
+    Steady runs are interleaved — one run of each peer per round, in a shuffled order — so that
+    a slow patch of a noisy machine, or the OpenMP threads torch leaves spinning after its call,
+    hits all peers alike; fast peers get more rounds, up to `budget_s` each.
     """
     x = np.random.default_rng(1).standard_normal((shape.B, shape.H)).astype(np.float32)
     runs = peers(shape, n_devices)
@@ -117,9 +118,10 @@ def measure(shape: Shape, n_devices: int = 1, repeats: int = 5,
     slowest = max(_median_s(lambda run=run: run(x), 1) for run in runs.values())
     rounds = int(np.clip(budget_s / slowest, repeats, 10 * repeats))
     samples = {name: [] for name in runs}
+    order = np.random.default_rng(0)
     for _ in range(rounds):
-        for name, run in runs.items():
-            samples[name].append(_median_s(lambda run=run: run(x), 1))
+        for name in order.permutation(list(runs)):
+            samples[name].append(_median_s(lambda run=runs[name]: run(x), 1))
     reference = np.asarray(runs["scanlab"](x))
     return [
         PeerTiming(name, shape, first[name], float(np.median(samples[name])),

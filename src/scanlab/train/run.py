@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jax.sharding import Mesh
+
 from scanlab.train.config import TrainConfig
-from scanlab.train.step import TrainState, init_state, train_chunk
+from scanlab.train.step import TrainState, init_state, state_shardings, train_chunk
 
 
 class ChunkReport(NamedTuple):
@@ -43,6 +45,7 @@ def train(
     checkpoint_every: int = 5,
     resume: bool = False,
     on_chunk: Callable[[ChunkReport], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Runs `config.steps` steps, `config.chunk_steps` per compiled `lax.scan` call.
 
@@ -52,6 +55,8 @@ def train(
       checkpoint_every: save after every this many chunks, and after the last.
       resume: continue from the last complete checkpoint in `checkpoint_dir` (same config).
       on_chunk: called after each chunk, e.g. to draw progress.
+      mesh: run data- and tensor-parallel on this ("data", "model") mesh; checkpoints written
+        on one mesh resume on another.
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
@@ -59,12 +64,12 @@ def train(
         raise ValueError("resume needs a checkpoint_dir, got None")
     manager = _manager(checkpoint_dir) if checkpoint_dir is not None else None
     try:
-        state, history = _starting_point(config, manager, resume)
+        state, history = _starting_point(config, manager, resume, mesh)
         step = int(state.step)
         while step < config.steps:
             n = min(config.chunk_steps, config.steps - step)
             start = time.perf_counter()
-            state, losses = train_chunk(state, config=config, steps=n)
+            state, losses = train_chunk(state, config=config, steps=n, mesh=mesh)
             losses = np.asarray(losses)  # waits for the chunk
             elapsed = time.perf_counter() - start
             step += n
@@ -83,15 +88,16 @@ def train(
     return TrainResult(config, state, np.asarray(history, np.float32))
 
 
-def load(checkpoint_dir: str | Path) -> TrainResult:
-    """The last complete checkpoint of a run: its config, state and loss history."""
+def load(checkpoint_dir: str | Path, mesh: Mesh | None = None) -> TrainResult:
+    """The last complete checkpoint of a run (its config, state and loss history), placed on
+    `mesh` if one is given, whatever mesh it was written from."""
     with _manager(checkpoint_dir) as manager:
         step = manager.latest_step()
         if step is None:
             raise ValueError(f"checkpoint_dir {checkpoint_dir} holds no complete checkpoint")
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         config = TrainConfig(**saved.config)
-        state, history = _restore(manager, step, config)
+        state, history = _restore(manager, step, config, mesh)
     return TrainResult(config, state, np.asarray(history, np.float32))
 
 
@@ -100,7 +106,7 @@ def _manager(checkpoint_dir: str | Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(checkpoint_dir).absolute(), options=options)
 
 
-def _starting_point(config, manager, resume: bool) -> tuple[TrainState, list[float]]:
+def _starting_point(config, manager, resume: bool, mesh) -> tuple[TrainState, list[float]]:
     latest = manager.latest_step() if manager is not None else None
     if not resume:
         if latest is not None:
@@ -108,16 +114,21 @@ def _starting_point(config, manager, resume: bool) -> tuple[TrainState, list[flo
                 f"checkpoint_dir {manager.directory} already holds a run (latest step {latest}); "
                 "pass resume=True (--resume) to continue it, or choose another directory"
             )
-        return init_state(config), []
+        return init_state(config, mesh), []
     if latest is None:
         raise ValueError(f"checkpoint_dir {manager.directory} holds no complete checkpoint to resume")
     saved = manager.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     _check_same_config(saved.config, config, manager.directory)
-    return _restore(manager, latest, config)
+    return _restore(manager, latest, config, mesh)
 
 
-def _restore(manager, step: int, config: TrainConfig) -> tuple[TrainState, list[float]]:
+def _restore(manager, step: int, config: TrainConfig, mesh) -> tuple[TrainState, list[float]]:
     target = jax.eval_shape(lambda: init_state(config))
+    if mesh is not None:  # restore each array straight into its layout on this mesh
+        target = jax.tree.map(
+            lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+            target, state_shardings(config, mesh),
+        )
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore(),
     ))

@@ -9,7 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from scanlab import sharding
 from scanlab.decoder import DecoderParams, forward, init_params
+from scanlab.decoder import sharding as decoder_sharding
 from scanlab.train.config import TrainConfig
 from scanlab.train.tasks import Task, task_by_name
 
@@ -32,10 +36,35 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def init_state(config: TrainConfig) -> TrainState:
+def _init_state(config: TrainConfig) -> TrainState:
     params_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
     params = init_params(config.model, params_key)
     return TrainState(params, optimizer(config).init(params), run_key, jnp.zeros((), jnp.int32))
+
+
+def state_shardings(config: TrainConfig, mesh: Mesh) -> TrainState:
+    """NamedShardings of a TrainState on `mesh`: the optimizer's moments follow the params."""
+    params = sharding.named(decoder_sharding.param_specs(config.model, mesh), mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.eval_shape(lambda: _init_state(config))
+    opt_state = optax.tree_utils.tree_map_params(
+        optimizer(config), lambda _, param_sharding: param_sharding, abstract.opt_state, params,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(params, opt_state, replicated, replicated)
+
+
+def init_state(config: TrainConfig, mesh: Mesh | None = None) -> TrainState:
+    """The state at step 0, placed on `mesh` if one is given.
+
+    It is drawn on one device and then distributed, so every mesh starts from the same numbers
+    (`init_params` draws all leaves from one flat normal, which does not partition well).
+    """
+    state = _init_state(config)
+    if mesh is None:
+        return state
+    sharding.check_divisible("batch_size", config.batch_size, mesh, sharding.DATA_AXIS)
+    return jax.device_put(state, state_shardings(config, mesh))
 
 
 def target_loss(params: DecoderParams, tokens_BxL: jax.Array, task: Task, config: TrainConfig):
@@ -47,11 +76,18 @@ def target_loss(params: DecoderParams, tokens_BxL: jax.Array, task: Task, config
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
 
 
-def train_step(state: TrainState, config: TrainConfig) -> tuple[TrainState, jax.Array]:
-    """One AdamW step on a batch drawn from the state's key; returns (new state, loss)."""
+def train_step(state: TrainState, config: TrainConfig,
+               mesh: Mesh | None = None) -> tuple[TrainState, jax.Array]:
+    """One AdamW step on a batch drawn from the state's key; returns (new state, loss).
+
+    On a mesh the batch, drawn whole from one key, is split over "data" right away.
+    """
     task = task_by_name(config.task)
     key, batch_key = jax.random.split(state.key)
     tokens = task.sample(batch_key, config.batch_size)
+    if mesh is not None:
+        tokens = jax.lax.with_sharding_constraint(
+            tokens, NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS, None)))
     loss, grads = jax.value_and_grad(target_loss)(state.params, tokens, task, config)
     updates, opt_state = optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -59,23 +95,25 @@ def train_step(state: TrainState, config: TrainConfig) -> tuple[TrainState, jax.
 
 
 # The state is donated: parameters and optimizer moments are updated in place between calls.
-@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnums=0)
-def train_chunk(state: TrainState, *, config: TrainConfig, steps: int):
+@functools.partial(jax.jit, static_argnames=("config", "steps", "mesh"), donate_argnums=0)
+def train_chunk(state: TrainState, *, config: TrainConfig, steps: int, mesh: Mesh | None = None):
     """`steps` optimizer steps in one compiled call: a `jax.lax.scan` over `train_step`.
+
+    On a mesh, pass a state from `init_state(config, mesh)`: the step follows its shardings.
 
     Returns:
       (state after the steps, per-step losses of shape (steps,)).
     """
-    return jax.lax.scan(lambda s, _: train_step(s, config), state, None, length=steps)
+    return jax.lax.scan(lambda s, _: train_step(s, config, mesh), state, None, length=steps)
 
 
-_jitted_step = jax.jit(train_step, static_argnames="config", donate_argnums=0)
+_jitted_step = jax.jit(train_step, static_argnames=("config", "mesh"), donate_argnums=0)
 
 
-def train_loop(state: TrainState, *, config: TrainConfig, steps: int):
+def train_loop(state: TrainState, *, config: TrainConfig, steps: int, mesh: Mesh | None = None):
     """The usual alternative, for comparison: a Python loop over a jitted step."""
     losses = []
     for _ in range(steps):
-        state, loss = _jitted_step(state, config)
+        state, loss = _jitted_step(state, config, mesh)
         losses.append(loss)
     return state, jnp.stack(losses)
