@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 
 class Timing(NamedTuple):
@@ -18,12 +19,27 @@ class Timing(NamedTuple):
 
 def time_call(fn: Callable[[], Any], repeats: int = 5) -> Timing:
     """Times `fn()` once cold and `repeats` times warm, waiting for device results each time."""
-    first = _timed(fn)
-    runs = tuple(_timed(fn) for _ in range(repeats))
+    first = seconds(fn)
+    runs = tuple(seconds(fn) for _ in range(repeats))
     return Timing(first, statistics.median(runs), runs)
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per call of each function, run one call each per round in a shuffled order.
+
+    Interleaving makes a slow patch of a noisy machine (or threads another library left
+    spinning) hit every contender alike, which back-to-back repeats do not.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = np.random.default_rng(seed)
+    for _ in range(rounds):
+        for name in order.permutation(list(fns)):
+            samples[name].append(seconds(fns[name]))
+    return samples
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall time of one call of `fn`, waiting for its device results."""
     start = time.perf_counter()
     jax.block_until_ready(fn())
     return time.perf_counter() - start

@@ -14,13 +14,15 @@ def test_quick_run_writes_the_report_plots_and_figures(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / "results.json").read_text())
     assert {"latency", "matmul_flops", "recurrence", "layers", "remat", "training",
-            "generation", "env"} <= set(figures)
+            "generation", "sharding", "env"} <= set(figures)
     assert any(t["peer"].startswith("scanlab, batch on 2 CPU devices") for t in figures["recurrence"])
     text = (tmp_path / "report.md").read_text()
     assert "quick mode" in text and "## Targets" in text and "## W5" in text
     for plot in ("recurrence.png", "layers.png"):
         assert (tmp_path / plot).stat().st_size > 5000
     assert all(p["same_tokens"] for p in figures["generation"])
+    assert figures["sharding"]["mesh"] == {"data": 2, "model": 1}
+    assert figures["sharding"]["forward"]["mesh"]["max_abs_diff"] < 1e-4
 
 
 def _results(scan_ms, loop_ms):

@@ -7,7 +7,6 @@ inputs, so their extra input projection is work scanlab does not do; that is wha
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from scanlab import sharding
 from scanlab.recurrence import LaxScanModule, NNScanModule, lax_scan_in_module
-from scanlab.timing import time_call
+from scanlab.timing import interleaved, seconds, time_call
 
 try:
     import torch
@@ -42,6 +41,8 @@ class PeerTiming(NamedTuple):
     shape: Shape
     first_s: float  # the first call: tracing and compilation included for JAX peers
     median_s: float
+    p25_s: float  # quartiles of the steady runs: the spread says what a difference is worth
+    p75_s: float
     max_abs_diff: float  # against scanlab's final state
 
 
@@ -61,12 +62,16 @@ def call_latency(hidden: int = 64, T: int = 1000, repeats: int = 50) -> LatencyR
     module = LaxScanModule(hidden, T)
     variables = module.init(jax.random.PRNGKey(0), x)
     apply = jax.jit(module.apply)
-    scanlab = time_call(lambda: lax_scan_in_module(0, x, hidden, T), repeats)
-    hand = time_call(lambda: apply(variables, x), repeats)
+    fast = {"scanlab": lambda: lax_scan_in_module(0, x, hidden, T),
+            "hand": lambda: apply(variables, x)}
+    for fn in fast.values():
+        jax.block_until_ready(fn())
+    samples = interleaved(fast, repeats)
     textbook = time_call(
         lambda: module.apply(module.init(jax.random.PRNGKey(0), x), x), max(3, repeats // 10)
     )
-    return LatencyResult(scanlab.median_s, hand.median_s, textbook.median_s)
+    return LatencyResult(float(np.median(samples["scanlab"])), float(np.median(samples["hand"])),
+                         textbook.median_s)
 
 
 def matmul_rate(n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -77,7 +82,7 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     rates = {"jax": 2 * n**3 / time_call(lambda: matmul(a_jax), repeats).median_s}
     if torch is not None:
         a_torch = torch.from_numpy(a)
-        rates["torch"] = 2 * n**3 / _median_s(lambda: a_torch @ a_torch, repeats)
+        rates["torch"] = 2 * n**3 / time_call(lambda: a_torch @ a_torch, repeats).median_s
     return rates
 
 
@@ -108,35 +113,22 @@ def measure(shape: Shape, n_devices: int = 1, repeats: int = 5,
             budget_s: float = 1.0) -> list[PeerTiming]:
     """W2 for one shape: every peer on the same x, timed first and then steady.
 
-    Steady runs are interleaved — one run of each peer per round, in a shuffled order — so that
-    a slow patch of a noisy machine, or the OpenMP threads torch leaves spinning after its call,
-    hits all peers alike; fast peers get more rounds, up to `budget_s` each.
+    Steady runs are interleaved (`timing.interleaved`), so that a slow patch of a noisy machine,
+    or the OpenMP threads torch leaves spinning after its call, hits all peers alike; fast peers
+    get more rounds, up to `budget_s` each.
     """
     x = np.random.default_rng(1).standard_normal((shape.B, shape.H)).astype(np.float32)
     runs = peers(shape, n_devices)
-    first = {name: _median_s(lambda run=run: run(x), 1) for name, run in runs.items()}
-    slowest = max(_median_s(lambda run=run: run(x), 1) for run in runs.values())
+    first = {name: seconds(lambda run=run: run(x)) for name, run in runs.items()}
+    slowest = max(seconds(lambda run=run: run(x)) for run in runs.values())
     rounds = int(np.clip(budget_s / slowest, repeats, 10 * repeats))
-    samples = {name: [] for name in runs}
-    order = np.random.default_rng(0)
-    for _ in range(rounds):
-        for name in order.permutation(list(runs)):
-            samples[name].append(_median_s(lambda run=runs[name]: run(x), 1))
+    samples = interleaved({name: lambda run=run: run(x) for name, run in runs.items()}, rounds)
     reference = np.asarray(runs["scanlab"](x))
     return [
-        PeerTiming(name, shape, first[name], float(np.median(samples[name])),
+        PeerTiming(name, shape, first[name], *np.percentile(samples[name], [50, 25, 75]),
                    float(np.abs(np.asarray(run(x)) - reference).max()))
         for name, run in runs.items()
     ]
-
-
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        runs.append(time.perf_counter() - start)
-    return float(np.median(runs))
 
 
 def _numpy_loop(x: np.ndarray, W: np.ndarray, T: int) -> np.ndarray:

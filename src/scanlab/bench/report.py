@@ -31,7 +31,7 @@ def write(results: dict, out_dir: str | Path) -> Path:
 
 def render(results: dict) -> str:
     sections = [_header(results), _targets(results), _latency(results), _recurrence(results),
-                _layers(results), _training(results), _generation(results)]
+                _layers(results), _training(results), _generation(results), _sharding(results)]
     return "\n\n".join(sections) + "\n"
 
 
@@ -115,17 +115,21 @@ def _recurrence(results: dict) -> str:
     limit = max(results["matmul_flops"].values())
     rates = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in results["matmul_flops"].items())
     lines = ["## W2 — the recurrence h ← tanh(h @ W) against its peers", "",
-             f"Machine limit, one large float32 matmul: {rates}.", "",
+             f"Machine limit, one large float32 matmul: {rates}. The flax nn.scan twin lowers to "
+             "the same XLA while loop as scanlab, so their gap is the machine's noise: compare it "
+             "with the quartiles.", "",
              "![recurrence](recurrence.png)", ""]
     for shape, timings in _by_shape(results).items():
         scanlab = next(t for t in timings if t["peer"] == "scanlab")
         lines += [f"### B={shape[0]}, H={shape[1]}, T={shape[2]}", "",
-                  "| peer | first call | median | vs scanlab | GFLOP/s | of matmul limit | max diff |",
+                  "| peer | first call | median (quartiles) | vs scanlab | GFLOP/s | of matmul limit "
+                  "| max diff |",
                   "|---|---|---|---|---|---|---|"]
         for t in sorted(timings, key=lambda t: t["median_s"]):
             rate = _flops(shape) / t["median_s"]
             lines.append(
-                f"| {t['peer']} | {t['first_s'] * 1e3:.1f} ms | {t['median_s'] * 1e3:.2f} ms | "
+                f"| {t['peer']} | {t['first_s'] * 1e3:.1f} ms | {t['median_s'] * 1e3:.2f} ms "
+                f"({t['p25_s'] * 1e3:.2f}–{t['p75_s'] * 1e3:.2f}) | "
                 f"{t['median_s'] / scanlab['median_s']:.2f}× | {rate / 1e9:.1f} | "
                 f"{rate / limit:.0%} | {t['max_abs_diff']:.1e} |")
         lines.append("")
@@ -171,6 +175,25 @@ def _generation(results: dict) -> str:
                      f"{p['cached_tokens_per_s'] / p['recompute_tokens_per_s']:.1f}× | "
                      f"{p['same_tokens']} |")
     return "\n".join(lines)
+
+
+def _sharding(results: dict) -> str:
+    shard = results.get("sharding")
+    if not shard:
+        return "## W6 — several devices\n\nNot measured: this run had one device."
+    forward, train = shard["forward"], shard["training"]
+    mesh = ", ".join(f"{k}={v}" for k, v in shard["mesh"].items())
+    return "\n".join([
+        f"## W6 — several devices (mesh {mesh}; on a CPU, host devices)", "",
+        "| workload | one device | mesh | speed-up | max diff |", "|---|---|---|---|---|",
+        f"| scanned forward, {forward['batch']} sequences | "
+        f"{forward['one device']['run_s'] * 1e3:.1f} ms | {forward['mesh']['run_s'] * 1e3:.1f} ms | "
+        f"{forward['one device']['run_s'] / forward['mesh']['run_s']:.2f}× | "
+        f"{forward['mesh']['max_abs_diff']:.1e} |",
+        f"| training, scanned chunks | {train['one device']['scan_steps_per_s']:.0f} steps/s | "
+        f"{train['mesh']['scan_steps_per_s']:.0f} steps/s | "
+        f"{train['mesh']['scan_steps_per_s'] / train['one device']['scan_steps_per_s']:.2f}× | |",
+    ])
 
 
 def _by_shape(results: dict) -> dict[tuple[int, int, int], list[dict]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from scanlab import sharding
 from scanlab.bench import env, generation, layers, recurrence, training
 from scanlab.train import TrainConfig
 
@@ -47,6 +48,25 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         steps = 20 if quick else 200
         results["training"][name] = training.measure(
             config, steps=steps, repeats=1 if quick else 3)._asdict()
+
+    results["sharding"] = []
+    if n_devices > 1:
+        mesh = sharding.make_mesh(f"data={n_devices}")
+        on_progress(f"W6 the scanned forward and training on {n_devices} devices")
+        dims = dict(d_model=32, seq=16, batch=n_devices) if quick else dict(batch=8)
+        single = layers.measure_sharded(4 if quick else 16, sharding.make_mesh("data=1"), **dims)
+        sharded = layers.measure_sharded(4 if quick else 16, mesh, **dims)
+        steps = 20 if quick else 200
+        config = (TrainConfig(steps=200, batch_size=8, d_model=32, n_layers=1, mlp_dim=64)
+                  if quick else TrainConfig())
+        results["sharding"] = {
+            "forward": {"one device": single._asdict(), "mesh": sharded._asdict(), **dims},
+            "training": {
+                "one device": training.measure(config, steps=steps, repeats=1)._asdict(),
+                "mesh": training.measure(config, steps=steps, repeats=1, mesh=mesh)._asdict(),
+            },
+            "mesh": dict(mesh.shape),
+        }
 
     results["generation"] = []
     for batch in (1,) if quick else (1, 8):

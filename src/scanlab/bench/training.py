@@ -6,6 +6,7 @@ import time
 from typing import NamedTuple
 
 import jax
+from jax.sharding import Mesh
 
 from scanlab.train import TrainConfig, init_state, train_chunk, train_loop
 
@@ -18,16 +19,17 @@ class TrainingPoint(NamedTuple):
     loop_compile_s: float
 
 
-def measure(config: TrainConfig | None = None, steps: int = 200, repeats: int = 3) -> TrainingPoint:
+def measure(config: TrainConfig | None = None, steps: int = 200, repeats: int = 3,
+            mesh: Mesh | None = None) -> TrainingPoint:
     """Median steps/s of `steps` steps, each way, on the default (tiny) training model."""
     config = config or TrainConfig(steps=max(steps, 200))
     runs = {}
     for name, run in (("scan", train_chunk), ("loop", train_loop)):
         durations = []
         for _ in range(repeats + 1):  # the first includes compilation
-            state = init_state(config)
+            state = init_state(config, mesh)
             start = time.perf_counter()
-            state, losses = run(state, config=config, steps=steps)
+            state, losses = run(state, config=config, steps=steps, mesh=mesh)
             jax.block_until_ready(losses)
             durations.append(time.perf_counter() - start)
         steady = sorted(durations[1:])[len(durations[1:]) // 2]
