@@ -106,3 +106,20 @@ def test_cli_runs_on_a_mesh(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on mesh {'data': 2, 'model': 2}" in result.stdout
+
+
+def test_loop_of_sharded_steps_matches_the_scanned_chunk(on_host_devices):
+    """The loop twin on a mesh (it synchronises each step: see train_loop) gives the chunk's numbers."""
+    out = on_host_devices(2, """
+import chex, jax, numpy as np
+from scanlab import sharding
+from scanlab.train import TrainConfig, init_state, train_chunk, train_loop
+mesh = sharding.make_mesh("data=2")
+config = TrainConfig(steps=40, warmup_steps=5, batch_size=8, d_model=32, n_layers=1, mlp_dim=64)
+chunk, chunk_losses = train_chunk(init_state(config, mesh), config=config, steps=30, mesh=mesh)
+loop, loop_losses = train_loop(init_state(config, mesh), config=config, steps=30, mesh=mesh)
+np.testing.assert_allclose(loop_losses, chunk_losses, rtol=1e-4, atol=1e-5)
+chex.assert_trees_all_close(loop.params, chunk.params, rtol=1e-4, atol=1e-5)
+print("ok")
+""")
+    assert "ok" in out

@@ -38,7 +38,8 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Print lax_scan_in_module(seed, x, hidden, T): the final hidden state."""
-    x_values = np.ones(hidden, np.float32) if x is None else _parse_floats("--x", x)
+    # max(.., 1): a bad --hidden is then reported by lax_scan_in_module, naming the argument.
+    x_values = np.ones(max(hidden, 1), np.float32) if x is None else _parse_floats("--x", x)
     final = np.asarray(lax_scan_in_module(seed, x_values, hidden, T)).tolist()
     if as_json:
         print(json.dumps({"seed": seed, "hidden": hidden, "T": T, "final": final}))

@@ -40,6 +40,13 @@ def unembed(params: DecoderParams, seq_BxSxD: jax.Array, config: DecoderConfig) 
     return (x @ head_DxV).astype(jnp.float32)
 
 
+def _block_fn(config: DecoderConfig, remat: bool):
+    """`decoder_block` for this config; with remat, its activations are recomputed in the
+    backward pass instead of stored."""
+    block_fn = functools.partial(decoder_block, config=config)
+    return jax.checkpoint(block_fn) if remat else block_fn
+
+
 def run_layers(
     blocks: DecoderBlock,
     seq_BxSxD: jax.Array,
@@ -52,11 +59,8 @@ def run_layers(
     """All L layers by one `jax.lax.scan` over the stacked blocks: one compiled block body.
 
     The scan state is `(key, seq)`; each layer gets its own subkey (None at inference).
-    With `remat`, each block's activations are recomputed in the backward pass instead of stored.
     """
-    block_fn = functools.partial(decoder_block, config=config)
-    if remat:
-        block_fn = jax.checkpoint(block_fn)
+    block_fn = _block_fn(config, remat)
 
     def inner(state, input_):
         key, seq = state
@@ -78,9 +82,7 @@ def run_layers_loop(
     remat: bool = False,
 ) -> jax.Array:
     """The Python-loop twin of `run_layers`: the same keys, L copies of the block when traced."""
-    block_fn = functools.partial(decoder_block, config=config)
-    if remat:
-        block_fn = jax.checkpoint(block_fn)
+    block_fn = _block_fn(config, remat)
     for layer in unstack(blocks):
         key, subkey = split_key_nullable(key)
         seq_BxSxD = block_fn(layer, seq_BxSxD, attn_mask_BxSxS, subkey)

@@ -115,5 +115,9 @@ def train_loop(state: TrainState, *, config: TrainConfig, steps: int, mesh: Mesh
     losses = []
     for _ in range(steps):
         state, loss = _jitted_step(state, config, mesh)
+        if mesh is not None:
+            # On XLA's CPU client, several sharded steps in flight at once can deadlock in their
+            # collectives (each device thread waits in a different step): run one at a time.
+            jax.block_until_ready(loss)
         losses.append(loss)
     return state, jnp.stack(losses)
