@@ -105,10 +105,14 @@ def _init_weights(key: jax.Array, *, hidden: int) -> jax.Array:
 @functools.lru_cache(maxsize=8)
 def _weights(seed: int, hidden: int) -> jax.Array:
     """W for (seed, hidden), drawn once: a repeated call skips the truncated-normal draw."""
-    # Concrete even when the first call comes while tracing an outer jit: a cached tracer
-    # would leak into every later call.
-    with jax.ensure_compile_time_eval():
-        return _init_weights(checks.seed_key(seed), hidden=hidden)
+    key = checks.seed_key(seed)
+    W = _init_weights(key, hidden=hidden)
+    if isinstance(W, jax.core.Tracer):
+        # The first call came while tracing an outer jit: a cached tracer would leak into every
+        # later call, so evaluate it now (slower, op by op: only in this case).
+        with jax.ensure_compile_time_eval():
+            W = _init_weights(key, hidden=hidden)
+    return W
 
 
 @functools.partial(jax.jit, static_argnames=("hidden", "T", "trajectory"))
