@@ -26,6 +26,8 @@ demo: $(VENV)/.installed-run
 	$(BIN)/scanlab demo
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-bench

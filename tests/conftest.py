@@ -20,9 +20,16 @@ def on_host_devices(tmp_path):
     """
 
     def run(n: int, code: str) -> str:
-        script = f"from scanlab import sharding\nsharding.host_devices({n})\n" + textwrap.dedent(code)
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                cwd=tmp_path, timeout=600)
+        script = f"from scanlab import sharding\nsharding.host_devices({n})\n" + textwrap.dedent(
+            code
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         return result.stdout
 

@@ -40,7 +40,9 @@ def test_static_int_accepts_integers(value):
 
 
 def test_all_finite_names_first_bad_index():
-    with pytest.raises(ValueError, match=r"x must be finite, got 2 NaN/Inf value\(s\), first at index \(1,\)"):
+    with pytest.raises(
+        ValueError, match=r"x must be finite, got 2 NaN/Inf value\(s\), first at index \(1,\)"
+    ):
         checks.all_finite("x", np.array([1.0, np.nan, np.inf]))
 
 

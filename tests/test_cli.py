@@ -12,7 +12,9 @@ runner = CliRunner()
 
 
 def test_run_prints_the_final_state_as_json():
-    result = runner.invoke(app, ["run", "--seed", "3", "--hidden", "4", "--T", "5", "--x", "1,2,3,4", "--json"])
+    result = runner.invoke(
+        app, ["run", "--seed", "3", "--hidden", "4", "--T", "5", "--x", "1,2,3,4", "--json"]
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     expected = lax_scan_in_module(3, np.array([1, 2, 3, 4], np.float32), 4, 5)
@@ -28,14 +30,20 @@ def test_explain_prints_the_blog_walkthrough():
 def test_pitfalls_prints_each_error():
     result = runner.invoke(app, ["pitfalls"])
     assert result.exit_code == 0, result.output
-    for name in ("UnexpectedTracerError", "carry input and carry output", "must be a pair", "no leading axis"):
+    for name in (
+        "UnexpectedTracerError",
+        "carry input and carry output",
+        "must be a pair",
+        "no leading axis",
+    ):
         assert name in result.output
 
 
 def test_bad_arguments_print_one_line_not_a_traceback():
     result = subprocess.run(
         [sys.executable, "-m", "scanlab", "run", "--hidden", "3", "--x", "1,2"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
@@ -54,7 +62,9 @@ def test_decoder_shapes_prints_the_blog_listing_and_count():
 
 
 def test_decoder_compare_reports_agreement():
-    result = runner.invoke(app, ["decoder", "compare", "--layers", "2", "--d-model", "32", "--seq", "8"])
+    result = runner.invoke(
+        app, ["decoder", "compare", "--layers", "2", "--d-model", "32", "--seq", "8"]
+    )
     assert result.exit_code == 0, result.output
     assert "lax.scan over layers" in result.output and "loop / scan" in result.output
 
@@ -67,8 +77,19 @@ def test_decoder_generate_from_a_checkpoint(tmp_path):
     config = preset("tiny")
     params = init_params(config, jax.random.PRNGKey(2))
     save_checkpoint(tmp_path / "ckpt", config, params)
-    result = runner.invoke(app, ["decoder", "generate", "--checkpoint", str(tmp_path / "ckpt"),
-                                 "--prompt", "5,6,7", "--max-new-tokens", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "decoder",
+            "generate",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--prompt",
+            "5,6,7",
+            "--max-new-tokens",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     expected = generate(params, config, np.array([[5, 6, 7]]), 4).tokens[0, 3:].tolist()
     assert f"generated: {expected}" in result.output
@@ -76,7 +97,19 @@ def test_decoder_generate_from_a_checkpoint(tmp_path):
 
 def test_train_resume_and_generate(tmp_path):
     ckpt, plot = str(tmp_path / "run"), tmp_path / "loss.png"
-    args = ["train", "--steps", "40", "--chunk-steps", "20", "--warmup-steps", "5", "--checkpoint-dir", ckpt, "--plot", str(plot)]
+    args = [
+        "train",
+        "--steps",
+        "40",
+        "--chunk-steps",
+        "20",
+        "--warmup-steps",
+        "5",
+        "--checkpoint-dir",
+        ckpt,
+        "--plot",
+        str(plot),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "held-out exact-match accuracy after 40 steps" in result.output

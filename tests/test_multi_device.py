@@ -19,7 +19,10 @@ tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 12), 0, 64)
 
 
 def test_forward_and_generation_match_one_device(on_host_devices):
-    out = on_host_devices(8, SETUP + """
+    out = on_host_devices(
+        8,
+        SETUP
+        + """
 fwd = jax.jit(forward, static_argnames="config")
 single = fwd(params, tokens, config=CONFIG)
 single_tokens = generate(params, CONFIG, tokens[:, :4], 6).tokens
@@ -33,12 +36,15 @@ for spec in MESHES:
     np.testing.assert_allclose(logits, single, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(generate(p, CONFIG, t[:, :4], 6).tokens, single_tokens)
     print("ok", spec)
-""")
+""",
+    )
     assert out.count("ok ") == 3
 
 
 def test_training_matches_one_device_and_resumes_on_another_mesh(on_host_devices, tmp_path):
-    out = on_host_devices(8, f"""
+    out = on_host_devices(
+        8,
+        f"""
 import chex
 import numpy as np
 from scanlab.train import TrainConfig, train, load
@@ -70,12 +76,16 @@ assert restored.state.params.blocks.gate_proj.sharding.mesh.shape == {{"data": 2
 resumed = train(config, checkpoint_dir=ckpt, resume=True, mesh=sharding.make_mesh("data=2,model=4"))
 np.testing.assert_allclose(resumed.losses, single.losses, rtol=2e-4, atol=2e-5)
 print("ok resumed")
-""")
+""",
+    )
     assert out.count("ok ") == 4
 
 
 def test_meshes_that_do_not_divide_are_clear_errors(on_host_devices):
-    out = on_host_devices(8, SETUP + """
+    out = on_host_devices(
+        8,
+        SETUP
+        + """
 from scanlab.train import TrainConfig, init_state
 def error(fn):
     try:
@@ -87,8 +97,12 @@ error(lambda: decoder_sharding.shard_params(params, CONFIG, sharding.make_mesh("
 error(lambda: init_state(TrainConfig(batch_size=12), sharding.make_mesh("data=8")))
 error(lambda: sharding.make_mesh("data=4,model=4"))
 error(lambda: sharding.make_mesh("data=2,pipe=2"))
-""")
-    assert "tokens must have a leading batch axis divisible by the mesh's 'data' axis size 4, got shape (6, 12)" in out
+""",
+    )
+    assert (
+        "tokens must have a leading batch axis divisible by the mesh's 'data' axis size 4, got shape (6, 12)"
+        in out
+    )
     assert "n_kv_heads=4 must be divisible by the mesh's 'model' axis size 8" in out
     assert "batch_size=12 must be divisible by the mesh's 'data' axis size 8" in out
     assert "mesh 'data=4,model=4' needs 16 devices, got 8" in out
@@ -100,9 +114,26 @@ def test_cli_runs_on_a_mesh(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "scanlab", "decoder", "compare", "--layers", "2", "--d-model", "32",
-         "--seq", "8", "--batch", "4", "--mesh", "data=2,model=2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "scanlab",
+            "decoder",
+            "compare",
+            "--layers",
+            "2",
+            "--d-model",
+            "32",
+            "--seq",
+            "8",
+            "--batch",
+            "4",
+            "--mesh",
+            "data=2,model=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on mesh {'data': 2, 'model': 2}" in result.stdout
@@ -110,7 +141,9 @@ def test_cli_runs_on_a_mesh(tmp_path):
 
 def test_loop_of_sharded_steps_matches_the_scanned_chunk(on_host_devices):
     """The loop twin on a mesh (it synchronises each step: see train_loop) gives the chunk's numbers."""
-    out = on_host_devices(2, """
+    out = on_host_devices(
+        2,
+        """
 import chex, jax, numpy as np
 from scanlab import sharding
 from scanlab.train import TrainConfig, init_state, train_chunk, train_loop
@@ -121,5 +154,6 @@ loop, loop_losses = train_loop(init_state(config, mesh), config=config, steps=30
 np.testing.assert_allclose(loop_losses, chunk_losses, rtol=1e-4, atol=1e-5)
 chex.assert_trees_all_close(loop.params, chunk.params, rtol=1e-4, atol=1e-5)
 print("ok")
-""")
+""",
+    )
     assert "ok" in out

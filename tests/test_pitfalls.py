@@ -17,7 +17,9 @@ def test_wrong_code_raises_the_documented_error_and_fix_works(pitfall):
 def test_param_inside_body_init_succeeds_with_a_leaked_tracer():
     module = pitfalls._ParamInsideBody(4, 3)
     variables = module.init(jax.random.PRNGKey(0), np.ones(4, np.float32))
-    with pytest.raises(pitfalls.LeakedTracerError, match=r"variables \['params'\]\['W'\] are leaked tracers"):
+    with pytest.raises(
+        pitfalls.LeakedTracerError, match=r"variables \['params'\]\['W'\] are leaked tracers"
+    ):
         pitfalls.check_no_leaked_tracers(variables)
 
 

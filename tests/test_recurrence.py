@@ -106,8 +106,12 @@ def test_weights_are_cached_per_seed_and_hidden():
     lax_scan_in_module(3, np.ones((4, 6)), 6, 9)  # same (seed, hidden): W reused
     assert _weights.cache_info().hits == 1
     for seed in (3, 4):  # a different seed still gives the textbook's W for that seed
-        np.testing.assert_allclose(lax_scan_in_module(seed, np.ones(6), 6, 5),
-                                   textbook(seed, jnp.ones(6), 6, 5), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(
+            lax_scan_in_module(seed, np.ones(6), 6, 5),
+            textbook(seed, jnp.ones(6), 6, 5),
+            rtol=RTOL,
+            atol=ATOL,
+        )
 
 
 def test_gradient_matches_textbook():
@@ -123,7 +127,9 @@ def test_traced_x_under_jit():
     jitted = jax.jit(lambda x: lax_scan_in_module(4, x, 6, 30))
     np.testing.assert_allclose(jitted(x), textbook(4, x, 6, 30), rtol=RTOL, atol=ATOL)
     # and the cached W is a concrete array, usable outside that trace
-    np.testing.assert_allclose(lax_scan_in_module(4, x, 6, 30), textbook(4, x, 6, 30), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        lax_scan_in_module(4, x, 6, 30), textbook(4, x, 6, 30), rtol=RTOL, atol=ATOL
+    )
 
 
 @pytest.mark.parametrize("trajectory", [False, True])
@@ -164,7 +170,11 @@ def test_x64_gives_the_same_W(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(x=np.ones(3)), ValueError, r"x must have shape \(\.\.\., hidden\) = \(\.\.\., 4\), got shape \(3,\)"),
+        (
+            dict(x=np.ones(3)),
+            ValueError,
+            r"x must have shape \(\.\.\., hidden\) = \(\.\.\., 4\), got shape \(3,\)",
+        ),
         (dict(x=np.float32(1.0)), ValueError, r"x must have shape .* got a 0-d value"),
         (dict(hidden=0, x=np.ones(0)), ValueError, "hidden must be >= 1, got 0"),
         (dict(T=-1), ValueError, "T must be >= 0, got -1"),
@@ -186,12 +196,16 @@ def test_bad_input_is_rejected_with_a_clear_message(kwargs, error, match):
 
 
 def test_traced_T_is_rejected_with_the_fix():
-    with pytest.raises(TypeError, match="T must be a static Python int, got a traced value.*static_argnames='T'"):
+    with pytest.raises(
+        TypeError, match="T must be a static Python int, got a traced value.*static_argnames='T'"
+    ):
         jax.jit(lambda T: lax_scan_in_module(0, np.ones(4), 4, T))(3)
 
 
 def test_check_finite():
     x = np.array([1.0, np.inf, 0.0, 0.0])
-    with pytest.raises(ValueError, match=r"x must be finite, got 1 NaN/Inf value\(s\), first at index \(1,\)"):
+    with pytest.raises(
+        ValueError, match=r"x must be finite, got 1 NaN/Inf value\(s\), first at index \(1,\)"
+    ):
         lax_scan_in_module(0, x, 4, 3, check_finite=True)
     assert np.isnan(lax_scan_in_module(0, x * np.nan, 4, 3)).all()  # unchecked: NaN flows through

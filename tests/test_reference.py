@@ -60,8 +60,13 @@ tail = st.lists(st.integers(min_value=1, max_value=3), max_size=2).map(tuple)
 @settings(deadline=None, max_examples=20)
 @given(n=leading, shape=tail, reverse=st.booleans(), data=st.data())
 def test_dict_xs_with_none_outputs(n, shape, reverse, data):
-    v = data.draw(st.lists(st.floats(-3, 3, width=32), min_size=n * int(np.prod(shape)),
-                           max_size=n * int(np.prod(shape))))
+    v = data.draw(
+        st.lists(
+            st.floats(-3, 3, width=32),
+            min_size=n * int(np.prod(shape)),
+            max_size=n * int(np.prod(shape)),
+        )
+    )
     xs = {"v": np.array(v, np.float32).reshape(n, *shape)}
     init = data.draw(st.sampled_from([0.0, np.float32(1.5), np.zeros((), np.float32)]))
     both(leaky_sum, init, xs, reverse=reverse)
@@ -71,7 +76,10 @@ def test_dict_xs_with_none_outputs(n, shape, reverse, data):
 @given(n=leading, reverse=st.booleans(), python_count=st.booleans())
 def test_namedtuple_xs_tuple_carry_weak_types(n, reverse, python_count):
     rng = np.random.default_rng(n)
-    xs = Pair(rng.standard_normal((n, 2)).astype(np.float32), rng.standard_normal(n).astype(np.float32)[:, None])
+    xs = Pair(
+        rng.standard_normal((n, 2)).astype(np.float32),
+        rng.standard_normal(n).astype(np.float32)[:, None],
+    )
     count = 0 if python_count else np.int32(0)
     both(counter, (count, np.zeros(2, np.float32)), xs, reverse=reverse)
 
@@ -119,43 +127,77 @@ def test_rejects_python_list_with_the_fix():
     rejects_like_jax(
         ValueError,
         r"no leading axis to scan over: xs\[0\] has shape \(\).*pass an array instead",
-        lambda x, y: (x + y, y + 2), 0, [1, 2, 3],
+        lambda x, y: (x + y, y + 2),
+        0,
+        [1, 2, 3],
     )
 
 
 def test_rejects_length_disagreeing_with_leading_axis():
-    rejects_like_jax(ValueError, "`length` argument of 4 which disagrees with leading axis sizes 3",
-                     lambda c, x: (c, None), 0, np.arange(3), length=4)
+    rejects_like_jax(
+        ValueError,
+        "`length` argument of 4 which disagrees with leading axis sizes 3",
+        lambda c, x: (c, None),
+        0,
+        np.arange(3),
+        length=4,
+    )
 
 
 def test_rejects_leaves_of_different_lengths():
-    rejects_like_jax(ValueError, r"different leading axis sizes: xs\['a'\]: 3, xs\['b'\]: 4",
-                     lambda c, x: (c, None), 0, {"a": np.arange(3), "b": np.arange(4)})
+    rejects_like_jax(
+        ValueError,
+        r"different leading axis sizes: xs\['a'\]: 3, xs\['b'\]: 4",
+        lambda c, x: (c, None),
+        0,
+        {"a": np.arange(3), "b": np.arange(4)},
+    )
 
 
 def test_rejects_no_xs_and_no_length():
-    rejects_like_jax(ValueError, "no values to scan over and `length` not provided",
-                     lambda c, x: (c, None), 0, None)
+    rejects_like_jax(
+        ValueError,
+        "no values to scan over and `length` not provided",
+        lambda c, x: (c, None),
+        0,
+        None,
+    )
 
 
 def test_rejects_body_that_returns_the_carry_alone():
-    rejects_like_jax(TypeError, r"must be a pair \(carry, y\).*return `new_carry, None`",
-                     lambda c, x: c + x, 0, np.arange(3))
+    rejects_like_jax(
+        TypeError,
+        r"must be a pair \(carry, y\).*return `new_carry, None`",
+        lambda c, x: c + x,
+        0,
+        np.arange(3),
+    )
 
 
 def test_rejects_carry_structure_change():
-    rejects_like_jax(TypeError, "same pytree structure", lambda c, x: ((c, c), None), 0, np.arange(3))
+    rejects_like_jax(
+        TypeError, "same pytree structure", lambda c, x: ((c, c), None), 0, np.arange(3)
+    )
 
 
 def test_rejects_carry_shape_change_naming_the_leaf():
-    rejects_like_jax(TypeError, r"carry\['h'\] has shape \(2,\) in and \(4,\) out",
-                     lambda c, x: ({"h": jnp.concatenate([c["h"], c["h"]])}, None),
-                     {"h": np.zeros(2, np.float32)}, np.arange(3))
+    rejects_like_jax(
+        TypeError,
+        r"carry\['h'\] has shape \(2,\) in and \(4,\) out",
+        lambda c, x: ({"h": jnp.concatenate([c["h"], c["h"]])}, None),
+        {"h": np.zeros(2, np.float32)},
+        np.arange(3),
+    )
 
 
 def test_rejects_carry_dtype_change_of_a_strong_type():
-    rejects_like_jax(TypeError, r"carry has dtype int8 in and int32 out",
-                     lambda c, x: (c + x, None), np.int8(0), np.arange(3, dtype=np.int32))
+    rejects_like_jax(
+        TypeError,
+        r"carry has dtype int8 in and int32 out",
+        lambda c, x: (c + x, None),
+        np.int8(0),
+        np.arange(3, dtype=np.int32),
+    )
 
 
 def test_rejects_negative_length_where_jax_returns_init():

@@ -6,7 +6,9 @@ from scanlab import sharding
 
 
 def test_batch_sharded_recurrence_equals_one_device(on_host_devices):
-    out = on_host_devices(4, """
+    out = on_host_devices(
+        4,
+        """
         import jax, numpy as np
         from scanlab import lax_scan_in_module, sharding
         assert jax.device_count() == 4
@@ -21,13 +23,19 @@ def test_batch_sharded_recurrence_equals_one_device(on_host_devices):
             lax_scan_in_module(3, x[:6], 16, 50, mesh=mesh)
         except ValueError as error:
             print(error)
-    """)
-    assert "x must have a leading batch axis divisible by the mesh's 'data' axis size 4, got shape (6, 16)" in out
+    """,
+    )
+    assert (
+        "x must have a leading batch axis divisible by the mesh's 'data' axis size 4, got shape (6, 16)"
+        in out
+    )
 
 
 def test_host_devices_after_the_backend_started_is_a_clear_error():
     jax.devices()  # this test process's backend is up
-    with pytest.raises(RuntimeError, match=r"host_devices\(2\) must run before JAX's first computation"):
+    with pytest.raises(
+        RuntimeError, match=r"host_devices\(2\) must run before JAX's first computation"
+    ):
         sharding.host_devices(2)
 
 

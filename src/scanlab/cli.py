@@ -21,8 +21,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-decoder_app = typer.Typer(help="Scan over the stacked layers of a Llama-architecture decoder.",
-                          no_args_is_help=True)
+decoder_app = typer.Typer(
+    help="Scan over the stacked layers of a Llama-architecture decoder.", no_args_is_help=True
+)
 app.add_typer(decoder_app, name="decoder")
 console = Console()
 
@@ -73,8 +74,12 @@ def pitfalls_command() -> None:
 
 @app.command()
 def bench(
-    quick: Annotated[bool, typer.Option(help="Smoke-test sizes: seconds, not figures to quote.")] = False,
-    out: Annotated[str, typer.Option(help="Folder for report.md, results.json and plots.")] = "results/bench",
+    quick: Annotated[
+        bool, typer.Option(help="Smoke-test sizes: seconds, not figures to quote.")
+    ] = False,
+    out: Annotated[
+        str, typer.Option(help="Folder for report.md, results.json and plots.")
+    ] = "results/bench",
     devices: Annotated[
         int, typer.Option(help="CPU devices to present (for the sharded peer); default: cores.")
     ] = os.cpu_count() or 1,
@@ -84,6 +89,7 @@ def bench(
     from scanlab.bench import report, runner
 
     with console.status("benchmarks") as status:
+
         def on_progress(message: str) -> None:
             status.update(message)
             console.log(message)
@@ -107,14 +113,18 @@ def demo() -> None:
 
 @decoder_app.command("shapes")
 def decoder_shapes(
-    preset: Annotated[str, typer.Option(help="A preset name: tiny, llama2-7b, llama3-8b.")] = "llama2-7b",
+    preset: Annotated[
+        str, typer.Option(help="A preset name: tiny, llama2-7b, llama3-8b.")
+    ] = "llama2-7b",
 ) -> None:
     """The stacked parameter shapes, the per-layer slices seen inside the scan, the count."""
     from scanlab.decoder import config as decoder_config
     from scanlab.decoder import params
 
     config = decoder_config.preset(preset)
-    console.print(f"[bold]{preset}[/bold]: stacked parameters (leading axis: {config.n_layers} layers)")
+    console.print(
+        f"[bold]{preset}[/bold]: stacked parameters (leading axis: {config.n_layers} layers)"
+    )
     console.print(show.shape_listing(params.stacked_shapes(config)), highlight=False)
     console.print("inside the scan body, one layer's slice:")
     console.print(show.shape_listing(params.layer_shapes(config)), highlight=False)
@@ -136,8 +146,9 @@ def decoder_compare(
     point = layer_bench.measure(layers, d_model=d_model, seq=seq, batch=batch)
     console.print(tour.layer_table(point))
     if device_mesh is not None:
-        sharded = layer_bench.measure_sharded(layers, device_mesh, d_model=d_model, seq=seq,
-                                              batch=batch)
+        sharded = layer_bench.measure_sharded(
+            layers, device_mesh, d_model=d_model, seq=seq, batch=batch
+        )
         console.print(
             f"on mesh {dict(device_mesh.shape)}: scanned forward {show.ms(sharded.run_s)}, "
             f"max |logit diff| vs one device {sharded.max_abs_diff:.1e}"
@@ -149,7 +160,9 @@ def decoder_generate(
     checkpoint: Annotated[
         str | None, typer.Option(help="A transformers Llama checkpoint directory.")
     ] = None,
-    preset: Annotated[str, typer.Option(help="Random weights of this preset, without --checkpoint.")] = "tiny",
+    preset: Annotated[
+        str, typer.Option(help="Random weights of this preset, without --checkpoint.")
+    ] = "tiny",
     prompt: Annotated[str, typer.Option(help="Comma-separated token ids.")] = "1,2,3,4",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
@@ -172,10 +185,17 @@ def decoder_generate(
     tokens = _parse_ints("--prompt", prompt)[None]
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
         params = decoder_sharding.shard_params(params, config, device_mesh)
-    out = decoder.generate(params, config, tokens, max_new_tokens, key=jax.random.PRNGKey(seed),
-                           temperature=temperature, top_k=top_k)
+    out = decoder.generate(
+        params,
+        config,
+        tokens,
+        max_new_tokens,
+        key=jax.random.PRNGKey(seed),
+        temperature=temperature,
+        top_k=top_k,
+    )
     console.print(f"prompt:    {tokens[0].tolist()}")
-    console.print(f"generated: {np.asarray(out.tokens[0, tokens.shape[1]:]).tolist()}")
+    console.print(f"generated: {np.asarray(out.tokens[0, tokens.shape[1] :]).tolist()}")
 
 
 @app.command("train")
@@ -187,23 +207,34 @@ def train_command(
     learning_rate: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-3,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
     seed: Annotated[int, typer.Option(help="The run's seed.")] = 0,
-    checkpoint_dir: Annotated[
-        str | None, typer.Option(help="Save orbax checkpoints here.")
-    ] = None,
+    checkpoint_dir: Annotated[str | None, typer.Option(help="Save orbax checkpoints here.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save every this many chunks.")] = 5,
     resume: Annotated[bool, typer.Option(help="Continue the run in --checkpoint-dir.")] = False,
-    plot: Annotated[str, typer.Option(help="Where to write the loss curve PNG.")] = "results/train-loss.png",
+    plot: Annotated[
+        str, typer.Option(help="Where to write the loss curve PNG.")
+    ] = "results/train-loss.png",
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
     """Train a small decoder with the whole loop inside lax.scan; report accuracy and samples."""
     from scanlab import train
 
-    config = train.TrainConfig(task=task, steps=steps, chunk_steps=chunk_steps,
-                               batch_size=batch_size, learning_rate=learning_rate,
-                               warmup_steps=warmup_steps, seed=seed)
-    result = tour.train_with_progress(console, config, checkpoint_dir=checkpoint_dir,
-                                      checkpoint_every=checkpoint_every, resume=resume,
-                                      mesh=_mesh(mesh))
+    config = train.TrainConfig(
+        task=task,
+        steps=steps,
+        chunk_steps=chunk_steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        seed=seed,
+    )
+    result = tour.train_with_progress(
+        console,
+        config,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        mesh=_mesh(mesh),
+    )
     path = plots.loss_curve(result.losses, plot, f"{task}: loss per step")
     console.print(f"loss curve: {path}")
     tour.print_evaluation(console, result)

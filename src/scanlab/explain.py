@@ -46,9 +46,7 @@ def as_table(steps: list[reference.Step], title: str = "scan, step by step") -> 
     for column in ("step", "carry in", "x", "carry out", "y"):
         table.add_column(column, justify="right" if column == "step" else "left")
     for step in steps:
-        table.add_row(
-            str(step.index), *map(_show, (step.carry_in, step.x, step.carry_out, step.y))
-        )
+        table.add_row(str(step.index), *map(_show, (step.carry_in, step.x, step.carry_out, step.y)))
     return table
 
 

@@ -20,7 +20,7 @@ def loss_curve(losses: np.ndarray, path: str | Path, title: str) -> Path:
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, alpha=0.3, label="per step")
-    ax.plot(steps[window - 1:], smooth, label=f"mean of {window}")
+    ax.plot(steps[window - 1 :], smooth, label=f"mean of {window}")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     ax.legend()
     ax.grid(alpha=0.3)

@@ -1,9 +1,10 @@
 """The tanh recurrence h ← tanh(h @ W) over time, written the seed's way and its nn.scan twin.
 
 `LaxScanModule` is the seed's pattern: one weight declared with `self.param` outside a raw
-`jax.lax.scan`, the body closing over it. `NNScanModule` is the same recurrence lifted with `nn.scan`
-(params broadcast, no RNG split); both produce the parameter tree `{"params": {"W": (H, H)}}` and the
-same numbers. `lax_scan_in_module` is the seed's function, compiled once per static signature.
+`jax.lax.scan`, the body closing over it. `NNScanModule` is the same recurrence lifted with
+`nn.scan` (params broadcast, no RNG split); both produce the parameter tree
+`{"params": {"W": (H, H)}}` and the same numbers. `lax_scan_in_module` is the seed's function,
+compiled once per static signature.
 """
 
 from __future__ import annotations

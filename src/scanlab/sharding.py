@@ -42,7 +42,7 @@ def batch_mesh(n_devices: int | None = None) -> Mesh:
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """"data=4,model=2" -> {"data": 4, "model": 2}; a missing axis has size 1."""
+    """ "data=4,model=2" -> {"data": 4, "model": 2}; a missing axis has size 1."""
     sizes = {DATA_AXIS: 1, MODEL_AXIS: 1}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, value = item.partition("=")
@@ -83,8 +83,11 @@ def check_divisible(name: str, size: int, mesh: Mesh, axis: str) -> None:
 
 def named(specs, mesh: Mesh):
     """A tree of PartitionSpecs -> the same tree of NamedShardings on `mesh`."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                        is_leaf=lambda node: isinstance(node, PartitionSpec))
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        specs,
+        is_leaf=lambda node: isinstance(node, PartitionSpec),
+    )
 
 
 def shard_batch(x, mesh: Mesh, name: str = "batch") -> jax.Array:

@@ -24,7 +24,9 @@ def time_call(fn: Callable[[], Any], repeats: int = 5) -> Timing:
     return Timing(first, statistics.median(runs), runs)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, seed: int = 0) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], rounds: int, seed: int = 0
+) -> dict[str, list[float]]:
     """Seconds per call of each function, run one call each per round in a shuffled order.
 
     Interleaving makes a slow patch of a noisy machine (or threads another library left

@@ -32,9 +32,7 @@ def _seed_function(console: Console) -> None:
     x = np.random.default_rng(0).standard_normal(hidden).astype(np.float32)
     cached = time_call(lambda: lax_scan_in_module(0, x, hidden, T), repeats=20)
     module = LaxScanModule(hidden, T)
-    textbook = time_call(
-        lambda: module.apply(module.init(jax.random.PRNGKey(0), x), x), repeats=3
-    )
+    textbook = time_call(lambda: module.apply(module.init(jax.random.PRNGKey(0), x), x), repeats=3)
     variables = module.init(jax.random.PRNGKey(0), x)
     scan_out = module.apply(variables, x)
     twin_out = NNScanModule(hidden, T).apply(variables, x)
@@ -42,7 +40,9 @@ def _seed_function(console: Console) -> None:
     table.add_column("call")
     table.add_column("first", justify="right")
     table.add_column("repeated (median)", justify="right")
-    table.add_row("lax_scan_in_module (cached jit)", show.ms(cached.first_s), show.ms(cached.median_s))
+    table.add_row(
+        "lax_scan_in_module (cached jit)", show.ms(cached.first_s), show.ms(cached.median_s)
+    )
     table.add_row("textbook init + apply", show.ms(textbook.first_s), show.ms(textbook.median_s))
     console.print(table)
     console.print(
@@ -85,37 +85,52 @@ def _decoder(console: Console) -> None:
 
 def layer_table(point: layer_bench.LayerPoint) -> Table:
     """Scan vs loop over layers for one model: agreement, compile and run times."""
-    table = Table(title=f"{point.n_layers} layers: lax.scan vs a Python loop "
-                        f"(max |logit diff| {point.max_abs_diff:.1e})")
+    table = Table(
+        title=f"{point.n_layers} layers: lax.scan vs a Python loop "
+        f"(max |logit diff| {point.max_abs_diff:.1e})"
+    )
     for column in ("", "compile", "run (median)"):
         table.add_column(column, justify="right" if column else "left")
     table.add_row("lax.scan over layers", _s(point.scan_compile_s), show.ms(point.scan_run_s))
     table.add_row("Python loop over layers", _s(point.loop_compile_s), show.ms(point.loop_run_s))
-    table.add_row("loop / scan", f"{point.loop_compile_s / point.scan_compile_s:.1f}x",
-                  f"{point.loop_run_s / point.scan_run_s:.2f}x")
+    table.add_row(
+        "loop / scan",
+        f"{point.loop_compile_s / point.scan_compile_s:.1f}x",
+        f"{point.loop_run_s / point.scan_run_s:.2f}x",
+    )
     return table
 
 
 def _training(console: Console) -> None:
     console.rule("5. A whole training run inside lax.scan")
     config = train.TrainConfig(task="reverse", steps=500)
-    console.print(f"task: reverse {train.tasks.REVERSE_LENGTH} digits; {config.steps} AdamW steps, "
-                  f"{config.chunk_steps} per compiled lax.scan call")
+    console.print(
+        f"task: reverse {train.tasks.REVERSE_LENGTH} digits; {config.steps} AdamW steps, "
+        f"{config.chunk_steps} per compiled lax.scan call"
+    )
     print_evaluation(console, train_with_progress(console, config), n=4)
 
 
-def train_with_progress(console: Console, config: train.TrainConfig,
-                        **kwargs) -> train.TrainResult:
+def train_with_progress(console: Console, config: train.TrainConfig, **kwargs) -> train.TrainResult:
     """Runs `train.train` with a progress bar showing the loss and steps/s after each chunk."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task(f"train {config.task}", total=config.steps, loss="-", speed="")
 
         def on_chunk(report: train.ChunkReport) -> None:
-            progress.update(bar, completed=report.step, loss=f"{report.mean_loss:.4f}",
-                            speed=f"{report.steps_per_s:.0f} steps/s")
+            progress.update(
+                bar,
+                completed=report.step,
+                loss=f"{report.mean_loss:.4f}",
+                speed=f"{report.steps_per_s:.0f} steps/s",
+            )
 
         return train.train(config, on_chunk=on_chunk, **kwargs)
 
@@ -123,8 +138,10 @@ def train_with_progress(console: Console, config: train.TrainConfig,
 def print_evaluation(console: Console, result: train.TrainResult, n: int = 5) -> None:
     """Held-out exact-match accuracy and a few generated answers."""
     params, config = result.state.params, result.config
-    console.print(f"held-out exact-match accuracy after {int(result.state.step)} steps: "
-                  f"{train.accuracy(params, config):.1%}")
+    console.print(
+        f"held-out exact-match accuracy after {int(result.state.step)} steps: "
+        f"{train.accuracy(params, config):.1%}"
+    )
     table = Table(title="held-out examples, answers generated greedily")
     for column in ("question", "expected", "model", ""):
         table.add_column(column)
@@ -136,4 +153,3 @@ def print_evaluation(console: Console, result: train.TrainResult, n: int = 5) ->
 
 def _s(seconds: float) -> str:
     return f"{seconds:.2f} s"
-

@@ -8,14 +8,37 @@ from scanlab.bench import report
 def test_quick_run_writes_the_report_plots_and_figures(tmp_path):
     """`scanlab bench --quick` end to end, in its own process (it sets the device count)."""
     result = subprocess.run(
-        [sys.executable, "-m", "scanlab", "bench", "--quick", "--devices", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "scanlab",
+            "bench",
+            "--quick",
+            "--devices",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / "results.json").read_text())
-    assert {"latency", "matmul_flops", "recurrence", "layers", "remat", "training",
-            "generation", "sharding", "env"} <= set(figures)
-    assert any(t["peer"].startswith("scanlab, batch on 2 CPU devices") for t in figures["recurrence"])
+    assert {
+        "latency",
+        "matmul_flops",
+        "recurrence",
+        "layers",
+        "remat",
+        "training",
+        "generation",
+        "sharding",
+        "env",
+    } <= set(figures)
+    assert any(
+        t["peer"].startswith("scanlab, batch on 2 CPU devices") for t in figures["recurrence"]
+    )
     text = (tmp_path / "report.md").read_text()
     assert "quick mode" in text and "## Targets" in text and "## W5" in text
     for plot in ("recurrence.png", "layers.png"):
@@ -30,10 +53,15 @@ def _results(scan_ms, loop_ms):
     return {
         "latency": dict(scanlab_s=1e-3, hand_jit_s=1e-3, textbook_s=0.2),
         "matmul_flops": {"jax": 100e9},
-        "recurrence": [timing | dict(peer="scanlab", median_s=scan_ms / 1e3),
-                       timing | dict(peer="torch loop", median_s=loop_ms / 1e3)],
-        "layers": [dict(n_layers=64, scan_compile_s=0.2, loop_compile_s=4.0, scan_run_s=0.09,
-                        loop_run_s=0.1)],
+        "recurrence": [
+            timing | dict(peer="scanlab", median_s=scan_ms / 1e3),
+            timing | dict(peer="torch loop", median_s=loop_ms / 1e3),
+        ],
+        "layers": [
+            dict(
+                n_layers=64, scan_compile_s=0.2, loop_compile_s=4.0, scan_run_s=0.09, loop_run_s=0.1
+            )
+        ],
         "training": {"default tiny model": dict(scan_steps_per_s=150.0, loop_steps_per_s=100.0)},
     }
 

@@ -10,7 +10,13 @@ import torch
 import transformers
 
 from scanlab.decoder import (
-    CheckpointError, forward, generate, init_params, load_checkpoint, preset, save_checkpoint,
+    CheckpointError,
+    forward,
+    generate,
+    init_params,
+    load_checkpoint,
+    preset,
+    save_checkpoint,
 )
 
 # Independent float32 implementations of the same math (torch vs XLA): rounding differs, not math.
@@ -20,14 +26,21 @@ HF_CONFIGS = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4),
     "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
     "mqa-tied": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
-    "gqa-headdim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=500_000.0),
+    "gqa-headdim": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=500_000.0
+    ),
 }
 
 
 def hf_model(**overrides):
     config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=3,
-        max_position_embeddings=64, rms_norm_eps=1e-6, **overrides,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=3,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        **overrides,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
@@ -47,8 +60,12 @@ def test_logits_match_transformers(tmp_path, name):
     model.save_pretrained(tmp_path)
     config, params = load_checkpoint(tmp_path)
     assert config.n_kv_heads == model.config.num_key_value_heads
-    np.testing.assert_allclose(forward(params, jnp.asarray(TOKENS), config), hf_logits(model, TOKENS),
-                               atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(
+        forward(params, jnp.asarray(TOKENS), config),
+        hf_logits(model, TOKENS),
+        atol=LOGITS_ATOL,
+        rtol=0,
+    )
 
 
 def test_sharded_checkpoint_loads(tmp_path):
@@ -56,8 +73,12 @@ def test_sharded_checkpoint_loads(tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     config, params = load_checkpoint(tmp_path)
-    np.testing.assert_allclose(forward(params, jnp.asarray(TOKENS), config), hf_logits(model, TOKENS),
-                               atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(
+        forward(params, jnp.asarray(TOKENS), config),
+        hf_logits(model, TOKENS),
+        atol=LOGITS_ATOL,
+        rtol=0,
+    )
 
 
 def test_older_config_form_with_top_level_rope_theta(tmp_path):
@@ -69,20 +90,29 @@ def test_older_config_form_with_top_level_rope_theta(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     config, params = load_checkpoint(tmp_path)
     assert config.rope_theta == 1234.0
-    np.testing.assert_allclose(forward(params, jnp.asarray(TOKENS), config), hf_logits(model, TOKENS),
-                               atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(
+        forward(params, jnp.asarray(TOKENS), config),
+        hf_logits(model, TOKENS),
+        atol=LOGITS_ATOL,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("name", ["gqa", "mqa-tied"])
 def test_round_trip_through_transformers(tmp_path, name):
     config = preset("tiny").replace(
-        n_kv_heads={"gqa": 2, "mqa-tied": 1}[name], tie_embeddings=name == "mqa-tied")
+        n_kv_heads={"gqa": 2, "mqa-tied": 1}[name], tie_embeddings=name == "mqa-tied"
+    )
     params = init_params(config, jax.random.PRNGKey(3))
     save_checkpoint(tmp_path / "ckpt", config, params)
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     tokens = TOKENS % config.vocab_size
-    np.testing.assert_allclose(hf_logits(model, tokens), forward(params, jnp.asarray(tokens), config),
-                               atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(
+        hf_logits(model, tokens),
+        forward(params, jnp.asarray(tokens), config),
+        atol=LOGITS_ATOL,
+        rtol=0,
+    )
     config_again, params_again = load_checkpoint(tmp_path / "ckpt")
     assert config_again == config
     jax.tree.map(np.testing.assert_array_equal, params_again, params)
@@ -95,15 +125,23 @@ def test_greedy_generation_matches_transformers(tmp_path):
     prompt = TOKENS[:, :6]
     with torch.no_grad():
         expected = model.generate(
-            torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-            max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+            torch.tensor(prompt),
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
         ).numpy()
     np.testing.assert_array_equal(generate(params, config, prompt, 12).tokens, expected)
 
 
 def test_other_architecture_is_rejected(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(CheckpointError, match=r"config.json must describe a Llama model .* got model_type='gpt2'"):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
+    with pytest.raises(
+        CheckpointError, match=r"config.json must describe a Llama model .* got model_type='gpt2'"
+    ):
         load_checkpoint(tmp_path)
 
 
@@ -118,9 +156,13 @@ def test_scaled_rope_is_rejected(tmp_path):
 
 def test_missing_tensor_is_named(tmp_path):
     model = hf_model(**HF_CONFIGS["gqa"])
-    state = {k: v for k, v in model.state_dict().items() if k != "model.layers.1.mlp.up_proj.weight"}
+    state = {
+        k: v for k, v in model.state_dict().items() if k != "model.layers.1.mlp.up_proj.weight"
+    }
     model.save_pretrained(tmp_path, state_dict=state)
-    with pytest.raises(CheckpointError, match=r"tensor model.layers.1.mlp.up_proj.weight is missing"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor model.layers.1.mlp.up_proj.weight is missing"
+    ):
         load_checkpoint(tmp_path)
 
 
@@ -129,7 +171,10 @@ def test_shape_mismatch_is_named(tmp_path):
     hf = json.loads((tmp_path / "config.json").read_text())
     hf["intermediate_size"] = 64
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(CheckpointError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \(56, 32\), expected \(64, 32\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \(56, 32\), expected \(64, 32\)",
+    ):
         load_checkpoint(tmp_path)
 
 
@@ -137,7 +182,9 @@ def test_no_weights_and_no_config(tmp_path):
     with pytest.raises(CheckpointError, match="must contain config.json"):
         load_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(hf_model().config.to_dict()))
-    with pytest.raises(CheckpointError, match="must contain model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(
+        CheckpointError, match="must contain model.safetensors or model.safetensors.index.json"
+    ):
         load_checkpoint(tmp_path)
 
 
@@ -156,7 +203,9 @@ def test_save_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, mon
 
     monkeypatch.setattr(checkpoint, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(target, config, params._replace(final_norm=params.final_norm * 2), overwrite=True)
+        save_checkpoint(
+            target, config, params._replace(final_norm=params.final_norm * 2), overwrite=True
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directory left
     _, reloaded = load_checkpoint(target)  # the earlier checkpoint is intact
     np.testing.assert_array_equal(reloaded.final_norm, params.final_norm)

@@ -7,10 +7,19 @@ from scanlab.decoder import PRESETS, DecoderConfig, preset
 def test_presets():
     llama2 = preset("llama2-7b")
     assert (llama2.n_layers, llama2.d_model, llama2.n_heads, llama2.head_dim, llama2.mlp_dim) == (
-        32, 4096, 32, 128, 11008)
+        32,
+        4096,
+        32,
+        128,
+        11008,
+    )
     llama3 = preset("llama3-8b")
     assert (llama3.n_kv_heads, llama3.n_rep, llama3.vocab_size, llama3.rope_theta) == (
-        8, 4, 128256, 500000.0)
+        8,
+        4,
+        128256,
+        500000.0,
+    )
     assert set(PRESETS) >= {"tiny", "llama2-7b", "llama3-8b"}
 
 
@@ -20,14 +29,19 @@ def test_config_is_hashable_for_jit():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match=r"preset must be one of \['llama2-7b', 'llama3-8b', 'tiny'\], got 'gpt'"):
+    with pytest.raises(
+        ValueError, match=r"preset must be one of \['llama2-7b', 'llama3-8b', 'tiny'\], got 'gpt'"
+    ):
         preset("gpt")
 
 
 @pytest.mark.parametrize(
     "changes, match",
     [
-        (dict(n_heads=6, n_kv_heads=4), "n_heads must be a multiple of n_kv_heads, got n_heads=6, n_kv_heads=4"),
+        (
+            dict(n_heads=6, n_kv_heads=4),
+            "n_heads must be a multiple of n_kv_heads, got n_heads=6, n_kv_heads=4",
+        ),
         (dict(n_layers=0), "n_layers must be >= 1, got 0"),
         (dict(d_model=64.0), "d_model must be an int, got 64.0"),
         (dict(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\), got 1.0"),

@@ -22,7 +22,9 @@ def test_cached_decoding_equals_recomputation(params, prompt):
     out = generate(params, CONFIG, prompt, 10)
     assert out.tokens.shape == (3, 15) and out.logits.shape == (3, 10, CONFIG.vocab_size)
     np.testing.assert_array_equal(out.tokens[:, :5], prompt)
-    full = jax.jit(forward, static_argnums=2)(params, out.tokens, CONFIG)  # every position recomputed from scratch
+    full = jax.jit(forward, static_argnums=2)(
+        params, out.tokens, CONFIG
+    )  # every position recomputed from scratch
     np.testing.assert_allclose(out.logits, full[:, 4:-1], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(full[:, 4:-1].argmax(-1), out.tokens[:, 5:])
 
@@ -30,7 +32,9 @@ def test_cached_decoding_equals_recomputation(params, prompt):
 def test_rows_are_independent(params, prompt):
     batched = generate(params, CONFIG, prompt, 6).tokens
     for row in range(3):
-        np.testing.assert_array_equal(generate(params, CONFIG, prompt[row:row + 1], 6).tokens[0], batched[row])
+        np.testing.assert_array_equal(
+            generate(params, CONFIG, prompt[row : row + 1], 6).tokens[0], batched[row]
+        )
 
 
 def test_sampling(params, prompt):
@@ -41,18 +45,29 @@ def test_sampling(params, prompt):
     a = generate(params, CONFIG, prompt, 8, key=key, temperature=1.0).tokens
     b = generate(params, CONFIG, prompt, 8, key=key, temperature=1.0).tokens
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, generate(params, CONFIG, prompt, 8, key=jax.random.PRNGKey(5), temperature=1.0).tokens)
+    assert not np.array_equal(
+        a, generate(params, CONFIG, prompt, 8, key=jax.random.PRNGKey(5), temperature=1.0).tokens
+    )
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
-        (dict(max_new_tokens=124), r"prompt length \+ max_new_tokens must be <= max_seq_len=128, got 5 \+ 124 = 129"),
+        (
+            dict(max_new_tokens=124),
+            r"prompt length \+ max_new_tokens must be <= max_seq_len=128, got 5 \+ 124 = 129",
+        ),
         (dict(temperature=-1.0), "temperature must be >= 0, got -1.0"),
         (dict(temperature=1.0), "key must be a PRNG key when temperature > 0"),
-        (dict(top_k=65, temperature=1.0, key=jax.random.PRNGKey(0)), "top_k must be <= vocab_size=64, got 65"),
-        (dict(prompt=jnp.zeros(5, jnp.int32)), r"prompt must be integer token ids of shape \(B, S\), got int32 \(5,\)"),
+        (
+            dict(top_k=65, temperature=1.0, key=jax.random.PRNGKey(0)),
+            "top_k must be <= vocab_size=64, got 65",
+        ),
+        (
+            dict(prompt=jnp.zeros(5, jnp.int32)),
+            r"prompt must be integer token ids of shape \(B, S\), got int32 \(5,\)",
+        ),
     ],
 )
 def test_bad_arguments(params, prompt, kwargs, match):

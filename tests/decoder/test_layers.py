@@ -27,7 +27,9 @@ def test_rope_preserves_norms_and_makes_scores_relative():
         return jnp.sum(apply_rope(q, cos_q, sin_q) * apply_rope(k, cos_k, sin_k))
 
     cos, sin = rope_phases(jnp.array([[9]]), 16, 10_000.0)
-    np.testing.assert_allclose(jnp.linalg.norm(apply_rope(q, cos, sin)), jnp.linalg.norm(q), rtol=1e-6)
+    np.testing.assert_allclose(
+        jnp.linalg.norm(apply_rope(q, cos, sin)), jnp.linalg.norm(q), rtol=1e-6
+    )
     # The score depends only on the offset between positions.
     np.testing.assert_allclose(rotated_score(7, 3), rotated_score(14, 10), rtol=1e-4)
 
@@ -41,9 +43,13 @@ def test_grouped_query_heads_share_their_kv_head():
     positions = jnp.arange(5)[None]
     mask = jnp.tril(jnp.ones((5, 5), bool))[None]
     out_proj = jnp.zeros_like(layer.attention.out_proj).at[0].set(layer.attention.out_proj[0])
-    a, _ = jax.jit(attention, static_argnums=4)(layer.attention._replace(q_proj=same_q, out_proj=out_proj), x, positions, mask, CONFIG)
+    a, _ = jax.jit(attention, static_argnums=4)(
+        layer.attention._replace(q_proj=same_q, out_proj=out_proj), x, positions, mask, CONFIG
+    )
     moved = out_proj[::-1]  # the same output weights on the other query head of each group
-    b, _ = jax.jit(attention, static_argnums=4)(layer.attention._replace(q_proj=same_q, out_proj=moved), x, positions, mask, CONFIG)
+    b, _ = jax.jit(attention, static_argnums=4)(
+        layer.attention._replace(q_proj=same_q, out_proj=moved), x, positions, mask, CONFIG
+    )
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -36,8 +36,9 @@ class TestScanVsLoop(chex.TestCase):
         for key in (None, jax.random.PRNGKey(7)):
             scan_fn = self.variant(lambda p, t, k: forward(p, t, CONFIG, k))
             loop_fn = self.variant(lambda p, t, k: forward_loop(p, t, CONFIG, k))
-            np.testing.assert_allclose(scan_fn(params, tokens, key), loop_fn(params, tokens, key),
-                                       rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(
+                scan_fn(params, tokens, key), loop_fn(params, tokens, key), rtol=RTOL, atol=ATOL
+            )
 
 
 @pytest.mark.parametrize("with_key", [False, True])
@@ -67,13 +68,15 @@ def test_causal_through_gradients(params, tokens):
     """The logits at position t get zero gradient from the embeddings of positions after t."""
     t = 5
     grads = jax.jit(jax.grad(lambda x: _forward_from_embeddings(params, x)[:, t].sum()))(
-        params.embed[tokens])
-    assert np.abs(grads[:, t + 1:]).max() == 0.0
+        params.embed[tokens]
+    )
+    assert np.abs(grads[:, t + 1 :]).max() == 0.0
     assert np.abs(grads[:, : t + 1]).max() > 0.0
 
 
 def _forward_from_embeddings(params, seq):
     from scanlab.decoder.model import causal_mask, run_layers, unembed
+
     mask = causal_mask(None, *seq.shape[:2])
     return unembed(params, run_layers(params.blocks, seq, mask, config=CONFIG), CONFIG)
 
@@ -90,9 +93,17 @@ def test_padding_mask_hides_padded_keys(params, tokens):
 @pytest.mark.parametrize(
     "tokens, error, match",
     [
-        (jnp.zeros((12,), jnp.int32), ValueError, r"tokens must have shape \(B, S\), got shape \(12,\)"),
+        (
+            jnp.zeros((12,), jnp.int32),
+            ValueError,
+            r"tokens must have shape \(B, S\), got shape \(12,\)",
+        ),
         (jnp.zeros((1, 12)), TypeError, "tokens must be integer ids, got dtype float32"),
-        (jnp.zeros((1, 129), jnp.int32), ValueError, "tokens must have S <= max_seq_len=128, got S=129"),
+        (
+            jnp.zeros((1, 129), jnp.int32),
+            ValueError,
+            "tokens must have S <= max_seq_len=128, got S=129",
+        ),
     ],
 )
 def test_bad_tokens(params, tokens, error, match):

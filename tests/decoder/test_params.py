@@ -4,17 +4,27 @@ import numpy as np
 import pytest
 
 from scanlab.decoder import (
-    Attention, DecoderBlock, init_params, param_count, preset, stack, unstack,
+    Attention,
+    DecoderBlock,
+    init_params,
+    param_count,
+    preset,
+    stack,
+    unstack,
 )
 from scanlab.decoder.params import check_params, layer_shapes
 
 BLOG_STACKED = DecoderBlock(
     input_norm=(32, 4096),
     attention=Attention(
-        q_proj=(32, 4096, 1, 32, 128), k_proj=(32, 4096, 32, 128), v_proj=(32, 4096, 32, 128),
+        q_proj=(32, 4096, 1, 32, 128),
+        k_proj=(32, 4096, 32, 128),
+        v_proj=(32, 4096, 32, 128),
         out_proj=(32, 1, 32, 128, 4096),
     ),
-    post_attn_norm=(32, 4096), gate_proj=(32, 4096, 11008), up_proj=(32, 4096, 11008),
+    post_attn_norm=(32, 4096),
+    gate_proj=(32, 4096, 11008),
+    up_proj=(32, 4096, 11008),
     down_proj=(32, 11008, 4096),
 )
 
@@ -27,7 +37,8 @@ def test_llama2_7b_matches_the_blog_listing_without_allocating():
     abstract = jax.eval_shape(lambda: init_params(preset("llama2-7b"), jax.random.PRNGKey(0)))
     assert shapes(abstract.blocks) == BLOG_STACKED
     assert layer_shapes(preset("llama2-7b")) == jax.tree.map(
-        lambda s: s[1:], BLOG_STACKED, is_leaf=lambda s: isinstance(s[0], int))
+        lambda s: s[1:], BLOG_STACKED, is_leaf=lambda s: isinstance(s[0], int)
+    )
 
 
 def test_scan_body_sees_per_layer_slices():
@@ -59,7 +70,10 @@ def test_ragged_stack_is_rejected_naming_the_leaf():
     config = preset("tiny")
     params = init_params(config, jax.random.PRNGKey(0))
     ragged = params._replace(blocks=params.blocks._replace(gate_proj=params.blocks.gate_proj[:3]))
-    with pytest.raises(ValueError, match=r"params\.blocks\.gate_proj has 3 layers on its leading axis, expected n_layers=4: shape \(3, 64, 128\), expected \(4, 64, 128\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"params\.blocks\.gate_proj has 3 layers on its leading axis, expected n_layers=4: shape \(3, 64, 128\), expected \(4, 64, 128\)",
+    ):
         check_params(ragged, config)
 
 
@@ -68,7 +82,10 @@ def test_wrong_shape_is_rejected_naming_the_leaf():
     params = init_params(config, jax.random.PRNGKey(0))
     attention = params.blocks.attention._replace(k_proj=jnp.zeros((4, 64, 4, 16)))
     bad = params._replace(blocks=params.blocks._replace(attention=attention))
-    with pytest.raises(ValueError, match=r"params\.blocks\.attention\.k_proj has shape \(4, 64, 4, 16\), expected \(4, 64, 2, 16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"params\.blocks\.attention\.k_proj has shape \(4, 64, 4, 16\), expected \(4, 64, 2, 16\)",
+    ):
         check_params(bad, config)
 
 

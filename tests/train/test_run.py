@@ -25,7 +25,9 @@ def interrupt_at(step):
 def test_resumed_run_ends_with_exactly_the_same_parameters(tmp_path):
     full = train(CONFIG, checkpoint_dir=tmp_path / "full", checkpoint_every=2)
     with pytest.raises(Interrupted):
-        train(CONFIG, checkpoint_dir=tmp_path / "cut", checkpoint_every=2, on_chunk=interrupt_at(50))
+        train(
+            CONFIG, checkpoint_dir=tmp_path / "cut", checkpoint_every=2, on_chunk=interrupt_at(50)
+        )
     assert int(load(tmp_path / "cut").state.step) == 40  # the last checkpoint before the cut
     resumed = train(CONFIG, checkpoint_dir=tmp_path / "cut", checkpoint_every=2, resume=True)
     chex.assert_trees_all_equal(resumed.state, full.state)
@@ -48,7 +50,9 @@ def test_half_written_checkpoint_is_ignored_on_resume(tmp_path):
 def test_resume_with_another_config_is_refused_and_keeps_the_checkpoints(tmp_path):
     train(CONFIG, checkpoint_dir=tmp_path, checkpoint_every=2)
     before = sorted(os.listdir(tmp_path))
-    with pytest.raises(ValueError, match=r"was written by a different config: batch_size=64 there, 16 here"):
+    with pytest.raises(
+        ValueError, match=r"was written by a different config: batch_size=64 there, 16 here"
+    ):
         train(CONFIG.replace(batch_size=16), checkpoint_dir=tmp_path, resume=True)
     assert sorted(os.listdir(tmp_path)) == before
     assert int(load(tmp_path).state.step) == 60

@@ -9,7 +9,7 @@ def test_reverse_examples():
     task = task_by_name("reverse")
     tokens = np.asarray(task.sample(jax.random.PRNGKey(0), 16))
     assert tokens.shape == (16, task.length) and tokens.dtype == np.int32
-    prompt, target = tokens[:, : task.prompt_length], tokens[:, task.prompt_length:]
+    prompt, target = tokens[:, : task.prompt_length], tokens[:, task.prompt_length :]
     np.testing.assert_array_equal(prompt[:, -1], 10)  # the separator
     np.testing.assert_array_equal(target, prompt[:, :-1][:, ::-1])
     assert tokens.max() < task.vocab_size
@@ -28,8 +28,12 @@ def test_addition_examples_hold_the_right_sums():
 @pytest.mark.parametrize("name", TASKS)
 def test_batches_are_a_function_of_the_key(name):
     task = TASKS[name]
-    np.testing.assert_array_equal(task.sample(jax.random.PRNGKey(1), 4), task.sample(jax.random.PRNGKey(1), 4))
-    assert not np.array_equal(task.sample(jax.random.PRNGKey(1), 4), task.sample(jax.random.PRNGKey(2), 4))
+    np.testing.assert_array_equal(
+        task.sample(jax.random.PRNGKey(1), 4), task.sample(jax.random.PRNGKey(1), 4)
+    )
+    assert not np.array_equal(
+        task.sample(jax.random.PRNGKey(1), 4), task.sample(jax.random.PRNGKey(2), 4)
+    )
 
 
 def test_unknown_task():

@@ -23,8 +23,9 @@ class GenerationPoint(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def generate_by_recomputation(params: DecoderParams, prompt_BxS: jax.Array, *,
-                              config: DecoderConfig, max_new_tokens: int) -> jax.Array:
+def generate_by_recomputation(
+    params: DecoderParams, prompt_BxS: jax.Array, *, config: DecoderConfig, max_new_tokens: int
+) -> jax.Array:
     """Greedy decoding without a cache: every step reruns the full forward on a fixed buffer.
 
     Also one compiled `lax.scan` over tokens; the causal mask keeps the unwritten tail of the
@@ -43,18 +44,31 @@ def generate_by_recomputation(params: DecoderParams, prompt_BxS: jax.Array, *,
     return jax.lax.scan(step, buffer, positions)[0]
 
 
-def measure(batch: int = 1, prompt: int = 16, new_tokens: int = 112, n_layers: int = 4,
-            d_model: int = 256, repeats: int = 3) -> GenerationPoint:
+def measure(
+    batch: int = 1,
+    prompt: int = 16,
+    new_tokens: int = 112,
+    n_layers: int = 4,
+    d_model: int = 256,
+    repeats: int = 3,
+) -> GenerationPoint:
     config = block_config(n_layers, d_model, prompt + new_tokens)
     params = init_params(config, jax.random.PRNGKey(0))
     prompt_BxS = jax.random.randint(jax.random.PRNGKey(1), (batch, prompt), 0, config.vocab_size)
     cached = time_call(lambda: generate(params, config, prompt_BxS, new_tokens).tokens, repeats)
-    recompute = time_call(lambda: generate_by_recomputation(
-        params, prompt_BxS, config=config, max_new_tokens=new_tokens), repeats)
-    same = bool(jnp.array_equal(
-        generate(params, config, prompt_BxS, new_tokens).tokens,
-        generate_by_recomputation(params, prompt_BxS, config=config, max_new_tokens=new_tokens),
-    ))
+    recompute = time_call(
+        lambda: generate_by_recomputation(
+            params, prompt_BxS, config=config, max_new_tokens=new_tokens
+        ),
+        repeats,
+    )
+    same = bool(
+        jnp.array_equal(
+            generate(params, config, prompt_BxS, new_tokens).tokens,
+            generate_by_recomputation(params, prompt_BxS, config=config, max_new_tokens=new_tokens),
+        )
+    )
     tokens = batch * new_tokens
-    return GenerationPoint(batch, prompt, new_tokens, tokens / cached.median_s,
-                           tokens / recompute.median_s, same)
+    return GenerationPoint(
+        batch, prompt, new_tokens, tokens / cached.median_s, tokens / recompute.median_s, same
+    )

@@ -8,7 +8,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import Mesh
 
 from scanlab import sharding
@@ -41,8 +40,14 @@ class RematPoint(NamedTuple):
 def block_config(n_layers: int, d_model: int = 256, seq: int = 128) -> DecoderConfig:
     """The measured block: RMSNorm + 4-head attention + SwiGLU at width D, sequence S."""
     return DecoderConfig(
-        vocab_size=256, n_layers=n_layers, d_model=d_model, n_heads=4, n_kv_heads=4,
-        head_dim=d_model // 4, mlp_dim=_round_up(8 * d_model // 3, 16), max_seq_len=seq,
+        vocab_size=256,
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=4,
+        n_kv_heads=4,
+        head_dim=d_model // 4,
+        mlp_dim=_round_up(8 * d_model // 3, 16),
+        max_seq_len=seq,
     )
 
 
@@ -52,13 +57,21 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _inputs(config: DecoderConfig, batch: int):
     params = init_params(config, jax.random.PRNGKey(0))
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, config.max_seq_len), 0,
-                                config.vocab_size)
+    tokens = jax.random.randint(
+        jax.random.PRNGKey(1), (batch, config.max_seq_len), 0, config.vocab_size
+    )
     return params, tokens
 
 
-def measure(n_layers: int, *, d_model: int = 256, seq: int = 128, batch: int = 1,
-            repeats: int = 5, compiles: int = 3) -> LayerPoint:
+def measure(
+    n_layers: int,
+    *,
+    d_model: int = 256,
+    seq: int = 128,
+    batch: int = 1,
+    repeats: int = 5,
+    compiles: int = 3,
+) -> LayerPoint:
     """Compiles and runs the scanned and the looped forward on the same params and tokens.
 
     Compile time is the median of `compiles` fresh compilations (a new jit object each time,
@@ -77,12 +90,19 @@ def measure(n_layers: int, *, d_model: int = 256, seq: int = 128, batch: int = 1
         timing = time_call(lambda compiled=compiled: compiled(params, tokens), repeats)
         results[name] = (compile_s, timing.median_s, compiled(params, tokens))
     diff = float(jnp.max(jnp.abs(results["scan"][2] - results["loop"][2])))
-    return LayerPoint(n_layers, results["scan"][0], results["loop"][0], results["scan"][1],
-                      results["loop"][1], diff)
+    return LayerPoint(
+        n_layers,
+        results["scan"][0],
+        results["loop"][0],
+        results["scan"][1],
+        results["loop"][1],
+        diff,
+    )
 
 
-def measure_remat(n_layers: int, *, d_model: int = 256, seq: int = 128,
-                  batch: int = 1) -> RematPoint:
+def measure_remat(
+    n_layers: int, *, d_model: int = 256, seq: int = 128, batch: int = 1
+) -> RematPoint:
     """XLA's temp memory for a training gradient of the scanned model, with and without remat."""
     config = block_config(n_layers, d_model, seq)
     params, tokens = _inputs(config, batch)
@@ -98,8 +118,15 @@ def measure_remat(n_layers: int, *, d_model: int = 256, seq: int = 128,
     return RematPoint(n_layers, temp_bytes(False), temp_bytes(True))
 
 
-def measure_sharded(n_layers: int, mesh: Mesh, *, d_model: int = 256, seq: int = 128,
-                    batch: int = 1, repeats: int = 5) -> ShardedPoint:
+def measure_sharded(
+    n_layers: int,
+    mesh: Mesh,
+    *,
+    d_model: int = 256,
+    seq: int = 128,
+    batch: int = 1,
+    repeats: int = 5,
+) -> ShardedPoint:
     """The scanned forward with params and batch sharded on `mesh`, against one device."""
     config = block_config(n_layers, d_model, seq)
     params, tokens = _inputs(config, batch)

@@ -62,16 +62,19 @@ def call_latency(hidden: int = 64, T: int = 1000, repeats: int = 50) -> LatencyR
     module = LaxScanModule(hidden, T)
     variables = module.init(jax.random.PRNGKey(0), x)
     apply = jax.jit(module.apply)
-    fast = {"scanlab": lambda: lax_scan_in_module(0, x, hidden, T),
-            "hand": lambda: apply(variables, x)}
+    fast = {
+        "scanlab": lambda: lax_scan_in_module(0, x, hidden, T),
+        "hand": lambda: apply(variables, x),
+    }
     for fn in fast.values():
         jax.block_until_ready(fn())
     samples = interleaved(fast, repeats)
     textbook = time_call(
         lambda: module.apply(module.init(jax.random.PRNGKey(0), x), x), max(3, repeats // 10)
     )
-    return LatencyResult(float(np.median(samples["scanlab"])), float(np.median(samples["hand"])),
-                         textbook.median_s)
+    return LatencyResult(
+        float(np.median(samples["scanlab"])), float(np.median(samples["hand"])), textbook.median_s
+    )
 
 
 def matmul_rate(n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -88,8 +91,9 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 
 def peers(shape: Shape, n_devices: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Each peer as `x (B, H) -> final state (B, H)`, all using the W scanlab draws for seed 0."""
-    W = np.array(LaxScanModule(shape.H, 0).init(jax.random.PRNGKey(0), np.zeros(shape.H))
-                 ["params"]["W"])  # a writable copy: torch wraps it without copying
+    W = np.array(
+        LaxScanModule(shape.H, 0).init(jax.random.PRNGKey(0), np.zeros(shape.H))["params"]["W"]
+    )  # a writable copy: torch wraps it without copying
     variables = {"params": {"W": jnp.asarray(W)}}
     nn_scan = jax.jit(NNScanModule(shape.H, shape.T).apply)
     result = {
@@ -100,8 +104,8 @@ def peers(shape: Shape, n_devices: int) -> dict[str, Callable[[np.ndarray], np.n
     }
     if n_devices > 1 and shape.B % n_devices == 0 and shape.B > 1:
         mesh = sharding.batch_mesh(n_devices)
-        result[f"scanlab, batch on {n_devices} CPU devices"] = (
-            lambda x: lax_scan_in_module(0, x, shape.H, shape.T, mesh=mesh)
+        result[f"scanlab, batch on {n_devices} CPU devices"] = lambda x: lax_scan_in_module(
+            0, x, shape.H, shape.T, mesh=mesh
         )
     if torch is not None:
         result["torch nn.RNN"] = _torch_rnn(shape, W)
@@ -109,8 +113,9 @@ def peers(shape: Shape, n_devices: int) -> dict[str, Callable[[np.ndarray], np.n
     return result
 
 
-def measure(shape: Shape, n_devices: int = 1, repeats: int = 5,
-            budget_s: float = 1.0) -> list[PeerTiming]:
+def measure(
+    shape: Shape, n_devices: int = 1, repeats: int = 5, budget_s: float = 1.0
+) -> list[PeerTiming]:
     """W2 for one shape: every peer on the same x, timed first and then steady.
 
     Steady runs are interleaved (`timing.interleaved`), so that a slow patch of a noisy machine,
@@ -125,8 +130,13 @@ def measure(shape: Shape, n_devices: int = 1, repeats: int = 5,
     samples = interleaved({name: lambda run=run: run(x) for name, run in runs.items()}, rounds)
     reference = np.asarray(runs["scanlab"](x))
     return [
-        PeerTiming(name, shape, first[name], *np.percentile(samples[name], [50, 25, 75]),
-                   float(np.abs(np.asarray(run(x)) - reference).max()))
+        PeerTiming(
+            name,
+            shape,
+            first[name],
+            *np.percentile(samples[name], [50, 25, 75]),
+            float(np.abs(np.asarray(run(x)) - reference).max()),
+        )
         for name, run in runs.items()
     ]
 

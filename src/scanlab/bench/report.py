@@ -30,15 +30,25 @@ def write(results: dict, out_dir: str | Path) -> Path:
 
 
 def render(results: dict) -> str:
-    sections = [_header(results), _targets(results), _latency(results), _recurrence(results),
-                _layers(results), _training(results), _generation(results), _sharding(results)]
+    sections = [
+        _header(results),
+        _targets(results),
+        _latency(results),
+        _recurrence(results),
+        _layers(results),
+        _training(results),
+        _generation(results),
+        _sharding(results),
+    ]
     return "\n\n".join(sections) + "\n"
 
 
 def _header(results: dict) -> str:
     e = results["env"]
     versions = ", ".join(f"{k} {v}" for k, v in e["versions"].items())
-    quick = " — **quick mode: smoke-test sizes, not the figures to quote**" if results["quick"] else ""
+    quick = (
+        " — **quick mode: smoke-test sizes, not the figures to quote**" if results["quick"] else ""
+    )
     return (
         f"# scanlab benchmarks{quick}\n\n"
         f"- date: {e['date']}\n- machine: {e['cpu']}, {e['cores']} cores; JAX backend "
@@ -57,38 +67,70 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for every target that this run measured."""
     rows = []
     lat = results["latency"]
-    rows.append((f"W1 repeated call ≤ {W1_MAX_VS_HAND_JIT}× the hand-jitted apply",
-                 f"{lat['scanlab_s'] / lat['hand_jit_s']:.2f}×",
-                 lat["scanlab_s"] / lat["hand_jit_s"] <= W1_MAX_VS_HAND_JIT))
-    rows.append((f"W1 ≥ {W1_MIN_VS_TEXTBOOK:.0f}× faster than the textbook",
-                 f"{lat['textbook_s'] / lat['scanlab_s']:.0f}×",
-                 lat["textbook_s"] / lat["scanlab_s"] >= W1_MIN_VS_TEXTBOOK))
+    rows.append(
+        (
+            f"W1 repeated call ≤ {W1_MAX_VS_HAND_JIT}× the hand-jitted apply",
+            f"{lat['scanlab_s'] / lat['hand_jit_s']:.2f}×",
+            lat["scanlab_s"] / lat["hand_jit_s"] <= W1_MAX_VS_HAND_JIT,
+        )
+    )
+    rows.append(
+        (
+            f"W1 ≥ {W1_MIN_VS_TEXTBOOK:.0f}× faster than the textbook",
+            f"{lat['textbook_s'] / lat['scanlab_s']:.0f}×",
+            lat["textbook_s"] / lat["scanlab_s"] >= W1_MIN_VS_TEXTBOOK,
+        )
+    )
     limit = max(results["matmul_flops"].values())
     for shape, timings in _by_shape(results).items():
         best = _best_scanlab(timings)
         others = [t for t in timings if not t["peer"].startswith("scanlab")]
         fastest_other = min(others, key=lambda t: t["median_s"])
-        rows.append((f"W2 scanlab fastest at B={shape[0]} H={shape[1]} T={shape[2]}",
-                     f"{best['peer']} {best['median_s'] * 1e3:.2f} ms vs {fastest_other['peer']} "
-                     f"{fastest_other['median_s'] * 1e3:.2f} ms",
-                     best["median_s"] <= fastest_other["median_s"]))
+        rows.append(
+            (
+                f"W2 scanlab fastest at B={shape[0]} H={shape[1]} T={shape[2]}",
+                f"{best['peer']} {best['median_s'] * 1e3:.2f} ms vs {fastest_other['peer']} "
+                f"{fastest_other['median_s'] * 1e3:.2f} ms",
+                best["median_s"] <= fastest_other["median_s"],
+            )
+        )
         if shape[0] >= 64:
             fraction = _flops(shape) / best["median_s"] / limit
-            rows.append((f"W2 ≥ {W2_MIN_MATMUL_FRACTION:.0%} of the matmul rate at "
-                         f"B={shape[0]} H={shape[1]}", f"{fraction:.0%}",
-                         fraction >= W2_MIN_MATMUL_FRACTION))
+            rows.append(
+                (
+                    f"W2 ≥ {W2_MIN_MATMUL_FRACTION:.0%} of the matmul rate at "
+                    f"B={shape[0]} H={shape[1]}",
+                    f"{fraction:.0%}",
+                    fraction >= W2_MIN_MATMUL_FRACTION,
+                )
+            )
     deepest = max(results["layers"], key=lambda p: p["n_layers"])
     compile_ratio = deepest["scan_compile_s"] / deepest["loop_compile_s"]
     run_ratio = deepest["scan_run_s"] / deepest["loop_run_s"]
-    rows.append((f"W3 scan compile ≤ 1/10 of the loop's at {deepest['n_layers']} layers",
-                 f"{compile_ratio:.3f}", compile_ratio <= W3_MAX_COMPILE_RATIO))
-    rows.append((f"W3 scan run ≤ {W3_MAX_RUN_RATIO}× the loop's at {deepest['n_layers']} layers",
-                 f"{run_ratio:.2f}×", run_ratio <= W3_MAX_RUN_RATIO))
+    rows.append(
+        (
+            f"W3 scan compile ≤ 1/10 of the loop's at {deepest['n_layers']} layers",
+            f"{compile_ratio:.3f}",
+            compile_ratio <= W3_MAX_COMPILE_RATIO,
+        )
+    )
+    rows.append(
+        (
+            f"W3 scan run ≤ {W3_MAX_RUN_RATIO}× the loop's at {deepest['n_layers']} layers",
+            f"{run_ratio:.2f}×",
+            run_ratio <= W3_MAX_RUN_RATIO,
+        )
+    )
     tiny = results["training"].get("default tiny model")  # absent in quick mode
     if tiny is not None:
         speedup = tiny["scan_steps_per_s"] / tiny["loop_steps_per_s"]
-        rows.append((f"W4 scanned training ≥ {W4_MIN_SPEEDUP}× the loop's steps/s (tiny model)",
-                     f"{speedup:.2f}×", speedup >= W4_MIN_SPEEDUP))
+        rows.append(
+            (
+                f"W4 scanned training ≥ {W4_MIN_SPEEDUP}× the loop's steps/s (tiny model)",
+                f"{speedup:.2f}×",
+                speedup >= W4_MIN_SPEEDUP,
+            )
+        )
     return rows
 
 
@@ -100,80 +142,119 @@ def _targets(results: dict) -> str:
 
 def _latency(results: dict) -> str:
     lat = results["latency"]
-    return "\n".join([
-        "## W1 — the seed function, called repeatedly", "",
-        "| call | median | vs scanlab |", "|---|---|---|",
-        f"| `lax_scan_in_module` (cached) | {lat['scanlab_s'] * 1e3:.3f} ms | 1 |",
-        f"| hand-jitted `apply`, params reused | {lat['hand_jit_s'] * 1e3:.3f} ms | "
-        f"{lat['hand_jit_s'] / lat['scanlab_s']:.2f}× |",
-        f"| textbook `init` + `apply` per call | {lat['textbook_s'] * 1e3:.1f} ms | "
-        f"{lat['textbook_s'] / lat['scanlab_s']:.0f}× |",
-    ])
+    return "\n".join(
+        [
+            "## W1 — the seed function, called repeatedly",
+            "",
+            "| call | median | vs scanlab |",
+            "|---|---|---|",
+            f"| `lax_scan_in_module` (cached) | {lat['scanlab_s'] * 1e3:.3f} ms | 1 |",
+            f"| hand-jitted `apply`, params reused | {lat['hand_jit_s'] * 1e3:.3f} ms | "
+            f"{lat['hand_jit_s'] / lat['scanlab_s']:.2f}× |",
+            f"| textbook `init` + `apply` per call | {lat['textbook_s'] * 1e3:.1f} ms | "
+            f"{lat['textbook_s'] / lat['scanlab_s']:.0f}× |",
+        ]
+    )
 
 
 def _recurrence(results: dict) -> str:
     limit = max(results["matmul_flops"].values())
     rates = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in results["matmul_flops"].items())
-    lines = ["## W2 — the recurrence h ← tanh(h @ W) against its peers", "",
-             f"Machine limit, one large float32 matmul: {rates}. The flax nn.scan twin lowers to "
-             "the same XLA while loop as scanlab, so their gap is the machine's noise: compare it "
-             "with the quartiles.", "",
-             "![recurrence](recurrence.png)", ""]
+    lines = [
+        "## W2 — the recurrence h ← tanh(h @ W) against its peers",
+        "",
+        f"Machine limit, one large float32 matmul: {rates}. The flax nn.scan twin lowers to "
+        "the same XLA while loop as scanlab, so their gap is the machine's noise: compare it "
+        "with the quartiles.",
+        "",
+        "![recurrence](recurrence.png)",
+        "",
+    ]
     for shape, timings in _by_shape(results).items():
         scanlab = next(t for t in timings if t["peer"] == "scanlab")
-        lines += [f"### B={shape[0]}, H={shape[1]}, T={shape[2]}", "",
-                  "| peer | first call | median (quartiles) | vs scanlab | GFLOP/s | of matmul limit "
-                  "| max diff |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### B={shape[0]}, H={shape[1]}, T={shape[2]}",
+            "",
+            "| peer | first call | median (quartiles) | vs scanlab | GFLOP/s | of matmul limit "
+            "| max diff |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for t in sorted(timings, key=lambda t: t["median_s"]):
             rate = _flops(shape) / t["median_s"]
             lines.append(
                 f"| {t['peer']} | {t['first_s'] * 1e3:.1f} ms | {t['median_s'] * 1e3:.2f} ms "
                 f"({t['p25_s'] * 1e3:.2f}–{t['p75_s'] * 1e3:.2f}) | "
                 f"{t['median_s'] / scanlab['median_s']:.2f}× | {rate / 1e9:.1f} | "
-                f"{rate / limit:.0%} | {t['max_abs_diff']:.1e} |")
+                f"{rate / limit:.0%} | {t['max_abs_diff']:.1e} |"
+            )
         lines.append("")
     return "\n".join(lines).rstrip()
 
 
 def _layers(results: dict) -> str:
-    lines = ["## W3 — scan over layers vs a Python loop over layers", "",
-             "RMSNorm + attention + SwiGLU blocks; compile = lower + compile of the jitted "
-             "forward; run = steady forward.", "", "![layers](layers.png)", "",
-             "| layers | scan compile | loop compile | scan/loop | scan run | loop run | scan/loop |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## W3 — scan over layers vs a Python loop over layers",
+        "",
+        "RMSNorm + attention + SwiGLU blocks; compile = lower + compile of the jitted "
+        "forward; run = steady forward.",
+        "",
+        "![layers](layers.png)",
+        "",
+        "| layers | scan compile | loop compile | scan/loop | scan run | loop run | scan/loop |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in results["layers"]:
         lines.append(
             f"| {p['n_layers']} | {p['scan_compile_s']:.2f} s | {p['loop_compile_s']:.2f} s | "
             f"{p['scan_compile_s'] / p['loop_compile_s']:.3f} | {p['scan_run_s'] * 1e3:.1f} ms | "
-            f"{p['loop_run_s'] * 1e3:.1f} ms | {p['scan_run_s'] / p['loop_run_s']:.2f} |")
-    lines += ["", "Temporary memory of a training gradient (XLA's compiled memory analysis):", "",
-              "| layers | no remat | remat | saved |", "|---|---|---|---|"]
+            f"{p['loop_run_s'] * 1e3:.1f} ms | {p['scan_run_s'] / p['loop_run_s']:.2f} |"
+        )
+    lines += [
+        "",
+        "Temporary memory of a training gradient (XLA's compiled memory analysis):",
+        "",
+        "| layers | no remat | remat | saved |",
+        "|---|---|---|---|",
+    ]
     for p in results["remat"]:
-        lines.append(f"| {p['n_layers']} | {p['temp_bytes'] / 2**20:.1f} MiB | "
-                     f"{p['remat_temp_bytes'] / 2**20:.1f} MiB | "
-                     f"{1 - p['remat_temp_bytes'] / p['temp_bytes']:.0%} |")
+        lines.append(
+            f"| {p['n_layers']} | {p['temp_bytes'] / 2**20:.1f} MiB | "
+            f"{p['remat_temp_bytes'] / 2**20:.1f} MiB | "
+            f"{1 - p['remat_temp_bytes'] / p['temp_bytes']:.0%} |"
+        )
     return "\n".join(lines)
 
 
 def _training(results: dict) -> str:
-    lines = ["## W4 — training: K steps per scanned call vs a Python loop of jitted steps", "",
-             "| model | steps | scanned steps/s | loop steps/s | scan/loop |", "|---|---|---|---|---|"]
+    lines = [
+        "## W4 — training: K steps per scanned call vs a Python loop of jitted steps",
+        "",
+        "| model | steps | scanned steps/s | loop steps/s | scan/loop |",
+        "|---|---|---|---|---|",
+    ]
     for name, p in results["training"].items():
-        lines.append(f"| {name} | {p['steps']} | {p['scan_steps_per_s']:.0f} | "
-                     f"{p['loop_steps_per_s']:.0f} | {p['scan_steps_per_s'] / p['loop_steps_per_s']:.2f}× |")
+        lines.append(
+            f"| {name} | {p['steps']} | {p['scan_steps_per_s']:.0f} | "
+            f"{p['loop_steps_per_s']:.0f} | {p['scan_steps_per_s'] / p['loop_steps_per_s']:.2f}× |"
+        )
     return "\n".join(lines)
 
 
 def _generation(results: dict) -> str:
-    lines = ["## W5 — generation: KV cache vs recomputing the prefix", "",
-             "| batch | prompt | new tokens | cached tokens/s | recompute tokens/s | speed-up | same tokens |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## W5 — generation: KV cache vs recomputing the prefix",
+        "",
+        "| batch | prompt | new tokens | cached tokens/s | recompute tokens/s | speed-up "
+        "| same tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in results["generation"]:
-        lines.append(f"| {p['batch']} | {p['prompt']} | {p['new_tokens']} | "
-                     f"{p['cached_tokens_per_s']:.0f} | {p['recompute_tokens_per_s']:.0f} | "
-                     f"{p['cached_tokens_per_s'] / p['recompute_tokens_per_s']:.1f}× | "
-                     f"{p['same_tokens']} |")
+        lines.append(
+            f"| {p['batch']} | {p['prompt']} | {p['new_tokens']} | "
+            f"{p['cached_tokens_per_s']:.0f} | {p['recompute_tokens_per_s']:.0f} | "
+            f"{p['cached_tokens_per_s'] / p['recompute_tokens_per_s']:.1f}× | "
+            f"{p['same_tokens']} |"
+        )
     return "\n".join(lines)
 
 
@@ -182,18 +263,23 @@ def _sharding(results: dict) -> str:
     if not shard:
         return "## W6 — several devices\n\nNot measured: this run had one device."
     forward, train = shard["forward"], shard["training"]
+    one_s, mesh_s = forward["one device"]["run_s"], forward["mesh"]["run_s"]
+    one_rate = train["one device"]["scan_steps_per_s"]
+    mesh_rate = train["mesh"]["scan_steps_per_s"]
     mesh = ", ".join(f"{k}={v}" for k, v in shard["mesh"].items())
-    return "\n".join([
-        f"## W6 — several devices (mesh {mesh}; on a CPU, host devices)", "",
-        "| workload | one device | mesh | speed-up | max diff |", "|---|---|---|---|---|",
-        f"| scanned forward, {forward['batch']} sequences | "
-        f"{forward['one device']['run_s'] * 1e3:.1f} ms | {forward['mesh']['run_s'] * 1e3:.1f} ms | "
-        f"{forward['one device']['run_s'] / forward['mesh']['run_s']:.2f}× | "
-        f"{forward['mesh']['max_abs_diff']:.1e} |",
-        f"| training, scanned chunks | {train['one device']['scan_steps_per_s']:.0f} steps/s | "
-        f"{train['mesh']['scan_steps_per_s']:.0f} steps/s | "
-        f"{train['mesh']['scan_steps_per_s'] / train['one device']['scan_steps_per_s']:.2f}× | |",
-    ])
+    return "\n".join(
+        [
+            f"## W6 — several devices (mesh {mesh}; on a CPU, host devices)",
+            "",
+            "| workload | one device | mesh | speed-up | max diff |",
+            "|---|---|---|---|---|",
+            f"| scanned forward, {forward['batch']} sequences | {one_s * 1e3:.1f} ms | "
+            f"{mesh_s * 1e3:.1f} ms | {one_s / mesh_s:.2f}× | "
+            f"{forward['mesh']['max_abs_diff']:.1e} |",
+            f"| training, scanned chunks | {one_rate:.0f} steps/s | {mesh_rate:.0f} steps/s | "
+            f"{mesh_rate / one_rate:.2f}× | |",
+        ]
+    )
 
 
 def _by_shape(results: dict) -> dict[tuple[int, int, int], list[dict]]:
@@ -219,11 +305,14 @@ def _plot_recurrence(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(peers)
     for i, peer in enumerate(peers):
-        values = [next((t["median_s"] * 1e3 for t in ts if t["peer"] == peer), np.nan)
-                  for ts in grouped.values()]
+        values = [
+            next((t["median_s"] * 1e3 for t in ts if t["peer"] == peer), np.nan)
+            for ts in grouped.values()
+        ]
         ax.bar(np.arange(len(grouped)) + i * width, values, width, label=peer)
-    ax.set_xticks(np.arange(len(grouped)) + 0.4 - width / 2,
-                  [f"B={b} H={h} T={t}" for b, h, t in grouped])
+    ax.set_xticks(
+        np.arange(len(grouped)) + 0.4 - width / 2, [f"B={b} H={h} T={t}" for b, h, t in grouped]
+    )
     ax.set(yscale="log", ylabel="median ms (log)", title="h ← tanh(h @ W): time per call")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)

@@ -16,7 +16,8 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
 
     on_progress("W1 seed-function call latency")
     results["latency"] = recurrence.call_latency(
-        *(16, 50) if quick else (64, 1000), repeats=5 if quick else 50)._asdict()
+        *(16, 50) if quick else (64, 1000), repeats=5 if quick else 50
+    )._asdict()
 
     on_progress("machine limit: matmul FLOP/s")
     results["matmul_flops"] = recurrence.matmul_rate(256 if quick else 2048)
@@ -24,22 +25,25 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
     results["recurrence"] = []
     for shape in recurrence.QUICK_SHAPES if quick else recurrence.SHAPES:
         on_progress(f"W2 recurrence B={shape.B} H={shape.H} T={shape.T}")
-        for timing in recurrence.measure(shape, n_devices, repeats=2 if quick else 5,
-                                         budget_s=0.1 if quick else 2.0):
+        for timing in recurrence.measure(
+            shape, n_devices, repeats=2 if quick else 5, budget_s=0.1 if quick else 2.0
+        ):
             results["recurrence"].append(timing._asdict() | {"shape": shape._asdict()})
 
     results["layers"], results["remat"] = [], []
     for n_layers in (2, 4) if quick else (4, 8, 16, 32, 64):
         on_progress(f"W3 scan vs loop over {n_layers} layers")
         dims = dict(d_model=32, seq=16) if quick else {}
-        point = layers.measure(n_layers, repeats=2 if quick else 5, compiles=1 if quick else 3,
-                               **dims)
+        point = layers.measure(
+            n_layers, repeats=2 if quick else 5, compiles=1 if quick else 3, **dims
+        )
         results["layers"].append(point._asdict())
         results["remat"].append(layers.measure_remat(n_layers, **dims)._asdict())
 
     results["training"] = {}
-    small = TrainConfig(steps=300, batch_size=1, d_model=16, n_layers=1, n_heads=2,
-                        n_kv_heads=1, mlp_dim=32)
+    small = TrainConfig(
+        steps=300, batch_size=1, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=32
+    )
     models = {"dispatch-bound model": small}
     if not quick:
         models = {"default tiny model": TrainConfig()} | models
@@ -47,7 +51,8 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         on_progress(f"W4 training: {name}")
         steps = 20 if quick else 200
         results["training"][name] = training.measure(
-            config, steps=steps, repeats=1 if quick else 3)._asdict()
+            config, steps=steps, repeats=1 if quick else 3
+        )._asdict()
 
     results["sharding"] = []
     if n_devices > 1:
@@ -57,8 +62,11 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         single = layers.measure_sharded(4 if quick else 16, sharding.make_mesh("data=1"), **dims)
         sharded = layers.measure_sharded(4 if quick else 16, mesh, **dims)
         steps = 20 if quick else 200
-        config = (TrainConfig(steps=200, batch_size=8, d_model=32, n_layers=1, mlp_dim=64)
-                  if quick else TrainConfig())
+        config = (
+            TrainConfig(steps=200, batch_size=8, d_model=32, n_layers=1, mlp_dim=64)
+            if quick
+            else TrainConfig()
+        )
         results["sharding"] = {
             "forward": {"one device": single._asdict(), "mesh": sharded._asdict(), **dims},
             "training": {

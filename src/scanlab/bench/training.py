@@ -19,8 +19,9 @@ class TrainingPoint(NamedTuple):
     loop_compile_s: float
 
 
-def measure(config: TrainConfig | None = None, steps: int = 200, repeats: int = 3,
-            mesh: Mesh | None = None) -> TrainingPoint:
+def measure(
+    config: TrainConfig | None = None, steps: int = 200, repeats: int = 3, mesh: Mesh | None = None
+) -> TrainingPoint:
     """Median steps/s of `steps` steps, each way, on the default (tiny) training model."""
     config = config or TrainConfig(steps=max(steps, 200))
     runs = {}

@@ -16,7 +16,22 @@ from scanlab.decoder.params import (
 )
 
 __all__ = [
-    "PRESETS", "Attention", "CheckpointError", "DecoderBlock", "DecoderConfig", "DecoderParams",
-    "Generation", "decoder_block", "forward", "forward_loop", "generate", "init_params",
-    "load_checkpoint", "param_count", "preset", "save_checkpoint", "stack", "unstack",
+    "PRESETS",
+    "Attention",
+    "CheckpointError",
+    "DecoderBlock",
+    "DecoderConfig",
+    "DecoderParams",
+    "Generation",
+    "decoder_block",
+    "forward",
+    "forward_loop",
+    "generate",
+    "init_params",
+    "load_checkpoint",
+    "param_count",
+    "preset",
+    "save_checkpoint",
+    "stack",
+    "unstack",
 ]

@@ -225,7 +225,8 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
     dtype = jnp.dtype(dtype or embed.dtype)
     leaves = []
     for tensor, torch_shape, stacked_shape in zip(
-        _LAYER_TENSORS, _torch_shapes(config),
+        _LAYER_TENSORS,
+        _torch_shapes(config),
         jax.tree.leaves(stacked_shapes(config), is_leaf=lambda s: isinstance(s[0], int)),
         strict=True,
     ):
@@ -235,9 +236,11 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
             stacked = _set_layer(stacked, i, layer)
         leaves.append(stacked)
     blocks = jax.tree.structure(stacked_shapes(config), is_leaf=lambda s: isinstance(s[0], int))
-    lm_head = None if config.tie_embeddings else reader.read(
-        LM_HEAD, (config.vocab_size, config.d_model)
-    ).T.astype(dtype)
+    lm_head = (
+        None
+        if config.tie_embeddings
+        else reader.read(LM_HEAD, (config.vocab_size, config.d_model)).T.astype(dtype)
+    )
     params = DecoderParams(
         embed=embed.astype(dtype),
         blocks=blocks.unflatten(leaves),
@@ -299,6 +302,9 @@ def _write_shards(directory: Path, config: DecoderConfig, params: DecoderParams)
 
 def _save(directory: Path, filename: str, tensors: dict, weight_map: dict) -> None:
     # safetensors wants contiguous row-major data: materialise each transposed view.
-    save_file({k: jnp.array(v, copy=True) for k, v in tensors.items()}, directory / filename,
-              metadata={"format": "pt"})
+    save_file(
+        {k: jnp.array(v, copy=True) for k, v in tensors.items()},
+        directory / filename,
+        metadata={"format": "pt"},
+    )
     weight_map.update(dict.fromkeys(tensors, filename))

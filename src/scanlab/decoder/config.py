@@ -40,8 +40,16 @@ class DecoderConfig:
     dropout_rate: float = 0.0
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim",
-                     "mlp_dim", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "n_layers",
+            "d_model",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "mlp_dim",
+            "max_seq_len",
+        ):
             checks.static_int(name, getattr(self, name), minimum=1)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
@@ -66,17 +74,38 @@ class DecoderConfig:
 
 PRESETS: dict[str, DecoderConfig] = {
     "tiny": DecoderConfig(
-        vocab_size=64, n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16,
-        mlp_dim=128, max_seq_len=128,
+        vocab_size=64,
+        n_layers=4,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        mlp_dim=128,
+        max_seq_len=128,
     ),
     # The blog's shapes: 32 layers of width 4096, 32 heads of 128, MLP 11008.
     "llama2-7b": DecoderConfig(
-        vocab_size=32_000, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, head_dim=128,
-        mlp_dim=11_008, max_seq_len=4096, norm_eps=1e-5,
+        vocab_size=32_000,
+        n_layers=32,
+        d_model=4096,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        mlp_dim=11_008,
+        max_seq_len=4096,
+        norm_eps=1e-5,
     ),
     "llama3-8b": DecoderConfig(
-        vocab_size=128_256, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, head_dim=128,
-        mlp_dim=14_336, rope_theta=500_000.0, max_seq_len=8192, norm_eps=1e-5,
+        vocab_size=128_256,
+        n_layers=32,
+        d_model=4096,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        mlp_dim=14_336,
+        rope_theta=500_000.0,
+        max_seq_len=8192,
+        norm_eps=1e-5,
     ),
 }
 

@@ -45,7 +45,11 @@ def run_layers_cached(
     def inner(seq, layer):
         block, layer_cache = layer
         seq, layer_cache = decoder_block(
-            block, seq, mask_BxSxT, config=config, positions_BxS=positions_BxS,
+            block,
+            seq,
+            mask_BxSxT,
+            config=config,
+            positions_BxS=positions_BxS,
             cache=layer_cache,
         )
         return seq, layer_cache
@@ -63,9 +67,7 @@ def _sample(logits_BxV, key, temperature: float, top_k: int | None) -> jax.Array
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k")
-)
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k"))
 def _generate(params, prompt_BxS, key, *, config, max_new_tokens, temperature, top_k):
     batch, prompt_length = prompt_BxS.shape
     cache = init_cache(config, batch, prompt_length + max_new_tokens, params.embed.dtype)
@@ -140,6 +142,11 @@ def generate(
             raise ValueError(f"top_k must be <= vocab_size={config.vocab_size}, got {top_k}")
     check_params(params, config)
     return _generate(
-        params, prompt_BxS.astype(jnp.int32), key if temperature > 0 else None, config=config,
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+        params,
+        prompt_BxS.astype(jnp.int32),
+        key if temperature > 0 else None,
+        config=config,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=top_k,
     )

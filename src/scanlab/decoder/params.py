@@ -50,7 +50,13 @@ class DecoderParams(NamedTuple):
 
 def layer_shapes(config: DecoderConfig) -> DecoderBlock:
     """The shape of each block leaf for one layer (as seen inside the layer scan)."""
-    D, R, K, Dh, F = config.d_model, config.n_rep, config.n_kv_heads, config.head_dim, config.mlp_dim
+    D, R, K, Dh, F = (
+        config.d_model,
+        config.n_rep,
+        config.n_kv_heads,
+        config.head_dim,
+        config.mlp_dim,
+    )
     return DecoderBlock(
         input_norm=(D,),
         attention=Attention(
@@ -81,7 +87,10 @@ def _init_scales(config: DecoderConfig) -> DecoderParams:
         blocks=DecoderBlock(
             input_norm=None,
             attention=Attention(D**-0.5, D**-0.5, D**-0.5, attention_width**-0.5),
-            post_attn_norm=None, gate_proj=D**-0.5, up_proj=D**-0.5, down_proj=F**-0.5,
+            post_attn_norm=None,
+            gate_proj=D**-0.5,
+            up_proj=D**-0.5,
+            down_proj=F**-0.5,
         ),
         final_norm=None,
         lm_head=None if config.tie_embeddings else D**-0.5,
@@ -104,10 +113,12 @@ def init_params(config: DecoderConfig, key: jax.Array, dtype=jnp.float32) -> Dec
     scales = treedef.flatten_up_to(_init_scales(config))
     sizes = [math.prod(shape) for shape in leaves]
     normals = jnp.split(jax.random.normal(key, (sum(sizes),), dtype), np.cumsum(sizes)[:-1])
-    return treedef.unflatten([
-        jnp.ones(shape, dtype) if scale is None else (normal * scale).reshape(shape)
-        for shape, scale, normal in zip(leaves, scales, normals, strict=True)
-    ])
+    return treedef.unflatten(
+        [
+            jnp.ones(shape, dtype) if scale is None else (normal * scale).reshape(shape)
+            for shape, scale, normal in zip(leaves, scales, normals, strict=True)
+        ]
+    )
 
 
 def stack(layers: list[DecoderBlock]) -> DecoderBlock:

@@ -12,14 +12,14 @@ from scanlab.train.tasks import task_by_name
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Attributes:
-      task: a name from `scanlab.train.TASKS`.
-      steps: total optimizer steps; the learning-rate schedule spans them.
-      chunk_steps: K, steps per scanned (compiled) call; the progress and checkpoint granularity.
-      batch_size: examples per step, drawn on the device from the step's key.
-      learning_rate: peak AdamW rate, reached after `warmup_steps`, then cosine decay to 10%.
-      weight_decay, clip_norm: AdamW decay and global gradient-norm clipping.
-      n_layers, d_model, n_heads, n_kv_heads, mlp_dim: the decoder's shape.
-      seed: the run's PRNG seed: parameters, batches and evaluation all derive from it.
+    task: a name from `scanlab.train.TASKS`.
+    steps: total optimizer steps; the learning-rate schedule spans them.
+    chunk_steps: K, steps per scanned (compiled) call; the progress and checkpoint granularity.
+    batch_size: examples per step, drawn on the device from the step's key.
+    learning_rate: peak AdamW rate, reached after `warmup_steps`, then cosine decay to 10%.
+    weight_decay, clip_norm: AdamW decay and global gradient-norm clipping.
+    n_layers, d_model, n_heads, n_kv_heads, mlp_dim: the decoder's shape.
+    seed: the run's PRNG seed: parameters, batches and evaluation all derive from it.
     """
 
     task: str = "reverse"
@@ -44,9 +44,7 @@ class TrainConfig:
         checks.static_int("batch_size", self.batch_size, minimum=1)
         checks.static_int("warmup_steps", self.warmup_steps, minimum=0)
         if self.warmup_steps >= self.steps:
-            raise ValueError(
-                f"warmup_steps must be < steps={self.steps}, got {self.warmup_steps}"
-            )
+            raise ValueError(f"warmup_steps must be < steps={self.steps}, got {self.warmup_steps}")
         checks.seed_key(self.seed)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
@@ -55,9 +53,13 @@ class TrainConfig:
     def model(self) -> DecoderConfig:
         task = task_by_name(self.task)
         return DecoderConfig(
-            vocab_size=task.vocab_size, n_layers=self.n_layers, d_model=self.d_model,
-            n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-            head_dim=self.d_model // self.n_heads, mlp_dim=self.mlp_dim,
+            vocab_size=task.vocab_size,
+            n_layers=self.n_layers,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            head_dim=self.d_model // self.n_heads,
+            mlp_dim=self.mlp_dim,
             max_seq_len=task.length,
         )
 

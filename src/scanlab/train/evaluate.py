@@ -25,14 +25,16 @@ def predict(params: DecoderParams, config: TrainConfig, tokens_BxL: jax.Array) -
     """(B, P + T) examples -> (B, T) greedy predictions from the prompts."""
     task = task_by_name(config.task)
     prompts = tokens_BxL[:, : task.prompt_length]
-    return generate(params, config.model, prompts, task.target_length).tokens[:, task.prompt_length:]
+    return generate(params, config.model, prompts, task.target_length).tokens[
+        :, task.prompt_length :
+    ]
 
 
 def accuracy(params: DecoderParams, config: TrainConfig, n: int = 512) -> float:
     """Exact-match accuracy on n held-out examples: every target token right."""
     tokens = eval_tokens(config, n)
     task = task_by_name(config.task)
-    correct = jnp.all(predict(params, config, tokens) == tokens[:, task.prompt_length:], axis=1)
+    correct = jnp.all(predict(params, config, tokens) == tokens[:, task.prompt_length :], axis=1)
     return float(correct.mean())
 
 

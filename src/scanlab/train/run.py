@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-
 from jax.sharding import Mesh
 
 from scanlab.train.config import TrainConfig
@@ -116,7 +115,9 @@ def _starting_point(config, manager, resume: bool, mesh) -> tuple[TrainState, li
             )
         return init_state(config, mesh), []
     if latest is None:
-        raise ValueError(f"checkpoint_dir {manager.directory} holds no complete checkpoint to resume")
+        raise ValueError(
+            f"checkpoint_dir {manager.directory} holds no complete checkpoint to resume"
+        )
     saved = manager.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     _check_same_config(saved.config, config, manager.directory)
     return _restore(manager, latest, config, mesh)
@@ -127,11 +128,16 @@ def _restore(manager, step: int, config: TrainConfig, mesh) -> tuple[TrainState,
     if mesh is not None:  # restore each array straight into its layout on this mesh
         target = jax.tree.map(
             lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-            target, state_shardings(config, mesh),
+            target,
+            state_shardings(config, mesh),
         )
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore(),
-    ))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            history=ocp.args.JsonRestore(),
+        ),
+    )
     # Orbax hands back plain containers in places: rebuild the exact NamedTuple structure.
     state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored.state))
     return state, list(restored.history)
@@ -140,18 +146,22 @@ def _restore(manager, step: int, config: TrainConfig, mesh) -> tuple[TrainState,
 def _save(manager, step: int, config: TrainConfig, state: TrainState, history: list[float]):
     # A copy: the save runs asynchronously, and the next chunk donates (overwrites) `state`.
     snapshot = jax.tree.map(jnp.copy, state)
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(snapshot),
-        history=ocp.args.JsonSave(history),
-        config=ocp.args.JsonSave(config.to_dict()),
-    ))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(snapshot),
+            history=ocp.args.JsonSave(history),
+            config=ocp.args.JsonSave(config.to_dict()),
+        ),
+    )
 
 
 def _check_same_config(saved: dict, config: TrainConfig, directory) -> None:
     current = config.to_dict()
     differences = [
         f"{name}={saved.get(name)!r} there, {value!r} here"
-        for name, value in current.items() if saved.get(name) != value
+        for name, value in current.items()
+        if saved.get(name) != value
     ]
     if differences:
         raise ValueError(

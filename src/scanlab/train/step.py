@@ -8,7 +8,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scanlab import sharding
@@ -27,8 +26,11 @@ class TrainState(NamedTuple):
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=config.steps, end_value=config.learning_rate * 0.1,
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=config.steps,
+        end_value=config.learning_rate * 0.1,
     )
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
@@ -48,7 +50,10 @@ def state_shardings(config: TrainConfig, mesh: Mesh) -> TrainState:
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = jax.eval_shape(lambda: _init_state(config))
     opt_state = optax.tree_utils.tree_map_params(
-        optimizer(config), lambda _, param_sharding: param_sharding, abstract.opt_state, params,
+        optimizer(config),
+        lambda _, param_sharding: param_sharding,
+        abstract.opt_state,
+        params,
         transform_non_params=lambda _: replicated,
     )
     return TrainState(params, opt_state, replicated, replicated)
@@ -70,14 +75,15 @@ def init_state(config: TrainConfig, mesh: Mesh | None = None) -> TrainState:
 def target_loss(params: DecoderParams, tokens_BxL: jax.Array, task: Task, config: TrainConfig):
     """Mean next-token cross-entropy over the T target positions of each example."""
     logits_BxLxV = forward(params, tokens_BxL[:, :-1], config.model)
-    targets_BxT = tokens_BxL[:, task.prompt_length:]
+    targets_BxT = tokens_BxL[:, task.prompt_length :]
     # Position P-1+t predicts target t.
-    logits_BxTxV = logits_BxLxV[:, task.prompt_length - 1:]
+    logits_BxTxV = logits_BxLxV[:, task.prompt_length - 1 :]
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
 
 
-def train_step(state: TrainState, config: TrainConfig,
-               mesh: Mesh | None = None) -> tuple[TrainState, jax.Array]:
+def train_step(
+    state: TrainState, config: TrainConfig, mesh: Mesh | None = None
+) -> tuple[TrainState, jax.Array]:
     """One AdamW step on a batch drawn from the state's key; returns (new state, loss).
 
     On a mesh the batch, drawn whole from one key, is split over "data" right away.
@@ -87,7 +93,8 @@ def train_step(state: TrainState, config: TrainConfig,
     tokens = task.sample(batch_key, config.batch_size)
     if mesh is not None:
         tokens = jax.lax.with_sharding_constraint(
-            tokens, NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS, None)))
+            tokens, NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS, None))
+        )
     loss, grads = jax.value_and_grad(target_loss)(state.params, tokens, task, config)
     updates, opt_state = optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

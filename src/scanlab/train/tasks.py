@@ -41,7 +41,7 @@ def _sample_reverse(key: jax.Array, batch: int) -> jax.Array:
 
 def _describe_reverse(tokens) -> tuple[str, str]:
     digits = "".join(str(int(t)) for t in tokens[:REVERSE_LENGTH])
-    return f"reverse {digits}", "".join(str(int(t)) for t in tokens[REVERSE_LENGTH + 1:])
+    return f"reverse {digits}", "".join(str(int(t)) for t in tokens[REVERSE_LENGTH + 1 :])
 
 
 # --- addition: a + b with D digits each, the sum written least significant digit first -----------
@@ -61,23 +61,34 @@ def _sample_add(key: jax.Array, batch: int) -> jax.Array:
     b_B = jax.random.randint(b_key, (batch,), 0, 10**ADD_DIGITS, jnp.int32)
     # The sum least significant digit first: each output digit depends on digits already seen.
     sum_lsb_first = _digits_msb_first(a_B + b_B, ADD_DIGITS + 1)[:, ::-1]
-    return jnp.concatenate([
-        _digits_msb_first(a_B, ADD_DIGITS), jnp.full((batch, 1), ADD_PLUS, jnp.int32),
-        _digits_msb_first(b_B, ADD_DIGITS), jnp.full((batch, 1), ADD_EQUALS, jnp.int32),
-        sum_lsb_first,
-    ], axis=1)
+    return jnp.concatenate(
+        [
+            _digits_msb_first(a_B, ADD_DIGITS),
+            jnp.full((batch, 1), ADD_PLUS, jnp.int32),
+            _digits_msb_first(b_B, ADD_DIGITS),
+            jnp.full((batch, 1), ADD_EQUALS, jnp.int32),
+            sum_lsb_first,
+        ],
+        axis=1,
+    )
 
 
 def _describe_add(tokens) -> tuple[str, str]:
     a = "".join(str(int(t)) for t in tokens[:ADD_DIGITS])
-    b = "".join(str(int(t)) for t in tokens[ADD_DIGITS + 1: 2 * ADD_DIGITS + 1])
-    answer = "".join(str(int(t)) for t in tokens[2 * ADD_DIGITS + 2:])[::-1]
+    b = "".join(str(int(t)) for t in tokens[ADD_DIGITS + 1 : 2 * ADD_DIGITS + 1])
+    answer = "".join(str(int(t)) for t in tokens[2 * ADD_DIGITS + 2 :])[::-1]
     return f"{a} + {b}", answer
 
 
 TASKS: dict[str, Task] = {
-    "reverse": Task("reverse", REVERSE_DIGITS + 1, REVERSE_LENGTH + 1, REVERSE_LENGTH,
-                    _sample_reverse, _describe_reverse),
+    "reverse": Task(
+        "reverse",
+        REVERSE_DIGITS + 1,
+        REVERSE_LENGTH + 1,
+        REVERSE_LENGTH,
+        _sample_reverse,
+        _describe_reverse,
+    ),
     "add": Task("add", 12, 2 * ADD_DIGITS + 2, ADD_DIGITS + 1, _sample_add, _describe_add),
 }
 
