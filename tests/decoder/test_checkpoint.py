@@ -135,6 +135,27 @@ def test_greedy_generation_matches_transformers(tmp_path):
     np.testing.assert_array_equal(generate(params, config, prompt, 12).tokens, expected)
 
 
+def test_left_padded_batch_matches_transformers(tmp_path):
+    model = hf_model(**HF_CONFIGS["gqa"])
+    model.save_pretrained(tmp_path)
+    config, params = load_checkpoint(tmp_path)
+    prompt = TOKENS[:, :6].copy()
+    mask = np.ones(prompt.shape, np.int64)
+    mask[0, :2] = 0  # row 0 is a 4-token prompt, left-padded
+    prompt[0, :2] = 0
+    with torch.no_grad():
+        expected = model.generate(
+            torch.tensor(prompt),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()
+    ours = generate(params, config, prompt, 10, prompt_mask_BxS=mask.astype(bool))
+    np.testing.assert_array_equal(ours.tokens, expected)
+
+
 def test_other_architecture_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})

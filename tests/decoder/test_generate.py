@@ -74,3 +74,29 @@ def test_bad_arguments(params, prompt, kwargs, match):
     args = dict(prompt=prompt, max_new_tokens=4) | kwargs
     with pytest.raises((ValueError, TypeError), match=match):
         generate(params, CONFIG, args.pop("prompt"), args.pop("max_new_tokens"), **args)
+
+
+def test_left_padded_prompts_decode_as_they_would_alone(params):
+    short = jnp.array([[7, 8, 9]])
+    long = jnp.array([[1, 2, 3, 4, 5, 6]])
+    padded = jnp.concatenate([jnp.concatenate([jnp.zeros((1, 3), jnp.int32), short], 1), long])
+    mask = np.array([[False] * 3 + [True] * 3, [True] * 6])
+    batched = generate(params, CONFIG, padded, 8, prompt_mask_BxS=mask)
+    alone = generate(params, CONFIG, short, 8)
+    np.testing.assert_array_equal(batched.tokens[0, 6:], alone.tokens[0, 3:])
+    # Rotary angles shifted by the padding: equal up to float32 rounding of the phases.
+    np.testing.assert_allclose(batched.logits[0], alone.logits[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(batched.tokens[1], generate(params, CONFIG, long, 8).tokens[0])
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        (np.ones((3, 4), bool), r"prompt_mask must have the prompt's shape \(3, 5\), got \(3, 4\)"),
+        (np.array([[True] * 4 + [False]] * 3), "prompt_mask must pad on the left"),
+        (np.array([[True, False, True, True, True]] * 3), "prompt_mask must pad on the left"),
+    ],
+)
+def test_bad_prompt_mask(params, prompt, mask, match):
+    with pytest.raises(ValueError, match=match):
+        generate(params, CONFIG, prompt, 4, prompt_mask_BxS=mask)

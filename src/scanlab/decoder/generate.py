@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scanlab import checks
 from scanlab.decoder.config import DecoderConfig
@@ -35,12 +36,17 @@ def run_layers_cached(
     cache: LayerCache,
     seq_BxSxD: jax.Array,
     positions_BxS: jax.Array,
+    filled_BxT: jax.Array,
     config: DecoderConfig,
 ) -> tuple[jax.Array, LayerCache]:
-    """The layer scan for decoding: xs are (layer params, layer cache), ys the updated caches."""
+    """The layer scan for decoding: xs are (layer params, layer cache), ys the updated caches.
+
+    The S new tokens go to cache slots `positions`; `filled` is False for padding slots.
+    """
     cache_length = cache.k.shape[2]
-    # Query at position p sees every cache slot <= p; later slots are empty or stale.
-    mask_BxSxT = jnp.arange(cache_length)[None, None, :] <= positions_BxS[:, :, None]
+    # Query at slot p sees every non-padding slot <= p; later slots are empty or stale.
+    causal_BxSxT = jnp.arange(cache_length)[None, None, :] <= positions_BxS[:, :, None]
+    mask_BxSxT = causal_BxSxT & filled_BxT[:, None, :]
 
     def inner(seq, layer):
         block, layer_cache = layer
@@ -68,12 +74,17 @@ def _sample(logits_BxV, key, temperature: float, top_k: int | None) -> jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k"))
-def _generate(params, prompt_BxS, key, *, config, max_new_tokens, temperature, top_k):
+def _generate(
+    params, prompt_BxS, prompt_mask_BxS, key, *, config, max_new_tokens, temperature, top_k
+):
     batch, prompt_length = prompt_BxS.shape
     cache = init_cache(config, batch, prompt_length + max_new_tokens, params.embed.dtype)
+    # Rotary positions are the slots: a left-padded row is shifted as a whole, and attention
+    # scores depend only on position differences, so it decodes as it would unpadded.
     positions_BxS = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
+    filled_BxT = jnp.concatenate([prompt_mask_BxS, jnp.ones((batch, max_new_tokens), bool)], 1)
     seq, cache = run_layers_cached(
-        params.blocks, cache, embed(params, prompt_BxS), positions_BxS, config
+        params.blocks, cache, embed(params, prompt_BxS), positions_BxS, filled_BxT, config
     )
     first_logits_BxV = unembed(params, seq[:, -1:], config)[:, 0]
     key, subkey = split_key_nullable(key)
@@ -83,7 +94,7 @@ def _generate(params, prompt_BxS, key, *, config, max_new_tokens, temperature, t
         cache, token_B, key = state
         positions_Bx1 = jnp.full((batch, 1), position)
         seq, cache = run_layers_cached(
-            params.blocks, cache, embed(params, token_B[:, None]), positions_Bx1, config
+            params.blocks, cache, embed(params, token_B[:, None]), positions_Bx1, filled_BxT, config
         )
         logits_BxV = unembed(params, seq, config)[:, 0]
         key, subkey = split_key_nullable(key)
@@ -107,17 +118,20 @@ def generate(
     key: jax.Array | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
+    prompt_mask_BxS=None,
 ) -> Generation:
     """Continues each prompt row by `max_new_tokens` tokens.
 
     Args:
       params: DecoderParams (stacked blocks).
       config: the model's DecoderConfig.
-      prompt_BxS: int token ids, one equal-length prompt per row.
+      prompt_BxS: int token ids, one prompt per row; shorter prompts left-padded (any id).
       max_new_tokens: N >= 1 new tokens per row; S + N <= config.max_seq_len.
       key: PRNG key, required when sampling (temperature > 0).
       temperature: 0 for greedy decoding, > 0 to sample from softmax(logits / temperature).
       top_k: sample only among the k most likely tokens.
+      prompt_mask_BxS: True for real prompt tokens, False for the left padding of shorter
+        prompts (as transformers' attention_mask); default: no padding.
     """
     prompt_BxS = jnp.asarray(prompt_BxS)
     if prompt_BxS.ndim != 2 or not jnp.issubdtype(prompt_BxS.dtype, jnp.integer):
@@ -140,13 +154,30 @@ def generate(
         top_k = checks.static_int("top_k", top_k, minimum=1)
         if top_k > config.vocab_size:
             raise ValueError(f"top_k must be <= vocab_size={config.vocab_size}, got {top_k}")
+    prompt_mask_BxS = _checked_prompt_mask(prompt_mask_BxS, prompt_BxS.shape)
     check_params(params, config)
     return _generate(
         params,
         prompt_BxS.astype(jnp.int32),
+        prompt_mask_BxS,
         key if temperature > 0 else None,
         config=config,
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
         top_k=top_k,
     )
+
+
+def _checked_prompt_mask(prompt_mask_BxS, shape: tuple[int, int]) -> jax.Array:
+    """The mask as bool (B, S); it must pad on the left and leave each row a real token."""
+    if prompt_mask_BxS is None:
+        return jnp.ones(shape, bool)
+    mask = np.asarray(prompt_mask_BxS).astype(bool)
+    if mask.shape != shape:
+        raise ValueError(f"prompt_mask must have the prompt's shape {shape}, got {mask.shape}")
+    if not mask[:, -1].all() or (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+        raise ValueError(
+            "prompt_mask must pad on the left (False before True in each row, the last token "
+            "real), got a row with padding after a real token"
+        )
+    return jnp.asarray(mask)
