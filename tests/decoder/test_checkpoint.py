@@ -51,6 +51,15 @@ def hf_logits(model, tokens):
         return model(torch.tensor(np.asarray(tokens))).logits.numpy()
 
 
+def assert_same_logits(model, params, config, tokens):
+    np.testing.assert_allclose(
+        forward(params, jnp.asarray(tokens), config),
+        hf_logits(model, tokens),
+        atol=LOGITS_ATOL,
+        rtol=0,
+    )
+
+
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 11))
 
 
@@ -60,12 +69,7 @@ def test_logits_match_transformers(tmp_path, name):
     model.save_pretrained(tmp_path)
     config, params = load_checkpoint(tmp_path)
     assert config.n_kv_heads == model.config.num_key_value_heads
-    np.testing.assert_allclose(
-        forward(params, jnp.asarray(TOKENS), config),
-        hf_logits(model, TOKENS),
-        atol=LOGITS_ATOL,
-        rtol=0,
-    )
+    assert_same_logits(model, params, config, TOKENS)
 
 
 def test_sharded_checkpoint_loads(tmp_path):
@@ -73,12 +77,7 @@ def test_sharded_checkpoint_loads(tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     config, params = load_checkpoint(tmp_path)
-    np.testing.assert_allclose(
-        forward(params, jnp.asarray(TOKENS), config),
-        hf_logits(model, TOKENS),
-        atol=LOGITS_ATOL,
-        rtol=0,
-    )
+    assert_same_logits(model, params, config, TOKENS)
 
 
 def test_older_config_form_with_top_level_rope_theta(tmp_path):
@@ -90,12 +89,7 @@ def test_older_config_form_with_top_level_rope_theta(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     config, params = load_checkpoint(tmp_path)
     assert config.rope_theta == 1234.0
-    np.testing.assert_allclose(
-        forward(params, jnp.asarray(TOKENS), config),
-        hf_logits(model, TOKENS),
-        atol=LOGITS_ATOL,
-        rtol=0,
-    )
+    assert_same_logits(model, params, config, TOKENS)
 
 
 @pytest.mark.parametrize("name", ["gqa", "mqa-tied"])
@@ -107,12 +101,7 @@ def test_round_trip_through_transformers(tmp_path, name):
     save_checkpoint(tmp_path / "ckpt", config, params)
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     tokens = TOKENS % config.vocab_size
-    np.testing.assert_allclose(
-        hf_logits(model, tokens),
-        forward(params, jnp.asarray(tokens), config),
-        atol=LOGITS_ATOL,
-        rtol=0,
-    )
+    assert_same_logits(model, params, config, tokens)
     config_again, params_again = load_checkpoint(tmp_path / "ckpt")
     assert config_again == config
     jax.tree.map(np.testing.assert_array_equal, params_again, params)

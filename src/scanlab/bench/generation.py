@@ -55,20 +55,23 @@ def measure(
     config = block_config(n_layers, d_model, prompt + new_tokens)
     params = init_params(config, jax.random.PRNGKey(0))
     prompt_BxS = jax.random.randint(jax.random.PRNGKey(1), (batch, prompt), 0, config.vocab_size)
-    cached = time_call(lambda: generate(params, config, prompt_BxS, new_tokens).tokens, repeats)
-    recompute = time_call(
-        lambda: generate_by_recomputation(
+
+    def cached():
+        return generate(params, config, prompt_BxS, new_tokens).tokens
+
+    def recompute():
+        return generate_by_recomputation(
             params, prompt_BxS, config=config, max_new_tokens=new_tokens
-        ),
-        repeats,
-    )
-    same = bool(
-        jnp.array_equal(
-            generate(params, config, prompt_BxS, new_tokens).tokens,
-            generate_by_recomputation(params, prompt_BxS, config=config, max_new_tokens=new_tokens),
         )
-    )
+
+    cached_timing, recompute_timing = time_call(cached, repeats), time_call(recompute, repeats)
+    same = bool(jnp.array_equal(cached(), recompute()))
     tokens = batch * new_tokens
     return GenerationPoint(
-        batch, prompt, new_tokens, tokens / cached.median_s, tokens / recompute.median_s, same
+        batch,
+        prompt,
+        new_tokens,
+        tokens / cached_timing.median_s,
+        tokens / recompute_timing.median_s,
+        same,
     )

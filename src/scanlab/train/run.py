@@ -94,8 +94,7 @@ def load(checkpoint_dir: str | Path, mesh: Mesh | None = None) -> TrainResult:
         step = manager.latest_step()
         if step is None:
             raise ValueError(f"checkpoint_dir {checkpoint_dir} holds no complete checkpoint")
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        config = TrainConfig(**saved.config)
+        config = TrainConfig(**_saved_config(manager, step))
         state, history = _restore(manager, step, config, mesh)
     return TrainResult(config, state, np.asarray(history, np.float32))
 
@@ -118,9 +117,14 @@ def _starting_point(config, manager, resume: bool, mesh) -> tuple[TrainState, li
         raise ValueError(
             f"checkpoint_dir {manager.directory} holds no complete checkpoint to resume"
         )
-    saved = manager.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    _check_same_config(saved.config, config, manager.directory)
+    _check_same_config(_saved_config(manager, latest), config, manager.directory)
     return _restore(manager, latest, config, mesh)
+
+
+def _saved_config(manager, step: int) -> dict:
+    """The TrainConfig a checkpoint was written with, as a dict (read before the state, whose
+    shapes it decides)."""
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
 def _restore(manager, step: int, config: TrainConfig, mesh) -> tuple[TrainState, list[float]]:
