@@ -253,3 +253,58 @@ def _zero_length_result(f, init, xs):
     carry, _, y = _run_body(f, _canonical_tree(init), x, _weak_leaves(init))
     ys = tree_util.tree_map(lambda leaf: np.zeros((0, *leaf.shape), leaf.dtype), _canonical_tree(y))
     return carry, ys
+
+
+# --- twins of scanlab.loops ----------------------------------------------------------------------
+# `scanlab.loops.remat_scan` changes only what the backward pass stores: its twin is `scan` itself.
+
+
+def masked_scan(f, init, xs, lengths, length=None, reverse=False):
+    """Each row b alone: `scan(f, init[b], xs[:lengths[b], b], reverse=reverse)`.
+
+    Args:
+      init: pytree of (B, ...); xs: pytree of (T, B, ...) or None with `length`; lengths: (B,).
+
+    Returns:
+      (carries (B, ...), ys (T, B, ...)) with each row's ys zero past its length.
+    """
+    lengths = [int(n) for n in np.asarray(lengths)]
+    T = _scan_length(*_flatten_xs(xs)[:2], length)
+    rows = []
+    for b, n in enumerate(lengths):
+        init_b = tree_util.tree_map(lambda leaf, b=b: np.asarray(leaf)[b], init)
+        xs_b = tree_util.tree_map(lambda leaf, b=b, n=n: np.asarray(leaf)[:n, b], xs)
+        carry, ys = scan(f, init_b, xs_b, length=n, reverse=reverse)
+        padded = tree_util.tree_map(
+            lambda y: np.concatenate([y, np.zeros((T - y.shape[0], *y.shape[1:]), y.dtype)]), ys
+        )
+        rows.append((carry, padded))
+    carries = tree_util.tree_map(lambda *c: np.stack(c), *[carry for carry, _ in rows])
+    ys = tree_util.tree_map(lambda *y: np.stack(y, axis=1), *[ys for _, ys in rows])
+    return carries, ys
+
+
+def bounded_while(cond, body, init, max_steps: int):
+    """`while steps < max_steps and cond(carry): carry = body(carry)`; returns (carry, steps)."""
+    carry, steps = _canonical_tree(init), 0
+    while steps < max_steps and bool(cond(carry)):
+        new_carry = _canonical_tree(body(carry))
+        _check_same_structure(carry, new_carry)
+        if _describe("carry", carry) != _describe("carry", new_carry):
+            raise TypeError(
+                f"bounded_while body must keep the carry's shapes and dtypes: "
+                f"{_describe('carry', carry)} in, {_describe('carry', new_carry)} out"
+            )
+        carry, steps = new_carry, steps + 1
+    return carry, steps
+
+
+def linear_scan(a, b, h0=None):
+    """h_t = a_t * h_{t-1} + b_t for t = 0 … T-1 from h_{-1} = h0 (zeros if None); (T, ...)."""
+    a, b = _canonical_array(a), _canonical_array(b)
+    h = np.zeros(a.shape[1:], a.dtype) if h0 is None else _canonical_array(h0)
+    states = []
+    for a_t, b_t in zip(a, b, strict=True):
+        h = a_t * h + b_t
+        states.append(h)
+    return np.stack(states) if states else np.zeros(a.shape, a.dtype)
