@@ -133,7 +133,7 @@ def test_masked_scan_under_jit_with_traced_lengths():
 @pytest.mark.parametrize(
     ("lengths", "error", "match"),
     [
-        ([1, 2], ValueError, r"lengths must have shape \(B,\) = \(3,\), got shape \(2,\)"),
+        ([1, 2], ValueError, r"lengths must have shape \(3,\) \(one per row\), got shape \(2,\)"),
         ([1, 2, 5], ValueError, r"lengths must be in \[0, T\] = \[0, 4\], got lengths\[2\] = 5"),
         ([-1, 2, 3], ValueError, r"got lengths\[0\] = -1"),
         ([1.0, 2.0, 3.0], TypeError, "lengths must hold integers, got dtype float64"),

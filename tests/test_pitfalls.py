@@ -1,4 +1,8 @@
+import contextlib
+import io
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -40,3 +44,29 @@ def test_error_summary_joins_a_line_ending_in_a_colon():
     assert pitfalls.error_summary(TypeError("they differ:\n\nshapes do not match.\nmore")) == (
         "they differ: shapes do not match."
     )
+
+
+def test_debug_print_claims_forward_alone_prints_every_step_and_remat_replays_them():
+    def body(carry, x):
+        jax.debug.print("step")
+        return jnp.sin(carry) * x, None
+
+    def body_with_x(carry, x):
+        jax.debug.print("step {x}", x=x)
+        return jnp.sin(carry) * x, None
+
+    def printed(fn):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            fn()
+            jax.effects_barrier()
+        return out.getvalue().splitlines()
+
+    xs = jnp.arange(4.0)
+    assert printed(lambda: jax.lax.scan(body, 1.0, xs)) == ["step"] * 4
+    assert printed(lambda: jax.grad(lambda c: jax.lax.scan(body, c, xs)[0])(1.0)) == ["step"]
+    # Under jax.checkpoint the backward pass replays each step, in reverse: every line twice.
+    replayed = printed(
+        lambda: jax.grad(lambda c: jax.lax.scan(jax.checkpoint(body_with_x), c, xs)[0])(1.0)
+    )
+    assert replayed == [f"step {x}" for x in (0.0, 1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.0)]

@@ -209,3 +209,51 @@ def test_check_finite():
     ):
         lax_scan_in_module(0, x, 4, 3, check_finite=True)
     assert np.isnan(lax_scan_in_module(0, x * np.nan, 4, 3)).all()  # unchecked: NaN flows through
+
+
+@pytest.mark.parametrize("trajectory", [False, True])
+def test_seq_lengths_equal_running_each_row_alone(trajectory):
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    seq_lengths = np.array([[0, 5, 2], [9, 1, 9]])
+    out = lax_scan_in_module(0, x, 8, 9, trajectory=trajectory, seq_lengths=seq_lengths)
+    for index in np.ndindex(2, 3):
+        n = int(seq_lengths[index])
+        alone = lax_scan_in_module(0, x[index], 8, n, trajectory=trajectory)
+        if trajectory:
+            # Every state up to the row's length (tanh(x @ W) included), then zeros.
+            np.testing.assert_allclose(out[(slice(0, n + 1), *index)], alone, rtol=1e-6, atol=1e-6)
+            assert not np.asarray(out[(slice(n + 1, None), *index)]).any()
+        else:
+            np.testing.assert_allclose(out[index], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_seq_lengths_on_the_module_and_under_jit():
+    x = np.ones((3, 4), np.float32)
+    module = LaxScanModule(4, 6)
+    variables = module.init(jax.random.PRNGKey(0), x)
+    lengths = np.array([6, 0, 3])
+    out = jax.jit(module.apply)(variables, x, lengths)
+    for b, n in enumerate(lengths):
+        alone = LaxScanModule(4, int(n)).apply(variables, x[b])
+        np.testing.assert_allclose(out[b], alone, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "seq_lengths, error, match",
+    [
+        (
+            np.array([1, 2]),
+            ValueError,
+            r"seq_lengths must have shape \(3,\) \(one per row\), got shape \(2,\)",
+        ),
+        (
+            np.array([1, 2, 4]),
+            ValueError,
+            r"seq_lengths must be in \[0, T\] = \[0, 3\], got seq_lengths\[2\] = 4",
+        ),
+        (np.array([1.0, 2.0, 3.0]), TypeError, "seq_lengths must hold integers, got dtype float64"),
+    ],
+)
+def test_bad_seq_lengths_are_rejected(seq_lengths, error, match):
+    with pytest.raises(error, match=match):
+        lax_scan_in_module(0, np.ones((3, 4), np.float32), 4, 3, seq_lengths=seq_lengths)

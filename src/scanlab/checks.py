@@ -87,3 +87,26 @@ def all_finite(name: str, array: np.ndarray | jax.Array) -> None:
         raise ValueError(
             f"{name} must be finite, got {int(bad.sum())} NaN/Inf value(s), first at index {first}"
         )
+
+
+def lengths(
+    name: str, value: object, batch_shape: tuple[int, ...], T: int
+) -> np.ndarray | jax.Array:
+    """Checks per-row step counts: integers of shape `batch_shape`, each in [0, T] when concrete."""
+    array = value if isinstance(value, jax.Array) else np.asarray(value)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+    if array.shape != tuple(batch_shape):
+        raise ValueError(
+            f"{name} must have shape {tuple(batch_shape)} (one per row), got shape {array.shape}"
+        )
+    if not isinstance(array, jax.core.Tracer):
+        values = np.asarray(array)
+        bad = (values < 0) | (values > T)
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{name} must be in [0, T] = [0, {T}], got {name}[{', '.join(map(str, index))}] "
+                f"= {int(values[index])}"
+            )
+    return array

@@ -161,7 +161,7 @@ def masked_scan(
     """
     T = _scan_length(xs, length)
     B = _leading_size("init", init, 0)
-    lengths = _check_lengths(lengths, B, T)
+    lengths = jnp.asarray(checks.lengths("lengths", lengths, (B,), T), jnp.int32)
     x_step = _step_slice(_step_slice(xs, 0), 0)
     _traced_scan_body_check("masked_scan", f, _step_slice(init, 0), x_step)
 
@@ -186,25 +186,6 @@ def masked_scan(
         return carry, ys
 
     return jax.vmap(row, in_axes=(0, 1, 0), out_axes=(0, 1))(init, xs, lengths)
-
-
-def _check_lengths(lengths: Any, B: int | None, T: int) -> jax.Array:
-    """(B,) integer lengths in [0, T]; the range is checked when the values are concrete."""
-    if not isinstance(lengths, jax.Array):
-        lengths = np.asarray(lengths)
-    if lengths.dtype.kind not in "iu":
-        raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
-    if lengths.ndim != 1 or (B is not None and lengths.shape[0] != B):
-        raise ValueError(f"lengths must have shape (B,) = ({B},), got shape {lengths.shape}")
-    if not isinstance(lengths, jax.core.Tracer):
-        values = np.asarray(lengths)
-        bad = (values < 0) | (values > T)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise ValueError(
-                f"lengths must be in [0, T] = [0, {T}], got lengths[{row}] = {int(values[row])}"
-            )
-    return jnp.asarray(lengths, jnp.int32)
 
 
 # --- bounded_while -------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""The seed's three pitfalls of raw `lax.scan` inside a Flax module, and the blog's list pitfall.
+"""The classic pitfalls of `lax.scan`, each run for real: the seed's three inside a Flax module,
+the blog's list, and two of debugging inside a scan.
 
 Each `Pitfall` holds the wrong code and its fix as callables. `reproduce(pitfall)` runs both and
 returns the exception the wrong code really raises with today's JAX and Flax, and the fixed code's
-result, so what this module teaches is checked on every run rather than copied from old docs.
+result, so what this module teaches is checked on every run rather than copied from old docs. A
+pitfall that gives a silent wrong result instead of an error has wrong code that measures the
+symptom and raises `SilentWrongResult` with it: if JAX fixes the behaviour, the lesson fails.
 
 One lesson changed since the seed was written: Flax no longer raises a "context error" when
 `self.param` or `nn.Dense` is created inside a raw `lax.scan` body. `init` returns normally with
@@ -12,6 +15,8 @@ tracers leaked into the variables tree, and the failure only comes at `apply`, a
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,6 +50,10 @@ def check_no_leaked_tracers(variables: Any) -> None:
             "inside a jax.lax.scan (or another JAX transform) body. Declare them with self.param "
             "or nn.Dense outside the body and close over them, or lift the body with nn.scan."
         )
+
+
+class SilentWrongResult(Exception):
+    """Raised by a pitfall's wrong code when it observed the silent wrong result it teaches."""
 
 
 class Pitfall(NamedTuple):
@@ -156,6 +165,54 @@ def _python_list_fixed():
     return jax.lax.scan(lambda c, x: (c + x, x + 2), 0, np.array([1, 2, 3]))
 
 
+# --- 5. A debug print with nothing loop-varying in it, under jax.grad ----------------------------
+
+
+def _printed_under_grad(body) -> list[str]:
+    """The lines `jax.debug.print` writes while `jax.grad` runs a 4-step scan of `body`."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.grad(lambda c: jax.lax.scan(body, c, jnp.arange(4.0))[0])(1.0)
+        jax.effects_barrier()  # prints run asynchronously: wait for them
+    return out.getvalue().splitlines()
+
+
+def _hoisted_print_wrong():
+    def body(carry, x):
+        jax.debug.print("step")
+        return jnp.sin(carry) * x, None
+
+    lines = _printed_under_grad(body)
+    if len(lines) != 4:
+        raise SilentWrongResult(
+            f"jax.debug.print ran {len(lines)} time(s) for 4 steps under jax.grad: {lines}"
+        )
+    return lines
+
+
+def _hoisted_print_fixed():
+    def body(carry, x):
+        jax.debug.print("step x={x} carry={c}", x=x, c=carry)
+        return jnp.sin(carry) * x, None
+
+    return len(_printed_under_grad(body))
+
+
+# --- 6. A carry whose dtype drifts --------------------------------------------------------------
+
+_W_F32 = np.full((_HIDDEN, _HIDDEN), 0.1, np.float32)
+
+
+def _dtype_drift_wrong():
+    h = jnp.ones(_HIDDEN, jnp.bfloat16)
+    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ _W_F32), None), h, length=_T)
+
+
+def _dtype_drift_fixed():
+    h = jnp.ones(_HIDDEN, jnp.bfloat16)
+    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ _W_F32).astype(c.dtype), None), h, length=_T)[0]
+
+
 PITFALLS: tuple[Pitfall, ...] = (
     Pitfall(
         title="Allocating a Flax variable inside the raw lax.scan body",
@@ -204,5 +261,36 @@ PITFALLS: tuple[Pitfall, ...] = (
         why="A list is a pytree of three 0-d leaves, not a sequence: stack it into one array.",
         wrong=_python_list_wrong,
         fix=_python_list_fixed,
+    ),
+    Pitfall(
+        title="A debug print inside a scan body that jax.grad hoists out",
+        wrong_code='def body(carry, x):\n    jax.debug.print("step")\n    ...',
+        error_type=SilentWrongResult,
+        error_match="ran 1 time",
+        fixed_code='jax.debug.print("step x={x} carry={c}", x=x, c=carry)',
+        why=(
+            "Under jax.grad, scan splits its body into what the backward pass needs and what it "
+            "does not; an effect that reads nothing loop-varying is loop-invariant and is hoisted "
+            "out of the loop, so it runs once (jax-ml/jax#16637). Forward alone prints 4 times. "
+            "Print a value that changes per step. What is printed is always the forward (primal) "
+            "values: gradients never pass through a print, and under jax.checkpoint the backward "
+            "pass replays the step, so each line appears twice."
+        ),
+        wrong=_hoisted_print_wrong,
+        fix=_hoisted_print_fixed,
+    ),
+    Pitfall(
+        title="A carry whose dtype drifts between steps",
+        wrong_code="h = jnp.ones(4, jnp.bfloat16)\nlambda c, _: (jnp.tanh(c @ W_f32), None)",
+        error_type=TypeError,
+        error_match="output carry component has type float32",
+        fixed_code="lambda c, _: (jnp.tanh(c @ W_f32).astype(c.dtype), None)",
+        why=(
+            "bfloat16 @ float32 promotes to float32, so the carry would change type after one "
+            "step; scan compiles one body for every step. Cast back, or keep W in the carry's "
+            "dtype. scanlab.loops names the leaf before anything runs."
+        ),
+        wrong=_dtype_drift_wrong,
+        fix=_dtype_drift_fixed,
     ),
 )

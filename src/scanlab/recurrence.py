@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from scanlab import checks, sharding
+from scanlab import checks, loops, sharding
 
 # Pinned so that JAX_ENABLE_X64=1 draws the same W from the same seed.
 PARAM_DTYPE = jnp.float32
@@ -54,8 +54,12 @@ class LaxScanModule(nn.Module):
     trajectory: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`."""
+    def __call__(self, x: jax.Array, seq_lengths: jax.Array | None = None) -> jax.Array:
+        """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`.
+
+        `seq_lengths` (...) ints in [0, T] give each row its own number of steps: a row stops at
+        its length (`scanlab.loops.masked_scan`) and its trajectory is zero past it.
+        """
         W = _declare_w(self, self.hidden)
         init_carry = jnp.tanh(x @ W)
 
@@ -63,8 +67,24 @@ class LaxScanModule(nn.Module):
             new_carry = jnp.tanh(carry @ W)
             return new_carry, new_carry if self.trajectory else None
 
-        final, states = jax.lax.scan(body, init_carry, jnp.arange(self.T))
+        if seq_lengths is None:
+            final, states = jax.lax.scan(body, init_carry, jnp.arange(self.T))
+        else:
+            final, states = _ragged_scan(body, init_carry, seq_lengths, self.T)
         return _with_initial_state(init_carry, states) if self.trajectory else final
+
+
+def _ragged_scan(body, init_carry: jax.Array, seq_lengths: jax.Array, T: int):
+    """`masked_scan` with the batch axes (...) of init_carry (..., H) flattened into one row axis.
+
+    Returns the final states (..., H) and the states (T, ..., H), or None without trajectory.
+    """
+    batch, H = init_carry.shape[:-1], init_carry.shape[-1]
+    final, states = loops.masked_scan(
+        body, init_carry.reshape(-1, H), None, seq_lengths.reshape(-1), T
+    )
+    states = None if states is None else states.reshape(T, *batch, H)
+    return final.reshape(*batch, H), states
 
 
 class NNScanModule(nn.Module):
@@ -117,8 +137,16 @@ def _weights(seed: int, hidden: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("hidden", "T", "trajectory"))
-def _apply(W: jax.Array, x: jax.Array, *, hidden: int, T: int, trajectory: bool) -> jax.Array:
-    return LaxScanModule(hidden, T, trajectory).apply({"params": {"W": W}}, x)
+def _apply(
+    W: jax.Array,
+    x: jax.Array,
+    seq_lengths: jax.Array | None,
+    *,
+    hidden: int,
+    T: int,
+    trajectory: bool,
+) -> jax.Array:
+    return LaxScanModule(hidden, T, trajectory).apply({"params": {"W": W}}, x, seq_lengths)
 
 
 def lax_scan_in_module(
@@ -129,6 +157,7 @@ def lax_scan_in_module(
     *,
     trajectory: bool = False,
     check_finite: bool = False,
+    seq_lengths=None,
     mesh: Mesh | None = None,
 ) -> jax.Array:
     """The seed's function: init `LaxScanModule` with `PRNGKey(seed)` and `x`, apply, return.
@@ -146,6 +175,8 @@ def lax_scan_in_module(
       T: steps >= 0 after the first.
       trajectory: return all T + 1 states (T + 1, ..., H) instead of the final one.
       check_finite: raise if x holds NaN or Inf (needs a concrete x).
+      seq_lengths: optional (...) ints in [0, T], one per row of x: row b runs seq_lengths[b]
+        steps instead of T (its trajectory is zero past them).
       mesh: split x's leading batch axis over this mesh's "data" axis (W replicated): each
         device runs the scan on its rows. See `scanlab.sharding`.
 
@@ -159,8 +190,10 @@ def lax_scan_in_module(
     checks.last_axis("x", x, hidden, "hidden")
     if check_finite:
         checks.all_finite("x", x)
+    if seq_lengths is not None:
+        seq_lengths = checks.lengths("seq_lengths", seq_lengths, x.shape[:-1], T)
     W = _weights(int(seed), hidden)
     if mesh is not None:
         # The compiled apply follows its inputs' shardings: no communication, rows independent.
         x, W = sharding.shard_batch(x, mesh, "x"), sharding.replicate(W, mesh)
-    return _apply(W, x, hidden=hidden, T=T, trajectory=bool(trajectory))
+    return _apply(W, x, seq_lengths, hidden=hidden, T=T, trajectory=bool(trajectory))
