@@ -394,7 +394,7 @@ def test_linear_scan_auto_picks_the_measured_winner_on_this_backend():
     threshold = loops.ASSOCIATIVE_FROM_T[jax.default_backend()]
     for T in (16, 4096):
         expected = "associative" if threshold is not None and T >= threshold else "scan"
-        assert loops._linear_method("auto", T) == expected
+        assert loops.linear_method("auto", T) == expected
 
 
 @pytest.mark.parametrize(

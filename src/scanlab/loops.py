@@ -352,13 +352,14 @@ def linear_scan(
             )
         # The state before t = 0 enters as part of the first input: b_0 ← a_0 h0 + b_0.
         b = b.at[0].add(a[0] * h0)
-    method = _linear_method(method, a.shape[0])
+    method = linear_method(method, a.shape[0])
     if method == "scan":
         return _linear_sequential(a, b)
     return _linear_associative(a, b)
 
 
-def _linear_method(method: str, T: int) -> str:
+def linear_method(method: str, T: int) -> str:
+    """The method `linear_scan` runs for `method` and length T on the default backend."""
     if method not in ("auto", "scan", "associative"):
         raise ValueError(f"method must be 'auto', 'scan' or 'associative', got {method!r}")
     if method != "auto":

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scanlab import explain, pitfalls, reference, show, train
+from scanlab import explain, loops, pitfalls, reference, show, train
 from scanlab.bench import layers as layer_bench
 from scanlab.decoder import config as decoder_config
 from scanlab.decoder import params as decoder_params
@@ -24,6 +24,7 @@ def run(console: Console) -> None:
     _pitfalls(console)
     _decoder(console)
     _training(console)
+    _loops(console)
 
 
 def _seed_function(console: Console) -> None:
@@ -149,6 +150,72 @@ def print_evaluation(console: Console, result: train.TrainResult, n: int = 5) ->
         mark = "[green]✓[/green]" if sample.predicted == sample.expected else "[red]✗[/red]"
         table.add_row(sample.question, sample.expected, sample.predicted, mark)
     console.print(table)
+
+
+def _loops(console: Console) -> None:
+    console.rule("6. Loops JAX leaves open: scanlab.loops")
+    rng = np.random.default_rng(0)
+    W = jnp.asarray(rng.standard_normal((8, 8)) / np.sqrt(8), jnp.float32)
+    xs = jnp.asarray(rng.standard_normal((12, 3, 8)), jnp.float32)  # (T, B, H), padded
+
+    def rnn_step(h, x):
+        h = jnp.tanh(h @ W + x)
+        return h, h
+
+    lengths = np.array([12, 5, 0])
+    final, _ = loops.masked_scan(rnn_step, jnp.zeros((3, 8)), xs, lengths, reverse=True)
+    alone = [
+        jax.lax.scan(rnn_step, jnp.zeros(8), xs[:n, b], reverse=True)[0]
+        for b, n in enumerate(lengths)
+    ]
+    gap = max(float(jnp.max(jnp.abs(final[b] - row))) for b, row in enumerate(alone))
+    console.print(
+        f"masked_scan, reverse, rows of lengths {lengths.tolist()} padded to 12: "
+        f"max |diff| to each row run alone {gap:.1e}"
+    )
+
+    def newton_sqrt(t):
+        def cond(state):
+            return jnp.abs(state[0] - state[1]) > 1e-5
+
+        def body(state):
+            return state[0] - (state[0] ** 2 - t) / (2 * state[0]), state[0]
+
+        return loops.bounded_while(cond, body, (t, jnp.float32(0)), max_steps=50)
+
+    (root, _), steps = newton_sqrt(jnp.float32(2.0))
+    slope = jax.grad(lambda t: newton_sqrt(t)[0][0])(jnp.float32(2.0))
+    console.print(
+        f"bounded_while, Newton's sqrt(2) = {float(root):.6f} in {int(steps)} of 50 steps; "
+        f"d/dt sqrt(t) = {float(slope):.6f} (1 / (2 sqrt 2) = {1 / (2 * np.sqrt(2)):.6f}), "
+        "which lax.while_loop cannot differentiate"
+    )
+
+    table = Table(title="remat_scan: jit(grad) memory, T = 10,000")
+    for column in ("policy", "segments", "temp memory"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    W_64 = jnp.asarray(rng.standard_normal((64, 64)) / 8, jnp.float32)
+    for policy, segments in (("none", 1), ("full", 1), ("full", "sqrt")):
+
+        def loss(h, policy=policy, segments=segments):
+            step = lambda c, _: (jnp.tanh(c @ W_64), None)  # noqa: E731
+            final, _ = loops.remat_scan(step, h, length=10_000, policy=policy, segments=segments)
+            return final.sum()
+
+        compiled = jax.jit(jax.grad(loss)).lower(jnp.ones((4, 64))).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        table.add_row(policy, str(segments), f"{temp / 2**20:.2f} MiB")
+    console.print(table)
+
+    a = jnp.asarray(rng.uniform(0, 1, (4096, 16)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((4096, 16)), jnp.float32)
+    sequential = loops.linear_scan(a, b, method="scan")
+    parallel = loops.linear_scan(a, b, method="associative")
+    console.print(
+        f"linear_scan over (4096, 16): sequential vs associative max |diff| "
+        f"{float(jnp.max(jnp.abs(sequential - parallel))):.1e}; method='auto' on "
+        f"{jax.default_backend()} picks {loops.linear_method('auto', 4096)!r}"
+    )
 
 
 def _s(seconds: float) -> str:

@@ -34,6 +34,7 @@ def test_quick_run_writes_the_report_plots_and_figures(tmp_path):
         "training",
         "generation",
         "sharding",
+        "loops",
         "env",
     } <= set(figures)
     assert any(
@@ -41,7 +42,22 @@ def test_quick_run_writes_the_report_plots_and_figures(tmp_path):
     )
     text = (tmp_path / "report.md").read_text()
     assert "quick mode" in text and "## Targets" in text and "## W5" in text
-    for plot in ("recurrence.png", "layers.png"):
+    assert "## W8–W11" in text and "W8 masked_scan ≤ 1.2×" in text
+    loops = figures["loops"]
+    assert {(p["policy"], p["segments"]) for p in loops["remat"] if p["T"] == 400} == {
+        ("none", 1),
+        ("full", 1),
+        ("dots", 1),
+        ("none", 20),
+        ("full", 20),
+    }
+    # The nested variants must hold less memory than the plain gradient, even at smoke sizes.
+    at_400 = {
+        (p["policy"], p["segments"]): p["temp_bytes"] for p in loops["remat"] if p["T"] == 400
+    }
+    assert at_400[("full", 20)] < at_400[("full", 1)] < at_400[("none", 1)]
+    assert [p["steps_taken"] for p in loops["while"]] == [5]
+    for plot in ("recurrence.png", "layers.png", "loops-memory.png"):
         assert (tmp_path / plot).stat().st_size > 5000
     assert all(p["same_tokens"] for p in figures["generation"])
     assert figures["sharding"]["mesh"] == {"data": 2, "model": 1}
@@ -63,6 +79,7 @@ def _results(scan_ms, loop_ms):
             )
         ],
         "training": {"default tiny model": dict(scan_steps_per_s=150.0, loop_steps_per_s=100.0)},
+        "loops": {"masked": [dict(B=8, H=256, T=10000, masked_s=0.11, plain_s=0.1)]},
     }
 
 
@@ -73,3 +90,10 @@ def test_targets_are_judged_from_the_figures():
     judged = {name: ok for name, _, ok in report.targets(_results(scan_ms=200, loop_ms=120))}
     assert not judged["W2 scanlab fastest at B=64 H=256 T=1000"]
     assert not judged["W2 ≥ 60% of the matmul rate at B=64 H=256"]
+    assert judged["W8 masked_scan ≤ 1.2× a plain scan of the padded length at B=8 H=256 T=10000"]
+    results = _results(scan_ms=100, loop_ms=120)
+    results["loops"]["masked"][0]["masked_s"] = 0.13
+    judged = {name: ok for name, _, ok in report.targets(results)}
+    assert not judged[
+        "W8 masked_scan ≤ 1.2× a plain scan of the padded length at B=8 H=256 T=10000"
+    ]

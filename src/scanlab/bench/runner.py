@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from scanlab import sharding
-from scanlab.bench import env, generation, layers, recurrence, training
+from scanlab.bench import env, generation, layers, loops, recurrence, training
 from scanlab.train import TrainConfig
 
 
 def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message: None) -> dict:
-    """All workloads, W1–W5. `quick` shrinks every one to a smoke test of a few seconds."""
+    """All workloads, W1–W6 and W8–W11; `quick` shrinks each to a smoke test of a few seconds."""
     results: dict = {"quick": quick, "env": env.describe()}
     n_devices = len(results["env"]["devices"])
 
@@ -81,4 +81,25 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         on_progress(f"W5 generation, batch {batch}")
         dims = dict(new_tokens=8, n_layers=2, d_model=32, repeats=1) if quick else {}
         results["generation"].append(generation.measure(batch=batch, **dims)._asdict())
+    results["loops"] = _loops(quick, on_progress)
     return results
+
+
+def _loops(quick: bool, on_progress: Callable[[str], None]) -> dict:
+    """W8–W11, the scanlab.loops workloads."""
+    rounds = 2 if quick else 7
+    figures: dict = {"masked": [], "while": [], "remat": [], "linear": []}
+    for B, H, T in ((1, 16, 50),) if quick else ((1, 64, 1000), (64, 256, 1000), (8, 256, 10000)):
+        on_progress(f"W8 masked_scan B={B} H={H} T={T}")
+        figures["masked"].append(loops.masked_overhead(B, H, T, rounds)._asdict())
+    for taken, max_steps in ((5, 50),) if quick else ((100, 1000), (1000, 1000), (10, 10000)):
+        on_progress(f"W9 bounded_while {taken} of {max_steps} steps")
+        figures["while"].append(loops.while_costs(taken, max_steps, rounds=rounds)._asdict())
+    for T in (100, 400) if quick else (1000, 3000, 10_000, 30_000, 100_000):
+        on_progress(f"W10 gradient memory per remat policy, T={T}")
+        figures["remat"] += [p._asdict() for p in loops.remat_memory(T, time_it=not quick)]
+    for T in (64,) if quick else (256, 4096, 65536):
+        for D in (1, 4) if quick else (1, 16, 256):
+            on_progress(f"W11 linear_scan T={T} D={D}")
+            figures["linear"].append(loops.linear_regime(T, D, rounds)._asdict())
+    return figures
