@@ -97,20 +97,24 @@ def _init_scales(config: DecoderConfig) -> DecoderParams:
     )
 
 
-def init_params(config: DecoderConfig, key: jax.Array, dtype=jnp.float32) -> DecoderParams:
-    """All parameters: norms at 1, every other leaf normal with std 1/sqrt(fan-in).
-
-    All the normals come from one `jax.random.normal` call split into leaves: XLA compiles the
-    random-bit generator once instead of once per leaf shape (seconds on a CPU).
-    """
-    shapes = DecoderParams(
+def param_shapes(config: DecoderConfig) -> DecoderParams:
+    """The shape of every leaf, blocks with their leading layer axis L."""
+    return DecoderParams(
         embed=(config.vocab_size, config.d_model),
         blocks=stacked_shapes(config),
         final_norm=(config.d_model,),
         lm_head=None if config.tie_embeddings else (config.d_model, config.vocab_size),
     )
+
+
+def _init_tree(shapes, scales, key: jax.Array, dtype):
+    """Arrays for a tree of shapes: ones where the scale is None, else normal * scale.
+
+    All the normals come from one `jax.random.normal` call split into leaves: XLA compiles the
+    random-bit generator once instead of once per leaf shape (seconds on a CPU).
+    """
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
-    scales = treedef.flatten_up_to(_init_scales(config))
+    scales = treedef.flatten_up_to(scales)
     sizes = [math.prod(shape) for shape in leaves]
     normals = jnp.split(jax.random.normal(key, (sum(sizes),), dtype), np.cumsum(sizes)[:-1])
     return treedef.unflatten(
@@ -119,6 +123,22 @@ def init_params(config: DecoderConfig, key: jax.Array, dtype=jnp.float32) -> Dec
             for shape, scale, normal in zip(leaves, scales, normals, strict=True)
         ]
     )
+
+
+def init_params(config: DecoderConfig, key: jax.Array, dtype=jnp.float32) -> DecoderParams:
+    """All parameters: norms at 1, every other leaf normal with std 1/sqrt(fan-in)."""
+    return _init_tree(param_shapes(config), _init_scales(config), key, dtype)
+
+
+def init_layer(config: DecoderConfig, key: jax.Array, dtype=jnp.float32) -> DecoderBlock:
+    """One layer's parameters (no L axis), initialised as `init_params` initialises each layer."""
+    return _init_tree(layer_shapes(config), _init_scales(config).blocks, key, dtype)
+
+
+def init_outside_layers(config: DecoderConfig, key: jax.Array, dtype=jnp.float32) -> DecoderParams:
+    """The parameters outside the layer stack (embed, final_norm, lm_head); blocks is None."""
+    shapes = param_shapes(config)._replace(blocks=None)
+    return _init_tree(shapes, _init_scales(config)._replace(blocks=None), key, dtype)
 
 
 def stack(layers: list[DecoderBlock]) -> DecoderBlock:
@@ -140,12 +160,7 @@ def param_count(config: DecoderConfig) -> int:
 
 def check_params(params: DecoderParams, config: DecoderConfig) -> None:
     """Raises ValueError naming the first leaf whose shape is not the one `config` implies."""
-    expected = DecoderParams(
-        embed=(config.vocab_size, config.d_model),
-        blocks=stacked_shapes(config),
-        final_norm=(config.d_model,),
-        lm_head=None if config.tie_embeddings else (config.d_model, config.vocab_size),
-    )
+    expected = param_shapes(config)
     if not isinstance(params, DecoderParams):
         raise TypeError(f"params must be a DecoderParams, got {type(params).__name__}")
     if (params.lm_head is None) != config.tie_embeddings:

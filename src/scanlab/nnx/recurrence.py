@@ -1,0 +1,148 @@
+"""The tanh recurrence h ← tanh(h @ W) in Flax NNX: a raw `jax.lax.scan` and its `nnx.scan` twin.
+
+In NNX a module is a Python object holding its state: `W` is an `nnx.Param` created in
+`__init__` from `nnx.Rngs`, not declared lazily in `@nn.compact`. The raw-scan form reads the
+value once and closes over it — the seed's pattern, unchanged. The `nnx.scan` form passes the
+module itself into the lifted step (`in_axes=None`: broadcast to every step), the NNX spelling of
+linen's `variable_broadcast="params"`.
+
+`from_linen` / `to_linen` move W between these modules and the linen variables
+`{"params": {"W": (H, H)}}` of `scanlab.recurrence`, so the four forms can be compared on one W.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scanlab import checks
+from scanlab.recurrence import PARAM_DTYPE
+
+
+class NNXLaxScanModule(nnx.Module):
+    """h₀ = tanh(x @ W), then T steps of h ← tanh(h @ W), by a raw `jax.lax.scan`.
+
+    Args:
+      hidden: H; `x` must have shape (..., H).
+      T: steps after the first.
+      trajectory: return all states (T + 1, ..., H) instead of the final one.
+      rngs: `nnx.Rngs`; its "params" stream draws W (H, H), lecun-normal float32.
+
+    Example:
+      >>> module = NNXLaxScanModule(4, 10, rngs=nnx.Rngs(0))
+      >>> module(jnp.ones(4)).shape
+      (4,)
+    """
+
+    def __init__(self, hidden: int, T: int, *, trajectory: bool = False, rngs: nnx.Rngs):
+        self.hidden = checks.static_int("hidden", hidden, minimum=1)
+        self.T = checks.static_int("T", T, minimum=0)
+        self.trajectory = bool(trajectory)
+        init = nnx.initializers.lecun_normal()
+        self.W = nnx.Param(init(rngs.params(), (self.hidden, self.hidden), PARAM_DTYPE))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`."""
+        W = self.W[...]  # a plain array: the body closes over it, lax.scan sees a constant
+        init_carry = jnp.tanh(x @ W)
+
+        def body(carry, _):
+            new_carry = jnp.tanh(carry @ W)
+            return new_carry, new_carry if self.trajectory else None
+
+        final, states = jax.lax.scan(body, init_carry, length=self.T)
+        return _with_initial_state(init_carry, states) if self.trajectory else final
+
+
+class NNXScanModule(NNXLaxScanModule):
+    """The `nnx.scan` twin of `NNXLaxScanModule`: same state, same numbers.
+
+    The step takes the module as an argument broadcast to every step (`in_axes=None`) and the
+    carry as `nnx.Carry`; capturing the module by closure instead is the NNX pitfall (see
+    `scanlab.pitfalls`).
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init_carry = jnp.tanh(x @ self.W[...])
+
+        @nnx.scan(in_axes=(None, nnx.Carry), out_axes=(nnx.Carry, 0), length=self.T)
+        def step(module, carry):
+            new_carry = jnp.tanh(carry @ module.W[...])
+            return new_carry, new_carry if module.trajectory else None
+
+        final, states = step(self, init_carry)
+        return _with_initial_state(init_carry, states) if self.trajectory else final
+
+
+def _with_initial_state(init_carry: jax.Array, states: jax.Array) -> jax.Array:
+    """(..., H) and (T, ..., H) -> (T + 1, ..., H)."""
+    return jnp.concatenate([init_carry[None], states])
+
+
+def from_linen(
+    variables: dict,
+    T: int,
+    *,
+    cls: type[NNXLaxScanModule] = NNXLaxScanModule,
+    trajectory: bool = False,
+) -> NNXLaxScanModule:
+    """An NNX module holding the W of linen variables `{"params": {"W": (H, H)}}`."""
+    W = jnp.asarray(variables["params"]["W"])
+    module = nnx.eval_shape(lambda: cls(W.shape[0], T, trajectory=trajectory, rngs=nnx.Rngs(0)))
+    module.W = nnx.Param(W)
+    return module
+
+
+def to_linen(module: NNXLaxScanModule) -> dict:
+    """The linen variables `{"params": {"W": (H, H)}}` of an NNX recurrence module."""
+    return {"params": {"W": module.W[...]}}
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(seed: int, hidden: int) -> nnx.State:
+    """The module state for (seed, hidden): W, drawn once (T does not change it)."""
+    checks.seed_key(seed)
+    return nnx.state(NNXLaxScanModule(hidden, 0, rngs=nnx.Rngs(seed)))
+
+
+@functools.lru_cache(maxsize=64)
+def _graphdef(hidden: int, T: int, trajectory: bool) -> nnx.GraphDef:
+    abstract = nnx.eval_shape(
+        lambda: NNXLaxScanModule(hidden, T, trajectory=trajectory, rngs=nnx.Rngs(0))
+    )
+    return nnx.graphdef(abstract)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(x)
+
+
+def nnx_lax_scan_in_module(seed: int, x, hidden: int, T: int, *, trajectory: bool = False):
+    """`NNXLaxScanModule(hidden, T, rngs=nnx.Rngs(seed))(x)`, compiled once per signature.
+
+    The NNX twin of `scanlab.lax_scan_in_module`. W is drawn the NNX way, from the "params"
+    stream of `nnx.Rngs(seed)`, so it differs from the linen W of the same seed (linen derives
+    its key from the variable's path); `from_linen` compares the two on one W. The module's state
+    is kept per (seed, hidden) in an LRU of 8, its graph per (hidden, T, trajectory), and the
+    apply is compiled once per (graph, x's shape and dtype): a repeated call is one dispatch.
+
+    Args:
+      seed: int in [0, 2**32).
+      x: (..., H) real numbers.
+      hidden: H >= 1.
+      T: steps >= 0 after the first.
+      trajectory: return all T + 1 states.
+
+    Returns:
+      The final state (..., H), or all states (T + 1, ..., H).
+    """
+    hidden = checks.static_int("hidden", hidden, minimum=1)
+    T = checks.static_int("T", T, minimum=0)
+    checks.seed_key(seed)
+    x = checks.numeric_array("x", x)
+    checks.last_axis("x", x, hidden, "hidden")
+    return _apply(_graphdef(hidden, T, bool(trajectory)), _weights(int(seed), hidden), x)
