@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from scanlab import pitfalls
 
@@ -70,3 +71,18 @@ def test_debug_print_claims_forward_alone_prints_every_step_and_remat_replays_th
         lambda: jax.grad(lambda c: jax.lax.scan(jax.checkpoint(body_with_x), c, xs)[0])(1.0)
     )
     assert replayed == [f"step {x}" for x in (0.0, 1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.0)]
+
+
+def test_rng_detector_catches_a_dropped_write_back_and_passes_nnx_scan():
+    stack = pitfalls._dropout_stack()
+    with pytest.raises(
+        pitfalls.FrozenRngError,
+        match=r"RNG counts \['dropout'\]\['rngs'\]\['count'\].* did not advance",
+    ):
+        pitfalls.check_rngs_advance(stack, lambda: pitfalls._raw_scan_no_write_back(stack))
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def apply(layer, x):
+        return layer(x)
+
+    pitfalls.check_rngs_advance(stack, lambda: apply(stack, jnp.ones(4)))

@@ -1,5 +1,5 @@
 """The classic pitfalls of `lax.scan`, each run for real: the seed's three inside a Flax module,
-the blog's list, and two of debugging inside a scan.
+the blog's list, two of debugging inside a scan, and four of scanning in Flax NNX.
 
 Each `Pitfall` holds the wrong code and its fix as callables. `reproduce(pitfall)` runs both and
 returns the exception the wrong code really raises with today's JAX and Flax, and the fixed code's
@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from scanlab.recurrence import LaxScanModule
 
@@ -54,6 +57,36 @@ def check_no_leaked_tracers(variables: Any) -> None:
 
 class SilentWrongResult(Exception):
     """Raised by a pitfall's wrong code when it observed the silent wrong result it teaches."""
+
+
+class FrozenRngError(ValueError):
+    """A call that should draw random numbers left some NNX RNG stream where it was."""
+
+
+def check_rngs_advance(module: nnx.Module, call: Callable[[], Any]) -> Any:
+    """Runs `call()` and raises `FrozenRngError` if any RNG count in `module` did not move.
+
+    An NNX stream draws `fold_in(key, count)` and then increments its count; a transform that
+    drops the increment (a raw `jax.lax.scan` whose body's module state is never written back)
+    makes the next call draw the same numbers. Returns what `call()` returned.
+    """
+
+    def counts() -> dict[str, np.ndarray]:
+        # Copied out at once: the state's Variables are the module's own, updated in place.
+        leaves = jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.RngCount))[0]
+        return {jax.tree_util.keystr(path): np.array(leaf) for path, leaf in leaves}
+
+    before = counts()
+    result = call()
+    after = counts()
+    frozen = [path for path, count in before.items() if np.array_equal(count, after[path])]
+    if frozen:
+        raise FrozenRngError(
+            f"RNG counts {', '.join(frozen)} did not advance: the next call will draw the same "
+            "random numbers (dropout masks). Apply the module with nnx.scan, or return "
+            "nnx.state(module) from the raw lax.scan body and nnx.update the module with it."
+        )
+    return result
 
 
 class Pitfall(NamedTuple):
@@ -213,6 +246,104 @@ def _dtype_drift_fixed():
     return jax.lax.scan(lambda c, _: (jnp.tanh(c @ _W_F32).astype(c.dtype), None), h, length=_T)[0]
 
 
+# --- 7-10. Flax NNX -------------------------------------------------------------------------------
+
+
+class _DropoutLayer(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(_HIDDEN, _HIDDEN, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dropout(jnp.tanh(self.linear(x)))
+
+
+def _dropout_stack() -> _DropoutLayer:
+    @nnx.split_rngs(splits=_T)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def create(rngs):
+        return _DropoutLayer(rngs)
+
+    return create(nnx.Rngs(params=_SEED, dropout=_SEED + 1))
+
+
+def _raw_scan_no_write_back(stack: _DropoutLayer) -> jax.Array:
+    graphdef, state = nnx.split(stack)
+
+    def body(x, layer_state):
+        return nnx.merge(graphdef, layer_state)(x), None
+
+    return jax.lax.scan(body, jnp.ones(_HIDDEN), state)[0]
+
+
+def _raw_scan_with_write_back(stack: _DropoutLayer) -> jax.Array:
+    graphdef, state = nnx.split(stack)
+
+    def body(x, layer_state):
+        layer = nnx.merge(graphdef, layer_state)
+        return layer(x), nnx.state(layer)
+
+    x, new_state = jax.lax.scan(body, jnp.ones(_HIDDEN), state)
+    nnx.update(stack, new_state)
+    return x
+
+
+def _rng_loss_wrong():
+    stack = _dropout_stack()
+    first, second = _raw_scan_no_write_back(stack), _raw_scan_no_write_back(stack)
+    if np.array_equal(first, second):
+        raise SilentWrongResult(
+            "two training calls drew identical dropout masks: the RNG counts advanced inside "
+            "the scan were never written back to the module"
+        )
+    return first, second
+
+
+def _rng_loss_fixed():
+    stack = _dropout_stack()
+    first = check_rngs_advance(stack, lambda: _raw_scan_with_write_back(stack))
+    second = check_rngs_advance(stack, lambda: _raw_scan_with_write_back(stack))
+    assert not np.array_equal(first, second)
+    return second
+
+
+_CLOSURE_XS = np.ones((_T, _HIDDEN), np.float32)
+
+
+def _closure_dropout_raw_wrong():
+    dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=_SEED))
+    return jax.lax.scan(lambda c, x: (c, dropout(x)), 0.0, _CLOSURE_XS)
+
+
+def _closure_dropout_fixed():
+    dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=_SEED))
+
+    @nnx.scan(in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def step(dropout, c, x):
+        return c, dropout(x)
+
+    return step(dropout, 0.0, _CLOSURE_XS)[1]
+
+
+def _closure_dropout_nnx_scan_wrong():
+    dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=_SEED))
+    step = nnx.scan(lambda c, x: (c, dropout(x)), in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    return step(0.0, _CLOSURE_XS)
+
+
+def _fork_split_wrong():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        return nnx.Rngs(_SEED).fork(split=_T)
+
+
+def _fork_split_fixed():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        rngs = nnx.Rngs(_SEED).split(_T)
+    return jax.random.key_data(rngs.default.key[...])  # (3, 2): one key per layer
+
+
 PITFALLS: tuple[Pitfall, ...] = (
     Pitfall(
         title="Allocating a Flax variable inside the raw lax.scan body",
@@ -292,5 +423,75 @@ PITFALLS: tuple[Pitfall, ...] = (
         ),
         wrong=_dtype_drift_wrong,
         fix=_dtype_drift_fixed,
+    ),
+    Pitfall(
+        title="NNX: a raw lax.scan over a module stack that drops the RNG updates",
+        wrong_code=(
+            "graphdef, state = nnx.split(stack)\n"
+            "def body(x, layer_state):\n"
+            "    return nnx.merge(graphdef, layer_state)(x), None\n"
+            "jax.lax.scan(body, x, state)"
+        ),
+        error_type=SilentWrongResult,
+        error_match="identical dropout masks",
+        fixed_code=(
+            "def body(x, layer_state):\n"
+            "    layer = nnx.merge(graphdef, layer_state)\n"
+            "    return layer(x), nnx.state(layer)   # the advanced RNG counts\n"
+            "x, new_state = jax.lax.scan(body, x, state)\n"
+            "nnx.update(stack, new_state)             # or: apply the stack with nnx.scan"
+        ),
+        why=(
+            "Each nnx.Dropout draws fold_in(key, count) and increments count. Inside a raw "
+            "lax.scan the increment happens on a merged copy that is thrown away, so every call "
+            "repeats the same masks, silently. nnx.scan carries module state in and out for you; "
+            "check_rngs_advance(module, call) raises FrozenRngError when a call leaves a count."
+        ),
+        wrong=_rng_loss_wrong,
+        fix=_rng_loss_fixed,
+    ),
+    Pitfall(
+        title="NNX: a Dropout captured by closure inside a raw lax.scan",
+        wrong_code="jax.lax.scan(lambda c, x: (c, dropout(x)), 0.0, xs)",
+        error_type=flax.errors.TraceContextError,
+        error_match="Cannot mutate RngCount from a different trace level",
+        fixed_code=(
+            "@nnx.scan(in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))\n"
+            "def step(dropout, c, x):\n"
+            "    return c, dropout(x)"
+        ),
+        why=(
+            "Drawing a mask increments the stream's count, a Variable of the outer trace; "
+            "NNX refuses to mutate it from inside the scan's trace (google/flax#4151). Pass the "
+            "module in as an argument of nnx.scan (in_axes=None broadcasts it)."
+        ),
+        wrong=_closure_dropout_raw_wrong,
+        fix=_closure_dropout_fixed,
+    ),
+    Pitfall(
+        title="NNX: nnx.scan over a closure that mutates a captured module",
+        wrong_code="nnx.scan(lambda c, x: (c, dropout(x)), in_axes=(nnx.Carry, 0), ...)",
+        error_type=flax.errors.TraceContextError,
+        error_match="Cannot mutate RngCount from a different trace level",
+        fixed_code="nnx.scan(step, in_axes=(None, nnx.Carry, 0), ...)(dropout, c, xs)",
+        why=(
+            "nnx.scan lifts only the modules passed as arguments; a captured module is outer "
+            "state, mutated from the inner trace. On flax 0.12.8 a captured module that is "
+            "only read (a Linear) is accepted; one that updates state (dropout counts, "
+            "BatchNorm statistics) raises."
+        ),
+        wrong=_closure_dropout_nnx_scan_wrong,
+        fix=_closure_dropout_fixed,
+    ),
+    Pitfall(
+        title="NNX: rngs.fork(split=n) to create a layer stack's streams",
+        wrong_code="nnx.Rngs(0).fork(split=3)",
+        error_type=DeprecationWarning,
+        error_match="'split' argument of 'fork' is deprecated",
+        fixed_code="nnx.Rngs(0).split(3)   # or @nnx.split_rngs(splits=L) around nnx.vmap",
+        why="Flax replaced fork(split=...) with Rngs.split; the scan-over-layers recipe uses "
+        "nnx.split_rngs + nnx.vmap to create the stack and nnx.scan to apply it.",
+        wrong=_fork_split_wrong,
+        fix=_fork_split_fixed,
     ),
 )

@@ -53,7 +53,8 @@ class NNXBlock(nnx.Module):
         self.block = nnx.data(
             _params(init_layer(config, rngs.params()) if block is None else block)
         )
-        self.dropout = rngs["dropout"].fork()
+        # A stream only where dropout can draw from it (the "dropout" stream, else "default").
+        self.dropout = rngs["dropout"].fork() if config.dropout_rate > 0 else nnx.data(None)
         self.deterministic = False
 
     def __call__(self, seq_BxSxD: jax.Array, attn_mask_BxSxS: jax.Array) -> jax.Array:
@@ -116,7 +117,8 @@ class NNXDecoder(nnx.Module):
 
     Args:
       config: the DecoderConfig.
-      rngs: `nnx.Rngs` with a "params" stream (weights) and optionally "dropout".
+      rngs: `nnx.Rngs` with a "params" stream (weights) and, when config.dropout_rate > 0, a
+        "dropout" (or "default") stream.
       layer_scan: "nnx.scan" or "split-lax.scan-merge" (see `LAYER_SCANS`).
       params: optional `DecoderParams` to take the weights from instead of drawing them.
     """
