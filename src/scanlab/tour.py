@@ -11,8 +11,12 @@ from rich.table import Table
 
 from scanlab import explain, loops, pitfalls, reference, show, train
 from scanlab.bench import layers as layer_bench
+from scanlab.bench import nnx as nnx_bench
 from scanlab.decoder import config as decoder_config
+from scanlab.decoder import model as decoder_model
 from scanlab.decoder import params as decoder_params
+from scanlab.nnx import recurrence as nnx_recurrence
+from scanlab.nnx import stack as nnx_stack
 from scanlab.recurrence import LaxScanModule, NNScanModule, lax_scan_in_module
 from scanlab.timing import time_call
 
@@ -25,6 +29,7 @@ def run(console: Console) -> None:
     _decoder(console)
     _training(console)
     _loops(console)
+    _nnx(console)
 
 
 def _seed_function(console: Console) -> None:
@@ -216,6 +221,49 @@ def _loops(console: Console) -> None:
         f"{float(jnp.max(jnp.abs(sequential - parallel))):.1e}; method='auto' on "
         f"{jax.default_backend()} picks {loops.linear_method('auto', 4096)!r}"
     )
+
+
+def _nnx(console: Console) -> None:
+    console.rule("7. The same loop in raw JAX, Flax linen and Flax NNX")
+    hidden, T = 64, 1000
+    x = np.random.default_rng(0).standard_normal(hidden).astype(np.float32)
+    variables = LaxScanModule(hidden, T).init(jax.random.PRNGKey(0), x)
+    W = variables["params"]["W"]
+
+    def raw_jax(W, x):
+        body = lambda h, _: (jnp.tanh(h @ W), None)  # noqa: E731
+        return jax.lax.scan(body, jnp.tanh(x @ W), length=T)[0]
+
+    outputs = {
+        "raw JAX": jax.jit(raw_jax)(W, x),
+        "linen nn.scan": NNScanModule(hidden, T).apply(variables, x),
+        "NNX raw lax.scan": nnx_recurrence.from_linen(variables, T)(x),
+        "NNX nnx.scan": nnx_recurrence.from_linen(variables, T, cls=nnx_recurrence.NNXScanModule)(
+            x
+        ),
+    }
+    reference_out = LaxScanModule(hidden, T).apply(variables, x)
+    gaps = ", ".join(
+        f"{name} {float(jnp.max(jnp.abs(out - reference_out))):.1e}"
+        for name, out in outputs.items()
+    )
+    console.print(f"one W, five forms; max |diff| to the linen raw lax.scan: {gaps}")
+    table = Table(title=f"h ← tanh(h @ W), H={hidden}, T={T}: each form as its users call it")
+    for column in ("form", "first call", "steady call"):
+        table.add_column(column, justify="left" if column == "form" else "right")
+    for timing in nnx_bench.recurrence_forms(1, hidden, T, rounds=5):
+        table.add_row(timing.form, show.ms(timing.first_s), show.ms(timing.median_s))
+    console.print(table)
+    config = decoder_config.preset("tiny")
+    params = decoder_params.init_params(config, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, config.vocab_size)
+    functional = decoder_model.forward(params, tokens, config)
+    for form in nnx_stack.LAYER_SCANS:
+        model = nnx_stack.NNXDecoder.from_params(params, config, layer_scan=form)
+        gap = float(jnp.max(jnp.abs(model(tokens) - functional)))
+        console.print(
+            f"NNX layer stack by {form}: max |logit diff| to the functional decoder {gap:.1e}"
+        )
 
 
 def _s(seconds: float) -> str:

@@ -35,6 +35,7 @@ def test_quick_run_writes_the_report_plots_and_figures(tmp_path):
         "generation",
         "sharding",
         "loops",
+        "nnx",
         "env",
     } <= set(figures)
     assert any(
@@ -42,7 +43,8 @@ def test_quick_run_writes_the_report_plots_and_figures(tmp_path):
     )
     text = (tmp_path / "report.md").read_text()
     assert "quick mode" in text and "## Targets" in text and "## W5" in text
-    assert "## W8–W11" in text and "W8 masked_scan ≤ 1.2×" in text
+    assert "## W8–W11" in text and "W8 masked_scan ≤ 1.2×" in text and "## W12" in text
+    assert len(figures["nnx"]["recurrence"]) == 6 and len(figures["nnx"]["layers"]) == 4
     loops = figures["loops"]
     assert {(p["policy"], p["segments"]) for p in loops["remat"] if p["T"] == 400} == {
         ("none", 1),

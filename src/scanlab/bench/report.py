@@ -42,6 +42,7 @@ def render(results: dict) -> str:
         _generation(results),
         _sharding(results),
         _loops(results),
+        _nnx(results),
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -356,6 +357,44 @@ def _loops(results: dict) -> str:
         lines.append(
             f"| {p['T']} | {p['D']} | {scan_s * 1e3:.3f} ms | {assoc_s * 1e3:.3f} ms | "
             f"{winner}, {max(scan_s, assoc_s) / min(scan_s, assoc_s):.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def _nnx(results: dict) -> str:
+    figures = results["nnx"]
+    lines = [
+        "## W12 — the same loops in linen, Flax NNX and plain JAX",
+        "",
+        "The recurrence on one W, each form called the way its users call it: `jax.jit(apply)` "
+        "for linen, `nnx.jit` for NNX modules; first call = trace + compile + run.",
+        "",
+        "| B, H, T | form | first call | steady call | vs linen raw lax.scan |",
+        "|---|---|---|---|---|",
+    ]
+    for p in figures["recurrence"]:
+        base = next(
+            q
+            for q in figures["recurrence"]
+            if q["form"] == "linen, raw lax.scan"
+            and (q["B"], q["H"], q["T"]) == (p["B"], p["H"], p["T"])
+        )
+        lines.append(
+            f"| {p['B']}, {p['H']}, {p['T']} | {p['form']} | {p['first_s'] * 1e3:.1f} ms | "
+            f"{p['median_s'] * 1e3:.3f} ms | {p['median_s'] / base['median_s']:.2f}× |"
+        )
+    functional = next(p for p in figures["layers"] if p["form"] == "functional, lax.scan")
+    lines += [
+        "",
+        f"The decoder's layer stack ({functional['n_layers']} layers, the W3 block), forward:",
+        "",
+        "| form | first call | steady call | vs functional |",
+        "|---|---|---|---|",
+    ]
+    for p in figures["layers"]:
+        lines.append(
+            f"| {p['form']} | {p['first_s']:.2f} s | {p['median_s'] * 1e3:.2f} ms | "
+            f"{p['median_s'] / functional['median_s']:.2f}× |"
         )
     return "\n".join(lines)
 

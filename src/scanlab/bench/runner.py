@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from scanlab import sharding
-from scanlab.bench import env, generation, layers, loops, recurrence, training
+from scanlab.bench import env, generation, layers, loops, nnx, recurrence, training
 from scanlab.train import TrainConfig
 
 
 def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message: None) -> dict:
-    """All workloads, W1–W6 and W8–W11; `quick` shrinks each to a smoke test of a few seconds."""
+    """All workloads, W1–W6 and W8–W12; `quick` shrinks each to a smoke test of a few seconds."""
     results: dict = {"quick": quick, "env": env.describe()}
     n_devices = len(results["env"]["devices"])
 
@@ -82,6 +82,19 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         dims = dict(new_tokens=8, n_layers=2, d_model=32, repeats=1) if quick else {}
         results["generation"].append(generation.measure(batch=batch, **dims)._asdict())
     results["loops"] = _loops(quick, on_progress)
+
+    results["nnx"] = {"recurrence": [], "layers": []}
+    for B, H, T in ((1, 16, 50),) if quick else ((1, 64, 1000), (64, 256, 1000)):
+        on_progress(f"W12 recurrence in linen and NNX, B={B} H={H} T={T}")
+        for timing in nnx.recurrence_forms(B, H, T, rounds=2 if quick else 9):
+            results["nnx"]["recurrence"].append(timing._asdict() | dict(B=B, H=H, T=T))
+    n_layers = 2 if quick else 16
+    on_progress(f"W12 layer stack, functional vs NNX, {n_layers} layers")
+    dims = dict(d_model=32, seq=16, rounds=2) if quick else {}
+    results["nnx"]["layers"] = [
+        timing._asdict() | dict(n_layers=n_layers)
+        for timing in nnx.layer_stack_forms(n_layers, **dims)
+    ]
     return results
 
 
