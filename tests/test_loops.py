@@ -357,10 +357,11 @@ def linear_inputs(seed, T, D, complex_):
     return a, b, h0
 
 
+# A few shapes, many values: each new shape costs a compile of both methods.
 @settings(deadline=None, max_examples=20)
 @given(
-    T=st.integers(1, 40),
-    D=st.integers(1, 3),
+    T=st.sampled_from([1, 7, 33]),
+    D=st.sampled_from([1, 3]),
     complex_=st.booleans(),
     with_h0=st.booleans(),
     seed=st.integers(0, 2**16),
@@ -369,7 +370,7 @@ def test_linear_scan_methods_equal_the_reference(T, D, complex_, with_h0, seed):
     a, b, h0 = linear_inputs(seed, T, D, complex_)
     h0 = h0 if with_h0 else None
     expected = reference.linear_scan(a, b, h0)
-    for method in ("scan", "associative", "auto"):
+    for method in ("scan", "associative"):  # "auto" is one of them: see linear_method's test
         got = loops.linear_scan(a, b, h0, method=method)
         assert got.dtype == expected.dtype
         # |a| < 1: states stay O(1); the associative order of products differs in rounding only.
@@ -378,7 +379,7 @@ def test_linear_scan_methods_equal_the_reference(T, D, complex_, with_h0, seed):
 
 @pytest.mark.parametrize("complex_", [False, True])
 def test_linear_scan_gradients_equal_between_methods(complex_):
-    a, b, h0 = linear_inputs(5, 64, 3, complex_)
+    a, b, h0 = linear_inputs(5, 16, 3, complex_)
 
     def loss(method):
         def f(a, b, h0):
