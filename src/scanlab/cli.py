@@ -84,7 +84,7 @@ def bench(
         int, typer.Option(help="CPU devices to present (for the sharded peer); default: cores.")
     ] = os.cpu_count() or 1,
 ) -> None:
-    """Run the benchmarks W1–W5; write a markdown report with plots."""
+    """Run the benchmarks W1–W6 and W8–W12; write a markdown report with plots."""
     sharding.host_devices(devices)  # before any JAX computation in this process
     from scanlab.bench import report, runner
 
