@@ -91,7 +91,7 @@ def test_decoder_generate_from_a_checkpoint(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    expected = generate(params, config, np.array([[5, 6, 7]]), 4).tokens[0, 3:].tolist()
+    expected = generate(params, np.array([[5, 6, 7]]), config, 4).tokens[0, 3:].tolist()
     assert f"generated: {expected}" in result.output
 
 

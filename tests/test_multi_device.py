@@ -7,8 +7,7 @@ the suite keeps one device.
 SETUP = """
 import jax, numpy as np
 from scanlab import sharding
-from scanlab.decoder import DecoderConfig, forward, generate, init_params
-from scanlab.decoder import sharding as decoder_sharding
+from scanlab.decoder import DecoderConfig, forward, generate, init_params, shard_params
 assert jax.device_count() == 8
 MESHES = ["data=8,model=1", "data=4,model=2", "data=2,model=4"]
 CONFIG = DecoderConfig(vocab_size=64, n_layers=3, d_model=64, n_heads=8, n_kv_heads=4,
@@ -25,16 +24,24 @@ def test_forward_and_generation_match_one_device(on_host_devices):
         + """
 fwd = jax.jit(forward, static_argnames="config")
 single = fwd(params, tokens, config=CONFIG)
-single_tokens = generate(params, CONFIG, tokens[:, :4], 6).tokens
+# Qwen2: its bias leaves are placed by the same letter rule (K over "model").
+qwen2 = CONFIG.replace(family="qwen2")
+qwen2_params = init_params(qwen2, jax.random.PRNGKey(2))
+mesh = sharding.make_mesh("data=4,model=2")
+np.testing.assert_allclose(
+    fwd(shard_params(qwen2_params, qwen2, mesh), sharding.shard_batch(tokens, mesh, "tokens"), config=qwen2),
+    fwd(qwen2_params, tokens, config=qwen2), rtol=1e-5, atol=1e-5,
+)
+single_tokens = generate(params, tokens[:, :4], CONFIG, 6).tokens
 for spec in MESHES:
     mesh = sharding.make_mesh(spec)
-    p = decoder_sharding.shard_params(params, CONFIG, mesh)
+    p = shard_params(params, CONFIG, mesh)
     t = sharding.shard_batch(tokens, mesh, "tokens")
     assert len(p.blocks.gate_proj.sharding.device_set) == 8
     logits = fwd(p, t, config=CONFIG)
     # The same math split over devices: only the order of float32 sums differs.
     np.testing.assert_allclose(logits, single, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(generate(p, CONFIG, t[:, :4], 6).tokens, single_tokens)
+    np.testing.assert_array_equal(generate(p, t[:, :4], CONFIG, 6).tokens, single_tokens)
     print("ok", spec)
 """,
     )
@@ -93,7 +100,7 @@ def error(fn):
     except ValueError as e:
         print(e)
 error(lambda: sharding.shard_batch(tokens[:6], sharding.make_mesh("data=4"), "tokens"))
-error(lambda: decoder_sharding.shard_params(params, CONFIG, sharding.make_mesh("data=1,model=8")))
+error(lambda: shard_params(params, CONFIG, sharding.make_mesh("data=1,model=8")))
 error(lambda: init_state(TrainConfig(batch_size=12), sharding.make_mesh("data=8")))
 error(lambda: sharding.make_mesh("data=4,model=4"))
 error(lambda: sharding.make_mesh("data=2,pipe=2"))

@@ -118,17 +118,18 @@ def decoder_shapes(
     ] = "llama2-7b",
 ) -> None:
     """The stacked parameter shapes, the per-layer slices seen inside the scan, the count."""
+    from scanlab import decoder
     from scanlab.decoder import config as decoder_config
-    from scanlab.decoder import params
 
     config = decoder_config.preset(preset)
     console.print(
         f"[bold]{preset}[/bold]: stacked parameters (leading axis: {config.n_layers} layers)"
     )
-    console.print(show.shape_listing(params.stacked_shapes(config)), highlight=False)
+    console.print(show.shape_listing(decoder.param_shapes(config).blocks), highlight=False)
     console.print("inside the scan body, one layer's slice:")
-    console.print(show.shape_listing(params.layer_shapes(config)), highlight=False)
-    console.print(f"parameters: {show.count(params.param_count(config))} (by jax.eval_shape)")
+    console.print(show.shape_listing(decoder.layer_shapes(config)), highlight=False)
+    count = show.count(decoder.param_count(config))
+    console.print(f"parameters: {count} (from the declared shapes)")
 
 
 @decoder_app.command("compare")
@@ -175,7 +176,6 @@ def decoder_generate(
     import jax
 
     from scanlab import decoder
-    from scanlab.decoder import sharding as decoder_sharding
 
     if checkpoint is None:
         config = decoder.preset(preset)
@@ -184,11 +184,11 @@ def decoder_generate(
         config, params = decoder.load_checkpoint(checkpoint)
     tokens = _parse_ints("--prompt", prompt)[None]
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
-        params = decoder_sharding.shard_params(params, config, device_mesh)
+        params = decoder.shard_params(params, config, device_mesh)
     out = decoder.generate(
         params,
-        config,
         tokens,
+        config,
         max_new_tokens,
         key=jax.random.PRNGKey(seed),
         temperature=temperature,

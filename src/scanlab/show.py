@@ -18,7 +18,9 @@ def shape_listing(tree: Any, indent: int = 0) -> str:
         return f"({tree[0]})" if len(tree) == 1 else str(tree)
     pad = "  " * (indent + 1)
     fields = ",\n".join(
-        f"{pad}{name}={shape_listing(value, indent + 1)}" for name, value in tree._asdict().items()
+        f"{pad}{name}={shape_listing(value, indent + 1)}"
+        for name, value in tree._asdict().items()
+        if value is not None  # a leaf this config does not declare (e.g. Llama's biases)
     )
     return f"{type(tree).__name__}(\n{fields}\n{'  ' * indent})"
 

@@ -14,7 +14,7 @@ from scanlab.bench import layers as layer_bench
 from scanlab.bench import nnx as nnx_bench
 from scanlab.decoder import config as decoder_config
 from scanlab.decoder import model as decoder_model
-from scanlab.decoder import params as decoder_params
+from scanlab.decoder import spec as decoder_spec
 from scanlab.nnx import recurrence as nnx_recurrence
 from scanlab.nnx import stack as nnx_stack
 from scanlab.recurrence import LaxScanModule, NNScanModule, lax_scan_in_module
@@ -84,8 +84,8 @@ def _decoder(console: Console) -> None:
     console.rule("4. Scan over the stacked layers of a Llama decoder")
     config = decoder_config.preset("llama2-7b")
     console.print("Llama 2 7B, all 32 layers in one NamedTuple (shapes only, nothing allocated):")
-    console.print(show.shape_listing(decoder_params.stacked_shapes(config)), highlight=False)
-    console.print(f"parameters: {show.count(decoder_params.param_count(config))}")
+    console.print(show.shape_listing(decoder_spec.param_shapes(config).blocks), highlight=False)
+    console.print(f"parameters: {show.count(decoder_spec.param_count(config))}")
     console.print(layer_table(layer_bench.measure(16)))
 
 
@@ -255,7 +255,7 @@ def _nnx(console: Console) -> None:
         table.add_row(timing.form, show.ms(timing.first_s), show.ms(timing.median_s))
     console.print(table)
     config = decoder_config.preset("tiny")
-    params = decoder_params.init_params(config, jax.random.PRNGKey(0))
+    params = decoder_spec.init_params(config, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, config.vocab_size)
     functional = decoder_model.forward(params, tokens, config)
     for form in nnx_stack.LAYER_SCANS:

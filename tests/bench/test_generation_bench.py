@@ -11,5 +11,5 @@ def test_recomputation_peer_decodes_the_same_tokens():
     prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 4), 0, config.vocab_size)
     np.testing.assert_array_equal(
         generate_by_recomputation(params, prompt, config=config, max_new_tokens=6),
-        generate(params, config, prompt, 6).tokens,
+        generate(params, prompt, config, 6).tokens,
     )

@@ -121,7 +121,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
             eos_token_id=None,
             pad_token_id=0,
         ).numpy()
-    np.testing.assert_array_equal(generate(params, config, prompt, 12).tokens, expected)
+    np.testing.assert_array_equal(generate(params, prompt, config, 12).tokens, expected)
 
 
 def test_left_padded_batch_matches_transformers(tmp_path):
@@ -141,7 +141,7 @@ def test_left_padded_batch_matches_transformers(tmp_path):
             eos_token_id=None,
             pad_token_id=0,
         ).numpy()
-    ours = generate(params, config, prompt, 10, prompt_mask_BxS=mask.astype(bool))
+    ours = generate(params, prompt, config, 10, attn_mask=mask.astype(bool))
     np.testing.assert_array_equal(ours.tokens, expected)
 
 
@@ -150,7 +150,8 @@ def test_other_architecture_is_rejected(tmp_path):
         json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     )
     with pytest.raises(
-        CheckpointError, match=r"config.json must describe a Llama model .* got model_type='gpt2'"
+        CheckpointError,
+        match=r"config.json must describe a Llama or Qwen2 model .* got model_type='gpt2'",
     ):
         load_checkpoint(tmp_path)
 
@@ -219,3 +220,81 @@ def test_save_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directory left
     _, reloaded = load_checkpoint(target)  # the earlier checkpoint is intact
     np.testing.assert_array_equal(reloaded.final_norm, params.final_norm)
+
+
+# --- Qwen2: the Llama block plus biases on q, k and v ---------------------------------------------
+
+QWEN2_CONFIGS = {
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
+    "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def qwen2_model(**overrides):
+    config = transformers.Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=3,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # transformers starts biases at zero: give them values to test
+        for name, tensor in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                tensor.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", QWEN2_CONFIGS)
+def test_qwen2_logits_and_greedy_tokens_match_transformers(tmp_path, name):
+    model = qwen2_model(**QWEN2_CONFIGS[name])
+    assert float(model.model.layers[0].self_attn.q_proj.bias.detach().abs().sum()) > 0
+    model.save_pretrained(tmp_path)
+    config, params = load_checkpoint(tmp_path)
+    assert config.family == "qwen2" and config.tie_embeddings == (name == "gqa-tied")
+    assert_same_logits(model, params, config, TOKENS)
+    prompt = TOKENS[:, :6]
+    with torch.no_grad():
+        expected = model.generate(
+            torch.tensor(prompt),
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()
+    np.testing.assert_array_equal(generate(params, prompt, config, 10).tokens, expected)
+
+
+def test_qwen2_round_trip_through_transformers(tmp_path):
+    config = preset("tiny").replace(family="qwen2", n_kv_heads=2)
+    params = init_params(config, jax.random.PRNGKey(3))
+    biases = params.blocks.attention._replace(
+        q_bias=jax.random.normal(jax.random.PRNGKey(4), params.blocks.attention.q_bias.shape),
+        v_bias=jax.random.normal(jax.random.PRNGKey(5), params.blocks.attention.v_bias.shape),
+    )
+    params = params._replace(blocks=params.blocks._replace(attention=biases))
+    save_checkpoint(tmp_path / "ckpt", config, params)
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "qwen2"
+    model = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert_same_logits(model, params, config, TOKENS % config.vocab_size)
+    config_again, params_again = load_checkpoint(tmp_path / "ckpt")
+    assert config_again == config
+    jax.tree.map(np.testing.assert_array_equal, params_again, params)
+
+
+def test_sliding_window_and_config_gaps_are_named(tmp_path):
+    qwen2_model(**QWEN2_CONFIGS["gqa"]).save_pretrained(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(hf | {"use_sliding_window": True}))
+    with pytest.raises(CheckpointError, match="use_sliding_window must be false, got true"):
+        load_checkpoint(tmp_path)
+    del hf["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="config.json is missing hidden_size"):
+        load_checkpoint(tmp_path)

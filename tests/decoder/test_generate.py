@@ -19,34 +19,32 @@ def prompt():
 
 
 def test_cached_decoding_equals_recomputation(params, prompt):
-    out = generate(params, CONFIG, prompt, 10)
+    out = generate(params, prompt, CONFIG, 10)
     assert out.tokens.shape == (3, 15) and out.logits.shape == (3, 10, CONFIG.vocab_size)
     np.testing.assert_array_equal(out.tokens[:, :5], prompt)
-    full = jax.jit(forward, static_argnums=2)(
-        params, out.tokens, CONFIG
-    )  # every position recomputed from scratch
+    full = forward(params, out.tokens, CONFIG)  # every position recomputed from scratch
     np.testing.assert_allclose(out.logits, full[:, 4:-1], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(full[:, 4:-1].argmax(-1), out.tokens[:, 5:])
 
 
 def test_rows_are_independent(params, prompt):
-    batched = generate(params, CONFIG, prompt, 6).tokens
+    batched = generate(params, prompt, CONFIG, 6).tokens
     for row in range(3):
         np.testing.assert_array_equal(
-            generate(params, CONFIG, prompt[row : row + 1], 6).tokens[0], batched[row]
+            generate(params, prompt[row : row + 1], CONFIG, 6).tokens[0], batched[row]
         )
 
 
 def test_sampling(params, prompt):
     key = jax.random.PRNGKey(4)
-    greedy = generate(params, CONFIG, prompt, 8).tokens
-    top1 = generate(params, CONFIG, prompt, 8, key=key, temperature=0.7, top_k=1).tokens
+    greedy = generate(params, prompt, CONFIG, 8).tokens
+    top1 = generate(params, prompt, CONFIG, 8, key=key, temperature=0.7, top_k=1).tokens
     np.testing.assert_array_equal(top1, greedy)
-    a = generate(params, CONFIG, prompt, 8, key=key, temperature=1.0).tokens
-    b = generate(params, CONFIG, prompt, 8, key=key, temperature=1.0).tokens
+    a = generate(params, prompt, CONFIG, 8, key=key, temperature=1.0).tokens
+    b = generate(params, prompt, CONFIG, 8, key=key, temperature=1.0).tokens
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(
-        a, generate(params, CONFIG, prompt, 8, key=jax.random.PRNGKey(5), temperature=1.0).tokens
+        a, generate(params, prompt, CONFIG, 8, key=jax.random.PRNGKey(5), temperature=1.0).tokens
     )
 
 
@@ -58,7 +56,10 @@ def test_sampling(params, prompt):
             dict(max_new_tokens=124),
             r"prompt length \+ max_new_tokens must be <= max_seq_len=128, got 5 \+ 124 = 129",
         ),
-        (dict(temperature=-1.0), "temperature must be >= 0, got -1.0"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1.0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+        (dict(top_k=3), "top_k needs temperature > 0 .greedy takes the top 1., got top_k=3"),
+        (dict(prompt=jnp.array([[1, 64]])), r"tokens must be ids in \[0, vocab_size=64\)"),
         (dict(temperature=1.0), "key must be a PRNG key when temperature > 0"),
         (
             dict(top_k=65, temperature=1.0, key=jax.random.PRNGKey(0)),
@@ -66,14 +67,14 @@ def test_sampling(params, prompt):
         ),
         (
             dict(prompt=jnp.zeros(5, jnp.int32)),
-            r"prompt must be integer token ids of shape \(B, S\), got int32 \(5,\)",
+            r"tokens must have shape \(B, S\), got shape \(5,\)",
         ),
     ],
 )
 def test_bad_arguments(params, prompt, kwargs, match):
     args = dict(prompt=prompt, max_new_tokens=4) | kwargs
     with pytest.raises((ValueError, TypeError), match=match):
-        generate(params, CONFIG, args.pop("prompt"), args.pop("max_new_tokens"), **args)
+        generate(params, args.pop("prompt"), CONFIG, args.pop("max_new_tokens"), **args)
 
 
 def test_left_padded_prompts_decode_as_they_would_alone(params):
@@ -81,22 +82,38 @@ def test_left_padded_prompts_decode_as_they_would_alone(params):
     long = jnp.array([[1, 2, 3, 4, 5, 6]])
     padded = jnp.concatenate([jnp.concatenate([jnp.zeros((1, 3), jnp.int32), short], 1), long])
     mask = np.array([[False] * 3 + [True] * 3, [True] * 6])
-    batched = generate(params, CONFIG, padded, 8, prompt_mask_BxS=mask)
-    alone = generate(params, CONFIG, short, 8)
+    batched = generate(params, padded, CONFIG, 8, attn_mask=mask)
+    alone = generate(params, short, CONFIG, 8)
     np.testing.assert_array_equal(batched.tokens[0, 6:], alone.tokens[0, 3:])
     # Rotary angles shifted by the padding: equal up to float32 rounding of the phases.
     np.testing.assert_allclose(batched.logits[0], alone.logits[0], rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(batched.tokens[1], generate(params, CONFIG, long, 8).tokens[0])
+    np.testing.assert_array_equal(batched.tokens[1], generate(params, long, CONFIG, 8).tokens[0])
 
 
 @pytest.mark.parametrize(
     "mask, match",
     [
-        (np.ones((3, 4), bool), r"prompt_mask must have the prompt's shape \(3, 5\), got \(3, 4\)"),
-        (np.array([[True] * 4 + [False]] * 3), "prompt_mask must pad on the left"),
-        (np.array([[True, False, True, True, True]] * 3), "prompt_mask must pad on the left"),
+        (np.ones((3, 4), bool), r"attn_mask must have the tokens' shape \(3, 5\), got \(3, 4\)"),
+        (np.array([[True] * 4 + [False]] * 3), "attn_mask must pad on the left"),
+        (np.array([[True, False, True, True, True]] * 3), "attn_mask must pad on the left"),
+        (
+            np.array([[False] * 5] * 3),
+            "attn_mask must leave each row at least one real token, got row 0 all padding",
+        ),
     ],
 )
 def test_bad_prompt_mask(params, prompt, mask, match):
     with pytest.raises(ValueError, match=match):
-        generate(params, CONFIG, prompt, 4, prompt_mask_BxS=mask)
+        generate(params, prompt, CONFIG, 4, attn_mask=mask)
+
+
+def test_new_sampling_values_do_not_recompile(params, prompt):
+    from scanlab.decoder.generate import _generate
+
+    _generate.clear_cache()
+    key = jax.random.PRNGKey(0)
+    for temperature, top_k in ((0.7, None), (1.3, 5), (0.2, 1), (2.0, 64)):
+        generate(params, prompt, CONFIG, 4, key=key, temperature=temperature, top_k=top_k)
+    assert _generate._cache_size() == 1
+    generate(params, prompt, CONFIG, 4)  # greedy is its own program: no key, no draw
+    assert _generate._cache_size() == 2

@@ -57,7 +57,7 @@ def test_block_is_residual_and_keeps_shape():
     layer = unstack(init_params(CONFIG, jax.random.PRNGKey(0)).blocks)[0]
     seq = jax.random.normal(jax.random.PRNGKey(2), (2, 6, CONFIG.d_model))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((6, 6), bool)), (2, 6, 6))
-    block = jax.jit(lambda layer, seq: decoder_block(layer, seq, mask, config=CONFIG))
+    block = jax.jit(lambda layer, seq: decoder_block(layer, seq, mask, config=CONFIG)[0])
     out = block(layer, seq)
     assert out.shape == seq.shape
     zeroed = layer._replace(

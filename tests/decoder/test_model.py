@@ -6,8 +6,6 @@ import pytest
 
 from scanlab.decoder import forward, forward_loop, init_params, preset
 
-jit_forward = jax.jit(forward, static_argnames=("config", "remat"))
-
 CONFIG = preset("tiny").replace(dropout_rate=0.1)
 # Same ops in the same order; only XLA's scheduling of the scanned vs unrolled body differs.
 RTOL, ATOL = 1e-5, 1e-5
@@ -23,8 +21,8 @@ def tokens():
     return jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, CONFIG.vocab_size)
 
 
-def loss(fn, params, tokens, key=None, remat=False):
-    logits = fn(params, tokens, CONFIG, key, remat=remat)
+def loss(fn, params, tokens, key=None, remat="none"):
+    logits = fn(params, tokens, CONFIG, key=key, remat=remat)
     return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
 
@@ -34,8 +32,8 @@ class TestScanVsLoop(chex.TestCase):
         params = init_params(CONFIG, jax.random.PRNGKey(0))
         tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, CONFIG.vocab_size)
         for key in (None, jax.random.PRNGKey(7)):
-            scan_fn = self.variant(lambda p, t, k: forward(p, t, CONFIG, k))
-            loop_fn = self.variant(lambda p, t, k: forward_loop(p, t, CONFIG, k))
+            scan_fn = self.variant(lambda p, t, k: forward(p, t, CONFIG, key=k))
+            loop_fn = self.variant(lambda p, t, k: forward_loop(p, t, CONFIG, key=k))
             np.testing.assert_allclose(
                 scan_fn(params, tokens, key), loop_fn(params, tokens, key), rtol=RTOL, atol=ATOL
             )
@@ -50,18 +48,48 @@ def test_scan_and_loop_gradients_agree(params, tokens, with_key):
 
 
 def test_dropout_only_with_a_key(params, tokens):
-    no_key = jit_forward(params, tokens, CONFIG)
-    np.testing.assert_array_equal(no_key, jit_forward(params, tokens, CONFIG))
-    keyed = jit_forward(params, tokens, CONFIG, jax.random.PRNGKey(3))
+    no_key = forward(params, tokens, CONFIG)
+    np.testing.assert_array_equal(no_key, forward(params, tokens, CONFIG))
+    keyed = forward(params, tokens, CONFIG, key=jax.random.PRNGKey(3))
     assert not np.allclose(no_key, keyed)
-    np.testing.assert_array_equal(keyed, jit_forward(params, tokens, CONFIG, jax.random.PRNGKey(3)))
+    np.testing.assert_array_equal(keyed, forward(params, tokens, CONFIG, key=jax.random.PRNGKey(3)))
 
 
-def test_remat_gives_the_same_gradients(params, tokens):
+@pytest.mark.parametrize("remat", ["full", "dots", "sqrt"])
+def test_every_remat_policy_gives_the_same_gradients(params, tokens, remat):
     key = jax.random.PRNGKey(5)
     plain = jax.jit(jax.grad(lambda p: loss(forward, p, tokens, key)))(params)
-    remat = jax.jit(jax.grad(lambda p: loss(forward, p, tokens, key, remat=True)))(params)
-    chex.assert_trees_all_close(plain, remat, rtol=1e-5, atol=1e-7)
+    policy = jax.jit(jax.grad(lambda p: loss(forward, p, tokens, key, remat=remat)))(params)
+    # Recomputation replays the same float32 ops; XLA may fuse them differently.
+    chex.assert_trees_all_close(plain, policy, rtol=1e-5, atol=1e-7)
+
+
+def test_the_loop_twin_takes_the_per_layer_policies_and_refuses_sqrt(params, tokens):
+    scan = jax.grad(lambda p: loss(forward, p, tokens, remat="dots"))(params)
+    chex.assert_trees_all_close(
+        scan,
+        jax.grad(lambda p: loss(forward_loop, p, tokens, remat="dots"))(params),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="remat='sqrt' nests the layer scan"):
+        forward_loop(params, tokens, CONFIG, remat="sqrt")
+    with pytest.raises(
+        ValueError, match=r"remat must be one of \['none', 'full', 'dots', 'sqrt'\], got True"
+    ):
+        forward(params, tokens, CONFIG, remat=True)
+
+
+def test_forward_compiles_once_per_signature(params, tokens):
+    from scanlab.decoder import model
+
+    model._forward.clear_cache()
+    forward(params, tokens, CONFIG)
+    forward(params, tokens + 1, CONFIG)  # new values, same signature
+    forward(params, np.asarray(tokens), CONFIG)  # NumPy in: same program
+    assert model._forward._cache_size() == 1
+    forward(params, tokens[:, :5], CONFIG)  # a new shape is a new program
+    assert model._forward._cache_size() == 2
 
 
 def test_causal_through_gradients(params, tokens):
@@ -75,18 +103,19 @@ def test_causal_through_gradients(params, tokens):
 
 
 def _forward_from_embeddings(params, seq):
-    from scanlab.decoder.model import causal_mask, run_layers, unembed
+    from scanlab.decoder.model import causal_mask, unembed
+    from scanlab.decoder.stack import run_layers
 
     mask = causal_mask(None, *seq.shape[:2])
-    return unembed(params, run_layers(params.blocks, seq, mask, config=CONFIG), CONFIG)
+    return unembed(params, run_layers(params.blocks, seq, mask, config=CONFIG)[0], CONFIG)
 
 
 def test_padding_mask_hides_padded_keys(params, tokens):
     mask = np.ones(tokens.shape, bool)
     mask[:, 3] = False
     changed = tokens.at[:, 3].set((tokens[:, 3] + 1) % CONFIG.vocab_size)
-    a = jit_forward(params, tokens, CONFIG, attn_mask_BxS=mask)
-    b = jit_forward(params, changed, CONFIG, attn_mask_BxS=mask)
+    a = forward(params, tokens, CONFIG, attn_mask=mask)
+    b = forward(params, changed, CONFIG, attn_mask=mask)
     np.testing.assert_allclose(a[:, 4:], b[:, 4:], rtol=1e-6, atol=1e-6)
 
 
@@ -98,12 +127,24 @@ def test_padding_mask_hides_padded_keys(params, tokens):
             ValueError,
             r"tokens must have shape \(B, S\), got shape \(12,\)",
         ),
-        (jnp.zeros((1, 12)), TypeError, "tokens must be integer ids, got dtype float32"),
+        (jnp.zeros((1, 12)), TypeError, "tokens must be integer token ids, got dtype float32"),
         (
             jnp.zeros((1, 129), jnp.int32),
             ValueError,
-            "tokens must have S <= max_seq_len=128, got S=129",
+            "tokens must have 1 <= S <= max_seq_len=128, got S=129",
         ),
+        (
+            jnp.zeros((1, 0), jnp.int32),
+            ValueError,
+            "tokens must have 1 <= S <= max_seq_len=128, got S=0",
+        ),
+        (
+            jnp.array([[1, 64]]),
+            ValueError,
+            r"tokens must be ids in \[0, vocab_size=64\), got tokens\[0, 1\] = 64",
+        ),
+        (jnp.array([[-1, 3]]), ValueError, r"got tokens\[0, 0\] = -1"),
+        ([[1.5]], TypeError, "tokens must be integer token ids, got dtype float64"),
     ],
 )
 def test_bad_tokens(params, tokens, error, match):

@@ -6,13 +6,15 @@ import pytest
 from scanlab.decoder import (
     Attention,
     DecoderBlock,
+    check_params,
     init_params,
+    layer_shapes,
     param_count,
     preset,
+    spec,
     stack,
     unstack,
 )
-from scanlab.decoder.params import check_params, layer_shapes
 
 BLOG_STACKED = DecoderBlock(
     input_norm=(32, 4096),
@@ -37,7 +39,7 @@ def test_llama2_7b_matches_the_blog_listing_without_allocating():
     abstract = jax.eval_shape(lambda: init_params(preset("llama2-7b"), jax.random.PRNGKey(0)))
     assert shapes(abstract.blocks) == BLOG_STACKED
     assert layer_shapes(preset("llama2-7b")) == jax.tree.map(
-        lambda s: s[1:], BLOG_STACKED, is_leaf=lambda s: isinstance(s[0], int)
+        lambda s: s[1:], BLOG_STACKED, is_leaf=spec.is_shape
     )
 
 
@@ -94,5 +96,51 @@ def test_tied_embeddings_have_no_head():
     params = init_params(config, jax.random.PRNGKey(0))
     assert params.lm_head is None
     check_params(params, config)
-    with pytest.raises(ValueError, match="params.lm_head must be None for tie_embeddings=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"params\.lm_head is not declared for this config \(set to None\), got an array",
+    ):
         check_params(params._replace(lm_head=jnp.zeros((64, 64))), config)
+    with pytest.raises(
+        ValueError,
+        match=r"params\.lm_head is missing: this config declares it with shape \(64, 64\)",
+    ):
+        check_params(params, config.replace(tie_embeddings=False))
+
+
+def test_qwen2_declares_qkv_biases_and_llama_does_not():
+    llama = preset("tiny")
+    qwen2 = llama.replace(family="qwen2")
+    attention = layer_shapes(qwen2).attention
+    assert (attention.q_bias, attention.k_bias, attention.v_bias) == ((2, 2, 16), (2, 16), (2, 16))
+    assert layer_shapes(llama).attention.q_bias is None
+    # The biases are the whole difference: 3 leaves of R·K·Dh + 2·K·Dh = 128 per layer.
+    assert param_count(qwen2) - param_count(llama) == 4 * 128
+    biases = init_params(qwen2, jax.random.PRNGKey(0)).blocks.attention
+    assert not np.asarray(biases.q_bias).any()  # transformers initialises biases at zero
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_every_declared_leaf_round_trips_through_the_transformers_layout(family):
+    config = preset("tiny").replace(family=family, n_kv_heads=1)
+    layer = spec.init_layer(config, jax.random.PRNGKey(1))
+    declared = spec.declared(config).blocks
+    for leaf, array in zip(
+        jax.tree.leaves(declared, is_leaf=spec.is_leaf), jax.tree.leaves(layer), strict=True
+    ):
+        hf = spec.to_hf(leaf, array, config)
+        assert hf.shape == spec.hf_shape(leaf, config)
+        np.testing.assert_array_equal(spec.from_hf(leaf, hf, config), array)
+
+
+def test_mesh_placement_follows_the_letters():
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    specs = spec.param_specs(preset("tiny").replace(family="qwen2"), mesh)
+    assert specs.embed == P(None, "data")  # V D
+    assert specs.blocks.attention.q_proj == P(None, "data", None, "model", None)  # L D R K Dh
+    assert specs.blocks.attention.q_bias == P(None, None, "model", None)  # L R K Dh
+    assert specs.blocks.down_proj == P(None, "model", "data")  # L F D
+    assert specs.blocks.input_norm == P()  # norms are replicated
+    assert specs.lm_head == P("data", None)  # D V

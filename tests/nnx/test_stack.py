@@ -30,7 +30,7 @@ def test_logits_equal_the_functional_decoder(config, layer_scan):
     model = NNXDecoder.from_params(params, config, layer_scan=layer_scan)
     np.testing.assert_allclose(
         model(tokens, mask),
-        decoder.forward(params, tokens, config, attn_mask_BxS=mask),
+        decoder.forward(params, tokens, config, attn_mask=mask),
         rtol=RTOL,
         atol=ATOL,
     )

@@ -57,7 +57,7 @@ def measure(
     prompt_BxS = jax.random.randint(jax.random.PRNGKey(1), (batch, prompt), 0, config.vocab_size)
 
     def cached():
-        return generate(params, config, prompt_BxS, new_tokens).tokens
+        return generate(params, prompt_BxS, config, new_tokens).tokens
 
     def recompute():
         return generate_by_recomputation(

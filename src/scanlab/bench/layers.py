@@ -11,8 +11,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from scanlab import sharding
-from scanlab.decoder import DecoderConfig, forward, forward_loop, init_params
-from scanlab.decoder import sharding as decoder_sharding
+from scanlab.decoder import (
+    REMAT,
+    DecoderConfig,
+    forward,
+    forward_loop,
+    init_params,
+    shard_params,
+)
 from scanlab.timing import compile_seconds, time_call
 
 
@@ -33,8 +39,9 @@ class ShardedPoint(NamedTuple):
 
 class RematPoint(NamedTuple):
     n_layers: int
-    temp_bytes: int  # XLA's compiled temp allocation for forward + backward, no remat
-    remat_temp_bytes: int  # the same with each block rematerialised
+    policy: str  # a name in scanlab.decoder.REMAT
+    temp_bytes: int  # XLA's compiled temp allocation for forward + backward
+    grad_s: float  # median steady gradient step
 
 
 def block_config(n_layers: int, d_model: int = 256, seq: int = 128) -> DecoderConfig:
@@ -101,21 +108,23 @@ def measure(
 
 
 def measure_remat(
-    n_layers: int, *, d_model: int = 256, seq: int = 128, batch: int = 1
-) -> RematPoint:
-    """XLA's temp memory for a training gradient of the scanned model, with and without remat."""
+    n_layers: int, *, d_model: int = 256, seq: int = 128, batch: int = 1, repeats: int = 3
+) -> list[RematPoint]:
+    """Temp memory and time of a training gradient of the scanned model, per remat policy."""
     config = block_config(n_layers, d_model, seq)
     params, tokens = _inputs(config, batch)
+    points = []
+    for policy in REMAT:
 
-    def temp_bytes(remat: bool) -> int:
-        def loss(p):
-            logits = forward(p, tokens, config, remat=remat)
+        def loss(p, policy=policy):
+            logits = forward(p, tokens, config, remat=policy)
             return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
         compiled = jax.jit(jax.grad(loss)).lower(params).compile()
-        return int(compiled.memory_analysis().temp_size_in_bytes)
-
-    return RematPoint(n_layers, temp_bytes(False), temp_bytes(True))
+        timing = time_call(lambda compiled=compiled: compiled(params), repeats)
+        temp = int(compiled.memory_analysis().temp_size_in_bytes)
+        points.append(RematPoint(n_layers, policy, temp, timing.median_s))
+    return points
 
 
 def measure_sharded(
@@ -132,7 +141,7 @@ def measure_sharded(
     params, tokens = _inputs(config, batch)
     forward_fn = jax.jit(functools.partial(forward, config=config))
     single = forward_fn(params, tokens)
-    sharded_params = decoder_sharding.shard_params(params, config, mesh)
+    sharded_params = shard_params(params, config, mesh)
     sharded_tokens = sharding.shard_batch(tokens, mesh, "tokens")
     timing = time_call(lambda: forward_fn(sharded_params, sharded_tokens), repeats)
     diff = float(jnp.max(jnp.abs(forward_fn(sharded_params, sharded_tokens) - single)))

@@ -38,7 +38,7 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
             n_layers, repeats=2 if quick else 5, compiles=1 if quick else 3, **dims
         )
         results["layers"].append(point._asdict())
-        results["remat"].append(layers.measure_remat(n_layers, **dims)._asdict())
+        results["remat"] += [p._asdict() for p in layers.measure_remat(n_layers, **dims)]
 
     results["training"] = {}
     small = TrainConfig(

@@ -1,9 +1,10 @@
-"""Llama-architecture checkpoints as transformers writes them <-> stacked DecoderParams.
+"""Llama and Qwen2 checkpoints as transformers writes them <-> stacked DecoderParams.
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or sharded
 `model-XXXXX-of-YYYYY.safetensors` files listed in `model.safetensors.index.json`. Tensors are
 per layer (`model.layers.{i}.self_attn.q_proj.weight`, ...) in torch's (out, in) layout; scanlab
-stacks them on a leading layer axis in the blog's layout. Loading fills each stacked leaf in place
+stacks them on a leading layer axis in the blog's layout. Every name and layout comes from the
+parameter declarations in `scanlab.decoder.spec`. Loading fills each stacked leaf in place
 (a donated buffer updated one layer at a time), so it holds at most one extra layer's tensor;
 saving writes one shard per layer for the same reason, into a temporary directory renamed into
 place when complete, so a failed save leaves nothing half-written.
@@ -16,9 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +25,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.params import DecoderParams, check_params, stacked_shapes
+from scanlab.decoder.params import DecoderParams
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,28 +41,42 @@ class CheckpointError(ValueError):
 # --- config.json ------------------------------------------------------------------------------
 
 
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _family(hf: dict) -> str:
+    architectures = hf.get("architectures") or []
+    for family, architecture in _ARCHITECTURES.items():
+        if hf.get("model_type") == family or architecture in architectures:
+            return family
+    raise CheckpointError(
+        f"config.json must describe a Llama or Qwen2 model (model_type 'llama' or 'qwen2'), "
+        f"got model_type={hf.get('model_type')!r}, architectures={architectures}"
+    )
+
+
 def config_from_hf(hf: dict) -> DecoderConfig:
-    """DecoderConfig from a transformers LlamaConfig dict, in its older or current form.
+    """DecoderConfig from a transformers Llama or Qwen2 config dict, older or current form.
 
     The current form keeps rotary settings in `rope_parameters`; the older one has `rope_theta`
     and `rope_scaling` at the top level. Only the default (unscaled) rotary embedding is supported.
     """
-    architectures = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in architectures:
-        raise CheckpointError(
-            f"config.json must describe a Llama model (model_type 'llama' or architecture "
-            f"LlamaForCausalLM), got model_type={hf.get('model_type')!r}, "
-            f"architectures={architectures}"
-        )
+    family = _family(hf)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(f"rope_type must be 'default', got {rope_type!r}")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise CheckpointError(f"{flag} must be false (Llama has no biases), got true")
+    if family == "llama":
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise CheckpointError(f"{flag} must be false for Llama, got true")
+    if hf.get("use_sliding_window"):
+        raise CheckpointError("use_sliding_window must be false, got true")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act must be 'silu', got {hf['hidden_act']!r}")
+    missing = [key for key in _REQUIRED_KEYS if key not in hf]
+    if missing:
+        raise CheckpointError(f"config.json is missing {', '.join(missing)}")
     n_heads = hf["num_attention_heads"]
     return DecoderConfig(
         vocab_size=hf["vocab_size"],
@@ -76,14 +90,29 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        family=family,
     )
 
 
+_REQUIRED_KEYS = (
+    "vocab_size",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+)
+
+
 def config_to_hf(config: DecoderConfig, dtype: str) -> dict:
-    """A LlamaConfig dict in the current form, with the older top-level `rope_theta` as well."""
+    """A transformers config dict in the current form, with the older top-level `rope_theta`."""
+    family_keys = (
+        {"attention_bias": False, "mlp_bias": False}
+        if config.family == "llama"
+        else {"use_sliding_window": False}
+    )
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_ARCHITECTURES[config.family]],
+        "model_type": config.family,
         "vocab_size": config.vocab_size,
         "num_hidden_layers": config.n_layers,
         "hidden_size": config.d_model,
@@ -95,74 +124,23 @@ def config_to_hf(config: DecoderConfig, dtype: str) -> dict:
         "rms_norm_eps": config.norm_eps,
         "max_position_embeddings": config.max_seq_len,
         "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
+        **family_keys,
         "rope_theta": config.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "dtype": dtype,
     }
 
 
-# --- per-layer tensors <-> stacked leaves -----------------------------------------------------
+# --- names ----------------------------------------------------------------------------------
 
 
-class _Tensor(NamedTuple):
-    """How one torch tensor maps onto a scanlab leaf (one layer's slice for block leaves)."""
-
-    name: str  # e.g. "self_attn.q_proj.weight" under "model.layers.{i}."
-    to_scanlab: Callable[[jax.Array, DecoderConfig], jax.Array]
-    to_torch: Callable[[jax.Array, DecoderConfig], jax.Array]
+def _layer_name(i: int, leaf: spec.Leaf) -> str:
+    return f"model.layers.{i}.{leaf.hf_name}"
 
 
-def _same(w, config):
-    return w
-
-
-def _transpose(w, config):
-    return w.T
-
-
-def _q_to_scanlab(w, c):  # (R*K*Dh, D), heads ordered k-major -> (D, R, K, Dh)
-    return w.T.reshape(c.d_model, c.n_kv_heads, c.n_rep, c.head_dim).transpose(0, 2, 1, 3)
-
-
-def _q_to_torch(w, c):
-    return w.transpose(0, 2, 1, 3).reshape(c.d_model, -1).T
-
-
-def _kv_to_scanlab(w, c):  # (K*Dh, D) -> (D, K, Dh)
-    return w.T.reshape(c.d_model, c.n_kv_heads, c.head_dim)
-
-
-def _kv_to_torch(w, c):
-    return w.reshape(c.d_model, -1).T
-
-
-def _o_to_scanlab(w, c):  # (D, R*K*Dh) -> (R, K, Dh, D)
-    return w.T.reshape(c.n_kv_heads, c.n_rep, c.head_dim, c.d_model).transpose(1, 0, 2, 3)
-
-
-def _o_to_torch(w, c):
-    return w.transpose(1, 0, 2, 3).reshape(-1, c.d_model).T
-
-
-# In the order of the DecoderBlock leaves.
-_LAYER_TENSORS = (
-    _Tensor("input_layernorm.weight", _same, _same),
-    _Tensor("self_attn.q_proj.weight", _q_to_scanlab, _q_to_torch),
-    _Tensor("self_attn.k_proj.weight", _kv_to_scanlab, _kv_to_torch),
-    _Tensor("self_attn.v_proj.weight", _kv_to_scanlab, _kv_to_torch),
-    _Tensor("self_attn.o_proj.weight", _o_to_scanlab, _o_to_torch),
-    _Tensor("post_attention_layernorm.weight", _same, _same),
-    _Tensor("mlp.gate_proj.weight", _transpose, _transpose),
-    _Tensor("mlp.up_proj.weight", _transpose, _transpose),
-    _Tensor("mlp.down_proj.weight", _transpose, _transpose),
-)
-EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
-
-
-def _layer_name(i: int, tensor: _Tensor) -> str:
-    return f"model.layers.{i}.{tensor.name}"
+def _leaves(tree) -> list:
+    """The present leaves of a tree shaped like SPEC (declarations, arrays or shapes)."""
+    return jax.tree.leaves(tree, is_leaf=lambda node: spec.is_leaf(node) or spec.is_shape(node))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -190,27 +168,23 @@ class _Reader:
             )
         self.directory, self.weight_map = directory, weight_map
 
-    def read(self, name: str, shape: tuple[int, ...]) -> jax.Array:
+    def dtype(self, name: str) -> np.dtype:
+        return self.read(name, None).dtype
+
+    def read(self, name: str, shape: tuple[int, ...] | None) -> jax.Array:
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint")
         with safe_open(self.directory / self.weight_map[name], framework="flax") as f:
             tensor = f.get_tensor(name)
-        if tuple(tensor.shape) != shape:
+        if shape is not None and tuple(tensor.shape) != shape:
             raise CheckpointError(
                 f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape} from config.json"
             )
         return tensor
 
 
-def _torch_shapes(config: DecoderConfig) -> tuple[tuple[int, ...], ...]:
-    """The per-layer tensor shapes transformers stores, in `_LAYER_TENSORS` order."""
-    D, H, K, F = config.d_model, config.n_heads * config.head_dim, config.n_kv_heads, config.mlp_dim
-    kv = K * config.head_dim
-    return ((D,), (H, D), (kv, D), (kv, D), (D, H), (D,), (F, D), (F, D), (D, F))
-
-
 def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig, DecoderParams]:
-    """Reads a transformers Llama checkpoint directory into stacked DecoderParams.
+    """Reads a transformers Llama or Qwen2 checkpoint directory into stacked DecoderParams.
 
     Args:
       path: directory with config.json and the safetensors file(s).
@@ -221,33 +195,26 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
         raise CheckpointError(f"{directory} must contain {CONFIG_FILE}")
     config = config_from_hf(json.loads((directory / CONFIG_FILE).read_text()))
     reader = _Reader(directory)
-    embed = reader.read(EMBED, (config.vocab_size, config.d_model))
-    dtype = jnp.dtype(dtype or embed.dtype)
-    leaves = []
-    for tensor, torch_shape, stacked_shape in zip(
-        _LAYER_TENSORS,
-        _torch_shapes(config),
-        jax.tree.leaves(stacked_shapes(config), is_leaf=lambda s: isinstance(s[0], int)),
-        strict=True,
-    ):
-        stacked = jnp.zeros(stacked_shape, dtype)
+    declared = spec.declared(config)
+    dtype = jnp.dtype(dtype or reader.dtype(declared.embed.hf_name))
+
+    def read(leaf: spec.Leaf, name: str) -> jax.Array:
+        tensor = reader.read(name, spec.hf_shape(leaf, config))
+        return spec.from_hf(leaf, tensor, config).astype(dtype)
+
+    def read_stacked(leaf: spec.Leaf, shape: tuple[int, ...]) -> jax.Array:
+        stacked = jnp.zeros(shape, dtype)
         for i in range(config.n_layers):
-            layer = tensor.to_scanlab(reader.read(_layer_name(i, tensor), torch_shape), config)
-            stacked = _set_layer(stacked, i, layer)
-        leaves.append(stacked)
-    blocks = jax.tree.structure(stacked_shapes(config), is_leaf=lambda s: isinstance(s[0], int))
-    lm_head = (
-        None
-        if config.tie_embeddings
-        else reader.read(LM_HEAD, (config.vocab_size, config.d_model)).T.astype(dtype)
+            stacked = _set_layer(stacked, i, read(leaf, _layer_name(i, leaf)))
+        return stacked
+
+    outside = jax.tree.map(
+        lambda leaf: read(leaf, leaf.hf_name), declared._replace(blocks=None), is_leaf=spec.is_leaf
     )
-    params = DecoderParams(
-        embed=embed.astype(dtype),
-        blocks=blocks.unflatten(leaves),
-        final_norm=reader.read(FINAL_NORM, (config.d_model,)).astype(dtype),
-        lm_head=lm_head,
+    blocks = jax.tree.map(
+        read_stacked, declared.blocks, spec.param_shapes(config).blocks, is_leaf=spec.is_leaf
     )
-    return config, params
+    return config, outside._replace(blocks=blocks)
 
 
 # --- save -------------------------------------------------------------------------------------
@@ -260,7 +227,7 @@ def save_checkpoint(
 
     The directory is written under a temporary name next to `path` and renamed when complete.
     """
-    check_params(params, config)
+    spec.check_params(params, config)
     directory = Path(path)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"path {directory} exists and is not empty; pass overwrite=True")
@@ -281,16 +248,17 @@ def _write_shards(directory: Path, config: DecoderConfig, params: DecoderParams)
     n_shards = config.n_layers + 1
     shard = "model-{:05d}-of-{:05d}.safetensors".format
     weight_map = {}
-    leaves = jax.tree.leaves(params.blocks)
+    declared = spec.declared(config)
+    block_leaves = list(zip(_leaves(declared.blocks), _leaves(params.blocks), strict=True))
     for i in range(config.n_layers):
         tensors = {
-            _layer_name(i, tensor): jnp.asarray(tensor.to_torch(leaf[i], config))
-            for tensor, leaf in zip(_LAYER_TENSORS, leaves, strict=True)
+            _layer_name(i, leaf): spec.to_hf(leaf, array[i], config) for leaf, array in block_leaves
         }
         _save(directory, shard(i + 1, n_shards), tensors, weight_map)
-    rest = {EMBED: params.embed, FINAL_NORM: params.final_norm}
-    if params.lm_head is not None:
-        rest[LM_HEAD] = params.lm_head.T
+    outside = zip(
+        _leaves(declared._replace(blocks=None)), _leaves(params._replace(blocks=None)), strict=True
+    )
+    rest = {leaf.hf_name: spec.to_hf(leaf, array, config) for leaf, array in outside}
     _save(directory, shard(n_shards, n_shards), rest, weight_map)
     total_size = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
     (directory / INDEX_FILE).write_text(

@@ -6,6 +6,8 @@ import dataclasses
 
 from scanlab import checks
 
+FAMILIES = ("llama", "qwen2")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
@@ -24,6 +26,7 @@ class DecoderConfig:
       max_seq_len: longest sequence (prompt + generated tokens) the model is used for.
       tie_embeddings: the output head reuses the token embedding (no separate lm_head).
       dropout_rate: residual dropout, applied only when a PRNG key is passed to forward.
+      family: "llama", or "qwen2" (the Llama block with biases on the q, k and v projections).
     """
 
     vocab_size: int
@@ -38,6 +41,7 @@ class DecoderConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     dropout_rate: float = 0.0
+    family: str = "llama"
 
     def __post_init__(self):
         for name in (
@@ -62,6 +66,13 @@ class DecoderConfig:
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether the q, k and v projections have biases (Qwen2)."""
+        return self.family == "qwen2"
 
     @property
     def n_rep(self) -> int:

@@ -1,7 +1,8 @@
 """Generation with a KV cache: prefill, then `jax.lax.scan` over tokens with the layer scan inside.
 
 The whole generation — prefill, the decode loop over tokens, the scan over layers in each step and
-the sampling — is one compiled program per (config, prompt shape, max_new_tokens, sampling mode).
+the sampling — is one compiled program per (config, prompt shape, max_new_tokens, greedy or
+sampling); temperature and top_k are traced values.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import numpy as np
 
 from scanlab import checks
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.layers import LayerCache, decoder_block
-from scanlab.decoder.model import embed, split_key_nullable, unembed
-from scanlab.decoder.params import DecoderBlock, DecoderParams, check_params
+from scanlab.decoder.layers import LayerCache
+from scanlab.decoder.model import check_mask, check_tokens, embed, unembed
+from scanlab.decoder.params import DecoderParams
+from scanlab.decoder.spec import check_params
+from scanlab.decoder.stack import run_layers, split_key_nullable
 
 
 class Generation(NamedTuple):
@@ -31,51 +34,24 @@ def init_cache(config: DecoderConfig, batch: int, length: int, dtype=jnp.float32
     return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def run_layers_cached(
-    blocks: DecoderBlock,
-    cache: LayerCache,
-    seq_BxSxD: jax.Array,
-    positions_BxS: jax.Array,
-    filled_BxT: jax.Array,
-    config: DecoderConfig,
-) -> tuple[jax.Array, LayerCache]:
-    """The layer scan for decoding: xs are (layer params, layer cache), ys the updated caches.
+def _sample(logits_BxV, key, temperature, top_k) -> jax.Array:
+    """Greedy without a key; else a draw from softmax(logits / temperature) over the top_k.
 
-    The S new tokens go to cache slots `positions`; `filled` is False for padding slots.
+    temperature and top_k are traced: a new value reuses the compiled program. A traced top_k
+    cannot size `lax.top_k`, so the k-th largest logit is read from a sorted copy.
     """
-    cache_length = cache.k.shape[2]
-    # Query at slot p sees every non-padding slot <= p; later slots are empty or stale.
-    causal_BxSxT = jnp.arange(cache_length)[None, None, :] <= positions_BxS[:, :, None]
-    mask_BxSxT = causal_BxSxT & filled_BxT[:, None, :]
-
-    def inner(seq, layer):
-        block, layer_cache = layer
-        seq, layer_cache = decoder_block(
-            block,
-            seq,
-            mask_BxSxT,
-            config=config,
-            positions_BxS=positions_BxS,
-            cache=layer_cache,
-        )
-        return seq, layer_cache
-
-    return jax.lax.scan(inner, seq_BxSxD, (blocks, cache))
-
-
-def _sample(logits_BxV, key, temperature: float, top_k: int | None) -> jax.Array:
-    if temperature == 0.0:
+    if key is None:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logits_BxV = logits_BxV / temperature
-    if top_k is not None:
-        kth_largest_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_largest_Bx1, -jnp.inf, logits_BxV)
+    descending_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    kth_largest_Bx1 = jax.lax.dynamic_slice_in_dim(descending_BxV, top_k - 1, 1, axis=-1)
+    logits_BxV = jnp.where(logits_BxV < kth_largest_Bx1, -jnp.inf, logits_BxV)
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
 def _generate(
-    params, prompt_BxS, prompt_mask_BxS, key, *, config, max_new_tokens, temperature, top_k
+    params, prompt_BxS, prompt_mask_BxS, key, temperature, top_k, *, config, max_new_tokens
 ):
     batch, prompt_length = prompt_BxS.shape
     cache = init_cache(config, batch, prompt_length + max_new_tokens, params.embed.dtype)
@@ -83,28 +59,39 @@ def _generate(
     # scores depend only on position differences, so it decodes as it would unpadded.
     positions_BxS = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
     filled_BxT = jnp.concatenate([prompt_mask_BxS, jnp.ones((batch, max_new_tokens), bool)], 1)
-    seq, cache = run_layers_cached(
-        params.blocks, cache, embed(params, prompt_BxS), positions_BxS, filled_BxT, config
-    )
-    first_logits_BxV = unembed(params, seq[:, -1:], config)[:, 0]
-    key, subkey = split_key_nullable(key)
-    first_token_B = _sample(first_logits_BxV, subkey, temperature, top_k)
+    cache_length = prompt_length + max_new_tokens
+
+    def layers(cache, tokens_BxS, positions_BxS):
+        # Query at slot p sees every non-padding slot <= p; later slots are empty or stale.
+        causal_BxSxT = jnp.arange(cache_length)[None, None, :] <= positions_BxS[:, :, None]
+        mask_BxSxT = causal_BxSxT & filled_BxT[:, None, :]
+        seq, cache = run_layers(
+            params.blocks,
+            embed(params, tokens_BxS),
+            mask_BxSxT,
+            config=config,
+            positions_BxS=positions_BxS,
+            cache=cache,
+        )
+        return unembed(params, seq[:, -1:], config)[:, 0], cache
+
+    with jax.named_scope("prefill"):
+        first_logits_BxV, cache = layers(cache, prompt_BxS, positions_BxS)
+        key, subkey = split_key_nullable(key)
+        first_token_B = _sample(first_logits_BxV, subkey, temperature, top_k)
 
     def decode_step(state, position):
         cache, token_B, key = state
-        positions_Bx1 = jnp.full((batch, 1), position)
-        seq, cache = run_layers_cached(
-            params.blocks, cache, embed(params, token_B[:, None]), positions_Bx1, filled_BxT, config
-        )
-        logits_BxV = unembed(params, seq, config)[:, 0]
+        logits_BxV, cache = layers(cache, token_B[:, None], jnp.full((batch, 1), position))
         key, subkey = split_key_nullable(key)
         next_token_B = _sample(logits_BxV, subkey, temperature, top_k)
         return (cache, next_token_B, key), (next_token_B, logits_BxV)
 
     positions = prompt_length + jnp.arange(max_new_tokens - 1)
-    _, (tokens_NxB, logits_NxBxV) = jax.lax.scan(
-        decode_step, (cache, first_token_B, key), positions
-    )
+    with jax.named_scope("decode"):
+        _, (tokens_NxB, logits_NxBxV) = jax.lax.scan(
+            decode_step, (cache, first_token_B, key), positions
+        )
     new_tokens_BxN = jnp.concatenate([first_token_B[:, None], tokens_NxB.T], axis=1)
     logits_BxNxV = jnp.concatenate([first_logits_BxV[:, None], logits_NxBxV.swapaxes(0, 1)], 1)
     return Generation(jnp.concatenate([prompt_BxS, new_tokens_BxN], axis=1), logits_BxNxV)
@@ -112,33 +99,33 @@ def _generate(
 
 def generate(
     params: DecoderParams,
+    tokens,
     config: DecoderConfig,
-    prompt_BxS,
     max_new_tokens: int,
+    *,
     key: jax.Array | None = None,
+    attn_mask=None,
     temperature: float = 0.0,
     top_k: int | None = None,
-    prompt_mask_BxS=None,
 ) -> Generation:
     """Continues each prompt row by `max_new_tokens` tokens.
 
+    The arguments follow `forward`'s: params, tokens, config, then the generation's own.
+
     Args:
       params: DecoderParams (stacked blocks).
+      tokens: (B, S) int token ids in [0, V), one prompt per row; shorter prompts left-padded.
       config: the model's DecoderConfig.
-      prompt_BxS: int token ids, one prompt per row; shorter prompts left-padded (any id).
       max_new_tokens: N >= 1 new tokens per row; S + N <= config.max_seq_len.
       key: PRNG key, required when sampling (temperature > 0).
-      temperature: 0 for greedy decoding, > 0 to sample from softmax(logits / temperature).
-      top_k: sample only among the k most likely tokens.
-      prompt_mask_BxS: True for real prompt tokens, False for the left padding of shorter
+      attn_mask: (B, S), True for real prompt tokens, False for the left padding of shorter
         prompts (as transformers' attention_mask); default: no padding.
+      temperature: 0 for greedy decoding, > 0 to sample from softmax(logits / temperature).
+      top_k: sample only among the k most likely tokens (needs temperature > 0).
+
+    temperature and top_k are traced: changing them does not recompile.
     """
-    prompt_BxS = jnp.asarray(prompt_BxS)
-    if prompt_BxS.ndim != 2 or not jnp.issubdtype(prompt_BxS.dtype, jnp.integer):
-        raise ValueError(
-            f"prompt must be integer token ids of shape (B, S), got {prompt_BxS.dtype} "
-            f"{tuple(prompt_BxS.shape)}"
-        )
+    prompt_BxS = check_tokens("tokens", tokens, config)
     max_new_tokens = checks.static_int("max_new_tokens", max_new_tokens, minimum=1)
     total = prompt_BxS.shape[1] + max_new_tokens
     if total > config.max_seq_len:
@@ -146,38 +133,54 @@ def generate(
             f"prompt length + max_new_tokens must be <= max_seq_len={config.max_seq_len}, "
             f"got {prompt_BxS.shape[1]} + {max_new_tokens} = {total}"
         )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    temperature = _checked_temperature(temperature)
     if temperature > 0 and key is None:
         raise ValueError("key must be a PRNG key when temperature > 0 (sampling), got None")
     if top_k is not None:
+        if temperature == 0:
+            raise ValueError(
+                f"top_k needs temperature > 0 (greedy takes the top 1), got top_k={top_k}"
+            )
         top_k = checks.static_int("top_k", top_k, minimum=1)
         if top_k > config.vocab_size:
             raise ValueError(f"top_k must be <= vocab_size={config.vocab_size}, got {top_k}")
-    prompt_mask_BxS = _checked_prompt_mask(prompt_mask_BxS, prompt_BxS.shape)
+    prompt_mask_BxS = _checked_prompt_mask(attn_mask, prompt_BxS.shape)
     check_params(params, config)
+    sampling = temperature > 0
     return _generate(
         params,
-        prompt_BxS.astype(jnp.int32),
+        prompt_BxS,
         prompt_mask_BxS,
-        key if temperature > 0 else None,
+        key if sampling else None,
+        jnp.float32(temperature if sampling else 1.0),
+        jnp.int32(top_k or config.vocab_size),
         config=config,
         max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_k=top_k,
     )
 
 
-def _checked_prompt_mask(prompt_mask_BxS, shape: tuple[int, int]) -> jax.Array:
+def _checked_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.number):
+        raise TypeError(f"temperature must be a number, got {temperature!r}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    return float(temperature)
+
+
+def _checked_prompt_mask(attn_mask, shape: tuple[int, int]) -> jax.Array:
     """The mask as bool (B, S); it must pad on the left and leave each row a real token."""
-    if prompt_mask_BxS is None:
+    if attn_mask is None:
         return jnp.ones(shape, bool)
-    mask = np.asarray(prompt_mask_BxS).astype(bool)
-    if mask.shape != shape:
-        raise ValueError(f"prompt_mask must have the prompt's shape {shape}, got {mask.shape}")
+    mask = np.asarray(check_mask(attn_mask, shape))
+    empty = ~mask.any(axis=1)
+    if empty.any():
+        raise ValueError(
+            "attn_mask must leave each row at least one real token, got row "
+            f"{int(np.argmax(empty))} all padding"
+        )
     if not mask[:, -1].all() or (np.diff(mask.astype(np.int8), axis=1) < 0).any():
         raise ValueError(
-            "prompt_mask must pad on the left (False before True in each row, the last token "
+            "attn_mask must pad on the left (False before True in each row, the last token "
             "real), got a row with padding after a real token"
         )
     return jnp.asarray(mask)

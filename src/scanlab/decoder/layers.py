@@ -73,9 +73,9 @@ def attention(
     Returns:
       (B, S, D) output, and the updated cache (None without one).
     """
-    q_BxSxRxKxDh = jnp.einsum("bsd,drkh->bsrkh", x_BxSxD, attn.q_proj)
-    k_BxSxKxDh = jnp.einsum("bsd,dkh->bskh", x_BxSxD, attn.k_proj)
-    v_BxSxKxDh = jnp.einsum("bsd,dkh->bskh", x_BxSxD, attn.v_proj)
+    q_BxSxRxKxDh = _plus_bias(jnp.einsum("bsd,drkh->bsrkh", x_BxSxD, attn.q_proj), attn.q_bias)
+    k_BxSxKxDh = _plus_bias(jnp.einsum("bsd,dkh->bskh", x_BxSxD, attn.k_proj), attn.k_bias)
+    v_BxSxKxDh = _plus_bias(jnp.einsum("bsd,dkh->bskh", x_BxSxD, attn.v_proj), attn.v_bias)
     cos, sin = rope_phases(positions_BxS, config.head_dim, config.rope_theta)
     q_BxSxRxKxDh = apply_rope(q_BxSxRxKxDh, cos, sin)
     k_BxSxKxDh = apply_rope(k_BxSxKxDh, cos, sin)
@@ -92,6 +92,11 @@ def attention(
     probs_BxRxKxSxT = jax.nn.softmax(scores_BxRxKxSxT, axis=-1).astype(v_BxTxKxDh.dtype)
     out_BxSxRxKxDh = jnp.einsum("brkst,btkh->bsrkh", probs_BxRxKxSxT, v_BxTxKxDh)
     return jnp.einsum("bsrkh,rkhd->bsd", out_BxSxRxKxDh, attn.out_proj), cache
+
+
+def _plus_bias(x_BxSx: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """x (B, S, ...) + bias (...), the bias lifted explicitly; no bias (Llama): x."""
+    return x_BxSx if bias is None else x_BxSx + bias.reshape((1, 1) + bias.shape)
 
 
 def _write(cache: LayerCache, k_BxSxKxDh, v_BxSxKxDh, positions_BxS) -> LayerCache:
@@ -137,14 +142,16 @@ def decoder_block(
       cache: this layer's KV cache, for decoding.
 
     Returns:
-      The new residual stream (B, S, D); with a cache, `(seq, updated cache)`.
+      (seq, cache): the new residual stream (B, S, D) and the updated cache (None without one).
     """
     if positions_BxS is None:
         positions_BxS = jnp.broadcast_to(jnp.arange(seq_BxSxD.shape[1]), seq_BxSxD.shape[:2])
     attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
-    h = rms_norm(seq_BxSxD, block.input_norm, config.norm_eps)
-    h, new_cache = attention(block.attention, h, positions_BxS, attn_mask_BxSxT, config, cache)
-    seq_BxSxD = seq_BxSxD + _dropout(h, attn_key, config.dropout_rate)
-    h = swiglu(block, rms_norm(seq_BxSxD, block.post_attn_norm, config.norm_eps))
-    seq_BxSxD = seq_BxSxD + _dropout(h, mlp_key, config.dropout_rate)
-    return seq_BxSxD if cache is None else (seq_BxSxD, new_cache)
+    with jax.named_scope("attention"):
+        h = rms_norm(seq_BxSxD, block.input_norm, config.norm_eps)
+        h, cache = attention(block.attention, h, positions_BxS, attn_mask_BxSxT, config, cache)
+        seq_BxSxD = seq_BxSxD + _dropout(h, attn_key, config.dropout_rate)
+    with jax.named_scope("mlp"):
+        h = swiglu(block, rms_norm(seq_BxSxD, block.post_attn_norm, config.norm_eps))
+        seq_BxSxD = seq_BxSxD + _dropout(h, mlp_key, config.dropout_rate)
+    return seq_BxSxD, cache

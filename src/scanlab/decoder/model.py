@@ -1,4 +1,9 @@
-"""The decoder forward pass: `jax.lax.scan` over the stacked layers, and its Python-loop twin."""
+"""The decoder forward pass: the layer stack over embedded tokens, and its Python-loop twin.
+
+`forward` and `forward_loop` check their arguments, then call one compiled program per static
+signature (config, remat, shapes and dtypes): there is no need to wrap them in `jax.jit`, and
+calling them under an outer `jax.jit` inlines them.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.layers import decoder_block, rms_norm
-from scanlab.decoder.params import DecoderBlock, DecoderParams, check_params, unstack
-
-
-def split_key_nullable(key: jax.Array | None):
-    """`jax.random.split(key)`, passing `None` (no randomness, e.g. inference) through."""
-    if key is None:
-        return None, None
-    key, subkey = jax.random.split(key)
-    return key, subkey
+from scanlab.decoder.layers import rms_norm
+from scanlab.decoder.params import DecoderParams
+from scanlab.decoder.spec import check_params
+from scanlab.decoder.stack import check_remat, run_layers
 
 
 def causal_mask(attn_mask_BxS: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -35,108 +35,96 @@ def embed(params: DecoderParams, tokens_BxS: jax.Array) -> jax.Array:
 
 def unembed(params: DecoderParams, seq_BxSxD: jax.Array, config: DecoderConfig) -> jax.Array:
     """Final RMSNorm and output head: (B, S, D) -> (B, S, V) logits in f32."""
-    x = rms_norm(seq_BxSxD, params.final_norm, config.norm_eps)
-    head_DxV = params.embed.T if params.lm_head is None else params.lm_head
-    return (x @ head_DxV).astype(jnp.float32)
+    with jax.named_scope("unembed"):
+        x = rms_norm(seq_BxSxD, params.final_norm, config.norm_eps)
+        head_DxV = params.embed.T if params.lm_head is None else params.lm_head
+        return (x @ head_DxV).astype(jnp.float32)
 
 
-def _block_fn(config: DecoderConfig, remat: bool):
-    """`decoder_block` for this config; with remat, its activations are recomputed in the
-    backward pass instead of stored."""
-    block_fn = functools.partial(decoder_block, config=config)
-    return jax.checkpoint(block_fn) if remat else block_fn
-
-
-def run_layers(
-    blocks: DecoderBlock,
-    seq_BxSxD: jax.Array,
-    attn_mask_BxSxS: jax.Array,
-    *,
-    config: DecoderConfig,
-    key: jax.Array | None = None,
-    remat: bool = False,
-) -> jax.Array:
-    """All L layers by one `jax.lax.scan` over the stacked blocks: one compiled block body.
-
-    The scan state is `(key, seq)`; each layer gets its own subkey (None at inference).
-    """
-    block_fn = _block_fn(config, remat)
-
-    def inner(state, input_):
-        key, seq = state
-        key, subkey = split_key_nullable(key)
-        seq = block_fn(input_, seq, attn_mask_BxSxS, subkey)
-        return (key, seq), None
-
-    (_, seq_BxSxD), _ = jax.lax.scan(inner, (key, seq_BxSxD), blocks)
-    return seq_BxSxD
-
-
-def run_layers_loop(
-    blocks: DecoderBlock,
-    seq_BxSxD: jax.Array,
-    attn_mask_BxSxS: jax.Array,
-    *,
-    config: DecoderConfig,
-    key: jax.Array | None = None,
-    remat: bool = False,
-) -> jax.Array:
-    """The Python-loop twin of `run_layers`: the same keys, L copies of the block when traced."""
-    block_fn = _block_fn(config, remat)
-    for layer in unstack(blocks):
-        key, subkey = split_key_nullable(key)
-        seq_BxSxD = block_fn(layer, seq_BxSxD, attn_mask_BxSxS, subkey)
-    return seq_BxSxD
-
-
-def _forward(run, params, tokens_BxS, config, key, attn_mask_BxS, remat):
-    _check_tokens(tokens_BxS, config)
-    check_params(params, config)
+@functools.partial(jax.jit, static_argnames=("config", "remat", "loop"))
+def _forward(params, tokens_BxS, key, attn_mask_BxS, *, config, remat, loop):
     batch, length = tokens_BxS.shape
     mask = causal_mask(attn_mask_BxS, batch, length)
-    seq = run(params.blocks, embed(params, tokens_BxS), mask, config=config, key=key, remat=remat)
+    with jax.named_scope("embed"):
+        seq = embed(params, tokens_BxS)
+    seq, _ = run_layers(params.blocks, seq, mask, config=config, key=key, remat=remat, loop=loop)
     return unembed(params, seq, config)
 
 
 def forward(
     params: DecoderParams,
-    tokens_BxS: jax.Array,
+    tokens,
     config: DecoderConfig,
+    *,
     key: jax.Array | None = None,
-    attn_mask_BxS: jax.Array | None = None,
-    remat: bool = False,
+    attn_mask=None,
+    remat: str = "none",
 ) -> jax.Array:
-    """Logits (B, S, V) f32 for tokens (B, S), the layers run by `jax.lax.scan`.
+    """Logits (B, S, V) float32 for token ids (B, S), the layers run by `jax.lax.scan`.
 
     Args:
       params: DecoderParams whose block leaves have the leading layer axis.
-      tokens_BxS: int token ids.
-      config: static; pass it with `jax.jit(forward, static_argnames=("config", "remat"))`.
+      tokens: (B, S) int token ids in [0, V).
+      config: the DecoderConfig (static: one compiled program per config).
       key: PRNG key for dropout (training); None for inference.
-      attn_mask_BxS: optional padding mask, True/1 for real tokens.
-      remat: recompute each block's activations in the backward pass (`jax.checkpoint`).
+      attn_mask: optional (B, S) padding mask, True/1 for real tokens.
+      remat: what the backward pass recomputes, a name in `scanlab.decoder.stack.REMAT`.
     """
-    return _forward(run_layers, params, tokens_BxS, config, key, attn_mask_BxS, remat)
+    return _checked_forward(params, tokens, config, key, attn_mask, remat, loop=False)
 
 
 def forward_loop(
     params: DecoderParams,
-    tokens_BxS: jax.Array,
+    tokens,
     config: DecoderConfig,
+    *,
     key: jax.Array | None = None,
-    attn_mask_BxS: jax.Array | None = None,
-    remat: bool = False,
+    attn_mask=None,
+    remat: str = "none",
 ) -> jax.Array:
-    """The Python-loop twin of `forward`: same arguments, same numbers."""
-    return _forward(run_layers_loop, params, tokens_BxS, config, key, attn_mask_BxS, remat)
+    """The Python-loop twin of `forward`: same arguments, same numbers, L traced blocks."""
+    return _checked_forward(params, tokens, config, key, attn_mask, remat, loop=True)
 
 
-def _check_tokens(tokens_BxS, config: DecoderConfig) -> None:
-    if tokens_BxS.ndim != 2:
-        raise ValueError(f"tokens must have shape (B, S), got shape {tuple(tokens_BxS.shape)}")
-    if not jnp.issubdtype(tokens_BxS.dtype, jnp.integer):
-        raise TypeError(f"tokens must be integer ids, got dtype {tokens_BxS.dtype}")
-    if tokens_BxS.shape[1] > config.max_seq_len:
+def _checked_forward(params, tokens, config, key, attn_mask, remat, loop):
+    tokens_BxS = check_tokens("tokens", tokens, config)
+    check_params(params, config)
+    check_remat(remat, loop)
+    attn_mask_BxS = None if attn_mask is None else check_mask(attn_mask, tokens_BxS.shape)
+    return _forward(params, tokens_BxS, key, attn_mask_BxS, config=config, remat=remat, loop=loop)
+
+
+def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
+    """Token ids as an int32 (B, S) array, S in [1, max_seq_len], ids in [0, V) when concrete.
+
+    An id outside the vocabulary would be clamped silently by the embedding gather.
+    """
+    array = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must have shape (B, S), got shape {tuple(array.shape)}")
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integer token ids, got dtype {array.dtype}")
+    if not 1 <= array.shape[1] <= config.max_seq_len:
         raise ValueError(
-            f"tokens must have S <= max_seq_len={config.max_seq_len}, got S={tokens_BxS.shape[1]}"
+            f"{name} must have 1 <= S <= max_seq_len={config.max_seq_len}, got S={array.shape[1]}"
         )
+    if not isinstance(array, jax.core.Tracer) and array.size:
+        values = np.asarray(array)
+        bad = (values < 0) | (values >= config.vocab_size)
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{name} must be ids in [0, vocab_size={config.vocab_size}), got "
+                f"{name}[{index[0]}, {index[1]}] = {int(values[index])}"
+            )
+    return jnp.asarray(array, jnp.int32)
+
+
+def check_mask(attn_mask, shape: tuple[int, int]) -> jax.Array:
+    """A (B, S) padding mask as bool, of the tokens' shape."""
+    mask = attn_mask if isinstance(attn_mask, jax.Array) else np.asarray(attn_mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"attn_mask must have the tokens' shape {tuple(shape)}, got {tuple(mask.shape)}"
+        )
+    return jnp.asarray(mask).astype(bool)

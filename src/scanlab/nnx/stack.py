@@ -22,13 +22,8 @@ from flax import nnx
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.layers import decoder_block
 from scanlab.decoder.model import causal_mask, embed, unembed
-from scanlab.decoder.params import (
-    DecoderBlock,
-    DecoderParams,
-    check_params,
-    init_layer,
-    init_outside_layers,
-)
+from scanlab.decoder.params import DecoderBlock, DecoderParams
+from scanlab.decoder.spec import check_params, init_layer, init_outside_layers
 
 
 def _values(tree):
@@ -61,9 +56,10 @@ class NNXBlock(nnx.Module):
         """(B, S, D) residual stream -> (B, S, D)."""
         use_dropout = not self.deterministic and self.config.dropout_rate > 0
         key = self.dropout() if use_dropout else None
-        return decoder_block(
+        seq_BxSxD, _ = decoder_block(
             _values(self.block), seq_BxSxD, attn_mask_BxSxS, key, config=self.config
         )
+        return seq_BxSxD
 
 
 def make_stack(

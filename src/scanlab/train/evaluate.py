@@ -25,7 +25,7 @@ def predict(params: DecoderParams, config: TrainConfig, tokens_BxL: jax.Array) -
     """(B, P + T) examples -> (B, T) greedy predictions from the prompts."""
     task = task_by_name(config.task)
     prompts = tokens_BxL[:, : task.prompt_length]
-    return generate(params, config.model, prompts, task.target_length).tokens[
+    return generate(params, prompts, config.model, task.target_length).tokens[
         :, task.prompt_length :
     ]
 

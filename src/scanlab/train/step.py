@@ -11,8 +11,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scanlab import sharding
-from scanlab.decoder import DecoderParams, forward, init_params
-from scanlab.decoder import sharding as decoder_sharding
+from scanlab.decoder import DecoderParams, forward, init_params, param_specs
 from scanlab.train.config import TrainConfig
 from scanlab.train.tasks import Task, task_by_name
 
@@ -46,7 +45,7 @@ def _init_state(config: TrainConfig) -> TrainState:
 
 def state_shardings(config: TrainConfig, mesh: Mesh) -> TrainState:
     """NamedShardings of a TrainState on `mesh`: the optimizer's moments follow the params."""
-    params = sharding.named(decoder_sharding.param_specs(config.model, mesh), mesh)
+    params = sharding.named(param_specs(config.model, mesh), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = jax.eval_shape(lambda: _init_state(config))
     opt_state = optax.tree_utils.tree_map_params(

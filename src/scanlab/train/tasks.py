@@ -31,6 +31,7 @@ class Task(NamedTuple):
 
 REVERSE_DIGITS, REVERSE_LENGTH = 10, 8
 REVERSE_SEP = REVERSE_DIGITS
+_REVERSE_SYMBOLS = "0123456789|"
 
 
 def _sample_reverse(key: jax.Array, batch: int) -> jax.Array:
@@ -39,15 +40,21 @@ def _sample_reverse(key: jax.Array, batch: int) -> jax.Array:
     return jnp.concatenate([x_BxN, sep_Bx1, x_BxN[:, ::-1]], axis=1)
 
 
+def _text(tokens, symbols: str) -> str:
+    """Token ids as one character each: a model may emit a separator where a digit belongs."""
+    return "".join(symbols[int(t)] for t in tokens)
+
+
 def _describe_reverse(tokens) -> tuple[str, str]:
-    digits = "".join(str(int(t)) for t in tokens[:REVERSE_LENGTH])
-    return f"reverse {digits}", "".join(str(int(t)) for t in tokens[REVERSE_LENGTH + 1 :])
+    digits = _text(tokens[:REVERSE_LENGTH], _REVERSE_SYMBOLS)
+    return f"reverse {digits}", _text(tokens[REVERSE_LENGTH + 1 :], _REVERSE_SYMBOLS)
 
 
 # --- addition: a + b with D digits each, the sum written least significant digit first -----------
 
 ADD_DIGITS = 3
 ADD_PLUS, ADD_EQUALS = 10, 11
+_ADD_SYMBOLS = "0123456789+="
 
 
 def _digits_msb_first(n_B: jax.Array, count: int) -> jax.Array:
@@ -74,9 +81,9 @@ def _sample_add(key: jax.Array, batch: int) -> jax.Array:
 
 
 def _describe_add(tokens) -> tuple[str, str]:
-    a = "".join(str(int(t)) for t in tokens[:ADD_DIGITS])
-    b = "".join(str(int(t)) for t in tokens[ADD_DIGITS + 1 : 2 * ADD_DIGITS + 1])
-    answer = "".join(str(int(t)) for t in tokens[2 * ADD_DIGITS + 2 :])[::-1]
+    a = _text(tokens[:ADD_DIGITS], _ADD_SYMBOLS)
+    b = _text(tokens[ADD_DIGITS + 1 : 2 * ADD_DIGITS + 1], _ADD_SYMBOLS)
+    answer = _text(tokens[2 * ADD_DIGITS + 2 :], _ADD_SYMBOLS)[::-1]
     return f"{a} + {b}", answer
 
 

@@ -1,0 +1,117 @@
+"""The layer stack: one block call for every way of running the L layers.
+
+`run_layers` runs `decoder_block` over the stacked parameters by `jax.lax.scan` (one compiled
+block) or, with `loop=True`, by a Python loop (the twin: L copies of the block when traced);
+with a KV cache it is the decoding stack, the cache of each layer going in as a scan input and
+out as a scan output. The scan state is the blog's `(key, seq)`: each layer gets its own subkey
+(None at inference).
+
+Remat is a named policy (`REMAT`), each mapped onto `jax.checkpoint` by `scanlab.loops`:
+"none" keeps every activation for the backward pass, "full" only each layer's input, "dots" the
+matmul outputs, and "sqrt" nests the layer scan in √L checkpointed segments.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from scanlab import loops
+from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.layers import LayerCache, decoder_block
+from scanlab.decoder.params import DecoderBlock, stack, unstack
+
+# remat name -> (scanlab.loops policy for each layer, segments of the layer scan)
+REMAT = {
+    "none": ("none", 1),
+    "full": ("full", 1),
+    "dots": ("dots", 1),
+    "sqrt": ("full", "sqrt"),
+}
+
+
+def split_key_nullable(key: jax.Array | None):
+    """`jax.random.split(key)`, passing `None` (no randomness, e.g. inference) through."""
+    if key is None:
+        return None, None
+    key, subkey = jax.random.split(key)
+    return key, subkey
+
+
+def check_remat(remat: str, loop: bool = False) -> tuple[str, int | str]:
+    """The (policy, segments) of a remat name; "sqrt" needs a scan to nest."""
+    if remat not in REMAT:
+        raise ValueError(f"remat must be one of {list(REMAT)}, got {remat!r}")
+    if loop and remat == "sqrt":
+        raise ValueError("remat='sqrt' nests the layer scan; the Python-loop twin has none")
+    return REMAT[remat]
+
+
+def run_layers(
+    blocks: DecoderBlock,
+    seq_BxSxD: jax.Array,
+    attn_mask_BxSxT: jax.Array,
+    *,
+    config: DecoderConfig,
+    key: jax.Array | None = None,
+    positions_BxS: jax.Array | None = None,
+    cache: LayerCache | None = None,
+    remat: str = "none",
+    loop: bool = False,
+) -> tuple[jax.Array, LayerCache | None]:
+    """All L layers over the residual stream.
+
+    Args:
+      blocks: DecoderBlock, every leaf (L, ...).
+      seq_BxSxD: the embedded tokens.
+      attn_mask_BxSxT: True where query s may attend key position t.
+      config: the static DecoderConfig.
+      key: dropout key (split once per layer), or None.
+      positions_BxS: rotary positions (default 0..S-1).
+      cache: all layers' KV cache, k and v (L, B, T, K, Dh), for decoding.
+      remat: a name in `REMAT`.
+      loop: run the layers by a Python loop instead of `jax.lax.scan`.
+
+    Returns:
+      (seq (B, S, D), the updated cache or None).
+    """
+    policy, segments = check_remat(remat, loop)
+
+    def layer(state, layer_inputs):
+        key, seq = state
+        block, layer_cache = layer_inputs
+        key, subkey = split_key_nullable(key)
+        seq, layer_cache = decoder_block(
+            block,
+            seq,
+            attn_mask_BxSxT,
+            subkey,
+            config=config,
+            positions_BxS=positions_BxS,
+            cache=layer_cache,
+        )
+        return (key, seq), layer_cache
+
+    with jax.named_scope("layers"):
+        if loop:
+            (_, seq_BxSxD), caches = _python_loop(layer, (key, seq_BxSxD), blocks, cache, policy)
+        else:
+            (_, seq_BxSxD), caches = loops.remat_scan(
+                layer, (key, seq_BxSxD), (blocks, cache), policy=policy, segments=segments
+            )
+    return seq_BxSxD, caches
+
+
+def _python_loop(layer, state, blocks: DecoderBlock, cache: LayerCache | None, policy: str):
+    """The loop twin: the same `layer` step, once per layer, each under the same policy."""
+    step = layer if policy == "none" else jax.checkpoint(layer, policy=loops.REMAT_POLICIES[policy])
+    layer_caches = unstack(cache) if cache is not None else [None] * _n_layers(blocks)
+    new_caches = []
+    for block, layer_cache in zip(unstack(blocks), layer_caches, strict=True):
+        state, layer_cache = step(state, (block, layer_cache))
+        new_caches.append(layer_cache)
+    return state, None if cache is None else stack(new_caches)
+
+
+def _n_layers(blocks: DecoderBlock) -> int:
+    """L, the leading axis of the stacked blocks."""
+    return jax.tree.leaves(blocks)[0].shape[0]
