@@ -1,8 +1,10 @@
 import jax
 
-# Implicit rank promotion hides shape bugs (a (H,) carry silently broadcast against (B, H)):
-# make it an error in every test, as equinox does.
+# Implicit rank promotion hides shape bugs (a (H,) carry silently broadcast against (B, H)),
+# implicit dtype promotion hides precision bugs (a bfloat16 carry silently widened by a float32
+# weight): make both errors in every test, as equinox does.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402

@@ -1,7 +1,7 @@
 import numpy as np
 from rich.console import Console
 
-from scanlab import explain
+from scanlab import explain, render
 
 
 def test_blog_walkthrough_step_by_step():
@@ -19,7 +19,7 @@ def test_reverse_trace_runs_from_the_last_index():
 def test_table_has_a_row_per_step_and_shows_pytrees():
     steps = explain.trace(lambda c, x: ((c[0] + x, c[1]), None), (0, np.ones(2)), np.arange(4))
     console = Console(record=True, width=120)
-    console.print(explain.as_table(steps))
+    console.print(render.steps_table(steps))
     text = console.export_text()
-    assert explain.as_table(steps).row_count == 4
+    assert render.steps_table(steps).row_count == 4
     assert "(6, [1.0, 1.0])" in text and "None" in text

@@ -203,7 +203,10 @@ def test_the_carry_check_runs_before_any_step():
 def test_bounded_while_rejects_a_body_that_changes_its_carry():
     with pytest.raises(TypeError, match=r"carry\[1\] has dtype int32 in and float32 out"):
         loops.bounded_while(
-            lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 0.5), (jnp.int32(0), jnp.int32(4)), 5
+            lambda c: c[0] < 3,
+            lambda c: (c[0] + 1, c[1].astype(jnp.float32)),
+            (jnp.int32(0), jnp.int32(4)),
+            5,
         )
     with pytest.raises(TypeError, match="cond must return a bool scalar"):
         loops.bounded_while(lambda c: c, lambda c: c + 1, jnp.zeros(2), 5)

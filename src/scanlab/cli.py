@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from scanlab import explain, pitfalls, plots, sharding, show, tour
+from scanlab import explain, pitfalls, plots, render, sharding, tour
 from scanlab.recurrence import lax_scan_in_module
 
 app = typer.Typer(
@@ -52,7 +52,9 @@ def run(
 def explain_command() -> None:
     """Walk through the blog example scan(lambda c, x: (c + x, x + 2), 0, [1, 2, 3])."""
     steps = explain.trace(explain.blog_body, 0, explain.BLOG_XS)
-    console.print(explain.as_table(steps, title="scan(lambda c, x: (c + x, x + 2), 0, [1, 2, 3])"))
+    console.print(
+        render.steps_table(steps, title="scan(lambda c, x: (c + x, x + 2), 0, [1, 2, 3])")
+    )
     console.print(f"result: ({steps[-1].carry_out.item()}, {[s.y.item() for s in steps]})")
 
 
@@ -125,10 +127,10 @@ def decoder_shapes(
     console.print(
         f"[bold]{preset}[/bold]: stacked parameters (leading axis: {config.n_layers} layers)"
     )
-    console.print(show.shape_listing(decoder.param_shapes(config).blocks), highlight=False)
+    console.print(render.shape_listing(decoder.param_shapes(config).blocks), highlight=False)
     console.print("inside the scan body, one layer's slice:")
-    console.print(show.shape_listing(decoder.layer_shapes(config)), highlight=False)
-    count = show.count(decoder.param_count(config))
+    console.print(render.shape_listing(decoder.layer_shapes(config)), highlight=False)
+    count = render.count(decoder.param_count(config))
     console.print(f"parameters: {count} (from the declared shapes)")
 
 
@@ -145,13 +147,13 @@ def decoder_compare(
     from scanlab.bench import layers as layer_bench
 
     point = layer_bench.measure(layers, d_model=d_model, seq=seq, batch=batch)
-    console.print(tour.layer_table(point))
+    console.print(render.layer_table(point))
     if device_mesh is not None:
         sharded = layer_bench.measure_sharded(
             layers, device_mesh, d_model=d_model, seq=seq, batch=batch
         )
         console.print(
-            f"on mesh {dict(device_mesh.shape)}: scanned forward {show.ms(sharded.run_s)}, "
+            f"on mesh {dict(device_mesh.shape)}: scanned forward {render.ms(sharded.run_s)}, "
             f"max |logit diff| vs one device {sharded.max_abs_diff:.1e}"
         )
 
@@ -227,28 +229,30 @@ def train_command(
         warmup_steps=warmup_steps,
         seed=seed,
     )
-    result = tour.train_with_progress(
-        console,
-        config,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        mesh=_mesh(mesh),
-    )
+    device_mesh = _mesh(mesh)
+    with render.training_progress(console, config) as on_chunk:
+        result = train.train(
+            config,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            mesh=device_mesh,
+            on_chunk=on_chunk,
+        )
     path = plots.loss_curve(result.losses, plot, f"{task}: loss per step")
     console.print(f"loss curve: {path}")
-    tour.print_evaluation(console, result)
+    console.print(*render.evaluation(result), sep="\n")
 
 
 @app.command("generate")
 def generate_command(
     checkpoint: Annotated[str, typer.Option(help="A `scanlab train` checkpoint directory.")],
-    n: Annotated[int, typer.Option(help="Held-out examples to show.")] = 8,
+    n: Annotated[int, typer.Option(help="Held-out examples to render.")] = 8,
 ) -> None:
     """Show held-out inputs and a trained model's generated answers."""
     from scanlab import train
 
-    tour.print_evaluation(console, train.load(checkpoint), n)
+    console.print(*render.evaluation(train.load(checkpoint), n), sep="\n")
 
 
 MESH_HELP = "Run on a device mesh, e.g. data=4,model=2 (on a CPU, host devices are made to fit)."

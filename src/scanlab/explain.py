@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
-from rich.table import Table
 
 from scanlab import reference
 
@@ -38,19 +36,3 @@ def trace(
 ) -> list[reference.Step]:
     """Runs the scan and returns every step in execution order (see `reference.scan`)."""
     return list(reference.iterate(f, init, xs, length, reverse))
-
-
-def as_table(steps: list[reference.Step], title: str = "scan, step by step") -> Table:
-    """A rich table with one row per step: step, carry in, x, carry out, y."""
-    table = Table(title=title)
-    for column in ("step", "carry in", "x", "carry out", "y"):
-        table.add_column(column, justify="right" if column == "step" else "left")
-    for step in steps:
-        table.add_row(str(step.index), *map(_show, (step.carry_in, step.x, step.carry_out, step.y)))
-    return table
-
-
-def _show(tree: Any) -> str:
-    """Arrays as nested lists, so a 0-d int prints as `3` and a vector as `[1, 2]`."""
-    plain = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf).tolist(), tree)
-    return "None" if plain is None else str(plain)

@@ -238,12 +238,16 @@ _W_F32 = np.full((_HIDDEN, _HIDDEN), 0.1, np.float32)
 
 def _dtype_drift_wrong():
     h = jnp.ones(_HIDDEN, jnp.bfloat16)
-    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ _W_F32), None), h, length=_T)
+    # Standard promotion, JAX's default, whatever the caller has set: that is where it bites.
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ _W_F32), None), h, length=_T)
 
 
 def _dtype_drift_fixed():
     h = jnp.ones(_HIDDEN, jnp.bfloat16)
-    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ _W_F32).astype(c.dtype), None), h, length=_T)[0]
+    with jax.numpy_dtype_promotion("standard"):
+        body = lambda c, _: (jnp.tanh(c @ _W_F32).astype(c.dtype), None)  # noqa: E731
+        return jax.lax.scan(body, h, length=_T)[0]
 
 
 # --- 7-10. Flax NNX -------------------------------------------------------------------------------

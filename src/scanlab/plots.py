@@ -1,14 +1,15 @@
-"""Matplotlib figures (Agg backend: files only, no display needed)."""
+"""Matplotlib figures written to files.
+
+Figures are built with `matplotlib.figure.Figure`, not pyplot: no backend is chosen or needed,
+so importing scanlab leaves a user's matplotlib set-up alone.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def loss_curve(losses: np.ndarray, path: str | Path, title: str) -> Path:
@@ -18,7 +19,8 @@ def loss_curve(losses: np.ndarray, path: str | Path, title: str) -> Path:
     steps = np.arange(1, len(losses) + 1)
     window = max(1, len(losses) // 50)
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, losses, alpha=0.3, label="per step")
     ax.plot(steps[window - 1 :], smooth, label=f"mean of {window}")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
@@ -26,5 +28,4 @@ def loss_curve(losses: np.ndarray, path: str | Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

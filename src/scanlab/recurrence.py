@@ -26,6 +26,16 @@ def _declare_w(module: nn.Module, hidden: int) -> jax.Array:
     return module.param("W", nn.initializers.lecun_normal(), (hidden, hidden), PARAM_DTYPE)
 
 
+def common_dtype(x: jax.Array, W: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x and W in one dtype, chosen explicitly: float64 for float64 x (x64 mode), else W's.
+
+    Spelled out so that the module runs under `jax_numpy_dtype_promotion="strict"` too, with
+    the result dtype standard promotion would give (ints and half floats compute in float32).
+    """
+    dtype = jnp.float64 if x.dtype == jnp.float64 else W.dtype
+    return x.astype(dtype), W.astype(dtype)
+
+
 def _with_initial_state(init_carry: jax.Array, states: jax.Array) -> jax.Array:
     """(..., H) and (T, ..., H) -> (T + 1, ..., H)."""
     return jnp.concatenate([init_carry[None], states])
@@ -60,7 +70,7 @@ class LaxScanModule(nn.Module):
         `seq_lengths` (...) ints in [0, T] give each row its own number of steps: a row stops at
         its length (`scanlab.loops.masked_scan`) and its trajectory is zero past it.
         """
-        W = _declare_w(self, self.hidden)
+        x, W = common_dtype(jnp.asarray(x), _declare_w(self, self.hidden))
         init_carry = jnp.tanh(x @ W)
 
         def body(carry, _):
@@ -104,10 +114,11 @@ class NNScanModule(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`."""
-        init_carry = jnp.tanh(x @ self.W)
+        x, W = common_dtype(jnp.asarray(x), self.W)
+        init_carry = jnp.tanh(x @ W)
 
         def body(module, carry, _):
-            new_carry = jnp.tanh(carry @ module.W)
+            new_carry = jnp.tanh(carry @ W)
             return new_carry, new_carry if self.trajectory else None
 
         scan = nn.scan(

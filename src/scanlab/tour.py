@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scanlab import explain, loops, pitfalls, reference, show, train
+from scanlab import explain, loops, pitfalls, reference, render, train
 from scanlab.bench import layers as layer_bench
 from scanlab.bench import nnx as nnx_bench
 from scanlab.decoder import config as decoder_config
@@ -47,9 +46,11 @@ def _seed_function(console: Console) -> None:
     table.add_column("first", justify="right")
     table.add_column("repeated (median)", justify="right")
     table.add_row(
-        "lax_scan_in_module (cached jit)", show.ms(cached.first_s), show.ms(cached.median_s)
+        "lax_scan_in_module (cached jit)", render.ms(cached.first_s), render.ms(cached.median_s)
     )
-    table.add_row("textbook init + apply", show.ms(textbook.first_s), show.ms(textbook.median_s))
+    table.add_row(
+        "textbook init + apply", render.ms(textbook.first_s), render.ms(textbook.median_s)
+    )
     console.print(table)
     console.print(
         f"repeated calls: {textbook.median_s / cached.median_s:.0f}x faster than the textbook; "
@@ -66,7 +67,7 @@ def _scan_semantics(console: Console) -> None:
         f"reference.scan: ({carry.item()}, {ys.tolist()})   "
         f"jax.lax.scan: ({int(jax_carry)}, {np.asarray(jax_ys).tolist()})"
     )
-    console.print(explain.as_table(explain.trace(explain.blog_body, 0, explain.BLOG_XS)))
+    console.print(render.steps_table(explain.trace(explain.blog_body, 0, explain.BLOG_XS)))
 
 
 def _pitfalls(console: Console) -> None:
@@ -84,27 +85,9 @@ def _decoder(console: Console) -> None:
     console.rule("4. Scan over the stacked layers of a Llama decoder")
     config = decoder_config.preset("llama2-7b")
     console.print("Llama 2 7B, all 32 layers in one NamedTuple (shapes only, nothing allocated):")
-    console.print(show.shape_listing(decoder_spec.param_shapes(config).blocks), highlight=False)
-    console.print(f"parameters: {show.count(decoder_spec.param_count(config))}")
-    console.print(layer_table(layer_bench.measure(16)))
-
-
-def layer_table(point: layer_bench.LayerPoint) -> Table:
-    """Scan vs loop over layers for one model: agreement, compile and run times."""
-    table = Table(
-        title=f"{point.n_layers} layers: lax.scan vs a Python loop "
-        f"(max |logit diff| {point.max_abs_diff:.1e})"
-    )
-    for column in ("", "compile", "run (median)"):
-        table.add_column(column, justify="right" if column else "left")
-    table.add_row("lax.scan over layers", _s(point.scan_compile_s), show.ms(point.scan_run_s))
-    table.add_row("Python loop over layers", _s(point.loop_compile_s), show.ms(point.loop_run_s))
-    table.add_row(
-        "loop / scan",
-        f"{point.loop_compile_s / point.scan_compile_s:.1f}x",
-        f"{point.loop_run_s / point.scan_run_s:.2f}x",
-    )
-    return table
+    console.print(render.shape_listing(decoder_spec.param_shapes(config).blocks), highlight=False)
+    console.print(f"parameters: {render.count(decoder_spec.param_count(config))}")
+    console.print(render.layer_table(layer_bench.measure(16)))
 
 
 def _training(console: Console) -> None:
@@ -114,47 +97,9 @@ def _training(console: Console) -> None:
         f"task: reverse {train.tasks.REVERSE_LENGTH} digits; {config.steps} AdamW steps, "
         f"{config.chunk_steps} per compiled lax.scan call"
     )
-    print_evaluation(console, train_with_progress(console, config), n=4)
-
-
-def train_with_progress(console: Console, config: train.TrainConfig, **kwargs) -> train.TrainResult:
-    """Runs `train.train` with a progress bar showing the loss and steps/s after each chunk."""
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[speed]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        bar = progress.add_task(f"train {config.task}", total=config.steps, loss="-", speed="")
-
-        def on_chunk(report: train.ChunkReport) -> None:
-            progress.update(
-                bar,
-                completed=report.step,
-                loss=f"{report.mean_loss:.4f}",
-                speed=f"{report.steps_per_s:.0f} steps/s",
-            )
-
-        return train.train(config, on_chunk=on_chunk, **kwargs)
-
-
-def print_evaluation(console: Console, result: train.TrainResult, n: int = 5) -> None:
-    """Held-out exact-match accuracy and a few generated answers."""
-    params, config = result.state.params, result.config
-    console.print(
-        f"held-out exact-match accuracy after {int(result.state.step)} steps: "
-        f"{train.accuracy(params, config):.1%}"
-    )
-    table = Table(title="held-out examples, answers generated greedily")
-    for column in ("question", "expected", "model", ""):
-        table.add_column(column)
-    for sample in train.samples(params, config, n):
-        mark = "[green]✓[/green]" if sample.predicted == sample.expected else "[red]✗[/red]"
-        table.add_row(sample.question, sample.expected, sample.predicted, mark)
-    console.print(table)
+    with render.training_progress(console, config) as on_chunk:
+        result = train.train(config, on_chunk=on_chunk)
+    console.print(*render.evaluation(result, n=4), sep="\n")
 
 
 def _loops(console: Console) -> None:
@@ -252,7 +197,7 @@ def _nnx(console: Console) -> None:
     for column in ("form", "first call", "steady call"):
         table.add_column(column, justify="left" if column == "form" else "right")
     for timing in nnx_bench.recurrence_forms(1, hidden, T, rounds=5):
-        table.add_row(timing.form, show.ms(timing.first_s), show.ms(timing.median_s))
+        table.add_row(timing.form, render.ms(timing.first_s), render.ms(timing.median_s))
     console.print(table)
     config = decoder_config.preset("tiny")
     params = decoder_spec.init_params(config, jax.random.PRNGKey(0))
@@ -264,7 +209,3 @@ def _nnx(console: Console) -> None:
         console.print(
             f"NNX layer stack by {form}: max |logit diff| to the functional decoder {gap:.1e}"
         )
-
-
-def _s(seconds: float) -> str:
-    return f"{seconds:.2f} s"

@@ -7,8 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
-from scanlab.plots import plt
+from matplotlib.figure import Figure
 
 # The targets the benchmarks are held to (ratios measured side by side in one run).
 W1_MAX_VS_HAND_JIT, W1_MIN_VS_TEXTBOOK = 1.5, 100.0
@@ -423,7 +422,8 @@ def _flops(shape: tuple[int, int, int]) -> float:
 def _plot_recurrence(results: dict, path: Path) -> None:
     grouped = _by_shape(results)
     peers = list(dict.fromkeys(t["peer"] for t in results["recurrence"]))
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig = Figure(figsize=(10, 4.5))
+    ax = fig.subplots()
     width = 0.8 / len(peers)
     for i, peer in enumerate(peers):
         values = [
@@ -439,13 +439,13 @@ def _plot_recurrence(results: dict, path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _plot_layers(results: dict, path: Path) -> None:
     points = results["layers"]
     n = [p["n_layers"] for p in points]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
     left.plot(n, [p["scan_compile_s"] for p in points], "o-", label="lax.scan")
     left.plot(n, [p["loop_compile_s"] for p in points], "s-", label="Python loop")
     left.set(xlabel="layers", ylabel="compile s", title="compile time")
@@ -457,7 +457,6 @@ def _plot_layers(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _plot_remat(results: dict, path: Path) -> None:
@@ -465,7 +464,8 @@ def _plot_remat(results: dict, path: Path) -> None:
     for p in results["loops"]["remat"]:
         label = p["policy"] + (", nested √T segments" if p["segments"] > 1 else "")
         by_variant[label].append((p["T"], p["temp_bytes"] / 2**20))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for label, points in by_variant.items():
         ax.plot(*zip(*points, strict=True), "o-", label=label)
     ax.set(
@@ -479,4 +479,3 @@ def _plot_remat(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scanlab import checks
-from scanlab.recurrence import PARAM_DTYPE
+from scanlab.recurrence import PARAM_DTYPE, common_dtype
 
 
 class NNXLaxScanModule(nnx.Module):
@@ -46,7 +46,8 @@ class NNXLaxScanModule(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`."""
-        W = self.W[...]  # a plain array: the body closes over it, lax.scan sees a constant
+        # A plain array: the body closes over it, lax.scan sees a constant.
+        x, W = common_dtype(jnp.asarray(x), self.W[...])
         init_carry = jnp.tanh(x @ W)
 
         def body(carry, _):
@@ -66,11 +67,12 @@ class NNXScanModule(NNXLaxScanModule):
     """
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        init_carry = jnp.tanh(x @ self.W[...])
+        x, W = common_dtype(jnp.asarray(x), self.W[...])
+        init_carry = jnp.tanh(x @ W)
 
         @nnx.scan(in_axes=(None, nnx.Carry), out_axes=(nnx.Carry, 0), length=self.T)
         def step(module, carry):
-            new_carry = jnp.tanh(carry @ module.W[...])
+            new_carry = jnp.tanh(carry @ module.W[...].astype(carry.dtype))
             return new_carry, new_carry if module.trajectory else None
 
         final, states = step(self, init_carry)

@@ -95,7 +95,10 @@ def train_step(
             tokens, NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS, None))
         )
     loss, grads = jax.value_and_grad(target_loss)(state.params, tokens, task, config)
-    updates, opt_state = optimizer(config).update(grads, state.opt_state, state.params)
+    # optax's bias correction raises a Python float to an int32 step count: allow that one
+    # implicit promotion even where a caller has made promotion strict.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state, key, state.step + 1), loss
 
