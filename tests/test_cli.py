@@ -2,10 +2,11 @@ import json
 import subprocess
 import sys
 
+import matplotlib.image
 import numpy as np
 from typer.testing import CliRunner
 
-from scanlab import lax_scan_in_module
+from scanlab import lax_scan_in_module, pitfalls
 from scanlab.cli import app
 
 runner = CliRunner()
@@ -28,15 +29,12 @@ def test_explain_prints_the_blog_walkthrough():
 
 
 def test_pitfalls_prints_each_error():
-    result = runner.invoke(app, ["pitfalls"])
+    result = runner.invoke(app, ["pitfalls"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    for name in (
-        "UnexpectedTracerError",
-        "carry input and carry output",
-        "must be a pair",
-        "no leading axis",
-    ):
-        assert name in result.output
+    for number, pitfall in enumerate(pitfalls.PITFALLS, start=1):
+        assert f"{number}. {pitfall.title}" in result.output
+        assert f"raises {pitfall.error_type.__name__}:" in result.output
+        assert pitfall.error_match in " ".join(result.output.split())
 
 
 def test_bad_arguments_print_one_line_not_a_traceback():
@@ -113,7 +111,9 @@ def test_train_resume_and_generate(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "held-out exact-match accuracy after 40 steps" in result.output
-    assert plot.stat().st_size > 1000
+    pixels = matplotlib.image.imread(plot)
+    assert pixels.shape[:2] == (480, 840)  # 7 x 4 inches at 120 dpi
+    assert pixels[..., :3].std() > 0.05  # curves drawn, not a blank canvas
     again = runner.invoke(app, args + ["--resume"])  # already complete: nothing to do, same result
     assert again.exit_code == 0, again.output
     shown = runner.invoke(app, ["generate", "--checkpoint", ckpt, "--n", "3"])

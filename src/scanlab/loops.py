@@ -175,12 +175,16 @@ def masked_scan(
         def body(carry, step):
             t, x = step
             new_carry, y = f(carry, x)
-            active = t < n
-            carry = tree_util.tree_map(functools.partial(jnp.where, active), new_carry, carry)
-            y = tree_util.tree_map(lambda v: jnp.where(active, v, jnp.zeros_like(v)), y)
+            carry = tree_util.tree_map(functools.partial(jnp.where, t < n), new_carry, carry)
             return carry, y
 
         carry, ys = jax.lax.scan(body, carry, (t, xs_row))
+        # Outputs past the length are zeroed once, vectorized, rather than selected per step.
+        real_T = t < n
+        ys = tree_util.tree_map(
+            lambda y: jnp.where(real_T.reshape((T,) + (1,) * (y.ndim - 1)), y, 0).astype(y.dtype),
+            ys,
+        )
         if reverse:
             ys = tree_util.tree_map(lambda y: y[order], ys)
         return carry, ys

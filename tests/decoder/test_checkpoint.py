@@ -32,16 +32,19 @@ HF_CONFIGS = {
 }
 
 
+# A model small enough to build in milliseconds, large enough for GQA and two layers of state.
+TINY_HF = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=56,
+    num_hidden_layers=3,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
+
+
 def hf_model(**overrides):
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=56,
-        num_hidden_layers=3,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        **overrides,
-    )
+    config = transformers.LlamaConfig(**TINY_HF, **overrides)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -61,6 +64,20 @@ def assert_same_logits(model, params, config, tokens):
 
 
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 11))
+
+
+def hf_greedy(model, prompt, max_new_tokens, mask=None):
+    """transformers' greedy tokens, EOS off, the mask explicit (all ones unless given)."""
+    mask = np.ones(prompt.shape, np.int64) if mask is None else mask
+    with torch.no_grad():
+        return model.generate(
+            torch.tensor(prompt),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()
 
 
 @pytest.mark.parametrize("name", HF_CONFIGS)
@@ -112,15 +129,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
     model.save_pretrained(tmp_path)
     config, params = load_checkpoint(tmp_path)
     prompt = TOKENS[:, :6]
-    with torch.no_grad():
-        expected = model.generate(
-            torch.tensor(prompt),
-            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-            max_new_tokens=12,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
+    expected = hf_greedy(model, prompt, 12)
     np.testing.assert_array_equal(generate(params, prompt, config, 12).tokens, expected)
 
 
@@ -132,15 +141,7 @@ def test_left_padded_batch_matches_transformers(tmp_path):
     mask = np.ones(prompt.shape, np.int64)
     mask[0, :2] = 0  # row 0 is a 4-token prompt, left-padded
     prompt[0, :2] = 0
-    with torch.no_grad():
-        expected = model.generate(
-            torch.tensor(prompt),
-            attention_mask=torch.tensor(mask),
-            max_new_tokens=10,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
+    expected = hf_greedy(model, prompt, 10, mask)
     ours = generate(params, prompt, config, 10, attn_mask=mask.astype(bool))
     np.testing.assert_array_equal(ours.tokens, expected)
 
@@ -231,16 +232,7 @@ QWEN2_CONFIGS = {
 
 
 def qwen2_model(**overrides):
-    config = transformers.Qwen2Config(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=56,
-        num_hidden_layers=3,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        use_sliding_window=False,
-        **overrides,
-    )
+    config = transformers.Qwen2Config(**TINY_HF, use_sliding_window=False, **overrides)
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # transformers starts biases at zero: give them values to test
@@ -259,16 +251,9 @@ def test_qwen2_logits_and_greedy_tokens_match_transformers(tmp_path, name):
     assert config.family == "qwen2" and config.tie_embeddings == (name == "gqa-tied")
     assert_same_logits(model, params, config, TOKENS)
     prompt = TOKENS[:, :6]
-    with torch.no_grad():
-        expected = model.generate(
-            torch.tensor(prompt),
-            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-            max_new_tokens=10,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
-    np.testing.assert_array_equal(generate(params, prompt, config, 10).tokens, expected)
+    np.testing.assert_array_equal(
+        generate(params, prompt, config, 10).tokens, hf_greedy(model, prompt, 10)
+    )
 
 
 def test_qwen2_round_trip_through_transformers(tmp_path):
