@@ -7,6 +7,7 @@ what came, so a mistake surfaces as one clear line instead of a trace-time stack
 from __future__ import annotations
 
 import numbers
+import os
 
 import jax
 import numpy as np
@@ -14,8 +15,12 @@ import numpy as np
 SEED_LIMIT = 2**32
 
 
-def static_int(name: str, value: object, *, minimum: int) -> int:
-    """Returns `value` as an int if it is a concrete Python/NumPy integer >= `minimum`.
+# Loop lengths and sizes are int32 inside XLA programs.
+INT32_MAX = 2**31 - 1
+
+
+def static_int(name: str, value: object, *, minimum: int, maximum: int = INT32_MAX) -> int:
+    """Returns `value` as an int if it is a concrete Python/NumPy integer in [minimum, maximum].
 
     Shapes and loop lengths decide compilation, so they must be static: a traced value is refused
     with the fix (mark the argument static), and so are bools, floats and strings.
@@ -30,7 +35,46 @@ def static_int(name: str, value: object, *, minimum: int) -> int:
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
+
+
+def finite_number(
+    name: str, value: object, *, minimum: float | None = None, above: float | None = None
+) -> float:
+    """Returns `value` as a float if it is a finite real number (>= minimum, > above)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if above is not None and value <= above:
+        raise ValueError(f"{name} must be > {above}, got {value}")
+    return value
+
+
+def available_bytes() -> int | None:
+    """Memory the default device can hold: its reported limit, else the host's physical RAM."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None  # unknown platform: no estimate to refuse by
+
+
+def fits_in_memory(what: str, nbytes: int) -> None:
+    """Raises MemoryError up front when an estimated allocation exceeds what the device holds."""
+    limit = available_bytes()
+    if limit is not None and nbytes > limit:
+        raise MemoryError(
+            f"{what} needs about {nbytes / 2**30:.1f} GiB, more than the "
+            f"{limit / 2**30:.1f} GiB this device has"
+        )
 
 
 def seed_key(seed: object) -> np.ndarray:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 from typing import Annotated
 
+import jax
 import numpy as np
 import typer
 from rich.console import Console
@@ -41,7 +45,7 @@ def run(
     """Print lax_scan_in_module(seed, x, hidden, T): the final hidden state."""
     # max(.., 1): a bad --hidden is then reported by lax_scan_in_module, naming the argument.
     x_values = np.ones(max(hidden, 1), np.float32) if x is None else _parse_floats("--x", x)
-    final = np.asarray(lax_scan_in_module(seed, x_values, hidden, T)).tolist()
+    final = np.asarray(lax_scan_in_module(seed, x_values, hidden, T, check_finite=True)).tolist()
     if as_json:
         print(json.dumps({"seed": seed, "hidden": hidden, "T": T, "final": final}))
     else:
@@ -87,6 +91,8 @@ def bench(
     ] = os.cpu_count() or 1,
 ) -> None:
     """Run the benchmarks W1–W6 and W8–W12; write a markdown report with plots."""
+    _check_device_count("--devices", devices)
+    _writable_dir("--out", out)  # before minutes of measuring
     sharding.host_devices(devices)  # before any JAX computation in this process
     from scanlab.bench import report, runner
 
@@ -144,6 +150,12 @@ def decoder_compare(
 ) -> None:
     """Scan over layers vs a Python loop: same logits, compile and run times."""
     device_mesh = _mesh(mesh)
+    if device_mesh is not None and batch % device_mesh.shape[sharding.DATA_AXIS]:
+        # Checked before the single-device comparison runs, not after.
+        raise ValueError(
+            f"--batch must be divisible by the mesh's data axis size "
+            f"{device_mesh.shape[sharding.DATA_AXIS]}, got {batch}"
+        )
     from scanlab.bench import layers as layer_bench
 
     point = layer_bench.measure(layers, d_model=d_model, seq=seq, batch=batch)
@@ -174,17 +186,17 @@ def decoder_generate(
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
     """Greedy or sampled generation: one compiled program, a scan over tokens."""
+    from scanlab import checks, decoder
+
+    key = jax.numpy.asarray(checks.seed_key(seed))  # the same seed rule as run and train
+    tokens = _parse_ints("--prompt", prompt)[None]
     device_mesh = _mesh(mesh)
-    import jax
-
-    from scanlab import decoder
-
     if checkpoint is None:
         config = decoder.preset(preset)
-        params = decoder.init_params(config, jax.random.PRNGKey(seed))
+        checks.fits_in_memory(f"preset {preset} in float32", decoder.param_count(config) * 4)
+        params = decoder.init_params(config, key)
     else:
         config, params = decoder.load_checkpoint(checkpoint)
-    tokens = _parse_ints("--prompt", prompt)[None]
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
         params = decoder.shard_params(params, config, device_mesh)
     out = decoder.generate(
@@ -192,7 +204,7 @@ def decoder_generate(
         tokens,
         config,
         max_new_tokens,
-        key=jax.random.PRNGKey(seed),
+        key=key,
         temperature=temperature,
         top_k=top_k,
     )
@@ -213,8 +225,11 @@ def train_command(
     checkpoint_every: Annotated[int, typer.Option(help="Save every this many chunks.")] = 5,
     resume: Annotated[bool, typer.Option(help="Continue the run in --checkpoint-dir.")] = False,
     plot: Annotated[
-        str, typer.Option(help="Where to write the loss curve PNG.")
-    ] = "results/train-loss.png",
+        str | None,
+        typer.Option(
+            help="Loss curve PNG; default: loss.png beside the checkpoints, else results/."
+        ),
+    ] = None,
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
     """Train a small decoder with the whole loop inside lax.scan; report accuracy and samples."""
@@ -230,6 +245,14 @@ def train_command(
         seed=seed,
     )
     device_mesh = _mesh(mesh)
+    # Where results go is settled before training: a bad path must not cost the run.
+    if checkpoint_dir is not None and not resume:
+        _writable_dir("--checkpoint-dir", checkpoint_dir)
+    default_plot = Path(checkpoint_dir or "results") / (
+        "loss.png" if checkpoint_dir else "train-loss.png"
+    )
+    plot_path = Path(plot) if plot is not None else default_plot
+    _writable_dir("--plot's folder", plot_path.parent)
     with render.training_progress(console, config) as on_chunk:
         result = train.train(
             config,
@@ -239,7 +262,7 @@ def train_command(
             mesh=device_mesh,
             on_chunk=on_chunk,
         )
-    path = plots.loss_curve(result.losses, plot, f"{task}: loss per step")
+    path = plots.loss_curve(result.losses, plot_path, f"{task}: loss per step")
     console.print(f"loss curve: {path}")
     console.print(*render.evaluation(result), sep="\n")
 
@@ -250,8 +273,9 @@ def generate_command(
     n: Annotated[int, typer.Option(help="Held-out examples to render.")] = 8,
 ) -> None:
     """Show held-out inputs and a trained model's generated answers."""
-    from scanlab import train
+    from scanlab import checks, train
 
+    checks.static_int("--n", n, minimum=1)
     console.print(*render.evaluation(train.load(checkpoint), n), sep="\n")
 
 
@@ -263,11 +287,33 @@ def _mesh(spec: str | None):
     if spec is None:
         return None
     sizes = sharding.parse_mesh(spec)
+    _check_device_count("--mesh", sizes[sharding.DATA_AXIS] * sizes[sharding.MODEL_AXIS])
     try:
         sharding.host_devices(sizes[sharding.DATA_AXIS] * sizes[sharding.MODEL_AXIS])
     except RuntimeError:
         pass  # JAX already runs (e.g. called from Python): make_mesh checks the devices it has
     return sharding.make_mesh(spec)
+
+
+# Host devices are threads of one process: beyond this, a request is a typo, not a machine.
+MAX_HOST_DEVICES = 1024
+
+
+def _check_device_count(name: str, n: int) -> None:
+    if not 1 <= n <= MAX_HOST_DEVICES:
+        raise ValueError(f"{name} must ask for 1 to {MAX_HOST_DEVICES} devices, got {n}")
+
+
+def _writable_dir(name: str, path: str | Path) -> Path:
+    """Creates the directory if needed and proves it writable, before any long work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise OSError(f"{name} must be a writable directory, got {str(path)!r}: {error}") from None
+    return path
 
 
 def _parse_floats(name: str, text: str) -> np.ndarray:
@@ -278,8 +324,9 @@ def _parse_floats(name: str, text: str) -> np.ndarray:
 
 
 def _parse_ints(name: str, text: str) -> np.ndarray:
+    # int64: an id too large for int32 reaches the range check and is named there.
     try:
-        return np.array([int(item) for item in text.split(",")], np.int32)
+        return np.array([int(item) for item in text.split(",")], np.int64)
     except ValueError:
         raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
 
@@ -288,10 +335,49 @@ def _first(result):
     return result[0] if isinstance(result, tuple) else result
 
 
+# What a user's input, files or machine can cause: reported as one line, exit status 2.
+EXPECTED_ERRORS = (ValueError, TypeError, OSError, ArithmeticError, MemoryError)
+
+
 def main() -> None:
-    """Entry point: library errors (bad arguments) print as one line and exit with status 2."""
+    """Entry point: one error path for every command.
+
+    Bad arguments, unreadable or unwritable files and requests the machine cannot hold print as
+    `error: ...` on one line and exit with status 2; Ctrl-C exits with 130. Anything else is a
+    bug in scanlab: its traceback is printed with a request to report it, exit status 1.
+    """
     try:
-        app()
-    except (ValueError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C while typer waits
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.exceptions.TyperException as error:  # parsing: unknown flag, bad value
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+        if not message.strip():  # a bare command: its help is already on the screen
+            sys.exit(2)
+        _fail(message)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except EXPECTED_ERRORS as error:
+        _fail(str(error))
+    except jax.errors.JaxRuntimeError as error:
+        if "out of memory" not in str(error).lower() and "RESOURCE_EXHAUSTED" not in str(error):
+            _report_bug()
+        _fail(f"out of memory: {str(error).splitlines()[0]}")
+    except Exception:  # noqa: BLE001 - the last resort: a traceback is owed to the user
+        _report_bug()
+
+
+def _fail(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _report_bug() -> None:
+    traceback.print_exc()
+    print(
+        "scanlab hit a bug (the traceback above): please report it with the command you ran.",
+        file=sys.stderr,
+    )
+    sys.exit(1)

@@ -14,6 +14,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from scanlab import checks, loops, sharding
@@ -24,6 +25,12 @@ PARAM_DTYPE = jnp.float32
 
 def _declare_w(module: nn.Module, hidden: int) -> jax.Array:
     return module.param("W", nn.initializers.lecun_normal(), (hidden, hidden), PARAM_DTYPE)
+
+
+def _check_fields(module) -> None:
+    """The modules' fields, checked as `lax_scan_in_module` checks its arguments."""
+    checks.static_int("hidden", module.hidden, minimum=1)
+    checks.static_int("T", module.T, minimum=0)
 
 
 def common_dtype(x: jax.Array, W: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -63,6 +70,10 @@ class LaxScanModule(nn.Module):
     T: int
     trajectory: bool = False
 
+    def __post_init__(self):
+        _check_fields(self)
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array, seq_lengths: jax.Array | None = None) -> jax.Array:
         """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`.
@@ -70,7 +81,9 @@ class LaxScanModule(nn.Module):
         `seq_lengths` (...) ints in [0, T] give each row its own number of steps: a row stops at
         its length (`scanlab.loops.masked_scan`) and its trajectory is zero past it.
         """
-        x, W = common_dtype(jnp.asarray(x), _declare_w(self, self.hidden))
+        x = jnp.asarray(x)
+        checks.last_axis("x", x, self.hidden, "hidden")
+        x, W = common_dtype(x, _declare_w(self, self.hidden))
         init_carry = jnp.tanh(x @ W)
 
         def body(carry, _):
@@ -109,12 +122,18 @@ class NNScanModule(nn.Module):
     T: int
     trajectory: bool = False
 
+    def __post_init__(self):
+        _check_fields(self)
+        super().__post_init__()
+
     def setup(self):
         self.W = _declare_w(self, self.hidden)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`."""
-        x, W = common_dtype(jnp.asarray(x), self.W)
+        x = jnp.asarray(x)
+        checks.last_axis("x", x, self.hidden, "hidden")
+        x, W = common_dtype(x, self.W)
         init_carry = jnp.tanh(x @ W)
 
         def body(module, carry, _):
@@ -203,6 +222,11 @@ def lax_scan_in_module(
         checks.all_finite("x", x)
     if seq_lengths is not None:
         seq_lengths = checks.lengths("seq_lengths", seq_lengths, x.shape[:-1], T)
+    rows = int(np.prod(x.shape[:-1]))
+    states = (T + 1) if trajectory else 2  # every state, or the carry in and out
+    checks.fits_in_memory(
+        f"lax_scan_in_module(hidden={hidden}, T={T})", 4 * hidden * (hidden + rows * states)
+    )
     W = _weights(int(seed), hidden)
     if mesh is not None:
         # The compiled apply follows its inputs' shardings: no communication, rows independent.

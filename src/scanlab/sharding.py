@@ -43,7 +43,7 @@ def batch_mesh(n_devices: int | None = None) -> Mesh:
 
 def parse_mesh(spec: str) -> dict[str, int]:
     """ "data=4,model=2" -> {"data": 4, "model": 2}; a missing axis has size 1."""
-    sizes = {DATA_AXIS: 1, MODEL_AXIS: 1}
+    sizes, seen = {DATA_AXIS: 1, MODEL_AXIS: 1}, set()
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, value = item.partition("=")
         if name not in sizes or not value.isdigit() or int(value) < 1:
@@ -51,6 +51,9 @@ def parse_mesh(spec: str) -> dict[str, int]:
                 f"mesh must look like 'data=4,model=2' (axes data and model, sizes >= 1), "
                 f"got {spec!r}"
             )
+        if name in seen:
+            raise ValueError(f"mesh must name each axis once, got {name!r} twice in {spec!r}")
+        seen.add(name)
         sizes[name] = int(value)
     return sizes
 

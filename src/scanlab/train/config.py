@@ -46,8 +46,15 @@ class TrainConfig:
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps must be < steps={self.steps}, got {self.warmup_steps}")
         checks.seed_key(self.seed)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        checks.finite_number("learning_rate", self.learning_rate, above=0.0)
+        checks.finite_number("weight_decay", self.weight_decay, minimum=0.0)
+        checks.finite_number("clip_norm", self.clip_norm, above=0.0)
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model must be a multiple of n_heads={self.n_heads} (head_dim = d_model / "
+                f"n_heads), got {self.d_model}"
+            )
+        _ = self.model  # the decoder config checks itself (heads, sizes)
 
     @property
     def model(self) -> DecoderConfig:

@@ -61,6 +61,8 @@ def train(
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs a checkpoint_dir, got None")
+    if resume:
+        _check_exists(checkpoint_dir)  # reading must not create what it fails to find
     manager = _manager(checkpoint_dir) if checkpoint_dir is not None else None
     try:
         state, history = _starting_point(config, manager, resume, mesh)
@@ -71,6 +73,7 @@ def train(
             state, losses = train_chunk(state, config=config, steps=n, mesh=mesh)
             losses = np.asarray(losses)  # waits for the chunk
             elapsed = time.perf_counter() - start
+            _check_finite(losses, step, manager)
             step += n
             history.extend(losses.tolist())
             save = manager is not None and (
@@ -87,9 +90,22 @@ def train(
     return TrainResult(config, state, np.asarray(history, np.float32))
 
 
+def _check_finite(losses: np.ndarray, step: int, manager) -> None:
+    """Stops a run whose loss became NaN or Inf, before anything of the bad chunk is saved."""
+    bad = ~np.isfinite(losses)
+    if bad.any():
+        kept = manager.latest_step() if manager is not None else None
+        where = f"; the last good checkpoint (step {kept}) is kept" if kept is not None else ""
+        raise FloatingPointError(
+            f"the loss became {losses[bad][0]} at step {step + int(np.argmax(bad)) + 1}: "
+            f"training stopped{where}. Lower learning_rate or clip_norm."
+        )
+
+
 def load(checkpoint_dir: str | Path, mesh: Mesh | None = None) -> TrainResult:
     """The last complete checkpoint of a run (its config, state and loss history), placed on
     `mesh` if one is given, whatever mesh it was written from."""
+    _check_exists(checkpoint_dir)
     with _manager(checkpoint_dir) as manager:
         step = manager.latest_step()
         if step is None:
@@ -97,6 +113,11 @@ def load(checkpoint_dir: str | Path, mesh: Mesh | None = None) -> TrainResult:
         config = TrainConfig(**_saved_config(manager, step))
         state, history = _restore(manager, step, config, mesh)
     return TrainResult(config, state, np.asarray(history, np.float32))
+
+
+def _check_exists(checkpoint_dir: str | Path) -> None:
+    if not Path(checkpoint_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
 
 
 def _manager(checkpoint_dir: str | Path) -> ocp.CheckpointManager:

@@ -1,0 +1,184 @@
+"""No CLI input yields a traceback: bad input is one `error:` line and exit status 2."""
+
+import contextlib
+import io
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scanlab.cli import main
+
+
+def invoke(args: list[str]) -> tuple[int, str]:
+    """Runs `scanlab ARGS` in this process; returns (exit status, stderr)."""
+    err = io.StringIO()
+    with (
+        mock.patch.object(sys, "argv", ["scanlab", *args]),
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        try:
+            main()
+        except SystemExit as exit_:
+            return int(exit_.code or 0), err.getvalue()
+    return 0, err.getvalue()
+
+
+def options(**values) -> st.SearchStrategy[list[str]]:
+    """Argument lists: a subset of the options, each with one of its candidate values."""
+    pairs = [
+        st.tuples(st.just(f"--{name}"), st.sampled_from(choices))
+        for name, choices in values.items()
+    ]
+    return st.lists(st.one_of(*pairs), max_size=4).map(
+        lambda items: [a for pair in items for a in pair]
+    )
+
+
+INTS = ["-1", "0", "3", "2147483648", "99999999999", "1.5", "x", ""]
+FLOATS = ["nan", "inf", "-1", "0", "0.7", "x"]
+COMMANDS = {
+    "run": options(
+        seed=["-1", "0", "1099511627776", "x"],
+        hidden=["-1", "0", "4", "1000000", "x"],
+        T=INTS,
+        x=["1,2,3,4", "nan,1,2,3", "1,2", "a,b", ""],
+    ),
+    "decoder generate": options(
+        prompt=["1,2,3", "99999999999", "-1", "64", "a", "1,,2", ""],
+        **{"max-new-tokens": ["-1", "0", "2", "500", "x"]},
+        temperature=FLOATS,
+        **{"top-k": ["-1", "0", "3", "100000"]},
+        seed=["-1", "0", "1099511627776"],
+        preset=["tiny", "nope", ""],
+        mesh=["data=2", "data=2,data=4", "model=0", "x=1", "data=99999999999"],
+        checkpoint=["/nonexistent", "/proc"],
+    ),
+    "decoder shapes": options(preset=["tiny", "llama3-8b", "nope", ""]),
+    "generate": options(checkpoint=["/nonexistent", "typo_dir"], n=INTS),
+    "bench": options(devices=["-1", "0", "99999999999"], out=["/proc/x"]),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_no_argument_list_gives_a_traceback(command):
+    @settings(deadline=None, max_examples=25, database=None)
+    @given(args=COMMANDS[command])
+    def check(args):
+        if command == "bench" and not any(a in ("-1", "0", "99999999999", "/proc/x") for a in args):
+            args = [*args, "--out", "/proc/x"]  # never the real benchmarks: a bad flag stops them
+        status, err = invoke([*command.split(), *args])
+        assert "Traceback" not in err, (args, err)
+        assert status in (0, 2), (args, status, err)
+        if status == 2:
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+
+    check()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--T", "10000000000"], "error: T must be <= 2147483647, got 10000000000"),
+        (["run", "--T", "x"], "error: Invalid value for '--T'"),
+        (["run", "--T", "3000000000"], "error: T must be <= 2147483647, got 3000000000"),
+        (
+            ["run", "--hidden", "100000", "--T", "1"],
+            "error: lax_scan_in_module(hidden=100000, T=1) needs about 37.3 GiB",
+        ),
+        (
+            ["run", "--x", "nan,1,2,3"],
+            "error: x must be finite, got 1 NaN/Inf value(s), first at index (0,)",
+        ),
+        (
+            ["decoder", "generate", "--prompt", "99999999999"],
+            "error: tokens must be ids in [0, vocab_size=64), got tokens[0, 0] = 99999999999",
+        ),
+        (
+            ["decoder", "generate", "--seed", "1099511627776"],
+            "error: seed must be in [0, 2**32), got 1099511627776",
+        ),
+        (["decoder", "generate", "--seed", "-1"], "error: seed must be in [0, 2**32), got -1"),
+        (["decoder", "generate", "--top-k", "3"], "error: top_k needs temperature > 0"),
+        (
+            ["decoder", "generate", "--temperature", "nan"],
+            "error: temperature must be a finite number >= 0, got nan",
+        ),
+        (
+            ["decoder", "generate", "--mesh", "data=2,data=4"],
+            "error: mesh must name each axis once, got 'data' twice",
+        ),
+        (
+            ["decoder", "generate", "--mesh", "data=99999999999"],
+            "error: --mesh must ask for 1 to 1024 devices, got 99999999999",
+        ),
+        (["decoder", "compare", "--seq", "0"], "error: max_seq_len must be >= 1, got 0"),
+        (["bench", "--devices", "0"], "error: --devices must ask for 1 to 1024 devices, got 0"),
+        (["bench", "--devices", "-1"], "error: --devices must ask for 1 to 1024 devices, got -1"),
+        (
+            ["bench", "--quick", "--out", "/proc/x"],
+            "error: --out must be a writable directory, got '/proc/x'",
+        ),
+        (["generate", "--checkpoint", "typo_dir"], "error: checkpoint_dir typo_dir does not exist"),
+        (["generate", "--checkpoint", "typo_dir", "--n", "0"], "error: --n must be >= 1, got 0"),
+    ],
+)
+def test_each_reported_case_is_one_clear_line(args, message):
+    status, err = invoke(args)
+    assert status == 2 and err.startswith(message), err
+
+
+def test_work_is_not_started_when_an_output_path_is_unwritable(tmp_path):
+    # The plot path is checked before training: no checkpoint appears, the error is immediate.
+    status, err = invoke(
+        [
+            "train",
+            "--steps",
+            "20",
+            "--checkpoint-dir",
+            str(tmp_path / "run"),
+            "--plot",
+            "/proc/x/loss.png",
+        ]
+    )
+    assert status == 2 and err.startswith(
+        "error: --plot's folder must be a writable directory, got '/proc/x'"
+    )
+    assert not any((tmp_path / "run").iterdir())
+
+
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from scanlab import train
+
+    status, err = invoke(
+        [
+            "train",
+            "--steps",
+            "40",
+            "--chunk-steps",
+            "10",
+            "--warmup-steps",
+            "5",
+            "--learning-rate",
+            "1e30",
+            "--checkpoint-dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert status == 2 and "error: the loss became" in err and "training stopped" in err, err
+    status, err = invoke(["train", "--learning-rate", "inf"])
+    assert status == 2 and err.startswith("error: learning_rate must be finite, got inf")
+    with pytest.raises(ValueError, match="d_model must be a multiple of n_heads=4"):
+        train.TrainConfig(d_model=65)
+
+
+def test_a_real_bug_prints_its_traceback_and_asks_for_a_report():
+    script = "import sys; from scanlab import cli; cli.app = lambda **kw: [][1]; sys.argv = ['scanlab']; cli.main()"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "please report it" in result.stderr
