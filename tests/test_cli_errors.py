@@ -140,6 +140,8 @@ def test_work_is_not_started_when_an_output_path_is_unwritable(tmp_path):
             "train",
             "--steps",
             "20",
+            "--warmup-steps",
+            "5",
             "--checkpoint-dir",
             str(tmp_path / "run"),
             "--plot",
