@@ -11,7 +11,7 @@ from scanlab.train import TrainConfig
         (dict(steps=-5), ValueError, "steps must be >= 1, got -5"),
         (dict(steps=2.5), TypeError, "steps must be an int, got 2.5"),
         (dict(steps=50, warmup_steps=50), ValueError, "warmup_steps must be < steps=50, got 50"),
-        (dict(learning_rate=0.0), ValueError, "learning_rate must be > 0, got 0.0"),
+        (dict(learning_rate=0.0), ValueError, "learning_rate must be > 0.0, got 0.0"),
         (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*32\)"),
     ],
 )
