@@ -283,3 +283,60 @@ def test_sliding_window_and_config_gaps_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(CheckpointError, match="config.json is missing hidden_size"):
         load_checkpoint(tmp_path)
+
+
+# --- damaged files: one CheckpointError naming the file, never a SafetensorError or KeyError ------
+
+
+def damaged(tmp_path, damage):
+    hf_model(**HF_CONFIGS["gqa"]).save_pretrained(tmp_path)
+    damage(tmp_path)
+    return tmp_path
+
+
+def _truncate(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _nan_bytes(path):
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-64:] = np.full(16, np.nan, np.float32).tobytes()  # the last tensor's tail
+    (path / "model.safetensors").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (
+            _truncate,
+            r"model.safetensors(: tensor .* cannot be read| is not a readable safetensors file)",
+        ),
+        (
+            lambda p: (p / "model.safetensors").write_bytes(b""),
+            r"model.safetensors is not a readable safetensors file",
+        ),
+        (
+            lambda p: (p / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096)),
+            r"model.safetensors is not a readable safetensors file",
+        ),
+        (_nan_bytes, r"model.safetensors: tensor .* holds NaN or Inf values"),
+        (lambda p: (p / "config.json").write_text("{not json"), r"config.json is not valid JSON"),
+    ],
+    ids=["truncated", "empty", "random", "nan-data", "bad-json"],
+)
+def test_damaged_files_are_named(tmp_path, damage, match):
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(damaged(tmp_path, damage))
+
+
+def test_a_sharded_checkpoint_missing_a_shard_or_its_map_is_named(tmp_path):
+    hf_model(**HF_CONFIGS["gqa"]).save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (tmp_path / shard).unlink()
+    with pytest.raises(CheckpointError, match=rf"{shard} is listed in the checkpoint but missing"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="must map tensor names under 'weight_map'"):
+        load_checkpoint(tmp_path)

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from scanlab.decoder import spec
@@ -153,14 +153,20 @@ def _set_layer(stacked: jax.Array, i: jax.Array, layer: jax.Array) -> jax.Array:
 
 
 class _Reader:
-    """Reads tensors by name from a single-file or sharded safetensors checkpoint."""
+    """Reads tensors by name from a single-file or sharded safetensors checkpoint.
+
+    Every failure of a file (missing, truncated, corrupt header, NaN data) becomes a
+    CheckpointError naming the file and what is wrong with it.
+    """
 
     def __init__(self, directory: Path):
         index = directory / INDEX_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} must map tensor names under 'weight_map'")
         elif (directory / SINGLE_FILE).exists():
-            with safe_open(directory / SINGLE_FILE, framework="flax") as f:
+            with self._open(directory / SINGLE_FILE) as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
         else:
             raise CheckpointError(
@@ -168,19 +174,41 @@ class _Reader:
             )
         self.directory, self.weight_map = directory, weight_map
 
+    @staticmethod
+    def _open(path: Path):
+        if not path.is_file():
+            raise CheckpointError(f"{path} is listed in the checkpoint but missing")
+        try:
+            return safe_open(path, framework="flax")
+        except SafetensorError as error:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+
     def dtype(self, name: str) -> np.dtype:
         return self.read(name, None).dtype
 
     def read(self, name: str, shape: tuple[int, ...] | None) -> jax.Array:
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint")
-        with safe_open(self.directory / self.weight_map[name], framework="flax") as f:
-            tensor = f.get_tensor(name)
+        path = self.directory / self.weight_map[name]
+        with self._open(path) as f:
+            try:
+                tensor = f.get_tensor(name)
+            except SafetensorError as error:
+                raise CheckpointError(f"{path}: tensor {name} cannot be read: {error}") from None
         if shape is not None and tuple(tensor.shape) != shape:
             raise CheckpointError(
                 f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape} from config.json"
             )
+        if jnp.issubdtype(tensor.dtype, jnp.floating) and not jnp.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values")
         return tensor
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig, DecoderParams]:
@@ -193,7 +221,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
     directory = Path(path)
     if not (directory / CONFIG_FILE).is_file():
         raise CheckpointError(f"{directory} must contain {CONFIG_FILE}")
-    config = config_from_hf(json.loads((directory / CONFIG_FILE).read_text()))
+    config = config_from_hf(_read_json(directory / CONFIG_FILE))
     reader = _Reader(directory)
     declared = spec.declared(config)
     dtype = jnp.dtype(dtype or reader.dtype(declared.embed.hf_name))
