@@ -78,3 +78,27 @@ def test_progress_reports_every_chunk():
     train(CONFIG.replace(steps=25), on_chunk=reports.append)
     assert [r.step for r in reports] == [10, 20, 25]
     assert all(r.steps_per_s > 0 and np.isfinite(r.mean_loss) for r in reports)
+
+
+def test_a_damaged_checkpoint_is_named_not_a_tensorstore_traceback(tmp_path):
+    import shutil
+
+    from scanlab.train.run import CheckpointReadError
+
+    config = TrainConfig(steps=20, chunk_steps=10, warmup_steps=5)
+    train(config, checkpoint_dir=tmp_path)
+    data_files = sorted(
+        (tmp_path / "20" / "state").glob("ocdbt.process_0/d/*"), key=lambda f: f.stat().st_size
+    )
+    biggest = data_files[-1]
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    with pytest.raises(
+        CheckpointReadError,
+        match=rf"checkpoint {tmp_path}/20 cannot be read \(Exception: Encountered error while reading",
+    ):
+        load(tmp_path)
+    shutil.rmtree(tmp_path / "20" / "history")
+    with pytest.raises(
+        CheckpointReadError, match=r"cannot be read \(KeyError: .*Item \"history\" was not found"
+    ):
+        load(tmp_path)

@@ -8,6 +8,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,10 +143,29 @@ def _starting_point(config, manager, resume: bool, mesh) -> tuple[TrainState, li
     return _restore(manager, latest, config, mesh)
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint on disk is damaged or incomplete: which one, and what orbax said."""
+
+
+@contextlib.contextmanager
+def _reading(manager, step: int):
+    # Orbax and TensorStore raise bare Exceptions (or KeyError for a missing item) with pages of
+    # detail: name the checkpoint and keep the first sentence.
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - re-raised as one named, readable error
+        summary = str(error).splitlines()[0].split(" See full TensorStore details")[0]
+        raise CheckpointReadError(
+            f"checkpoint {Path(manager.directory) / str(step)} cannot be read "
+            f"({type(error).__name__}: {summary.strip()[:300]})"
+        ) from None
+
+
 def _saved_config(manager, step: int) -> dict:
     """The TrainConfig a checkpoint was written with, as a dict (read before the state, whose
     shapes it decides)."""
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    with _reading(manager, step):
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
 def _restore(manager, step: int, config: TrainConfig, mesh) -> tuple[TrainState, list[float]]:
@@ -156,13 +176,14 @@ def _restore(manager, step: int, config: TrainConfig, mesh) -> tuple[TrainState,
             target,
             state_shardings(config, mesh),
         )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            history=ocp.args.JsonRestore(),
-        ),
-    )
+    with _reading(manager, step):
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                history=ocp.args.JsonRestore(),
+            ),
+        )
     # Orbax hands back plain containers in places: rebuild the exact NamedTuple structure.
     state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored.state))
     return state, list(restored.history)
