@@ -114,8 +114,13 @@ def test_train_resume_and_generate(tmp_path):
     pixels = matplotlib.image.imread(plot)
     assert pixels.shape[:2] == (480, 840)  # 7 x 4 inches at 120 dpi
     assert pixels[..., :3].std() > 0.05  # curves drawn, not a blank canvas
-    again = runner.invoke(app, args + ["--resume"])  # already complete: nothing to do, same result
+    # --resume takes the run's saved settings: nothing to retype (already complete: same result).
+    again = runner.invoke(app, ["train", "--checkpoint-dir", ckpt, "--resume", "--plot", str(plot)])
     assert again.exit_code == 0, again.output
+    assert "held-out exact-match accuracy after 40 steps" in again.output
+    clash = runner.invoke(app, ["train", "--checkpoint-dir", ckpt, "--resume", "--batch-size", "8"])
+    assert clash.exit_code != 0
+    assert "batch_size=64 there, 8 here" in str(clash.exception)
     shown = runner.invoke(app, ["generate", "--checkpoint", ckpt, "--n", "3"])
     assert shown.exit_code == 0, shown.output
     assert shown.output.count("reverse ") == 3

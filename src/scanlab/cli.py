@@ -214,16 +214,26 @@ def decoder_generate(
 
 @app.command("train")
 def train_command(
-    task: Annotated[str, typer.Option(help="reverse or add.")] = "reverse",
-    steps: Annotated[int, typer.Option(help="Total optimizer steps (add needs ~3000).")] = 600,
-    chunk_steps: Annotated[int, typer.Option(help="Steps per compiled lax.scan call.")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 64,
-    learning_rate: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-3,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
-    seed: Annotated[int, typer.Option(help="The run's seed.")] = 0,
+    # The run's settings default to None: "not given", so --resume can take the saved run's.
+    task: Annotated[str | None, typer.Option(help="reverse or add [reverse].")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Total optimizer steps (add needs ~3000) [600].")
+    ] = None,
+    chunk_steps: Annotated[
+        int | None, typer.Option(help="Steps per compiled lax.scan call [100].")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per step [64].")] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Peak AdamW learning rate [0.003].")
+    ] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps [100].")] = None,
+    seed: Annotated[int | None, typer.Option(help="The run's seed [0].")] = None,
     checkpoint_dir: Annotated[str | None, typer.Option(help="Save orbax checkpoints here.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save every this many chunks.")] = 5,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --checkpoint-dir.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the run in --checkpoint-dir, with its saved settings."),
+    ] = False,
     plot: Annotated[
         str | None,
         typer.Option(
@@ -235,15 +245,24 @@ def train_command(
     """Train a small decoder with the whole loop inside lax.scan; report accuracy and samples."""
     from scanlab import train
 
-    config = train.TrainConfig(
-        task=task,
-        steps=steps,
-        chunk_steps=chunk_steps,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        seed=seed,
-    )
+    given = {
+        name: value
+        for name, value in dict(
+            task=task,
+            steps=steps,
+            chunk_steps=chunk_steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            warmup_steps=warmup_steps,
+            seed=seed,
+        ).items()
+        if value is not None
+    }
+    if resume and checkpoint_dir is not None:
+        # The saved run's settings; a flag given again must agree (train() says where not).
+        config = train.saved_config(checkpoint_dir).replace(**given)
+    else:
+        config = train.TrainConfig(**given)
     device_mesh = _mesh(mesh)
     # Where results go is settled before training: a bad path must not cost the run.
     if checkpoint_dir is not None and not resume:

@@ -91,6 +91,16 @@ def train(
     return TrainResult(config, state, np.asarray(history, np.float32))
 
 
+def saved_config(checkpoint_dir: str | Path) -> TrainConfig:
+    """The TrainConfig of the last complete checkpoint in `checkpoint_dir`."""
+    _check_exists(checkpoint_dir)
+    with _manager(checkpoint_dir) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise ValueError(f"checkpoint_dir {checkpoint_dir} holds no complete checkpoint")
+        return TrainConfig(**_saved_config(manager, step))
+
+
 def _check_finite(losses: np.ndarray, step: int, manager) -> None:
     """Stops a run whose loss became NaN or Inf, before anything of the bad chunk is saved."""
     bad = ~np.isfinite(losses)
