@@ -102,3 +102,25 @@ def test_a_damaged_checkpoint_is_named_not_a_tensorstore_traceback(tmp_path):
         CheckpointReadError, match=r"cannot be read \(KeyError: .*Item \"history\" was not found"
     ):
         load(tmp_path)
+
+
+def test_raising_steps_on_resume_continues_under_the_longer_schedule(tmp_path):
+    """60 steps planned, then extended to 100: equal to running the first 60 steps under the
+    60-step schedule and the next 40 under the 100-step one, in one process."""
+    from scanlab.train import init_state, train_chunk
+    from scanlab.train.step import learning_rate
+
+    train(CONFIG, checkpoint_dir=tmp_path)
+    longer = CONFIG.replace(steps=100)
+    extended = train(longer, checkpoint_dir=tmp_path, resume=True)
+    assert int(extended.state.step) == 100 and len(extended.losses) == 100
+
+    state, first = train_chunk(init_state(CONFIG), config=CONFIG, steps=60)
+    state, rest = train_chunk(state, config=longer, steps=40)
+    chex.assert_trees_all_close(extended.state.params, state.params, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(extended.losses, np.concatenate([first, rest]), rtol=1e-6)
+    # What the extension does to the learning rate: it steps up where the longer plan resumes.
+    assert learning_rate(longer)(60) > learning_rate(CONFIG)(59)
+    assert load(tmp_path).config == longer  # the saved run now plans 100 steps
+    with pytest.raises(ValueError, match=r"steps must be >= 100 to resume .* got 80"):
+        train(CONFIG.replace(steps=80), checkpoint_dir=tmp_path, resume=True)

@@ -53,7 +53,10 @@ def train(
       config: the run.
       checkpoint_dir: where orbax checkpoints go; None for no checkpoints.
       checkpoint_every: save after every this many chunks, and after the last.
-      resume: continue from the last complete checkpoint in `checkpoint_dir` (same config).
+      resume: continue from the last complete checkpoint in `checkpoint_dir`: the same config,
+        except that `steps` may be raised to extend the run. The learning-rate schedule is then
+        the one of the longer plan from the next step on (warm-up done, the cosine decay
+        stretched to the new end), so the rate steps up at the point of extension.
       on_chunk: called after each chunk, e.g. to draw progress.
       mesh: run data- and tensor-parallel on this ("data", "model") mesh; checkpoints written
         on one mesh resume on another.
@@ -150,6 +153,11 @@ def _starting_point(config, manager, resume: bool, mesh) -> tuple[TrainState, li
             f"checkpoint_dir {manager.directory} holds no complete checkpoint to resume"
         )
     _check_same_config(_saved_config(manager, latest), config, manager.directory)
+    if config.steps < latest:
+        raise ValueError(
+            f"steps must be >= {latest} to resume checkpoint_dir {manager.directory} (the run "
+            f"has done {latest} steps), got {config.steps}"
+        )
     return _restore(manager, latest, config, mesh)
 
 
@@ -213,7 +221,9 @@ def _save(manager, step: int, config: TrainConfig, state: TrainState, history: l
 
 
 def _check_same_config(saved: dict, config: TrainConfig, directory) -> None:
+    """Everything but `steps` must match: a run may be extended (see `train`)."""
     current = config.to_dict()
+    current.pop("steps")
     differences = [
         f"{name}={saved.get(name)!r} there, {value!r} here"
         for name, value in current.items()

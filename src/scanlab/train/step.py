@@ -23,17 +23,21 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32, steps taken
 
 
-def optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
+def learning_rate(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then cosine decay to 10% of it at `steps`."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
         warmup_steps=config.warmup_steps,
         decay_steps=config.steps,
         end_value=config.learning_rate * 0.1,
     )
+
+
+def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
-        optax.adamw(schedule, weight_decay=config.weight_decay),
+        optax.adamw(learning_rate(config), weight_decay=config.weight_decay),
     )
 
 
