@@ -6,9 +6,12 @@ import jax
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -36,3 +39,25 @@ def on_host_devices(tmp_path):
         return result.stdout
 
     return run
+
+
+@pytest.fixture
+def cli():
+    """Runs `scanlab ARGS` in this process through its real entry point; returns
+    (exit status, stderr)."""
+    from scanlab.cli import main
+
+    def invoke(args: list[str]) -> tuple[int, str]:
+        err = io.StringIO()
+        with (
+            mock.patch.object(sys, "argv", ["scanlab", *args]),
+            contextlib.redirect_stderr(err),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            try:
+                main()
+            except SystemExit as exit_:
+                return int(exit_.code or 0), err.getvalue()
+        return 0, err.getvalue()
+
+    return invoke

@@ -1,31 +1,11 @@
 """No CLI input yields a traceback: bad input is one `error:` line and exit status 2."""
 
-import contextlib
-import io
 import subprocess
 import sys
-from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from scanlab.cli import main
-
-
-def invoke(args: list[str]) -> tuple[int, str]:
-    """Runs `scanlab ARGS` in this process; returns (exit status, stderr)."""
-    err = io.StringIO()
-    with (
-        mock.patch.object(sys, "argv", ["scanlab", *args]),
-        contextlib.redirect_stderr(err),
-        contextlib.redirect_stdout(io.StringIO()),
-    ):
-        try:
-            main()
-        except SystemExit as exit_:
-            return int(exit_.code or 0), err.getvalue()
-    return 0, err.getvalue()
 
 
 def options(**values) -> st.SearchStrategy[list[str]]:
@@ -65,13 +45,13 @@ COMMANDS = {
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_no_argument_list_gives_a_traceback(command):
+def test_no_argument_list_gives_a_traceback(command, cli):
     @settings(deadline=None, max_examples=25, database=None)
     @given(args=COMMANDS[command])
     def check(args):
         if command == "bench" and not any(a in ("-1", "0", "99999999999", "/proc/x") for a in args):
             args = [*args, "--out", "/proc/x"]  # never the real benchmarks: a bad flag stops them
-        status, err = invoke([*command.split(), *args])
+        status, err = cli([*command.split(), *args])
         assert "Traceback" not in err, (args, err)
         assert status in (0, 2), (args, status, err)
         if status == 2:
@@ -128,14 +108,14 @@ def test_no_argument_list_gives_a_traceback(command):
         (["generate", "--checkpoint", "typo_dir", "--n", "0"], "error: --n must be >= 1, got 0"),
     ],
 )
-def test_each_reported_case_is_one_clear_line(args, message):
-    status, err = invoke(args)
+def test_each_reported_case_is_one_clear_line(args, message, cli):
+    status, err = cli(args)
     assert status == 2 and err.startswith(message), err
 
 
-def test_work_is_not_started_when_an_output_path_is_unwritable(tmp_path):
+def test_work_is_not_started_when_an_output_path_is_unwritable(tmp_path, cli):
     # The plot path is checked before training: no checkpoint appears, the error is immediate.
-    status, err = invoke(
+    status, err = cli(
         [
             "train",
             "--steps",
@@ -154,10 +134,10 @@ def test_work_is_not_started_when_an_output_path_is_unwritable(tmp_path):
     assert not any((tmp_path / "run").iterdir())
 
 
-def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, cli):
     from scanlab import train
 
-    status, err = invoke(
+    status, err = cli(
         [
             "train",
             "--steps",
@@ -173,7 +153,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         ]
     )
     assert status == 2 and "error: the loss became" in err and "training stopped" in err, err
-    status, err = invoke(["train", "--learning-rate", "inf"])
+    status, err = cli(["train", "--learning-rate", "inf"])
     assert status == 2 and err.startswith("error: learning_rate must be finite, got inf")
     with pytest.raises(ValueError, match="d_model must be a multiple of n_heads=4"):
         train.TrainConfig(d_model=65)
