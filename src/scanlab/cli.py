@@ -217,7 +217,8 @@ def train_command(
     # The run's settings default to None: "not given", so --resume can take the saved run's.
     task: Annotated[str | None, typer.Option(help="reverse or add [reverse].")] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Total optimizer steps (add needs ~3000) [600].")
+        int | None,
+        typer.Option(help="Total optimizer steps (add: 6000, not yet for every seed) [600]."),
     ] = None,
     chunk_steps: Annotated[
         int | None, typer.Option(help="Steps per compiled lax.scan call [100].")
