@@ -111,6 +111,11 @@ def test_train_resume_and_generate(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "held-out exact-match accuracy after 40 steps" in result.output
+    # Not a terminal here: progress is one plain line per chunk, readable in a log file.
+    assert "train reverse: step 20/40, loss " in result.output
+    assert (
+        "train reverse: step 40/40, loss " in result.output and "checkpoint saved" in result.output
+    )
     pixels = matplotlib.image.imread(plot)
     assert pixels.shape[:2] == (480, 840)  # 7 x 4 inches at 120 dpi
     assert pixels[..., :3].std() > 0.05  # curves drawn, not a blank canvas

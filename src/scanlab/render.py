@@ -100,7 +100,23 @@ def layer_table(point: LayerPoint) -> Table:
 def training_progress(
     console: Console, config: train.TrainConfig
 ) -> Iterator[Callable[[train.ChunkReport], None]]:
-    """A progress bar for a training run; yields the `on_chunk` callback that advances it."""
+    """A progress bar for a training run; yields the `on_chunk` callback that advances it.
+
+    When the console is not a terminal (output to a file or a pipe) a bar would show nothing
+    until the end: each chunk prints one plain line instead, so a log file shows progress.
+    """
+    if not console.is_terminal:
+
+        def log_line(report: train.ChunkReport) -> None:
+            saved = ", checkpoint saved" if report.checkpointed else ""
+            console.print(
+                f"train {config.task}: step {report.step}/{report.total_steps}, "
+                f"loss {report.mean_loss:.4f}, {report.steps_per_s:.0f} steps/s{saved}",
+                highlight=False,
+            )
+
+        yield log_line
+        return
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
