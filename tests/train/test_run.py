@@ -124,3 +124,21 @@ def test_raising_steps_on_resume_continues_under_the_longer_schedule(tmp_path):
     assert load(tmp_path).config == longer  # the saved run now plans 100 steps
     with pytest.raises(ValueError, match=r"steps must be >= 100 to resume .* got 80"):
         train(CONFIG.replace(steps=80), checkpoint_dir=tmp_path, resume=True)
+
+
+def test_ctrl_c_saves_the_newest_whole_state_and_the_run_resumes_exactly(tmp_path):
+    def ctrl_c_at(step):
+        def on_chunk(report):
+            if report.step == step:
+                raise KeyboardInterrupt
+
+        return on_chunk
+
+    full = train(CONFIG, checkpoint_dir=tmp_path / "full", checkpoint_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train(CONFIG, checkpoint_dir=tmp_path / "cut", checkpoint_every=100, on_chunk=ctrl_c_at(30))
+    # No regular save was due (every 100 chunks): the interrupt saved step 30 itself.
+    assert int(load(tmp_path / "cut").state.step) == 30
+    resumed = train(CONFIG, checkpoint_dir=tmp_path / "cut", checkpoint_every=100, resume=True)
+    chex.assert_trees_all_equal(resumed.state, full.state)
+    np.testing.assert_array_equal(resumed.losses, full.losses)

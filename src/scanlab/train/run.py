@@ -68,6 +68,7 @@ def train(
     if resume:
         _check_exists(checkpoint_dir)  # reading must not create what it fails to find
     manager = _manager(checkpoint_dir) if checkpoint_dir is not None else None
+    state, losses, history = None, None, []
     try:
         state, history = _starting_point(config, manager, resume, mesh)
         step = int(state.step)
@@ -87,6 +88,10 @@ def train(
                 _save(manager, step, config, state, history)
             if on_chunk is not None:
                 on_chunk(ChunkReport(step, config.steps, float(losses.mean()), n / elapsed, save))
+    except KeyboardInterrupt:
+        if manager is not None:
+            _save_interrupted(manager, config, state, losses, history)
+        raise
     finally:
         if manager is not None:
             manager.wait_until_finished()
@@ -127,6 +132,22 @@ def load(checkpoint_dir: str | Path, mesh: Mesh | None = None) -> TrainResult:
         config = TrainConfig(**_saved_config(manager, step))
         state, history = _restore(manager, step, config, mesh)
     return TrainResult(config, state, np.asarray(history, np.float32))
+
+
+def _save_interrupted(manager, config: TrainConfig, state, losses, history: list[float]) -> None:
+    """On Ctrl-C, saves the newest state that is whole, so at most the chunk in flight is lost.
+
+    Each chunk donates its input state, so the newest whole state is the last chunk's output:
+    saved with the history up to it (its losses included when that chunk had not yet been
+    counted). A state already handed to the next chunk (deleted) cannot be saved.
+    """
+    if state is None or any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
+        return
+    step = int(state.step)  # waits for the chunk that produced it
+    if step != len(history) and losses is not None and step == len(history) + len(losses):
+        history = history + np.asarray(losses).tolist()
+    if step == len(history) and step > (manager.latest_step() or 0):
+        _save(manager, step, config, state, history)
 
 
 def _check_exists(checkpoint_dir: str | Path) -> None:
