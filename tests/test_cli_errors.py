@@ -97,7 +97,11 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             ["decoder", "generate", "--mesh", "data=99999999999"],
             "error: --mesh must ask for 1 to 1024 devices, got 99999999999",
         ),
-        (["decoder", "compare", "--seq", "0"], "error: max_seq_len must be >= 1, got 0"),
+        (["decoder", "compare", "--seq", "0"], "error: --seq must be >= 1, got 0"),
+        (
+            ["decoder", "compare", "--d-model", "30"],
+            "error: --d-model must be a multiple of 4 (4 heads), got 30",
+        ),
         (["bench", "--devices", "0"], "error: --devices must ask for 1 to 1024 devices, got 0"),
         (["bench", "--devices", "-1"], "error: --devices must ask for 1 to 1024 devices, got -1"),
         (

@@ -149,6 +149,13 @@ def decoder_compare(
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
     """Scan over layers vs a Python loop: same logits, compile and run times."""
+    from scanlab import checks
+
+    for name, value in (("--layers", layers), ("--d-model", d_model), ("--seq", seq)):
+        checks.static_int(name, value, minimum=1)
+    checks.static_int("--batch", batch, minimum=1)
+    if d_model % 4:  # the compared block has 4 heads
+        raise ValueError(f"--d-model must be a multiple of 4 (4 heads), got {d_model}")
     device_mesh = _mesh(mesh)
     if device_mesh is not None and batch % device_mesh.shape[sharding.DATA_AXIS]:
         # Checked before the single-device comparison runs, not after.
