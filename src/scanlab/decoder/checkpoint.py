@@ -152,6 +152,10 @@ def _set_layer(stacked: jax.Array, i: jax.Array, layer: jax.Array) -> jax.Array:
 # --- load -------------------------------------------------------------------------------------
 
 
+# safetensors' names of the float dtypes weights are stored in.
+_FLOAT_DTYPES = {"F64": jnp.float64, "F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16}
+
+
 class _Reader:
     """Reads tensors by name from a single-file or sharded safetensors checkpoint.
 
@@ -183,19 +187,30 @@ class _Reader:
         except SafetensorError as error:
             raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
 
-    def dtype(self, name: str) -> np.dtype:
-        return self.read(name, None).dtype
-
-    def read(self, name: str, shape: tuple[int, ...] | None) -> jax.Array:
+    def _path(self, name: str) -> Path:
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint")
-        path = self.directory / self.weight_map[name]
+        return self.directory / self.weight_map[name]
+
+    def dtype(self, name: str) -> np.dtype:
+        """The stored dtype of tensor `name`, from the file's header alone (no data read)."""
+        path = self._path(name)
+        with self._open(path) as f:
+            stored = f.get_slice(name).get_dtype()
+        if stored not in _FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name} has dtype {stored}, expected a float type"
+            )
+        return jnp.dtype(_FLOAT_DTYPES[stored])
+
+    def read(self, name: str, shape: tuple[int, ...]) -> jax.Array:
+        path = self._path(name)
         with self._open(path) as f:
             try:
                 tensor = f.get_tensor(name)
             except SafetensorError as error:
                 raise CheckpointError(f"{path}: tensor {name} cannot be read: {error}") from None
-        if shape is not None and tuple(tensor.shape) != shape:
+        if tuple(tensor.shape) != shape:
             raise CheckpointError(
                 f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape} from config.json"
             )
