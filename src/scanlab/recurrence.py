@@ -27,10 +27,25 @@ def _declare_w(module: nn.Module, hidden: int) -> jax.Array:
     return module.param("W", nn.initializers.lecun_normal(), (hidden, hidden), PARAM_DTYPE)
 
 
-def _check_fields(module) -> None:
-    """The modules' fields, checked as `lax_scan_in_module` checks its arguments."""
-    checks.static_int("hidden", module.hidden, minimum=1)
-    checks.static_int("T", module.T, minimum=0)
+def check_sizes(hidden: object, T: object) -> tuple[int, int]:
+    """hidden >= 1 and T >= 0 as static ints: the modules' fields and the entry points' args."""
+    return checks.static_int("hidden", hidden, minimum=1), checks.static_int("T", T, minimum=0)
+
+
+def check_call(entry: str, seed, x, hidden, T, *, trajectory: bool):
+    """The seed function's arguments, checked before any work, for the linen and NNX entry points.
+
+    Refuses a call whose W and states could not fit in memory, naming `entry`, the caller.
+    Returns (x as an array, hidden, T).
+    """
+    hidden, T = check_sizes(hidden, T)
+    checks.seed_key(seed)
+    x = checks.numeric_array("x", x)
+    checks.last_axis("x", x, hidden, "hidden")
+    rows = int(np.prod(x.shape[:-1]))
+    states = (T + 1) if trajectory else 2  # every state, or the carry in and out
+    checks.fits_in_memory(f"{entry}(hidden={hidden}, T={T})", 4 * hidden * (hidden + rows * states))
+    return x, hidden, T
 
 
 def common_dtype(x: jax.Array, W: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -71,7 +86,7 @@ class LaxScanModule(nn.Module):
     trajectory: bool = False
 
     def __post_init__(self):
-        _check_fields(self)
+        check_sizes(self.hidden, self.T)
         super().__post_init__()
 
     @nn.compact
@@ -123,7 +138,7 @@ class NNScanModule(nn.Module):
     trajectory: bool = False
 
     def __post_init__(self):
-        _check_fields(self)
+        check_sizes(self.hidden, self.T)
         super().__post_init__()
 
     def setup(self):
@@ -213,20 +228,11 @@ def lax_scan_in_module(
     Returns:
       The final state, (..., H) float32 (float64 if x is float64 under JAX_ENABLE_X64).
     """
-    hidden = checks.static_int("hidden", hidden, minimum=1)
-    T = checks.static_int("T", T, minimum=0)
-    checks.seed_key(seed)
-    x = checks.numeric_array("x", x)
-    checks.last_axis("x", x, hidden, "hidden")
+    x, hidden, T = check_call("lax_scan_in_module", seed, x, hidden, T, trajectory=trajectory)
     if check_finite:
         checks.all_finite("x", x)
     if seq_lengths is not None:
         seq_lengths = checks.lengths("seq_lengths", seq_lengths, x.shape[:-1], T)
-    rows = int(np.prod(x.shape[:-1]))
-    states = (T + 1) if trajectory else 2  # every state, or the carry in and out
-    checks.fits_in_memory(
-        f"lax_scan_in_module(hidden={hidden}, T={T})", 4 * hidden * (hidden + rows * states)
-    )
     W = _weights(int(seed), hidden)
     if mesh is not None:
         # The compiled apply follows its inputs' shardings: no communication, rows independent.

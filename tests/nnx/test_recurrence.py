@@ -118,3 +118,10 @@ def test_under_nnx_jit():
         nnx.jit(lambda m, x: m(x))(module, X), module(X), rtol=RTOL, atol=ATOL
     )
     assert jnp.isfinite(module(X)).all()
+
+
+def test_a_call_that_cannot_fit_is_refused_before_any_work():
+    with pytest.raises(
+        MemoryError, match=r"nnx_lax_scan_in_module\(hidden=1000000, T=1\) needs about"
+    ):
+        nnx_lax_scan_in_module(0, np.ones(1_000_000, np.float32), 1_000_000, 1)

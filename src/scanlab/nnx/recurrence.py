@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scanlab import checks
-from scanlab.recurrence import PARAM_DTYPE, common_dtype
+from scanlab.recurrence import PARAM_DTYPE, check_call, check_sizes, common_dtype
 
 
 class NNXLaxScanModule(nnx.Module):
@@ -38,8 +37,7 @@ class NNXLaxScanModule(nnx.Module):
     """
 
     def __init__(self, hidden: int, T: int, *, trajectory: bool = False, rngs: nnx.Rngs):
-        self.hidden = checks.static_int("hidden", hidden, minimum=1)
-        self.T = checks.static_int("T", T, minimum=0)
+        self.hidden, self.T = check_sizes(hidden, T)
         self.trajectory = bool(trajectory)
         init = nnx.initializers.lecun_normal()
         self.W = nnx.Param(init(rngs.params(), (self.hidden, self.hidden), PARAM_DTYPE))
@@ -106,7 +104,6 @@ def to_linen(module: NNXLaxScanModule) -> dict:
 @functools.lru_cache(maxsize=8)
 def _weights(seed: int, hidden: int) -> nnx.State:
     """The module state for (seed, hidden): W, drawn once (T does not change it)."""
-    checks.seed_key(seed)
     return nnx.state(NNXLaxScanModule(hidden, 0, rngs=nnx.Rngs(seed)))
 
 
@@ -142,9 +139,5 @@ def nnx_lax_scan_in_module(seed: int, x, hidden: int, T: int, *, trajectory: boo
     Returns:
       The final state (..., H), or all states (T + 1, ..., H).
     """
-    hidden = checks.static_int("hidden", hidden, minimum=1)
-    T = checks.static_int("T", T, minimum=0)
-    checks.seed_key(seed)
-    x = checks.numeric_array("x", x)
-    checks.last_axis("x", x, hidden, "hidden")
+    x, hidden, T = check_call("nnx_lax_scan_in_module", seed, x, hidden, T, trajectory=trajectory)
     return _apply(_graphdef(hidden, T, bool(trajectory)), _weights(int(seed), hidden), x)
