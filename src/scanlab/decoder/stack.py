@@ -107,14 +107,10 @@ def run_layers(
 def _python_loop(layer, state, blocks: DecoderBlock, cache: LayerCache | None, policy: str):
     """The loop twin: the same `layer` step, once per layer, each under the same policy."""
     step = layer if policy == "none" else jax.checkpoint(layer, policy=loops.REMAT_POLICIES[policy])
-    layer_caches = unstack(cache) if cache is not None else [None] * _n_layers(blocks)
+    layers = unstack(blocks)
+    layer_caches = unstack(cache) if cache is not None else [None] * len(layers)
     new_caches = []
-    for block, layer_cache in zip(unstack(blocks), layer_caches, strict=True):
+    for block, layer_cache in zip(layers, layer_caches, strict=True):
         state, layer_cache = step(state, (block, layer_cache))
         new_caches.append(layer_cache)
     return state, None if cache is None else stack(new_caches)
-
-
-def _n_layers(blocks: DecoderBlock) -> int:
-    """L, the leading axis of the stacked blocks."""
-    return jax.tree.leaves(blocks)[0].shape[0]
