@@ -87,7 +87,7 @@ def test_no_argument_list_gives_a_traceback(command, cli):
         (["decoder", "generate", "--top-k", "3"], "error: top_k needs temperature > 0"),
         (
             ["decoder", "generate", "--temperature", "nan"],
-            "error: temperature must be a finite number >= 0, got nan",
+            "error: temperature must be finite, got nan",
         ),
         (
             ["decoder", "generate", "--mesh", "data=2,data=4"],

@@ -133,7 +133,7 @@ def generate(
             f"prompt length + max_new_tokens must be <= max_seq_len={config.max_seq_len}, "
             f"got {prompt_BxS.shape[1]} + {max_new_tokens} = {total}"
         )
-    temperature = _checked_temperature(temperature)
+    temperature = checks.finite_number("temperature", temperature, minimum=0.0)
     if temperature > 0 and key is None:
         raise ValueError("key must be a PRNG key when temperature > 0 (sampling), got None")
     if top_k is not None:
@@ -157,14 +157,6 @@ def generate(
         config=config,
         max_new_tokens=max_new_tokens,
     )
-
-
-def _checked_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.number):
-        raise TypeError(f"temperature must be a number, got {temperature!r}")
-    if not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    return float(temperature)
 
 
 def _checked_prompt_mask(attn_mask, shape: tuple[int, int]) -> jax.Array:
