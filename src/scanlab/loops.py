@@ -98,8 +98,8 @@ def _leading_size(name: str, tree: Any, axis: int) -> int | None:
     return next(iter(sizes.values()), None)
 
 
-def _scan_length(xs: Any, length: int | None, axis: int = 0) -> int:
-    n = _leading_size("xs", xs, axis)
+def _scan_length(xs: Any, length: int | None) -> int:
+    n = _leading_size("xs", xs, 0)
     if length is not None:
         length = checks.static_int("length", length, minimum=0)
         if n is not None and n != length:
