@@ -151,9 +151,13 @@ def decoder_compare(
     """Scan over layers vs a Python loop: same logits, compile and run times."""
     from scanlab import checks
 
-    for name, value in (("--layers", layers), ("--d-model", d_model), ("--seq", seq)):
+    for name, value in (
+        ("--layers", layers),
+        ("--d-model", d_model),
+        ("--seq", seq),
+        ("--batch", batch),
+    ):
         checks.static_int(name, value, minimum=1)
-    checks.static_int("--batch", batch, minimum=1)
     if d_model % 4:  # the compared block has 4 heads
         raise ValueError(f"--d-model must be a multiple of 4 (4 heads), got {d_model}")
     device_mesh = _mesh(mesh)
@@ -289,7 +293,7 @@ def train_command(
             mesh=device_mesh,
             on_chunk=on_chunk,
         )
-    path = plots.loss_curve(result.losses, plot_path, f"{task}: loss per step")
+    path = plots.loss_curve(result.losses, plot_path, f"{config.task}: loss per step")
     console.print(f"loss curve: {path}")
     console.print(*render.evaluation(result), sep="\n")
 
@@ -375,7 +379,7 @@ def main() -> None:
     """
     try:
         app(standalone_mode=False)
-    except typer.Abort:  # Ctrl-C while typer waits
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C, while working or while typer waits
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except typer.exceptions.TyperException as error:  # parsing: unknown flag, bad value
@@ -383,9 +387,6 @@ def main() -> None:
         if not message.strip():  # a bare command: its help is already on the screen
             sys.exit(2)
         _fail(message)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
     except EXPECTED_ERRORS as error:
         _fail(str(error))
     except jax.errors.JaxRuntimeError as error:
