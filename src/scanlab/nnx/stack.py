@@ -157,12 +157,7 @@ class NNXDecoder(nnx.Module):
 
     def __call__(self, tokens_BxS: jax.Array, attn_mask_BxS: jax.Array | None = None) -> jax.Array:
         """Logits (B, S, V) float32 for token ids (B, S)."""
-        outside = DecoderParams(
-            self.embed[...],
-            None,
-            self.final_norm[...],
-            None if self.lm_head is None else self.lm_head[...],
-        )
+        outside = self.to_params()._replace(blocks=None)  # the layers run from self.blocks
         mask = causal_mask(attn_mask_BxS, *tokens_BxS.shape)
         seq = LAYER_SCANS[self.layer_scan](self.blocks, embed(outside, tokens_BxS), mask)
         return unembed(outside, seq, self.config)
