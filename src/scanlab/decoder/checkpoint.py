@@ -4,9 +4,9 @@ A checkpoint directory holds `config.json` and either `model.safetensors` or sha
 `model-XXXXX-of-YYYYY.safetensors` files listed in `model.safetensors.index.json`. Tensors are
 per layer (`model.layers.{i}.self_attn.q_proj.weight`, ...) in torch's (out, in) layout; scanlab
 stacks them on a leading layer axis in the blog's layout. Every name and layout comes from the
-parameter declarations in `scanlab.decoder.spec`. Loading fills each stacked leaf in place
-(a donated buffer updated one layer at a time), so it holds at most one extra layer's tensor;
-saving writes one shard per layer for the same reason, into a temporary directory renamed into
+parameter declarations in `scanlab.decoder.spec`. Loading (`assemble`, shared with GGUF files)
+fills each stacked leaf in place (a donated buffer updated one layer at a time), so it holds at
+most one extra layer's tensor; saving writes one shard per layer for the same reason, into a temporary directory renamed into
 place when complete, so a failed save leaves nothing half-written.
 """
 
@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -238,26 +239,41 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
         raise CheckpointError(f"{directory} must contain {CONFIG_FILE}")
     config = config_from_hf(_read_json(directory / CONFIG_FILE))
     reader = _Reader(directory)
-    declared = spec.declared(config)
-    dtype = jnp.dtype(dtype or reader.dtype(declared.embed.hf_name))
+    dtype = jnp.dtype(dtype or reader.dtype(spec.SPEC.embed.hf_name))
 
-    def read(leaf: spec.Leaf, name: str) -> jax.Array:
-        tensor = reader.read(name, spec.hf_shape(leaf, config))
-        return spec.from_hf(leaf, tensor, config).astype(dtype)
+    def read(leaf: spec.Leaf, layer: int | None) -> jax.Array:
+        name = leaf.hf_name if layer is None else _layer_name(layer, leaf)
+        return spec.from_hf(leaf, reader.read(name, spec.hf_shape(leaf, config)), config)
+
+    return config, assemble(config, read, dtype)
+
+
+def assemble(
+    config: DecoderConfig, read: Callable[[spec.Leaf, int | None], jax.Array], dtype
+) -> DecoderParams:
+    """Stacked DecoderParams of `dtype` from a reader of one tensor at a time.
+
+    `read(leaf, i)` returns layer i's tensor of a block leaf and `read(leaf, None)` an outside
+    leaf's, in scanlab's layout (`leaf.shape`). Each stacked leaf is filled in place, one layer at
+    a time, so loading holds at most one extra layer's tensor.
+    """
+    declared = spec.declared(config)
 
     def read_stacked(leaf: spec.Leaf, shape: tuple[int, ...]) -> jax.Array:
         stacked = jnp.zeros(shape, dtype)
         for i in range(config.n_layers):
-            stacked = _set_layer(stacked, i, read(leaf, _layer_name(i, leaf)))
+            stacked = _set_layer(stacked, i, read(leaf, i))
         return stacked
 
     outside = jax.tree.map(
-        lambda leaf: read(leaf, leaf.hf_name), declared._replace(blocks=None), is_leaf=spec.is_leaf
+        lambda leaf: jnp.asarray(read(leaf, None)).astype(dtype),
+        declared._replace(blocks=None),
+        is_leaf=spec.is_leaf,
     )
     blocks = jax.tree.map(
         read_stacked, declared.blocks, spec.param_shapes(config).blocks, is_leaf=spec.is_leaf
     )
-    return config, outside._replace(blocks=blocks)
+    return outside._replace(blocks=blocks)
 
 
 # --- save -------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 `SPEC` is a `DecoderParams` whose leaves are `Leaf` declarations. From it come the shapes
 (`param_shapes`, the `eval_shape` listing), initialisation (`init_params`), validation
-(`check_params`), placement on a mesh (`param_specs`) and the transformers checkpoint names and
-layouts (`decoder.checkpoint`). A new parameter is one `Leaf` here plus its math in `layers.py`.
+(`check_params`), placement on a mesh (`param_specs`), the transformers checkpoint names and
+layouts (`decoder.checkpoint`) and the GGUF names (`decoder.gguf_checkpoint`). A new parameter is one `Leaf` here plus its math in `layers.py`.
 
 Shapes are written in the package's dimension letters. A layer leaf is declared for one layer;
 the stacked tree adds the leading layer axis L.
@@ -39,6 +39,10 @@ class Leaf(NamedTuple):
       hf_name: the transformers tensor name; layer leaves sit under "model.layers.{i}.".
       hf_layout: the transformers tensor's axes as groups of letters, "(K R Dh) D" meaning a
         2-d tensor whose first axis flattens K, R and Dh in that order.
+      gguf_name: the GGUF (llama.cpp) tensor name; layer leaves sit under "blk.{i}.". GGUF
+        tensors have the transformers layout, but see `gguf_interleaved`.
+      gguf_interleaved: llama.cpp stores the Dh axis of Llama's q and k projections with the
+        rotary pairs interleaved (Meta's order) instead of transformers' two halves.
       sharded: False to replicate the leaf whatever its letters (norms: small and read whole).
       present: which configs have the leaf (default: all).
     """
@@ -48,45 +52,78 @@ class Leaf(NamedTuple):
     fan_in: str = ""
     hf_name: str = ""
     hf_layout: str = ""
+    gguf_name: str = ""
+    gguf_interleaved: bool = False
     sharded: bool = True
     present: Callable[[DecoderConfig], bool] = lambda config: True
 
 
-def _norm(hf_name: str) -> Leaf:
-    return Leaf("D", "ones", hf_name=hf_name, hf_layout="D", sharded=False)
+def _norm(hf_name: str, gguf_name: str) -> Leaf:
+    return Leaf("D", "ones", hf_name=hf_name, hf_layout="D", gguf_name=gguf_name, sharded=False)
 
 
-def _qkv_bias(shape: str, hf_name: str, hf_layout: str) -> Leaf:
+def _qkv_bias(shape: str, hf_name: str, hf_layout: str, gguf_name: str) -> Leaf:
     return Leaf(
-        shape, "zeros", hf_name=hf_name, hf_layout=hf_layout, present=lambda config: config.qkv_bias
+        shape,
+        "zeros",
+        hf_name=hf_name,
+        hf_layout=hf_layout,
+        gguf_name=gguf_name,
+        present=lambda config: config.qkv_bias,
     )
 
 
 SPEC = DecoderParams(
-    embed=Leaf("V D", "normal", hf_name="model.embed_tokens.weight", hf_layout="V D"),
+    embed=Leaf("V D", "normal", "", "model.embed_tokens.weight", "V D", "token_embd.weight"),
     blocks=DecoderBlock(
-        input_norm=_norm("input_layernorm.weight"),
+        input_norm=_norm("input_layernorm.weight", "attn_norm.weight"),
         attention=Attention(
-            q_proj=Leaf("D R K Dh", "normal", "D", "self_attn.q_proj.weight", "(K R Dh) D"),
-            k_proj=Leaf("D K Dh", "normal", "D", "self_attn.k_proj.weight", "(K Dh) D"),
-            v_proj=Leaf("D K Dh", "normal", "D", "self_attn.v_proj.weight", "(K Dh) D"),
-            out_proj=Leaf("R K Dh D", "normal", "R K Dh", "self_attn.o_proj.weight", "D (K R Dh)"),
-            q_bias=_qkv_bias("R K Dh", "self_attn.q_proj.bias", "(K R Dh)"),
-            k_bias=_qkv_bias("K Dh", "self_attn.k_proj.bias", "(K Dh)"),
-            v_bias=_qkv_bias("K Dh", "self_attn.v_proj.bias", "(K Dh)"),
+            q_proj=Leaf(
+                "D R K Dh",
+                "normal",
+                "D",
+                "self_attn.q_proj.weight",
+                "(K R Dh) D",
+                "attn_q.weight",
+                gguf_interleaved=True,
+            ),  # fmt: skip
+            k_proj=Leaf(
+                "D K Dh",
+                "normal",
+                "D",
+                "self_attn.k_proj.weight",
+                "(K Dh) D",
+                "attn_k.weight",
+                gguf_interleaved=True,
+            ),  # fmt: skip
+            v_proj=Leaf(
+                "D K Dh", "normal", "D", "self_attn.v_proj.weight", "(K Dh) D", "attn_v.weight"
+            ),
+            out_proj=Leaf(
+                "R K Dh D",
+                "normal",
+                "R K Dh",
+                "self_attn.o_proj.weight",
+                "D (K R Dh)",
+                "attn_output.weight",
+            ),  # fmt: skip
+            q_bias=_qkv_bias("R K Dh", "self_attn.q_proj.bias", "(K R Dh)", "attn_q.bias"),
+            k_bias=_qkv_bias("K Dh", "self_attn.k_proj.bias", "(K Dh)", "attn_k.bias"),
+            v_bias=_qkv_bias("K Dh", "self_attn.v_proj.bias", "(K Dh)", "attn_v.bias"),
         ),
-        post_attn_norm=_norm("post_attention_layernorm.weight"),
-        gate_proj=Leaf("D F", "normal", "D", "mlp.gate_proj.weight", "F D"),
-        up_proj=Leaf("D F", "normal", "D", "mlp.up_proj.weight", "F D"),
-        down_proj=Leaf("F D", "normal", "F", "mlp.down_proj.weight", "D F"),
+        post_attn_norm=_norm("post_attention_layernorm.weight", "ffn_norm.weight"),
+        gate_proj=Leaf("D F", "normal", "D", "mlp.gate_proj.weight", "F D", "ffn_gate.weight"),
+        up_proj=Leaf("D F", "normal", "D", "mlp.up_proj.weight", "F D", "ffn_up.weight"),
+        down_proj=Leaf("F D", "normal", "F", "mlp.down_proj.weight", "D F", "ffn_down.weight"),
     ),
-    final_norm=_norm("model.norm.weight"),
+    final_norm=_norm("model.norm.weight", "output_norm.weight"),
     lm_head=Leaf(
         "D V",
         "normal",
         "D",
         "lm_head.weight",
         "V D",
+        "output.weight",
         present=lambda config: not config.tie_embeddings,
     ),
 )
