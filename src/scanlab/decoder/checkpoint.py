@@ -6,8 +6,8 @@ per layer (`model.layers.{i}.self_attn.q_proj.weight`, ...) in torch's (out, in)
 stacks them on a leading layer axis in the blog's layout. Every name and layout comes from the
 parameter declarations in `scanlab.decoder.spec`. Loading (`assemble`, shared with GGUF files)
 fills each stacked leaf in place (a donated buffer updated one layer at a time), so it holds at
-most one extra layer's tensor; saving writes one shard per layer for the same reason, into a temporary directory renamed into
-place when complete, so a failed save leaves nothing half-written.
+most one extra layer's tensor; saving writes one shard per layer for the same reason, into a
+temporary directory renamed into place when complete, so a failed save leaves nothing half-written.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 `SPEC` is a `DecoderParams` whose leaves are `Leaf` declarations. From it come the shapes
 (`param_shapes`, the `eval_shape` listing), initialisation (`init_params`), validation
 (`check_params`), placement on a mesh (`param_specs`), the transformers checkpoint names and
-layouts (`decoder.checkpoint`) and the GGUF names (`decoder.gguf_checkpoint`). A new parameter is one `Leaf` here plus its math in `layers.py`.
+layouts (`decoder.checkpoint`) and the GGUF names (`decoder.gguf_checkpoint`). A new parameter
+is one `Leaf` here plus its math in `layers.py`.
 
 Shapes are written in the package's dimension letters. A layer leaf is declared for one layer;
 the stacked tree adds the leading layer axis L.
