@@ -19,7 +19,7 @@ def prompt():
 
 
 def test_cached_decoding_equals_recomputation(params, prompt):
-    out = generate(params, prompt, CONFIG, 10)
+    out = generate(params, prompt, CONFIG, 10, return_logits=True)
     assert out.tokens.shape == (3, 15) and out.logits.shape == (3, 10, CONFIG.vocab_size)
     np.testing.assert_array_equal(out.tokens[:, :5], prompt)
     full = forward(params, out.tokens, CONFIG)  # every position recomputed from scratch
@@ -58,7 +58,30 @@ def test_sampling(params, prompt):
         ),
         (dict(temperature=-1.0), r"temperature must be >= 0.0, got -1.0"),
         (dict(temperature=float("nan")), "temperature must be finite, got nan"),
-        (dict(top_k=3), "top_k needs temperature > 0 .greedy takes the top 1., got top_k=3"),
+        (
+            dict(top_k=3),
+            r"top_k needs temperature > 0 \(greedy takes the most likely token\), got top_k=3",
+        ),
+        (dict(top_p=0.5), r"top_p needs temperature > 0 .*, got top_p=0.5"),
+        (dict(min_p=0.1), r"min_p needs temperature > 0 .*, got min_p=0.1"),
+        (
+            dict(top_p=0.0, temperature=1.0, key=jax.random.PRNGKey(0)),
+            r"top_p must be in \(0, 1\], got 0.0",
+        ),
+        (
+            dict(top_p=1.5, temperature=1.0, key=jax.random.PRNGKey(0)),
+            r"top_p must be in \(0, 1\], got 1.5",
+        ),
+        (
+            dict(min_p=2.0, temperature=1.0, key=jax.random.PRNGKey(0)),
+            r"min_p must be in \[0, 1\], got 2.0",
+        ),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0, got 0"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty must be finite, got inf"),
+        (dict(stop_tokens=[3, 64]), "stop_tokens.1. must be <= 63, got 64"),
+        (dict(stop_tokens=[-1]), "stop_tokens.0. must be >= 0, got -1"),
+        (dict(stop_tokens=2), "stop_tokens must be a sequence of token ids, got 2"),
+        (dict(pad_token=64), "pad_token must be <= 63, got 64"),
         (dict(prompt=jnp.array([[1, 64]])), r"tokens must be ids in \[0, vocab_size=64\)"),
         (dict(temperature=1.0), "key must be a PRNG key when temperature > 0"),
         (
@@ -82,8 +105,8 @@ def test_left_padded_prompts_decode_as_they_would_alone(params):
     long = jnp.array([[1, 2, 3, 4, 5, 6]])
     padded = jnp.concatenate([jnp.concatenate([jnp.zeros((1, 3), jnp.int32), short], 1), long])
     mask = np.array([[False] * 3 + [True] * 3, [True] * 6])
-    batched = generate(params, padded, CONFIG, 8, attn_mask=mask)
-    alone = generate(params, short, CONFIG, 8)
+    batched = generate(params, padded, CONFIG, 8, attn_mask=mask, return_logits=True)
+    alone = generate(params, short, CONFIG, 8, return_logits=True)
     np.testing.assert_array_equal(batched.tokens[0, 6:], alone.tokens[0, 3:])
     # Rotary angles shifted by the padding: equal up to float32 rounding of the phases.
     np.testing.assert_allclose(batched.logits[0], alone.logits[0], rtol=1e-4, atol=1e-4)
@@ -112,8 +135,63 @@ def test_new_sampling_values_do_not_recompile(params, prompt):
 
     _generate.clear_cache()
     key = jax.random.PRNGKey(0)
-    for temperature, top_k in ((0.7, None), (1.3, 5), (0.2, 1), (2.0, 64)):
-        generate(params, prompt, CONFIG, 4, key=key, temperature=temperature, top_k=top_k)
+    settings = [
+        dict(temperature=0.7),
+        dict(temperature=1.3, top_k=5, top_p=0.9),
+        dict(temperature=0.2, top_k=1, min_p=0.2, repetition_penalty=1.3),
+        dict(temperature=2.0, top_k=64, top_p=0.5, min_p=0.05, repetition_penalty=0.8),
+    ]
+    for setting in settings:
+        generate(params, prompt, CONFIG, 4, key=key, **setting)
     assert _generate._cache_size() == 1
     generate(params, prompt, CONFIG, 4)  # greedy is its own program: no key, no draw
     assert _generate._cache_size() == 2
+
+
+def test_rows_stop_at_their_stop_token_then_pad(params, prompt):
+    free = generate(params, prompt, CONFIG, 12).tokens[:, 5:]
+    stop = int(free[0, 3])  # row 0 produces it as its 4th new token
+    out = generate(params, prompt, CONFIG, 12, stop_tokens=[stop], pad_token=0)
+    for row, tokens in enumerate(np.asarray(free)):
+        hits = np.flatnonzero(tokens == stop)
+        length = hits[0] + 1 if hits.size else 12
+        assert out.lengths[row] == length
+        np.testing.assert_array_equal(out.tokens[row, 5 : 5 + length], tokens[:length])
+        assert (out.tokens[row, 5 + length :] == 0).all()
+
+
+def test_loop_ends_when_every_row_has_stopped(params, prompt):
+    """Every row stops at once: the while loop runs no decoding step (its logits stay zero)."""
+    first = np.asarray(generate(params, prompt, CONFIG, 1).tokens[:, -1])
+    out = generate(params, prompt, CONFIG, 50, stop_tokens=first.tolist(), return_logits=True)
+    np.testing.assert_array_equal(out.lengths, np.ones(3))
+    assert np.abs(np.asarray(out.logits[:, 1:])).max() == 0.0
+    assert np.abs(np.asarray(out.logits[:, 0])).max() > 0.0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_stream_yields_generate_tokens(params, prompt, chunk):
+    key = jax.random.PRNGKey(4)
+    settings = dict(key=key, temperature=0.9, top_p=0.95, repetition_penalty=1.2)
+    whole = generate(params, prompt, CONFIG, 20, **settings)
+    free = np.asarray(whole.tokens[:, 5:])
+    stop = [int(free[0, 2]), int(free[1, 6])]
+    whole = generate(params, prompt, CONFIG, 20, stop_tokens=stop, **settings)
+    streamed = np.concatenate(
+        list(decoder_stream(params, prompt, 20, chunk=chunk, stop_tokens=stop, **settings)), 1
+    )
+    produced = streamed.shape[1]
+    assert produced <= 20
+    np.testing.assert_array_equal(streamed, np.asarray(whole.tokens[:, 5 : 5 + produced]))
+    assert produced >= int(np.max(whole.lengths))
+
+
+def decoder_stream(params, prompt, n, **kwargs):
+    from scanlab.decoder import stream
+
+    return stream(params, prompt, CONFIG, n, **kwargs)
+
+
+def test_stream_checks_arguments_before_the_first_token(params, prompt):
+    with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
+        decoder_stream(params, prompt, 4, chunk=0)
