@@ -8,12 +8,25 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 import contextlib  # noqa: E402
 import io  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
 from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
+
+# Real model files (scanlab.decoder.pretrained) are fetched once into the checkout's git-ignored
+# .cache, hash-checked, and shared by every test, the tour's and the README's included.
+os.environ.setdefault("SCANLAB_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from scanlab.decoder import pretrained
+
+    return pretrained.fetch(pretrained.SMOLLM2)
 
 
 @pytest.fixture

@@ -52,9 +52,11 @@ def apply_rope(x: jax.Array, cos_BxSxDh: jax.Array, sin_BxSxDh: jax.Array) -> ja
     extra_axes = (1,) * (x.ndim - 3)
     cos = cos_BxSxDh.reshape(*cos_BxSxDh.shape[:2], *extra_axes, -1)
     sin = sin_BxSxDh.reshape(*sin_BxSxDh.shape[:2], *extra_axes, -1)
-    x1, x2 = jnp.split(x, 2, axis=-1)
+    # In f32 whatever the activation dtype: the phases are f32, and so is transformers' rotation.
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * cos + rotated * sin).astype(x.dtype)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 def attention(
@@ -84,9 +86,12 @@ def attention(
         k_BxTxKxDh, v_BxTxKxDh = cache
     else:
         k_BxTxKxDh, v_BxTxKxDh = k_BxSxKxDh, v_BxSxKxDh
-    scores_BxRxKxSxT = jnp.einsum("bsrkh,btkh->brkst", q_BxSxRxKxDh, k_BxTxKxDh)
-    # Softmax in f32, masked with finfo.min rather than -inf so a fully masked row stays finite.
-    scores_BxRxKxSxT = scores_BxRxKxSxT.astype(jnp.float32) * config.head_dim**-0.5
+    # Scores and softmax in f32, masked with finfo.min rather than -inf so a fully masked row
+    # stays finite.
+    scores_BxRxKxSxT = jnp.einsum(
+        "bsrkh,btkh->brkst", q_BxSxRxKxDh, k_BxTxKxDh, preferred_element_type=jnp.float32
+    )
+    scores_BxRxKxSxT = scores_BxRxKxSxT * config.head_dim**-0.5
     mask = attn_mask_BxSxT[:, None, None, :, :]
     scores_BxRxKxSxT = jnp.where(mask, scores_BxRxKxSxT, jnp.finfo(jnp.float32).min)
     probs_BxRxKxSxT = jax.nn.softmax(scores_BxRxKxSxT, axis=-1).astype(v_BxTxKxDh.dtype)

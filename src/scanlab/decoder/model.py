@@ -34,11 +34,11 @@ def embed(params: DecoderParams, tokens_BxS: jax.Array) -> jax.Array:
 
 
 def unembed(params: DecoderParams, seq_BxSxD: jax.Array, config: DecoderConfig) -> jax.Array:
-    """Final RMSNorm and output head: (B, S, D) -> (B, S, V) logits in f32."""
+    """Final RMSNorm and output head: (B, S, D) -> (B, S, V) logits, accumulated in f32."""
     with jax.named_scope("unembed"):
         x = rms_norm(seq_BxSxD, params.final_norm, config.norm_eps)
         head_DxV = params.embed.T if params.lm_head is None else params.lm_head
-        return (x @ head_DxV).astype(jnp.float32)
+        return jnp.matmul(x, head_DxV, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "remat", "loop"))

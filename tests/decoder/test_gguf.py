@@ -1,0 +1,151 @@
+"""GGUF files: scanlab's loading against transformers' loading of the same file, and bad files."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from scanlab.decoder import CheckpointError, forward, load_gguf
+from tests.decoder.gguf_files import random_model, write_gguf
+
+Q = gguf.GGMLQuantizationType
+TOKENS = np.random.default_rng(0).integers(0, 96, (2, 9))
+
+
+def logits_of(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+@pytest.mark.parametrize(
+    "family, tie, qtype",
+    [("llama", False, q) for q in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)]
+    + [("llama", True, Q.Q4_1), ("qwen2", False, Q.F32)],
+    ids=lambda value: getattr(value, "name", str(value)),
+)
+def test_logits_equal_transformers_loading_the_same_file(tmp_path, family, tie, qtype):
+    path = write_gguf(tmp_path / "model.gguf", random_model(family, tie), qtype)
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    )
+    config, params = load_gguf(path)
+    assert (config.family, config.tie_embeddings) == (family, tie)
+    # Both dequantize with the gguf package: equal to float32 rounding (logits ~0.5-1.1).
+    np.testing.assert_allclose(forward(params, TOKENS, config), logits_of(reference), atol=1e-5)
+
+
+def test_f32_file_equals_the_model_it_was_written_from(tmp_path):
+    """Independent of transformers' GGUF loader: the q/k permutation round trip is exact."""
+    model = random_model("llama")
+    config, params = load_gguf(write_gguf(tmp_path / "model.gguf", model))
+    np.testing.assert_allclose(forward(params, TOKENS, config), logits_of(model), atol=1e-5)
+
+
+def test_bfloat16_loading(tmp_path):
+    model = random_model("llama")
+    path = write_gguf(tmp_path / "model.gguf", model)
+    config, params = load_gguf(path, dtype="bfloat16")
+    assert {leaf.dtype.name for leaf in __import__("jax").tree.leaves(params)} == {"bfloat16"}
+    # bf16 weights and activations: within bf16 rounding of the f32 logits (~0.5 here).
+    np.testing.assert_allclose(forward(params, TOKENS, config), logits_of(model), atol=3e-2)
+
+
+def rewrite(path, tmp_path, edit):
+    """A copy of the GGUF file with edit(metadata dict, tensors dict) applied."""
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(tmp_path / "edited.gguf", arch)
+    fields = {
+        name: field
+        for name, field in reader.fields.items()
+        if not name.startswith("GGUF.") and name != "general.architecture"
+    }
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    edit(fields, tensors)
+    for name, field in fields.items():
+        value = field.contents() if hasattr(field, "contents") else field
+        kind = field.types[0] if hasattr(field, "types") else gguf.GGUFValueType.STRING
+        writer.add_key_value(name, value, kind)
+    for name, tensor in tensors.items():
+        if isinstance(tensor, np.ndarray):  # an edited tensor: its type from its dtype
+            writer.add_tensor(name, tensor)
+        else:
+            writer.add_tensor(name, tensor.data, tensor.data.shape, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tmp_path / "edited.gguf"
+
+
+@pytest.fixture
+def small_file(tmp_path):
+    return write_gguf(tmp_path / "model.gguf", random_model("llama"))
+
+
+def test_truncated_file(small_file):
+    data = small_file.read_bytes()
+    small_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.gguf is not a readable GGUF file"):
+        load_gguf(small_file)
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04" + bytes(200))
+    with pytest.raises(CheckpointError, match="model.gguf is not a readable GGUF file"):
+        load_gguf(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="GGUF file .*absent.gguf does not exist"):
+        load_gguf(tmp_path / "absent.gguf")
+
+
+def test_unsupported_architecture(small_file, tmp_path):
+    def edit(fields, tensors):
+        fields["general.architecture"] = "gemma2"
+
+    with pytest.raises(
+        CheckpointError,
+        match=r"general.architecture must be one of \['llama', 'qwen2'\], got 'gemma2'",
+    ):
+        load_gguf(rewrite(small_file, tmp_path, edit))
+
+
+def test_rope_scaling_is_refused(small_file, tmp_path):
+    def edit(fields, tensors):
+        fields["llama.rope.scaling.type"] = "yarn"
+
+    with pytest.raises(CheckpointError, match="llama.rope.scaling.type must be 'none', got 'yarn'"):
+        load_gguf(rewrite(small_file, tmp_path, edit))
+
+
+def test_missing_tensor(small_file, tmp_path):
+    def edit(fields, tensors):
+        del tensors["blk.1.ffn_up.weight"]
+
+    with pytest.raises(CheckpointError, match="tensor blk.1.ffn_up.weight is missing"):
+        load_gguf(rewrite(small_file, tmp_path, edit))
+
+
+def test_type_the_gguf_package_cannot_dequantize(small_file, tmp_path):
+    def edit(fields, tensors):
+        tensors["blk.0.attn_norm.weight"] = np.ones(64, np.int8)
+
+    path = rewrite(small_file, tmp_path, edit)
+    with pytest.raises(
+        CheckpointError, match="tensor blk.0.attn_norm.weight has type I8, which the gguf package"
+    ):
+        load_gguf(path)
+
+
+def test_nan_weights(small_file, tmp_path):
+    def edit(fields, tensors):
+        weight = np.array(tensors["output_norm.weight"].data)
+        weight[3] = np.nan
+        tensors["output_norm.weight"] = weight
+
+    with pytest.raises(CheckpointError, match="tensor output_norm.weight holds NaN or Inf"):
+        load_gguf(rewrite(small_file, tmp_path, edit))
