@@ -82,7 +82,7 @@ def test_decoder_generate_from_a_checkpoint(tmp_path):
             "generate",
             "--checkpoint",
             str(tmp_path / "ckpt"),
-            "--prompt",
+            "--tokens",
             "5,6,7",
             "--max-new-tokens",
             "4",

@@ -29,7 +29,11 @@ COMMANDS = {
         x=["1,2,3,4", "nan,1,2,3", "1,2", "a,b", ""],
     ),
     "decoder generate": options(
-        prompt=["1,2,3", "99999999999", "-1", "64", "a", "1,,2", ""],
+        tokens=["1,2,3", "99999999999", "-1", "64", "a", "1,,2", ""],
+        prompt=["hello", ""],
+        **{"top-p": ["0", "0.9", "2", "nan"], "min-p": ["-1", "0.1", "2"]},
+        **{"repetition-penalty": ["0", "1.2", "inf"]},
+        dtype=["float32", "bfloat16", "float16"],
         **{"max-new-tokens": ["-1", "0", "2", "500", "x"]},
         temperature=FLOATS,
         **{"top-k": ["-1", "0", "3", "100000"]},
@@ -37,6 +41,15 @@ COMMANDS = {
         preset=["tiny", "nope", ""],
         mesh=["data=2", "data=2,data=4", "model=0", "x=1", "data=99999999999"],
         checkpoint=["/nonexistent", "/proc"],
+    ),
+    # --model defaults to the real SmolLM2: every list gets a bad one unless it names its own.
+    "chat": options(
+        model=["/nonexistent", "/proc", "nope", ""],
+        **{"max-new-tokens": ["-1", "0", "x"], "top-k": ["-1", "0", "3"]},
+        temperature=FLOATS,
+        **{"top-p": ["0", "2"], "min-p": ["-1", "2"], "repetition-penalty": ["0", "nan"]},
+        dtype=["float16", "int8"],
+        seed=["-1", "1099511627776"],
     ),
     "decoder shapes": options(preset=["tiny", "llama3-8b", "nope", ""]),
     "generate": options(checkpoint=["/nonexistent", "typo_dir"], n=INTS),
@@ -51,6 +64,8 @@ def test_no_argument_list_gives_a_traceback(command, cli):
     def check(args):
         if command == "bench" and not any(a in ("-1", "0", "99999999999", "/proc/x") for a in args):
             args = [*args, "--out", "/proc/x"]  # never the real benchmarks: a bad flag stops them
+        if command == "chat" and "--model" not in args:
+            args = [*args, "--model", "/nonexistent"]
         status, err = cli([*command.split(), *args])
         assert "Traceback" not in err, (args, err)
         assert status in (0, 2), (args, status, err)
@@ -76,7 +91,7 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             "error: x must be finite, got 1 NaN/Inf value(s), first at index (0,)",
         ),
         (
-            ["decoder", "generate", "--prompt", "99999999999"],
+            ["decoder", "generate", "--tokens", "99999999999"],
             "error: tokens must be ids in [0, vocab_size=64), got tokens[0, 0] = 99999999999",
         ),
         (
@@ -84,7 +99,31 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             "error: seed must be in [0, 2**32), got 1099511627776",
         ),
         (["decoder", "generate", "--seed", "-1"], "error: seed must be in [0, 2**32), got -1"),
-        (["decoder", "generate", "--top-k", "3"], "error: top_k needs temperature > 0"),
+        (
+            ["decoder", "generate", "--tokens", "1", "--top-k", "3"],
+            "error: top_k needs temperature > 0",
+        ),
+        (
+            ["decoder", "generate", "--prompt", "hi"],
+            "error: --prompt needs --checkpoint, whose tokenizer turns text into ids",
+        ),
+        (
+            ["decoder", "generate", "--prompt", "hi", "--tokens", "1"],
+            "error: pass one of --prompt (text) and --tokens (ids), got both",
+        ),
+        (["decoder", "generate", "--chat"], "error: --chat needs --prompt"),
+        (
+            ["decoder", "generate", "--checkpoint", "/proc", "--prompt", "hi"],
+            "error: /proc must contain tokenizer.json, the tokenizer",
+        ),
+        (
+            ["chat", "--model", "typo.gguf"],
+            "error: model must be a .gguf file, a checkpoint directory or one of "
+            "['smollm2-135m-instruct'], got 'typo.gguf'",
+        ),
+        (["chat", "--dtype", "float16"], "error: dtype must be one of ['float32', 'bfloat16']"),
+        (["chat", "--top-p", "2", "--temperature", "1"], "error: top_p must be in (0, 1], got 2.0"),
+        (["chat", "--min-p", "0.1"], "error: min_p needs temperature > 0"),
         (
             ["decoder", "generate", "--temperature", "nan"],
             "error: temperature must be finite, got nan",

@@ -181,46 +181,156 @@ def decoder_compare(
         )
 
 
+MODEL_HELP = (
+    "A .gguf file, a transformers checkpoint directory, or a known model's name (fetched on "
+    "first use): smollm2-135m-instruct."
+)
+DTYPE_HELP = "Parameters and activations: float32 or bfloat16."
+DEFAULT_TOKENS = "1,2,3,4"
+
+
+def _sampling(temperature, top_k, top_p, min_p, repetition_penalty) -> dict:
+    """generate's sampling keywords from the shared flags."""
+    return dict(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+    )
+
+
 @decoder_app.command("generate")
 def decoder_generate(
-    checkpoint: Annotated[
-        str | None, typer.Option(help="A transformers Llama checkpoint directory.")
-    ] = None,
+    checkpoint: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     preset: Annotated[
         str, typer.Option(help="Random weights of this preset, without --checkpoint.")
     ] = "tiny",
-    prompt: Annotated[str, typer.Option(help="Comma-separated token ids.")] = "1,2,3,4",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
+    prompt: Annotated[
+        str | None, typer.Option(help="Text to continue (needs --checkpoint's tokenizer).")
+    ] = None,
+    chat: Annotated[
+        bool, typer.Option(help="Send --prompt as a user message, in the chat template.")
+    ] = False,
+    tokens: Annotated[
+        str | None, typer.Option(help=f"Comma-separated token ids (default {DEFAULT_TOKENS}).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 16,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely.")] = None,
+    top_p: Annotated[float, typer.Option(help="Sample among the top_p most likely.")] = 1.0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top one.")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     seed: Annotated[int, typer.Option(help="Seed for sampling and random weights.")] = 0,
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
-    """Greedy or sampled generation: one compiled program, a scan over tokens."""
+    """Generate from a prompt: text (streamed, ending at the end-of-sequence token) or ids."""
     from scanlab import checks, decoder
+    from scanlab.decoder import chat as chat_lib
+    from scanlab.decoder import sampling
 
     key = jax.numpy.asarray(checks.seed_key(seed))  # the same seed rule as run and train
-    tokens = _parse_ints("--prompt", prompt)[None]
+    if prompt is not None and tokens is not None:
+        raise ValueError("pass one of --prompt (text) and --tokens (ids), got both")
+    if chat and prompt is None:
+        raise ValueError("--chat needs --prompt, the user's message")
+    if prompt is not None and checkpoint is None:
+        raise ValueError("--prompt needs --checkpoint, whose tokenizer turns text into ids")
+    if prompt is None:
+        token_ids = _parse_ints("--tokens", tokens or DEFAULT_TOKENS)[None]
+    settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    sampling.settings(checks.INT32_MAX, **settings)  # every flag checked before the model loads
     device_mesh = _mesh(mesh)
     if checkpoint is None:
         config = decoder.preset(preset)
         checks.fits_in_memory(f"preset {preset} in float32", decoder.param_count(config) * 4)
-        params = decoder.init_params(config, key)
+        params, tokenizer = decoder.init_params(config, key), None
+    elif prompt is None:  # ids in, ids out: the checkpoint's tokenizer is not needed
+        (config, params), tokenizer = chat_lib.load_weights(checkpoint, dtype), None
     else:
-        config, params = decoder.load_checkpoint(checkpoint)
+        config, params, tokenizer = chat_lib.load_model(checkpoint, dtype)
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
         params = decoder.shard_params(params, config, device_mesh)
-    out = decoder.generate(
+    if prompt is None:
+        out = decoder.generate(params, token_ids, config, max_new_tokens, key=key, **settings)
+        console.print(f"prompt:    {token_ids[0].tolist()}")
+        console.print(f"generated: {np.asarray(out.tokens[0, token_ids.shape[1] :]).tolist()}")
+        return
+    text = tokenizer.chat([{"role": "user", "content": prompt}]) if chat else prompt
+    chunks = decoder.stream(
         params,
-        tokens,
+        np.array([tokenizer.encode(text)]),
         config,
         max_new_tokens,
         key=key,
-        temperature=temperature,
-        top_k=top_k,
+        stop_tokens=tokenizer.eos_ids,
+        pad_token=tokenizer.pad_id,
+        **settings,
     )
-    console.print(f"prompt:    {tokens[0].tolist()}")
-    console.print(f"generated: {np.asarray(out.tokens[0, tokens.shape[1] :]).tolist()}")
+    if not chat:
+        _write(prompt)
+    for piece in chat_lib.decode_stream(tokenizer, chunks):
+        _write(piece)
+    _write("\n")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@app.command("chat")
+def chat_command(
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = "smollm2-135m-instruct",
+    message: Annotated[
+        list[str] | None,
+        typer.Option(help="Send this message instead of asking (repeat for more turns)."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="The longest answer, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy answers.")] = 0.0,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely.")] = None,
+    top_p: Annotated[float, typer.Option(help="Sample among the top_p most likely.")] = 1.0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top one.")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+) -> None:
+    """Chat with a model, answers streamed as they are generated. Empty line or Ctrl-D ends."""
+    from scanlab import checks
+    from scanlab.decoder import chat as chat_lib
+    from scanlab.decoder import sampling
+
+    checks.static_int("--max-new-tokens", max_new_tokens, minimum=1)
+    settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    sampling.settings(checks.INT32_MAX, **settings)  # every flag checked before the model loads
+    conversation = chat_lib.Chat(
+        chat_lib.load_model(model, dtype),
+        system=system,
+        max_new_tokens=max_new_tokens,
+        sampling=settings,
+        seed=seed,
+    )
+    for text in message if message else _typed_messages():
+        if message:
+            console.print(f"[bold]you>[/bold] {text}", highlight=False)
+        _write("model> ")
+        for piece in conversation.reply(text):
+            _write(piece)
+        _write("\n")
+
+
+def _typed_messages():
+    """Lines the user types, until an empty line or the end of input."""
+    while True:
+        try:
+            text = console.input("[bold]you>[/bold] ").strip()
+        except EOFError:
+            return
+        if not text:
+            return
+        yield text
 
 
 @app.command("train")

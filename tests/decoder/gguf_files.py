@@ -57,9 +57,7 @@ def random_model(family: str = "llama", tie: bool = False, seed: int = 0):
 def interleave_pairs(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's permutation of Llama q/k rows: each head's halves -> interleaved pairs."""
     rows, cols = weight.shape
-    return (
-        weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-    )
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32) -> Path:

@@ -4,10 +4,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tests.decoder.gguf_files import random_model, write_gguf
 from transformers import AutoModelForCausalLM
 
 from scanlab.decoder import CheckpointError, forward, load_gguf
-from tests.decoder.gguf_files import random_model, write_gguf
 
 Q = gguf.GGMLQuantizationType
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 9))

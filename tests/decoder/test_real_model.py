@@ -115,3 +115,16 @@ def test_bfloat16_against_float32(smollm2_path, scanlab_model):
     print(f"max |bf16 - f32| logit: {np.abs(bf16 - f32).max():.3f} of {np.abs(f32).max():.1f}")
     assert np.abs(bf16 - f32).max() < 2.0
     assert (bf16.argmax(-1) == f32.argmax(-1)).mean() > 0.9
+
+
+def test_chat_command_answers(smollm2_path):
+    from typer.testing import CliRunner
+
+    from scanlab.cli import app
+
+    question = QUESTION[0]["content"]
+    result = CliRunner().invoke(
+        app, ["chat", "--model", str(smollm2_path), "--message", question, "--max-new-tokens", "32"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"you> {question}\nmodel> " in result.output and "Paris" in result.output
