@@ -16,7 +16,7 @@ def test_the_tour_runs_every_section_and_its_twins_agree():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for number in range(1, 8):
+    for number in range(1, 9):
         assert re.search(rf"\b{number}\. ", out), f"section {number} missing"
     # Every agreement the tour reports: twins, references and forms equal to float32 rounding.
     diffs = [
@@ -38,3 +38,5 @@ def test_the_tour_runs_every_section_and_its_twins_agree():
     # The result of the blog example and the 7B parameter count, computed, not copied.
     assert "reference.scan: (6, [3, 4, 5])" in out and "jax.lax.scan: (6, [3, 4, 5])" in out
     assert "6,738,415,616" in out
+    # The real model answers the question, streamed after the prompt line.
+    assert re.search(r"you> What is the capital of France\?\nmodel> [^\n]*Paris", out), out

