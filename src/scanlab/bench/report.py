@@ -15,6 +15,12 @@ W2_MIN_MATMUL_FRACTION = 0.6
 W3_MAX_COMPILE_RATIO, W3_MAX_RUN_RATIO = 0.1, 1.1
 W4_MIN_SPEEDUP = 1.5
 W8_MAX_MASKED_RATIO = 1.2
+W7_MIN_VS_TRANSFORMERS, W7_MIN_BF16_BOUND_FRACTION, W7_MAX_COMPILE_S = 3.0, 0.6, 10.0
+W7_SCANLAB, W7_BF16, W7_TRANSFORMERS = (
+    "scanlab f32 (while_loop)",
+    "scanlab bf16 (while_loop)",
+    "transformers f32",
+)
 
 
 def write(results: dict, out_dir: str | Path) -> Path:
@@ -25,6 +31,8 @@ def write(results: dict, out_dir: str | Path) -> Path:
     _plot_recurrence(results, out / "recurrence.png")
     _plot_layers(results, out / "layers.png")
     _plot_remat(results, out / "loops-memory.png")
+    if results.get("decoding"):
+        _plot_decoding(results["decoding"], out / "decoding.png")
     report = out / "report.md"
     report.write_text(render(results))
     return report
@@ -39,6 +47,7 @@ def render(results: dict) -> str:
         _layers(results),
         _training(results),
         _generation(results),
+        _decoding(results),
         _sharding(results),
         _loops(results),
         _nnx(results),
@@ -134,6 +143,7 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
                 speedup >= W4_MIN_SPEEDUP,
             )
         )
+    rows += _decoding_targets(results.get("decoding"))
     for p in results["loops"]["masked"]:
         ratio = p["masked_s"] / p["plain_s"]
         rows.append(
@@ -273,6 +283,132 @@ def _generation(results: dict) -> str:
             f"{p['same_tokens']} |"
         )
     return "\n".join(lines)
+
+
+def _contender(decoding: dict, name: str, batch: int) -> dict | None:
+    return next(
+        (c for c in decoding["contenders"] if c["name"] == name and c["batch"] == batch), None
+    )
+
+
+def _bound(decoding: dict, dtype: str, batch: int) -> float:
+    return next(
+        b["tokens_per_s"] for b in decoding["bounds"] if b["dtype"] == dtype and b["batch"] == batch
+    )
+
+
+def _decoding_targets(decoding: dict | None) -> list[tuple[str, str, bool]]:
+    """W7's targets; absent in quick mode, which does not load the real model."""
+    if not decoding:
+        return []
+    rows = []
+    for batch in sorted({c["batch"] for c in decoding["contenders"]}):
+        ours = _contender(decoding, W7_SCANLAB, batch)
+        theirs = _contender(decoding, W7_TRANSFORMERS, batch)
+        if theirs is not None:
+            ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+            rows.append(
+                (
+                    f"W7 decoding ≥ {W7_MIN_VS_TRANSFORMERS:.0f}× transformers' tokens/s, "
+                    f"batch {batch}",
+                    f"{ratio:.2f}×",
+                    ratio >= W7_MIN_VS_TRANSFORMERS,
+                )
+            )
+        bf16 = _contender(decoding, W7_BF16, batch)
+        fraction = bf16["tokens_per_s"] / _bound(decoding, "bf16", batch)
+        rows.append(
+            (
+                f"W7 bf16 decoding ≥ {W7_MIN_BF16_BOUND_FRACTION:.0%} of the bandwidth bound, "
+                f"batch {batch}",
+                f"{fraction:.0%}",
+                fraction >= W7_MIN_BF16_BOUND_FRACTION,
+            )
+        )
+    first = _contender(decoding, W7_SCANLAB, 1)
+    compile_s = first["first_s"] - first["median_s"]
+    rows.append(
+        (
+            f"W7 generate compiles in < {W7_MAX_COMPILE_S:.0f} s",
+            f"{compile_s:.1f} s",
+            compile_s < W7_MAX_COMPILE_S,
+        )
+    )
+    return rows
+
+
+def _decoding(results: dict) -> str:
+    decoding = results.get("decoding")
+    if not decoding:
+        return "## W7 — decoding a real model\n\nNot run in quick mode (it loads the real model)."
+    n = decoding["new_tokens"]
+    lines = [
+        f"## W7 — decoding {decoding['model']}, {n} new tokens per row, greedy",
+        "",
+        f"Copy bandwidth measured in this run: {decoding['copy_bandwidth_gb_s']:.1f} GB/s. "
+        "The bound is batch × bandwidth ÷ bytes read per step (every weight, plus the KV cache).",
+        "",
+        "| contender | batch | tokens/s | s per run | first call s | vs transformers "
+        "| of the f32 / bf16 bound |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in decoding["contenders"]:
+        theirs = _contender(decoding, W7_TRANSFORMERS, c["batch"])
+        versus = f"{c['tokens_per_s'] / theirs['tokens_per_s']:.2f}×" if theirs else "—"
+        dtype = "bf16" if "bf16" in c["name"] else "f32"
+        bound = (
+            f"{c['tokens_per_s'] / _bound(decoding, dtype, c['batch']):.0%} ({dtype})"
+            if c["name"].startswith("scanlab") or c["name"].startswith("transformers")
+            else "—"
+        )
+        lines.append(
+            f"| {c['name']} | {c['batch']} | {c['tokens_per_s']:.1f} | {c['median_s']:.2f} | "
+            f"{c['first_s']:.2f} | {versus} | {bound} |"
+        )
+    for b in decoding["bounds"]:
+        lines.append(
+            f"| bandwidth bound, {b['dtype']} | {b['batch']} | {b['tokens_per_s']:.1f} | | | | "
+            f"{b['bytes_per_step'] / 1e6:.0f} MB per step |"
+        )
+    ours, per_token = _contender(decoding, W7_SCANLAB, 1), None
+    streamed = _contender(decoding, "scanlab f32 (streamed per token)", 1)
+    if ours and streamed:
+        per_token = (streamed["median_s"] - ours["median_s"]) / n
+        lines += [
+            "",
+            f"Streaming each token as it is produced costs {per_token * 1e3:+.2f} ms per "
+            f"token at batch 1 (per-token compiled scans vs one while_loop).",
+        ]
+    missing = [name for name, present in decoding["installed"].items() if not present]
+    if missing:
+        lines += ["", f"Not installed in this run, so not measured: {', '.join(missing)}."]
+    bf16 = decoding["bf16"]
+    lines += [
+        "",
+        f"bf16 against f32 on a chat prompt: max |logit difference| {bf16['max_logit_diff']:.2f} "
+        f"(logits up to {bf16['max_logit']:.1f}); {bf16['tokens_agreeing']} of "
+        f"{bf16['new_tokens']} greedy tokens agree, the first "
+        f"{bf16['tokens_agreeing_before_first_difference']} in a row.",
+    ]
+    return "\n".join(lines)
+
+
+def _plot_decoding(decoding: dict, path: Path) -> None:
+    batches = sorted({c["batch"] for c in decoding["contenders"]})
+    fig = Figure(figsize=(10, 4.5))
+    axes = fig.subplots(1, len(batches), squeeze=False)[0]
+    for ax, batch in zip(axes, batches, strict=True):
+        contenders = [c for c in decoding["contenders"] if c["batch"] == batch]
+        ax.barh([c["name"] for c in contenders], [c["tokens_per_s"] for c in contenders])
+        for dtype, style in (("f32", "--"), ("bf16", ":")):
+            ax.axvline(_bound(decoding, dtype, batch), color="k", ls=style, label=f"{dtype} bound")
+        ax.set(xlabel="tokens/s", title=f"batch {batch}")
+        ax.invert_yaxis()
+        ax.legend(fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Decoding {decoding['model']}, {decoding['new_tokens']} tokens, greedy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _sharding(results: dict) -> str:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from scanlab import sharding
-from scanlab.bench import env, generation, layers, loops, nnx, recurrence, training
+from scanlab.bench import decoding, env, generation, layers, loops, nnx, recurrence, training
 from scanlab.train import TrainConfig
 
 
 def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message: None) -> dict:
-    """All workloads, W1–W6 and W8–W12; `quick` shrinks each to a smoke test of a few seconds."""
+    """All workloads, W1–W12; `quick` shrinks each to a smoke test of a few seconds and leaves
+    out W7, which loads the real model."""
     results: dict = {"quick": quick, "env": env.describe()}
     n_devices = len(results["env"]["devices"])
 
@@ -81,6 +82,9 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         on_progress(f"W5 generation, batch {batch}")
         dims = dict(new_tokens=8, n_layers=2, d_model=32, repeats=1) if quick else {}
         results["generation"].append(generation.measure(batch=batch, **dims)._asdict())
+    if not quick:
+        on_progress("W7 decoding the real model (SmolLM2-135M-Instruct)")
+        results["decoding"] = decoding.measure()
     results["loops"] = _loops(quick, on_progress)
 
     results["nnx"] = {"recurrence": [], "layers": []}

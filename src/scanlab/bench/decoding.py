@@ -1,0 +1,216 @@
+"""W7: decoding a real model (SmolLM2-135M-Instruct) against transformers, llama.cpp and the
+machine's memory bandwidth.
+
+Every contender generates exactly `new_tokens` tokens per row (end-of-sequence off) from the
+same chat-templated prompts, greedy; runs are interleaved round by round. Decoding one token
+reads every weight once per step (plus the KV cache), so tokens/s is bounded by
+batch × copy bandwidth ÷ bytes read per step, with the bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from scanlab.decoder import chat, forward, generate, pretrained, stream
+from scanlab.decoder.config import DecoderConfig
+from scanlab.timing import interleaved, seconds
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain what a for loop does.",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "What is 12 times 12?",
+    "Why is the sky blue?",
+    "Give me a tip for learning to code.",
+    "What does a compiler do?",
+]
+STREAM_CHUNK = 16  # the chunked-scan contender's tokens per compiled call
+
+
+class Contender(NamedTuple):
+    name: str
+    batch: int
+    first_s: float  # the first call: tracing and compilation (or warm-up) included
+    median_s: float  # median of interleaved runs
+    tokens_per_s: float
+
+
+def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes/s of a large array copy (each byte read once and written once: 2 × n_bytes)."""
+    source = np.ones(n_bytes // 4, np.float32)
+    target = np.empty_like(source)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        times.append(time.perf_counter() - start)
+    return 2 * n_bytes / statistics.median(times)
+
+
+def bytes_per_step(config: DecoderConfig, dtype_bytes: int, batch: int, context: int) -> int:
+    """Weights read once per decoding step, plus each row's KV cache up to `context` slots."""
+    from scanlab.decoder.spec import param_count
+
+    kv = 2 * config.n_layers * batch * context * config.n_kv_heads * config.head_dim
+    return (param_count(config) + kv) * dtype_bytes
+
+
+def prompts(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, S) chat-templated questions, left-padded with the tokenizer's pad id, and the mask."""
+    ids = [tokenizer.encode(tokenizer.chat([{"role": "user", "content": q}])) for q in QUESTIONS]
+    ids = ids[:batch]
+    length = max(len(row) for row in ids)
+    tokens = np.full((batch, length), tokenizer.pad_id, np.int32)
+    mask = np.zeros((batch, length), bool)
+    for row, row_ids in enumerate(ids):
+        tokens[row, length - len(row_ids) :], mask[row, length - len(row_ids) :] = row_ids, True
+    return tokens, mask
+
+
+def scanlab_contenders(model, model_bf16, tokens, mask, new_tokens) -> dict[str, Callable]:
+    config, params, _ = model
+
+    def collect(chunk: int):
+        return lambda: np.concatenate(
+            list(stream(params, tokens, config, new_tokens, chunk=chunk, attn_mask=mask)), 1
+        )
+
+    return {
+        "scanlab f32 (while_loop)": lambda: (
+            generate(params, tokens, config, new_tokens, attn_mask=mask).tokens
+        ),
+        f"scanlab f32 (scans of {STREAM_CHUNK})": collect(STREAM_CHUNK),
+        "scanlab f32 (streamed per token)": collect(1),
+        "scanlab bf16 (while_loop)": lambda: (
+            generate(model_bf16.params, tokens, config, new_tokens, attn_mask=mask).tokens
+        ),
+    }
+
+
+def transformers_contender(path, tokens, mask, new_tokens) -> Callable | None:
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    input_ids, attention_mask = torch.tensor(tokens), torch.tensor(mask.astype(np.int64))
+
+    def run():
+        with torch.no_grad():
+            return model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=int(tokens[0, 0]),
+            )
+
+    return run
+
+
+def llama_cpp_contender(path, tokens, new_tokens) -> Callable | None:
+    """llama.cpp's Python binding on the same GGUF (batch 1: its API decodes one sequence)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=512, n_threads=os.cpu_count() or 1, verbose=False)
+    prompt = tokens[0].tolist()
+
+    def run():
+        llm.reset()
+        out = []
+        for token in llm.generate(prompt, temp=0.0, reset=True):
+            out.append(token)
+            if len(out) == new_tokens:
+                return out
+        return out
+
+    return run
+
+
+def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str, Any]:
+    """W7's figures: tokens/s per contender and batch, the bandwidth bound, bf16's accuracy."""
+    path = pretrained.fetch(pretrained.SMOLLM2)
+    model = chat.load_model(path)
+    model_bf16 = chat.load_model(path, dtype="bfloat16")
+    config, tokenizer = model.config, model.tokenizer
+    bandwidth = copy_bandwidth()
+    results: dict[str, Any] = {
+        "model": pretrained.SMOLLM2.name,
+        "new_tokens": new_tokens,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "contenders": [],
+        "bounds": [],
+        "installed": {
+            "transformers": importlib.util.find_spec("transformers") is not None,
+            "llama.cpp": importlib.util.find_spec("llama_cpp") is not None,
+        },
+    }
+    for batch in batches:
+        tokens, mask = prompts(tokenizer, batch)
+        fns = scanlab_contenders(model, model_bf16, tokens, mask, new_tokens)
+        for name, fn in (
+            ("transformers f32", transformers_contender(path, tokens, mask, new_tokens)),
+            (
+                "llama.cpp (Q4_1 file)",
+                llama_cpp_contender(path, tokens, new_tokens) if batch == 1 else None,
+            ),
+        ):
+            if fn is not None:
+                fns[name] = fn
+        first = {name: seconds(fn) for name, fn in fns.items()}
+        samples = interleaved(fns, rounds)
+        for name, runs in samples.items():
+            median = statistics.median(runs)
+            results["contenders"].append(
+                Contender(name, batch, first[name], median, batch * new_tokens / median)._asdict()
+            )
+        context = tokens.shape[1] + new_tokens // 2  # the average cache length read per step
+        for label, dtype_bytes in (("f32", 4), ("bf16", 2)):
+            step_bytes = bytes_per_step(config, dtype_bytes, batch, context)
+            results["bounds"].append(
+                dict(
+                    batch=batch,
+                    dtype=label,
+                    bytes_per_step=step_bytes,
+                    tokens_per_s=batch * bandwidth / step_bytes,
+                )
+            )
+    results["bf16"] = bf16_accuracy(model, model_bf16, new_tokens)
+    return results
+
+
+def bf16_accuracy(model, model_bf16, new_tokens: int) -> dict[str, float]:
+    """Max |logit difference| bf16 vs f32 on a chat prompt, and greedy tokens in agreement."""
+    config, params, tokenizer = model
+    tokens, _ = prompts(tokenizer, 1)
+    f32 = forward(params, tokens, config)
+    bf16 = forward(model_bf16.params, tokens, config)
+    greedy = generate(params, tokens, config, new_tokens).tokens
+    greedy_bf16 = generate(model_bf16.params, tokens, config, new_tokens).tokens
+    same = np.asarray(greedy == greedy_bf16)[0, tokens.shape[1] :]
+    return dict(
+        max_logit_diff=float(jnp.max(jnp.abs(f32 - bf16))),
+        max_logit=float(jnp.max(jnp.abs(f32))),
+        tokens_agreeing_before_first_difference=int(np.argmin(same))
+        if not same.all()
+        else len(same),
+        tokens_agreeing=int(same.sum()),
+        new_tokens=new_tokens,
+    )
