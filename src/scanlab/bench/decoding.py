@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from scanlab.bench import env
 from scanlab.decoder import chat, forward, generate, pretrained, stream
 from scanlab.decoder.config import DecoderConfig
 from scanlab.timing import interleaved, seconds
@@ -152,6 +153,7 @@ def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str,
     config, tokenizer = model.config, model.tokenizer
     bandwidth = copy_bandwidth()
     results: dict[str, Any] = {
+        "date": env.describe()["date"],
         "model": pretrained.SMOLLM2.name,
         "new_tokens": new_tokens,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
