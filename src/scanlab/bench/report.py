@@ -345,7 +345,8 @@ def _decoding(results: dict) -> str:
     lines = [
         f"## W7 — decoding {decoding['model']}, {n} new tokens per row, greedy",
         "",
-        f"Measured {decoding['date']}. Copy bandwidth measured in this run: {decoding['copy_bandwidth_gb_s']:.1f} GB/s. "
+        f"Measured {decoding['date']}. Copy bandwidth in the same run: "
+        f"{decoding['copy_bandwidth_gb_s']:.1f} GB/s. "
         "The bound is batch × bandwidth ÷ bytes read per step (every weight, plus the KV cache).",
         "",
         "| contender | batch | tokens/s | s per run | first call s | vs transformers "
