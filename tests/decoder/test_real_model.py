@@ -128,3 +128,37 @@ def test_chat_command_answers(smollm2_path):
     )
     assert result.exit_code == 0, result.output
     assert f"you> {question}\nmodel> " in result.output and "Paris" in result.output
+
+
+def test_decode_stream_holds_back_a_split_character(scanlab_model):
+    from scanlab.decoder.chat import decode_stream
+
+    _, _, tokenizer = scanlab_model
+    ids = tokenizer.encode("Smile 🙂 and 日本")
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some token splits a character
+    pieces = list(decode_stream(tokenizer, (np.array([[i]]) for i in ids)))
+    assert "".join(pieces) == "Smile 🙂 and 日本"
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_chat_remembers_the_conversation(scanlab_model):
+    from scanlab.decoder.chat import Chat, Model
+
+    chat = Chat(Model(*scanlab_model), system="Answer briefly.", max_new_tokens=24)
+    first = "".join(chat.reply(QUESTION[0]["content"]))
+    assert first and chat.messages[-1] == {"role": "assistant", "content": first}
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant"]
+    follow_up = chat.model.tokenizer.decode(chat.prompt_ids("And of Italy?"))
+    assert first in follow_up and "Answer briefly." in follow_up
+
+
+def test_a_conversation_longer_than_the_context_is_refused(scanlab_model):
+    from scanlab.decoder.chat import Chat, Model
+
+    config = scanlab_model[0]
+    chat = Chat(Model(*scanlab_model), max_new_tokens=config.max_seq_len)
+    with pytest.raises(
+        ValueError, match="prompt length \\+ max_new_tokens must be <= max_seq_len=8192"
+    ):
+        chat.reply("Hi")
+    assert chat.messages == []
