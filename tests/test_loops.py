@@ -238,7 +238,9 @@ def test_bounded_while_equals_its_reference(target, max_steps):
     init = (np.float32(target), np.float32(0.0))
     ours = loops.bounded_while(cond, body, init, max_steps)
     theirs = reference.bounded_while(cond, body, init, max_steps)
-    assert_trees_close(ours[0], theirs[0])
+    # The compiled body and the eager one round differently in the last f32 place (XLA fuses
+    # the update), and Newton's first steps amplify that: 1.8e-5 relative seen at 7 of ~9 steps.
+    assert_trees_close(ours[0], theirs[0], rtol=1e-4)
     assert int(ours[1]) == theirs[1] <= max_steps
 
 

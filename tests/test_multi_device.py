@@ -58,7 +58,7 @@ from scanlab.train import TrainConfig, train, load
 config = TrainConfig(steps=30, chunk_steps=10, warmup_steps=5, batch_size=16, d_model=64,
                      n_heads=8, n_kv_heads=4, mlp_dim=128, n_layers=2)
 single = train(config)
-for spec in ["data=8,model=1", "data=4,model=2", "data=2,model=4"]:
+for spec in ["data=4,model=2", "data=2,model=4"]:  # FSDP with TP, and TP-heavy
     run = train(config, mesh=sharding.make_mesh(spec))
     # 30 AdamW steps of float32 sums split differently: the curves agree to this tolerance.
     np.testing.assert_allclose(run.losses, single.losses, rtol=2e-4, atol=2e-5)
@@ -85,7 +85,7 @@ np.testing.assert_allclose(resumed.losses, single.losses, rtol=2e-4, atol=2e-5)
 print("ok resumed")
 """,
     )
-    assert out.count("ok ") == 4
+    assert out.count("ok ") == 3
 
 
 def test_meshes_that_do_not_divide_are_clear_errors(on_host_devices):

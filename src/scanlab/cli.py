@@ -185,8 +185,16 @@ MODEL_HELP = (
     "A .gguf file, a transformers checkpoint directory, or a known model's name (fetched on "
     "first use): smollm2-135m-instruct."
 )
-DTYPE_HELP = "Parameters and activations: float32 or bfloat16."
 DEFAULT_TOKENS = "1,2,3,4"
+
+
+# The sampling flags of `decoder generate` and `chat`, declared once.
+Temperature = Annotated[float, typer.Option(help="0 for greedy decoding.")]
+TopK = Annotated[int | None, typer.Option(help="Sample among the k most likely.")]
+TopP = Annotated[float, typer.Option(help="Sample among the top_p most likely.")]
+MinP = Annotated[float, typer.Option(help="Drop tokens below min_p x the top one.")]
+RepetitionPenalty = Annotated[float, typer.Option(help="> 1 discourages repeats.")]
+Dtype = Annotated[str, typer.Option(help="Parameters and activations: float32 or bfloat16.")]
 
 
 def _sampling(temperature, top_k, top_p, min_p, repetition_penalty) -> dict:
@@ -216,12 +224,12 @@ def decoder_generate(
         str | None, typer.Option(help=f"Comma-separated token ids (default {DEFAULT_TOKENS}).")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 16,
-    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely.")] = None,
-    top_p: Annotated[float, typer.Option(help="Sample among the top_p most likely.")] = 1.0,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top one.")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
-    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
+    temperature: Temperature = 0.0,
+    top_k: TopK = None,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    dtype: Dtype = "float32",
     seed: Annotated[int, typer.Option(help="Seed for sampling and random weights.")] = 0,
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
@@ -289,12 +297,12 @@ def chat_command(
     ] = None,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="The longest answer, in tokens.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 for greedy answers.")] = 0.0,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely.")] = None,
-    top_p: Annotated[float, typer.Option(help="Sample among the top_p most likely.")] = 1.0,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top one.")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
-    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
+    temperature: Temperature = 0.0,
+    top_k: TopK = None,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    dtype: Dtype = "float32",
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
 ) -> None:
     """Chat with a model, answers streamed as they are generated. Empty line or Ctrl-D ends."""

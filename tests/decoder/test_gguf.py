@@ -1,6 +1,7 @@
 """GGUF files: scanlab's loading against transformers' loading of the same file, and bad files."""
 
 import gguf
+import jax
 import numpy as np
 import pytest
 import torch
@@ -46,7 +47,7 @@ def test_bfloat16_loading(tmp_path):
     model = random_model("llama")
     path = write_gguf(tmp_path / "model.gguf", model)
     config, params = load_gguf(path, dtype="bfloat16")
-    assert {leaf.dtype.name for leaf in __import__("jax").tree.leaves(params)} == {"bfloat16"}
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(params)} == {"bfloat16"}
     # bf16 weights and activations: within bf16 rounding of the f32 logits (~0.5 here).
     np.testing.assert_allclose(forward(params, TOKENS, config), logits_of(model), atol=3e-2)
 

@@ -103,31 +103,22 @@ def test_chat_answer_ends_at_end_of_turn_and_streams(scanlab_model):
     np.testing.assert_array_equal(np.concatenate(list(chunks), 1)[0], answer)
 
 
-def test_bfloat16_against_float32(smollm2_path, scanlab_model):
+def test_bfloat16_against_float32(scanlab_model):
     """bf16 weights and activations (norms, rotary phases, softmax in f32): logits near f32's."""
+    import jax
+    import jax.numpy as jnp
+
     from scanlab.decoder import forward
 
     config, params, tokenizer = scanlab_model
-    _, params_bf16 = load_gguf(smollm2_path, dtype="bfloat16")
+    # What load_gguf(dtype="bfloat16") returns: the dequantized f32 weights cast (tests/test_gguf).
+    params_bf16 = jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), params)
     prompt = np.array([prompts(tokenizer)["chat"]])
     f32 = np.asarray(forward(params, prompt, config))
     bf16 = np.asarray(forward(params_bf16, prompt, config))
     print(f"max |bf16 - f32| logit: {np.abs(bf16 - f32).max():.3f} of {np.abs(f32).max():.1f}")
     assert np.abs(bf16 - f32).max() < 2.0
     assert (bf16.argmax(-1) == f32.argmax(-1)).mean() > 0.9
-
-
-def test_chat_command_answers(smollm2_path):
-    from typer.testing import CliRunner
-
-    from scanlab.cli import app
-
-    question = QUESTION[0]["content"]
-    result = CliRunner().invoke(
-        app, ["chat", "--model", str(smollm2_path), "--message", question, "--max-new-tokens", "32"]
-    )
-    assert result.exit_code == 0, result.output
-    assert f"you> {question}\nmodel> " in result.output and "Paris" in result.output
 
 
 def test_decode_stream_holds_back_a_split_character(scanlab_model):

@@ -218,8 +218,18 @@ class _Checked(NamedTuple):
 
 
 def _check(
-    params, tokens, config, max_new_tokens, key, attn_mask, stop_tokens, pad_token, settings
+    params,
+    tokens,
+    config,
+    max_new_tokens,
+    *,
+    key=None,
+    attn_mask=None,
+    stop_tokens=(),
+    pad_token=0,
+    **sampling_options,
 ) -> _Checked:
+    """Every argument of `generate`/`stream` checked, before anything is traced or run."""
     prompt_BxS = check_tokens("tokens", tokens, config)
     checks.static_int("max_new_tokens", max_new_tokens, minimum=1)
     total = prompt_BxS.shape[1] + max_new_tokens
@@ -228,8 +238,8 @@ def _check(
             f"prompt length + max_new_tokens must be <= max_seq_len={config.max_seq_len}, "
             f"got {prompt_BxS.shape[1]} + {max_new_tokens} = {total}"
         )
-    sampling = sampling_lib.settings(config.vocab_size, **settings)
-    greedy = settings.get("temperature", 0.0) == 0
+    sampling = sampling_lib.settings(config.vocab_size, **sampling_options)
+    greedy = sampling_options.get("temperature", 0.0) == 0
     if not greedy and key is None:
         raise ValueError("key must be a PRNG key when temperature > 0 (sampling), got None")
     last_id = config.vocab_size - 1
@@ -299,17 +309,15 @@ def generate(
         tokens,
         config,
         max_new_tokens,
-        key,
-        attn_mask,
-        stop_tokens,
-        pad_token,
-        dict(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-        ),
+        key=key,
+        attn_mask=attn_mask,
+        stop_tokens=stop_tokens,
+        pad_token=pad_token,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
     )
     return _generate(
         params,
@@ -327,39 +335,16 @@ def stream(
     max_new_tokens: int,
     *,
     chunk: int = 1,
-    key: jax.Array | None = None,
-    attn_mask=None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    stop_tokens: Sequence[int] = (),
-    pad_token: int = 0,
+    **options,
 ) -> Iterator[np.ndarray]:
     """`generate`'s tokens as they are produced: (B, c) int32 arrays, c <= chunk.
 
-    The same arguments as `generate` (but logits), plus `chunk`: new tokens per compiled step
-    (1 streams each token as soon as it exists). The concatenated chunks equal `generate`'s new
-    tokens up to the last row's stop; the arguments are checked before the first token.
+    `options` are `generate`'s keywords but `return_logits` (key, attn_mask, the sampling
+    settings, stop_tokens, pad_token). `chunk` is the new tokens per compiled step (1 streams
+    each token as soon as it exists). The concatenated chunks equal `generate`'s new tokens up
+    to the last row's stop; every argument is checked before this returns.
     """
-    checked = _check(
-        params,
-        tokens,
-        config,
-        max_new_tokens,
-        key,
-        attn_mask,
-        stop_tokens,
-        pad_token,
-        dict(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-        ),
-    )
+    checked = _check(params, tokens, config, max_new_tokens, **options)
     chunk = checks.static_int("chunk", chunk, minimum=1)
     return _stream(params, checked, config, max_new_tokens, chunk)
 
