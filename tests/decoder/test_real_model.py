@@ -91,6 +91,20 @@ def test_tokenizer_equals_transformers(scanlab_model, transformers_model):
             )
 
 
+def test_tokenizer_directory_as_transformers_saves_it(transformers_model, tmp_path):
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja, as save_pretrained writes."""
+    _, reference = transformers_model
+    reference.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    text = "Hello, world! 12345 🙂"
+    assert tokenizer.encode(text) == reference(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.chat(QUESTION) == reference.apply_chat_template(
+        QUESTION, tokenize=False, add_generation_prompt=True
+    )
+    assert tokenizer.eos_ids == (reference.eos_token_id,)
+    assert tokenizer.pad_id == reference.pad_token_id
+
+
 def test_chat_answer_ends_at_end_of_turn_and_streams(scanlab_model):
     config, params, tokenizer = scanlab_model
     prompt = np.array([prompts(tokenizer)["chat"]])
@@ -153,3 +167,29 @@ def test_a_conversation_longer_than_the_context_is_refused(scanlab_model):
     ):
         chat.reply("Hi")
     assert chat.messages == []
+
+
+def test_decoder_generate_continues_text_from_a_checkpoint_directory(transformers_model, tmp_path):
+    """The CLI's text path: a transformers directory's weights and tokenizer, text in and out."""
+    import jax
+    from typer.testing import CliRunner
+
+    from scanlab.cli import app
+    from scanlab.decoder import init_params, preset, save_checkpoint
+
+    config = preset("tiny").replace(vocab_size=49152)  # random weights over SmolLM2's vocabulary
+    params = init_params(config, jax.random.PRNGKey(3))
+    save_checkpoint(tmp_path, config, params)
+    transformers_model[1].save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    prompt = "The sky is"
+    ids = np.array([tokenizer.encode(prompt)])
+    out = generate(params, ids, config, 6, stop_tokens=tokenizer.eos_ids)
+    answer = out.tokens[0, ids.shape[1] : ids.shape[1] + int(out.lengths[0])]
+    result = CliRunner().invoke(
+        app,
+        ["decoder", "generate", "--checkpoint", str(tmp_path), "--prompt", prompt,
+         "--max-new-tokens", "6"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output == prompt + tokenizer.decode(answer) + "\n"

@@ -1,7 +1,8 @@
 """Text <-> token ids: the checkpoint's own tokenizer through the `tokenizers` library, and its chat
 template rendered by jinja2 as transformers renders it.
 
-A transformers directory carries `tokenizer.json` (and the template in `tokenizer_config.json`);
+A transformers directory carries `tokenizer.json`, its special tokens in `tokenizer_config.json`
+and the template in `chat_template.jinja` (or, written by older versions, `tokenizer_config.json`);
 a GGUF file carries the byte-level BPE vocabulary and merges, the special tokens and the template
 in its metadata, from which the same `tokenizers.Tokenizer` is built.
 """
@@ -171,9 +172,12 @@ def _from_directory(directory: Path) -> Tokenizer:
     if None in eos_ids or not eos_ids:
         raise CheckpointError(f"{directory}: no end-of-sequence token is named")
     pad = _spelling(settings.get("pad_token"))
+    template_file = directory / "chat_template.jinja"  # where transformers >= 4.54 writes it
     return Tokenizer(
         backend=backend,
-        chat_template=settings.get("chat_template"),
+        chat_template=(
+            template_file.read_text() if template_file.is_file() else settings.get("chat_template")
+        ),
         eos_ids=tuple(int(i) for i in eos_ids),
         bos_token=_spelling(settings.get("bos_token")) or "",
         eos_token=eos_token or backend.id_to_token(eos_ids[0]),
