@@ -19,7 +19,22 @@ import pytest  # noqa: E402
 
 # Real model files (scanlab.decoder.pretrained) are fetched once into the checkout's git-ignored
 # .cache, hash-checked, and shared by every test, the tour's and the README's included.
-os.environ.setdefault("SCANLAB_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
+CACHE = Path(__file__).resolve().parents[1] / ".cache"
+os.environ.setdefault("SCANLAB_CACHE", str(CACHE))
+# Compiled programs are shared through JAX's persistent cache: the tour, the README and the CLI
+# tests run in their own processes and compile many of the same programs (training chunks, the
+# real model's decoding) that other tests compile too. The environment reaches those processes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(512 * 2**20))  # oldest evicted
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+jax.config.update(
+    "jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"])
+)
 
 
 @pytest.fixture(scope="session")
