@@ -34,4 +34,4 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/scanlab bench --out results/bench
 
 clean:
-	rm -rf $(VENV) results .pytest_cache .hypothesis
+	rm -rf $(VENV) results .pytest_cache .hypothesis .cache/jax

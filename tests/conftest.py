@@ -24,16 +24,14 @@ os.environ.setdefault("SCANLAB_CACHE", str(CACHE))
 # Compiled programs are shared through JAX's persistent cache: the tour, the README and the CLI
 # tests run in their own processes and compile many of the same programs (training chunks, the
 # real model's decoding) that other tests compile too. The environment reaches those processes.
+# No size limit: with one, JAX's eviction reads an access-time file per entry and fails on entries
+# written without (by a process without the limit). A run adds ~20 MB; `make clean` empties it.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(512 * 2**20))  # oldest evicted
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
-)
-jax.config.update(
-    "jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"])
 )
 
 
