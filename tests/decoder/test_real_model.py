@@ -161,7 +161,9 @@ def test_a_conversation_longer_than_the_context_is_refused(scanlab_model):
     from scanlab.decoder.chat import Chat, Model
 
     config = scanlab_model[0]
-    chat = Chat(Model(*scanlab_model), max_new_tokens=config.max_seq_len)
+    with pytest.raises(ValueError, match="max_new_tokens must be <= 8191, got 8192"):
+        Chat(Model(*scanlab_model), max_new_tokens=config.max_seq_len)  # no room for a prompt
+    chat = Chat(Model(*scanlab_model), max_new_tokens=config.max_seq_len - 1)
     with pytest.raises(
         ValueError, match="prompt length \\+ max_new_tokens must be <= max_seq_len=8192"
     ):

@@ -68,13 +68,7 @@ def bytes_per_step(config: DecoderConfig, dtype_bytes: int, batch: int, context:
 def prompts(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, S) chat-templated questions, left-padded with the tokenizer's pad id, and the mask."""
     ids = [tokenizer.encode(tokenizer.chat([{"role": "user", "content": q}])) for q in QUESTIONS]
-    ids = ids[:batch]
-    length = max(len(row) for row in ids)
-    tokens = np.full((batch, length), tokenizer.pad_id, np.int32)
-    mask = np.zeros((batch, length), bool)
-    for row, row_ids in enumerate(ids):
-        tokens[row, length - len(row_ids) :], mask[row, length - len(row_ids) :] = row_ids, True
-    return tokens, mask
+    return chat.left_padded(ids[:batch], tokenizer.pad_id)
 
 
 def scanlab_contenders(model, model_bf16, tokens, mask, new_tokens) -> dict[str, Callable]:

