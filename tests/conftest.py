@@ -17,7 +17,7 @@ from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
 
-# Real model files (scanlab.decoder.pretrained) are fetched once into the checkout's git-ignored
+# Real model files (scanlab.decoder.formats.pretrained) are fetched once into the checkout's git-ignored
 # .cache, hash-checked, and shared by every test, the tour's and the README's included.
 CACHE = Path(__file__).resolve().parents[1] / ".cache"
 os.environ.setdefault("SCANLAB_CACHE", str(CACHE))
@@ -37,7 +37,7 @@ jax.config.update(
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from scanlab.decoder import pretrained
+    from scanlab.decoder.formats import pretrained
 
     return pretrained.fetch(pretrained.SMOLLM2)
 

@@ -2,8 +2,11 @@
 
 Dimension letters used in every docstring: B batch, T time, L layers, S sequence, D model width,
 H hidden, K key/value heads, R query heads per key/value head, Dh head width, F MLP width, V vocab.
+
+The public names are imported on first use (`__init__.pyi` lists them): `import scanlab` and the
+`scanlab` command start without importing JAX or Flax.
 """
 
-from scanlab.recurrence import LaxScanModule, NNScanModule, lax_scan_in_module
+import lazy_loader
 
-__all__ = ["LaxScanModule", "NNScanModule", "lax_scan_in_module"]
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -1,18 +1,37 @@
 """Argument checks shared by the public API.
 
 Each check raises before any tracing, with a message that names the argument, what was expected and
-what came, so a mistake surfaces as one clear line instead of a trace-time stack.
+what came, so a mistake surfaces as one clear line instead of a trace-time stack. The checks do not
+import JAX: the CLI runs them before it loads anything heavy.
 """
 
 from __future__ import annotations
 
 import numbers
 import os
+import sys
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
+from scanlab.errors import ArgumentError, ArgumentTypeError, OutOfMemoryError
+
+if TYPE_CHECKING:
+    import jax
+
 SEED_LIMIT = 2**32
+
+
+def is_tracer(value: object) -> bool:
+    """Whether `value` is a JAX tracer; without JAX imported, nothing can be one."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(value, jax.core.Tracer)
+
+
+def is_jax_array(value: object) -> bool:
+    """Whether `value` is a JAX array or tracer (passed through untouched by the checks)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(value, jax.Array)
 
 
 # Loop lengths and sizes are int32 inside XLA programs.
@@ -25,18 +44,20 @@ def static_int(name: str, value: object, *, minimum: int, maximum: int = INT32_M
     Shapes and loop lengths decide compilation, so they must be static: a traced value is refused
     with the fix (mark the argument static), and so are bools, floats and strings.
     """
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(
+    if is_tracer(value):
+        raise ArgumentTypeError(
             f"{name} must be a static Python int, got a traced value {value.aval}; "
             f"it decides the compiled shape, so pass it as a static argument "
             f"(e.g. jax.jit(..., static_argnames={name!r}))"
         )
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+        raise ArgumentTypeError(
+            f"{name} must be an int, got {value!r} of type {type(value).__name__}"
+        )
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
     if value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+        raise ArgumentError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 
@@ -45,19 +66,23 @@ def finite_number(
 ) -> float:
     """Returns `value` as a float if it is a finite real number (>= minimum, > above)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
+        raise ArgumentTypeError(
+            f"{name} must be a number, got {value!r} of type {type(value).__name__}"
+        )
     value = float(value)
     if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise ArgumentError(f"{name} must be finite, got {value}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
     if above is not None and value <= above:
-        raise ValueError(f"{name} must be > {above}, got {value}")
+        raise ArgumentError(f"{name} must be > {above}, got {value}")
     return value
 
 
 def available_bytes() -> int | None:
     """Memory the default device can hold: its reported limit, else the host's physical RAM."""
+    import jax
+
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
@@ -71,7 +96,7 @@ def fits_in_memory(what: str, nbytes: int) -> None:
     """Raises MemoryError up front when an estimated allocation exceeds what the device holds."""
     limit = available_bytes()
     if limit is not None and nbytes > limit:
-        raise MemoryError(
+        raise OutOfMemoryError(
             f"{what} needs about {nbytes / 2**30:.1f} GiB, more than the "
             f"{limit / 2**30:.1f} GiB this device has"
         )
@@ -87,13 +112,28 @@ def seed_key(seed: object) -> np.ndarray:
     Returns:
       uint32 array of shape (2,), equal to `jax.random.PRNGKey(seed)`.
     """
-    if isinstance(seed, jax.core.Tracer):
-        raise TypeError(f"seed must be a Python int, got a traced value {seed.aval}")
+    if is_tracer(seed):
+        raise ArgumentTypeError(f"seed must be a Python int, got a traced value {seed.aval}")
     if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int, got {seed!r} of type {type(seed).__name__}")
+        raise ArgumentTypeError(f"seed must be an int, got {seed!r} of type {type(seed).__name__}")
     if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        raise ArgumentError(f"seed must be in [0, 2**32), got {seed}")
     return np.array([0, seed], dtype=np.uint32)
+
+
+def recurrence_sizes(hidden: object, T: object) -> tuple[int, int]:
+    """hidden >= 1 and T >= 0 as static ints: the recurrence modules' fields and entry points'
+    arguments."""
+    return static_int("hidden", hidden, minimum=1), static_int("T", T, minimum=0)
+
+
+def recurrence_args(seed: object, x: object, hidden: object, T: object):
+    """The seed function's (seed, x, hidden, T), checked: returns (x as an array, hidden, T)."""
+    hidden, T = recurrence_sizes(hidden, T)
+    seed_key(seed)
+    x = numeric_array("x", x)
+    last_axis("x", x, hidden, "hidden")
+    return x, hidden, T
 
 
 def numeric_array(name: str, value: object) -> np.ndarray | jax.Array:
@@ -101,9 +141,9 @@ def numeric_array(name: str, value: object) -> np.ndarray | jax.Array:
 
     JAX arrays and tracers pass through untouched; lists and NumPy arrays become NumPy arrays.
     """
-    array = value if isinstance(value, jax.Array) else np.asarray(value)
+    array = value if is_jax_array(value) else np.asarray(value)
     if array.dtype.kind not in "iuf":
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name} must hold real numbers (int or float dtype), got dtype {array.dtype}"
         )
     return array
@@ -112,23 +152,25 @@ def numeric_array(name: str, value: object) -> np.ndarray | jax.Array:
 def last_axis(name: str, array: np.ndarray | jax.Array, size: int, size_name: str) -> None:
     """Checks that `array` has shape (..., size)."""
     if array.ndim == 0:
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must have shape (..., {size_name}) = (..., {size}), got a 0-d value"
         )
     if array.shape[-1] != size:
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must have shape (..., {size_name}) = (..., {size}), got shape {array.shape}"
         )
 
 
 def all_finite(name: str, array: np.ndarray | jax.Array) -> None:
     """Checks that a concrete array holds no NaN or Inf."""
-    if isinstance(array, jax.core.Tracer):
-        raise TypeError(f"check_finite needs a concrete {name}, got a traced value {array.aval}")
+    if is_tracer(array):
+        raise ArgumentTypeError(
+            f"check_finite needs a concrete {name}, got a traced value {array.aval}"
+        )
     bad = ~np.isfinite(np.asarray(array))
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must be finite, got {int(bad.sum())} NaN/Inf value(s), first at index {first}"
         )
 
@@ -137,19 +179,19 @@ def lengths(
     name: str, value: object, batch_shape: tuple[int, ...], T: int
 ) -> np.ndarray | jax.Array:
     """Checks per-row step counts: integers of shape `batch_shape`, each in [0, T] when concrete."""
-    array = value if isinstance(value, jax.Array) else np.asarray(value)
+    array = value if is_jax_array(value) else np.asarray(value)
     if array.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+        raise ArgumentTypeError(f"{name} must hold integers, got dtype {array.dtype}")
     if array.shape != tuple(batch_shape):
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must have shape {tuple(batch_shape)} (one per row), got shape {array.shape}"
         )
-    if not isinstance(array, jax.core.Tracer):
+    if not is_tracer(array):
         values = np.asarray(array)
         bad = (values < 0) | (values > T)
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
+            raise ArgumentError(
                 f"{name} must be in [0, T] = [0, {T}], got {name}[{', '.join(map(str, index))}] "
                 f"= {int(values[index])}"
             )

@@ -1,8 +1,11 @@
-"""The `scanlab` command. Parses arguments, calls the library, prints; errors become one line."""
+"""The `scanlab` command. Parses arguments, calls the library, prints; errors become one line.
+
+Each command imports what it needs when it runs: `scanlab --help`, every `--help` and the
+argument checks that need no model answer without importing JAX, Flax or the format readers.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -10,15 +13,10 @@ import traceback
 from pathlib import Path
 from typing import Annotated
 
-import jax
-import numpy as np
 import typer
 from rich.console import Console
-from rich.syntax import Syntax
-from rich.table import Table
 
-from scanlab import explain, pitfalls, plots, render, sharding, tour
-from scanlab.recurrence import lax_scan_in_module
+from scanlab.errors import ArgumentError, PathError, ScanlabError
 
 app = typer.Typer(
     help="Loops the JAX way: jax.lax.scan over time, layers, tokens and training steps.",
@@ -43,8 +41,18 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Print lax_scan_in_module(seed, x, hidden, T): the final hidden state."""
-    # max(.., 1): a bad --hidden is then reported by lax_scan_in_module, naming the argument.
+    import json
+
+    import numpy as np
+
+    from scanlab import checks
+
+    # max(.., 1): a bad --hidden is then reported by the check, naming the argument.
     x_values = np.ones(max(hidden, 1), np.float32) if x is None else _parse_floats("--x", x)
+    checks.recurrence_args(seed, x_values, hidden, T)
+    checks.all_finite("x", x_values)
+    from scanlab.recurrence import lax_scan_in_module
+
     final = np.asarray(lax_scan_in_module(seed, x_values, hidden, T, check_finite=True)).tolist()
     if as_json:
         print(json.dumps({"seed": seed, "hidden": hidden, "T": T, "final": final}))
@@ -55,6 +63,8 @@ def run(
 @app.command("explain")
 def explain_command() -> None:
     """Walk through the blog example scan(lambda c, x: (c + x, x + 2), 0, [1, 2, 3])."""
+    from scanlab import explain, render
+
     steps = explain.trace(explain.blog_body, 0, explain.BLOG_XS)
     console.print(
         render.steps_table(steps, title="scan(lambda c, x: (c + x, x + 2), 0, [1, 2, 3])")
@@ -65,6 +75,11 @@ def explain_command() -> None:
 @app.command("pitfalls")
 def pitfalls_command() -> None:
     """Reproduce each pitfall: the wrong code, the error it raises today, the fix."""
+    import numpy as np
+    from rich.syntax import Syntax
+
+    from scanlab import pitfalls
+
     for number, pitfall in enumerate(pitfalls.PITFALLS, start=1):
         result = pitfalls.reproduce(pitfall)
         console.rule(f"{number}. {pitfall.title}")
@@ -74,7 +89,9 @@ def pitfalls_command() -> None:
         console.print(pitfalls.error_summary(result.error), markup=False, highlight=False)
         console.print("[green]fix:[/green]")
         console.print(Syntax(pitfall.fixed_code, "python"))
-        console.print(f"[green]fixed result:[/green] {np.asarray(_first(result.fixed_result))}")
+        fixed = result.fixed_result
+        fixed = fixed[0] if isinstance(fixed, tuple) else fixed
+        console.print(f"[green]fixed result:[/green] {np.asarray(fixed)}")
         console.print(f"why: {pitfall.why}")
 
 
@@ -91,10 +108,14 @@ def bench(
     ] = os.cpu_count() or 1,
 ) -> None:
     """Run the benchmarks W1–W6 and W8–W12; write a markdown report with plots."""
+    from rich.table import Table
+
     _check_device_count("--devices", devices)
     _writable_dir("--out", out)  # before minutes of measuring
+    from scanlab import sharding
+
     sharding.host_devices(devices)  # before any JAX computation in this process
-    from scanlab.bench import report, runner
+    from scanlab.bench import report, runner, targets
 
     with console.status("benchmarks") as status:
 
@@ -107,7 +128,7 @@ def bench(
     table = Table(title="targets")
     for column in ("target", "measured", ""):
         table.add_column(column)
-    for name, measured, ok in report.targets(results):
+    for name, measured, ok in targets.judge(results):
         table.add_row(name, measured, "[green]met[/green]" if ok else "[red]missed[/red]")
     console.print(table)
     console.print(f"report: {path}")
@@ -116,6 +137,8 @@ def bench(
 @app.command()
 def demo() -> None:
     """The tour: every part of scanlab, end to end."""
+    from scanlab import tour
+
     tour.run(console)
 
 
@@ -126,10 +149,11 @@ def decoder_shapes(
     ] = "llama2-7b",
 ) -> None:
     """The stacked parameter shapes, the per-layer slices seen inside the scan, the count."""
-    from scanlab import decoder
     from scanlab.decoder import config as decoder_config
 
     config = decoder_config.preset(preset)
+    from scanlab import decoder, render
+
     console.print(
         f"[bold]{preset}[/bold]: stacked parameters (leading axis: {config.n_layers} layers)"
     )
@@ -149,7 +173,7 @@ def decoder_compare(
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
     """Scan over layers vs a Python loop: same logits, compile and run times."""
-    from scanlab import checks
+    from scanlab import checks, sharding
 
     for name, value in (
         ("--layers", layers),
@@ -159,14 +183,15 @@ def decoder_compare(
     ):
         checks.static_int(name, value, minimum=1)
     if d_model % 4:  # the compared block has 4 heads
-        raise ValueError(f"--d-model must be a multiple of 4 (4 heads), got {d_model}")
+        raise ArgumentError(f"--d-model must be a multiple of 4 (4 heads), got {d_model}")
     device_mesh = _mesh(mesh)
     if device_mesh is not None and batch % device_mesh.shape[sharding.DATA_AXIS]:
         # Checked before the single-device comparison runs, not after.
-        raise ValueError(
+        raise ArgumentError(
             f"--batch must be divisible by the mesh's data axis size "
             f"{device_mesh.shape[sharding.DATA_AXIS]}, got {batch}"
         )
+    from scanlab import render
     from scanlab.bench import layers as layer_bench
 
     point = layer_bench.measure(layers, d_model=d_model, seq=seq, batch=batch)
@@ -234,33 +259,42 @@ def decoder_generate(
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
     """Generate from a prompt: text (streamed, ending at the end-of-sequence token) or ids."""
-    from scanlab import checks, decoder
-    from scanlab.decoder import chat as chat_lib
-    from scanlab.decoder import sampling
+    import numpy as np
 
-    key = jax.numpy.asarray(checks.seed_key(seed))  # the same seed rule as run and train
+    from scanlab import checks
+    from scanlab.decoder.config import check_dtype
+
+    raw_key = checks.seed_key(seed)  # the same seed rule as run and train
     if prompt is not None and tokens is not None:
-        raise ValueError("pass one of --prompt (text) and --tokens (ids), got both")
+        raise ArgumentError("pass one of --prompt (text) and --tokens (ids), got both")
     if chat and prompt is None:
-        raise ValueError("--chat needs --prompt, the user's message")
+        raise ArgumentError("--chat needs --prompt, the user's message")
     if prompt is not None and checkpoint is None:
-        raise ValueError("--prompt needs --checkpoint, whose tokenizer turns text into ids")
+        raise ArgumentError("--prompt needs --checkpoint, whose tokenizer turns text into ids")
     if prompt is None:
         token_ids = _parse_ints("--tokens", tokens or DEFAULT_TOKENS)[None]
+    check_dtype(dtype)
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    from scanlab.decoder import load, sampling
+
     sampling.settings(checks.INT32_MAX, **settings)  # every flag checked before the model loads
-    dtype = jax.numpy.dtype(chat_lib.check_dtype(dtype))
     device_mesh = _mesh(mesh)
+    import jax
+
+    from scanlab import decoder
+
+    key = jax.numpy.asarray(raw_key)
     if checkpoint is None:
         config = decoder.preset(preset)
+        param_dtype = jax.numpy.dtype(dtype)
         checks.fits_in_memory(
-            f"preset {preset} in {dtype.name}", decoder.param_count(config) * dtype.itemsize
+            f"preset {preset} in {dtype}", decoder.param_count(config) * param_dtype.itemsize
         )
-        params, tokenizer = decoder.init_params(config, key, dtype), None
+        params, tokenizer = decoder.init_params(config, key, param_dtype), None
     elif prompt is None:  # ids in, ids out: the checkpoint's tokenizer is not needed
-        (config, params), tokenizer = chat_lib.load_weights(checkpoint, dtype.name), None
+        (config, params), tokenizer = load.load_weights(checkpoint, dtype), None
     else:
-        config, params, tokenizer = chat_lib.load_model(checkpoint, dtype.name)
+        config, params, tokenizer = load.load_model(checkpoint, dtype)
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
         params = decoder.shard_params(params, config, device_mesh)
     if prompt is None:
@@ -281,7 +315,9 @@ def decoder_generate(
     )
     if not chat:
         _write(prompt)
-    for piece in chat_lib.decode_stream(tokenizer, chunks):
+    from scanlab.decoder.chat import decode_stream
+
+    for piece in decode_stream(tokenizer, chunks):
         _write(piece)
     _write("\n")
 
@@ -310,14 +346,18 @@ def chat_command(
 ) -> None:
     """Chat with a model, answers streamed as they are generated. Empty line or Ctrl-D ends."""
     from scanlab import checks
-    from scanlab.decoder import chat as chat_lib
-    from scanlab.decoder import sampling
+    from scanlab.decoder.config import check_dtype
 
     checks.static_int("--max-new-tokens", max_new_tokens, minimum=1)
+    checks.seed_key(seed)
+    check_dtype(dtype)
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    from scanlab.decoder import chat as chat_lib
+    from scanlab.decoder import load, sampling
+
     sampling.settings(checks.INT32_MAX, **settings)  # every flag checked before the model loads
     conversation = chat_lib.Chat(
-        chat_lib.load_model(model, dtype),
+        load.load_model(model, dtype),
         system=system,
         max_new_tokens=max_new_tokens,
         sampling=settings,
@@ -376,6 +416,9 @@ def train_command(
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
     """Train a small decoder with the whole loop inside lax.scan; report accuracy and samples."""
+    from scanlab import checks
+
+    checks.static_int("--checkpoint-every", checkpoint_every, minimum=1)
     from scanlab import train
 
     given = {
@@ -405,6 +448,8 @@ def train_command(
     )
     plot_path = Path(plot) if plot is not None else default_plot
     _writable_dir("--plot's folder", plot_path.parent)
+    from scanlab import plots, render
+
     with render.training_progress(console, config) as on_chunk:
         result = train.train(
             config,
@@ -416,7 +461,8 @@ def train_command(
         )
     path = plots.loss_curve(result.losses, plot_path, f"{config.task}: loss per step")
     console.print(f"loss curve: {path}")
-    console.print(*render.evaluation(result), sep="\n")
+    evaluation = train.evaluate(result.state.params, result.config)
+    console.print(*render.evaluation(evaluation, int(result.state.step)), sep="\n")
 
 
 @app.command("generate")
@@ -425,10 +471,14 @@ def generate_command(
     n: Annotated[int, typer.Option(help="Held-out examples to render.")] = 8,
 ) -> None:
     """Show held-out inputs and a trained model's generated answers."""
-    from scanlab import checks, train
+    from scanlab import checks
 
     checks.static_int("--n", n, minimum=1)
-    console.print(*render.evaluation(train.load(checkpoint), n), sep="\n")
+    from scanlab import render, train
+
+    result = train.load(checkpoint)
+    evaluation = train.evaluate(result.state.params, result.config, n)
+    console.print(*render.evaluation(evaluation, int(result.state.step)), sep="\n")
 
 
 MESH_HELP = "Run on a device mesh, e.g. data=4,model=2 (on a CPU, host devices are made to fit)."
@@ -438,6 +488,8 @@ def _mesh(spec: str | None):
     """The mesh for --mesh; on a CPU the host is first presented as enough devices."""
     if spec is None:
         return None
+    from scanlab import sharding
+
     sizes = sharding.parse_mesh(spec)
     _check_device_count("--mesh", sizes[sharding.DATA_AXIS] * sizes[sharding.MODEL_AXIS])
     try:
@@ -453,7 +505,7 @@ MAX_HOST_DEVICES = 1024
 
 def _check_device_count(name: str, n: int) -> None:
     if not 1 <= n <= MAX_HOST_DEVICES:
-        raise ValueError(f"{name} must ask for 1 to {MAX_HOST_DEVICES} devices, got {n}")
+        raise ArgumentError(f"{name} must ask for 1 to {MAX_HOST_DEVICES} devices, got {n}")
 
 
 def _writable_dir(name: str, path: str | Path) -> Path:
@@ -464,39 +516,38 @@ def _writable_dir(name: str, path: str | Path) -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise OSError(f"{name} must be a writable directory, got {str(path)!r}: {error}") from None
+        raise PathError(
+            f"{name} must be a writable directory, got {str(path)!r}: {error}"
+        ) from None
     return path
 
 
-def _parse_floats(name: str, text: str) -> np.ndarray:
+def _parse_floats(name: str, text: str):
+    import numpy as np
+
     try:
         return np.array([float(item) for item in text.split(",")], np.float32)
     except ValueError:
-        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
+        raise ArgumentError(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
-def _parse_ints(name: str, text: str) -> np.ndarray:
+def _parse_ints(name: str, text: str):
+    import numpy as np
+
     # int64: an id too large for int32 reaches the range check and is named there.
     try:
         return np.array([int(item) for item in text.split(",")], np.int64)
     except ValueError:
-        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
-
-
-def _first(result):
-    return result[0] if isinstance(result, tuple) else result
-
-
-# What a user's input, files or machine can cause: reported as one line, exit status 2.
-EXPECTED_ERRORS = (ValueError, TypeError, OSError, ArithmeticError, MemoryError)
+        raise ArgumentError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
 def main() -> None:
     """Entry point: one error path for every command.
 
-    Bad arguments, unreadable or unwritable files and requests the machine cannot hold print as
-    `error: ...` on one line and exit with status 2; Ctrl-C exits with 130. Anything else is a
-    bug in scanlab: its traceback is printed with a request to report it, exit status 1.
+    scanlab's own errors (`scanlab.errors.ScanlabError`: bad arguments, unreadable or unwritable
+    files, requests the machine cannot hold) print as `error: ...` on one line and exit with
+    status 2, and so does a device running out of memory; Ctrl-C exits with 130. Anything else is
+    a bug in scanlab: its traceback is printed with a request to report it, exit status 1.
     """
     try:
         app(standalone_mode=False)
@@ -508,14 +559,22 @@ def main() -> None:
         if not message.strip():  # a bare command: its help is already on the screen
             sys.exit(2)
         _fail(message)
-    except EXPECTED_ERRORS as error:
+    except ScanlabError as error:
         _fail(str(error))
-    except jax.errors.JaxRuntimeError as error:
-        if "out of memory" not in str(error).lower() and "RESOURCE_EXHAUSTED" not in str(error):
-            _report_bug()
-        _fail(f"out of memory: {str(error).splitlines()[0]}")
-    except Exception:  # noqa: BLE001 - the last resort: a traceback is owed to the user
+    except Exception as error:  # noqa: BLE001 - the last resort: a traceback is owed to the user
+        if _device_out_of_memory(error):
+            _fail(f"out of memory: {str(error).splitlines()[0]}")
         _report_bug()
+
+
+def _device_out_of_memory(error: Exception) -> bool:
+    """Whether `error` is XLA failing to allocate (JAX is imported by then, if it ran at all)."""
+    jax = sys.modules.get("jax")
+    return (
+        jax is not None
+        and isinstance(error, jax.errors.JaxRuntimeError)
+        and ("out of memory" in str(error).lower() or "RESOURCE_EXHAUSTED" in str(error))
+    )
 
 
 def _fail(message: str) -> None:

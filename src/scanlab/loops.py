@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab import checks
+from scanlab.errors import ArgumentError, ArgumentTypeError
 
 tree_util = jax.tree_util
 
@@ -47,19 +48,19 @@ def check_carry(where: str, carry_in: Any, carry_out: Any) -> None:
     in_leaves, in_def = tree_util.tree_flatten_with_path(_abstract(carry_in))
     out_leaves, out_def = tree_util.tree_flatten_with_path(_abstract(carry_out))
     if in_def != out_def:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{where} body must return a carry with the structure of its input: "
             f"got {in_def} in and {out_def} out"
         )
     for (path, a), (_, b) in zip(in_leaves, out_leaves, strict=True):
         leaf = "carry" + tree_util.keystr(path)
         if a.shape != b.shape:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{where} body changed the carry's shape: {leaf} has shape {a.shape} in and "
                 f"{b.shape} out"
             )
         if a.dtype != b.dtype and not a.weak_type:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{where} body changed the carry's dtype: {leaf} has dtype {a.dtype} in and "
                 f"{b.dtype} out; cast it back, e.g. new.astype({a.dtype})"
             )
@@ -76,7 +77,7 @@ def _as_pair(where: str, output: Any) -> tuple[Any, Any]:
             if hasattr(output, "shape")
             else type(output).__name__
         )
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{where} body must return a pair (carry, y), got {got}; "
             "return `new_carry, None` when there is no per-step output"
         )
@@ -90,11 +91,11 @@ def _leading_size(name: str, tree: Any, axis: int) -> int | None:
         shape = np.shape(leaf)
         label = name + tree_util.keystr(path)
         if len(shape) <= axis:
-            raise ValueError(f"{label} needs an axis {axis}, got shape {shape}")
+            raise ArgumentError(f"{label} needs an axis {axis}, got shape {shape}")
         sizes[label] = shape[axis]
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{label}: {size}" for label, size in sizes.items())
-        raise ValueError(f"{name} leaves disagree on the size of axis {axis}: {listed}")
+        raise ArgumentError(f"{name} leaves disagree on the size of axis {axis}: {listed}")
     return next(iter(sizes.values()), None)
 
 
@@ -103,9 +104,9 @@ def _scan_length(xs: Any, length: int | None) -> int:
     if length is not None:
         length = checks.static_int("length", length, minimum=0)
         if n is not None and n != length:
-            raise ValueError(f"length must equal the xs time axis, {n}, got {length}")
+            raise ArgumentError(f"length must equal the xs time axis, {n}, got {length}")
     if n is None and length is None:
-        raise ValueError("xs has no leaves, so `length` is needed, got None")
+        raise ArgumentError("xs has no leaves, so `length` is needed, got None")
     return n if n is not None else length
 
 
@@ -226,7 +227,7 @@ def bounded_while(
         and cond_out.shape == ()
         and cond_out.dtype == jnp.bool_
     ):
-        raise TypeError(f"bounded_while cond must return a bool scalar, got {cond_out}")
+        raise ArgumentTypeError(f"bounded_while cond must return a bool scalar, got {cond_out}")
     check_carry("bounded_while", init, jax.eval_shape(body, init))
 
     def step(state, _):
@@ -270,7 +271,7 @@ def remat_scan(
       (carry, ys), equal to `jax.lax.scan(f, init, xs, length, reverse)`.
     """
     if policy not in REMAT_POLICIES:
-        raise ValueError(f"policy must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
+        raise ArgumentError(f"policy must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
     T = _scan_length(xs, length)
     segments = _segments(segments, T)
     _traced_scan_body_check("remat_scan", f, init, _step_slice(xs, 0))
@@ -292,7 +293,7 @@ def _segments(segments: int | str, T: int) -> int:
         return sqrt_segments(T)
     segments = checks.static_int("segments", segments, minimum=1)
     if T % segments:
-        raise ValueError(
+        raise ArgumentError(
             f"segments must divide T = {T}, got {segments}; try segments={sqrt_segments(T)}"
         )
     return segments
@@ -339,18 +340,18 @@ def linear_scan(
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
     if a.shape != b.shape or a.dtype != b.dtype:
-        raise ValueError(
+        raise ArgumentError(
             f"a and b must have one shape and dtype (T, ...), got a {a.dtype}{list(a.shape)} "
             f"and b {b.dtype}{list(b.shape)}"
         )
     if a.ndim == 0:
-        raise ValueError("a must have shape (T, ...), got a 0-d value")
+        raise ArgumentError("a must have shape (T, ...), got a 0-d value")
     if a.dtype.kind not in "fc":
-        raise TypeError(f"a and b must be real or complex floats, got dtype {a.dtype}")
+        raise ArgumentTypeError(f"a and b must be real or complex floats, got dtype {a.dtype}")
     if h0 is not None:
         h0 = jnp.asarray(h0)
         if h0.shape != a.shape[1:] or h0.dtype != a.dtype:
-            raise ValueError(
+            raise ArgumentError(
                 f"h0 must have shape a.shape[1:] = {a.shape[1:]} and dtype {a.dtype}, got "
                 f"{h0.dtype}{list(h0.shape)}"
             )
@@ -365,7 +366,7 @@ def linear_scan(
 def linear_method(method: str, T: int) -> str:
     """The method `linear_scan` runs for `method` and length T on the default backend."""
     if method not in ("auto", "scan", "associative"):
-        raise ValueError(f"method must be 'auto', 'scan' or 'associative', got {method!r}")
+        raise ArgumentError(f"method must be 'auto', 'scan' or 'associative', got {method!r}")
     if method != "auto":
         return method
     threshold = ASSOCIATIVE_FROM_T.get(jax.default_backend(), ASSOCIATIVE_FROM_T["gpu"])

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scanlab.errors import ScanlabError
 from scanlab.recurrence import LaxScanModule
 
 _HIDDEN, _T = 4, 3
@@ -36,7 +37,7 @@ _X = np.ones(_HIDDEN, np.float32)
 _SEED = 0
 
 
-class LeakedTracerError(ValueError):
+class LeakedTracerError(ScanlabError, ValueError):
     """A variables tree holds tracers: a Flax variable was created inside a transformed function."""
 
 
@@ -59,7 +60,7 @@ class SilentWrongResult(Exception):
     """Raised by a pitfall's wrong code when it observed the silent wrong result it teaches."""
 
 
-class FrozenRngError(ValueError):
+class FrozenRngError(ScanlabError, ValueError):
     """A call that should draw random numbers left some NNX RNG stream where it was."""
 
 

@@ -27,21 +27,13 @@ def _declare_w(module: nn.Module, hidden: int) -> jax.Array:
     return module.param("W", nn.initializers.lecun_normal(), (hidden, hidden), PARAM_DTYPE)
 
 
-def check_sizes(hidden: object, T: object) -> tuple[int, int]:
-    """hidden >= 1 and T >= 0 as static ints: the modules' fields and the entry points' args."""
-    return checks.static_int("hidden", hidden, minimum=1), checks.static_int("T", T, minimum=0)
-
-
 def check_call(entry: str, seed, x, hidden, T, *, trajectory: bool):
     """The seed function's arguments, checked before any work, for the linen and NNX entry points.
 
     Refuses a call whose W and states could not fit in memory, naming `entry`, the caller.
     Returns (x as an array, hidden, T).
     """
-    hidden, T = check_sizes(hidden, T)
-    checks.seed_key(seed)
-    x = checks.numeric_array("x", x)
-    checks.last_axis("x", x, hidden, "hidden")
+    x, hidden, T = checks.recurrence_args(seed, x, hidden, T)
     rows = int(np.prod(x.shape[:-1]))
     states = (T + 1) if trajectory else 2  # every state, or the carry in and out
     checks.fits_in_memory(f"{entry}(hidden={hidden}, T={T})", 4 * hidden * (hidden + rows * states))
@@ -86,7 +78,7 @@ class LaxScanModule(nn.Module):
     trajectory: bool = False
 
     def __post_init__(self):
-        check_sizes(self.hidden, self.T)
+        checks.recurrence_sizes(self.hidden, self.T)
         super().__post_init__()
 
     @nn.compact
@@ -138,7 +130,7 @@ class NNScanModule(nn.Module):
     trajectory: bool = False
 
     def __post_init__(self):
-        check_sizes(self.hidden, self.T)
+        checks.recurrence_sizes(self.hidden, self.T)
         super().__post_init__()
 
     def setup(self):

@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from scanlab.errors import ArgumentError, ArgumentTypeError
+
 tree_util = jax.tree_util
 
 
@@ -116,13 +118,13 @@ def _run_body(f, carry, x, weak: list[bool]):
     must_retry = False
     for i, (expected, got) in enumerate(zip(in_leaves, out_leaves, strict=True)):
         if expected.shape != got.shape:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"scan body must return a carry of the same type as its input: {expected.path} "
                 f"has shape {expected.shape} in and {got.shape} out"
             )
         if expected.dtype != got.dtype:
             if not weak[i]:
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"scan body must return a carry of the same type as its input: "
                     f"{expected.path} has dtype {expected.dtype} in and {got.dtype} out"
                 )
@@ -139,7 +141,7 @@ def _check_unroll(unroll) -> None:
     if isinstance(unroll, bool):
         return
     if not isinstance(unroll, numbers.Integral) or unroll < 1:
-        raise ValueError(f"unroll must be a bool or an int >= 1, got {unroll!r}")
+        raise ArgumentError(f"unroll must be a bool or an int >= 1, got {unroll!r}")
 
 
 def _flatten_xs(xs):
@@ -155,7 +157,7 @@ def _flatten_xs(xs):
                 if isinstance(xs, list | tuple)
                 else ""
             )
-            raise ValueError(
+            raise ArgumentError(
                 f"scan got value with no leading axis to scan over: {path} has shape ().{hint}"
             )
     return paths, leaves, treedef
@@ -165,19 +167,19 @@ def _scan_length(paths: list[str], leaves: list[np.ndarray], length) -> int:
     sizes = {path: leaf.shape[0] for path, leaf in zip(paths, leaves, strict=True)}
     if length is not None:
         if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 0:
-            raise ValueError(f"length must be an int >= 0, got {length!r}")
+            raise ArgumentError(f"length must be an int >= 0, got {length!r}")
         length = int(length)
     if not sizes:
         if length is None:
-            raise ValueError("scan got no values to scan over and `length` not provided")
+            raise ArgumentError("scan got no values to scan over and `length` not provided")
         return length
     distinct = set(sizes.values())
     if len(distinct) > 1:
         listed = ", ".join(f"{path}: {size}" for path, size in sizes.items())
-        raise ValueError(f"scan got values with different leading axis sizes: {listed}")
+        raise ArgumentError(f"scan got values with different leading axis sizes: {listed}")
     (n,) = distinct
     if length is not None and length != n:
-        raise ValueError(
+        raise ArgumentError(
             f"scan got `length` argument of {length} which disagrees with leading axis sizes {n}"
         )
     return n
@@ -187,7 +189,9 @@ def _canonical_array(value) -> np.ndarray:
     """A NumPy array with JAX's canonical dtype (float64 -> float32 unless x64 is enabled)."""
     array = np.asarray(value)
     if array.dtype == object:
-        raise TypeError(f"scan leaves must be arrays or numbers, got {type(value).__name__}")
+        raise ArgumentTypeError(
+            f"scan leaves must be arrays or numbers, got {type(value).__name__}"
+        )
     return array.astype(jax.dtypes.canonicalize_dtype(array.dtype), copy=False)
 
 
@@ -211,7 +215,7 @@ def _as_pair(output):
     if not (isinstance(output, tuple | list) and len(output) == 2):
         kind = type(output).__name__
         shape = f" of shape {np.shape(output)}" if hasattr(output, "shape") else ""
-        raise TypeError(
+        raise ArgumentTypeError(
             f"scan body output must be a pair (carry, y), got a {kind}{shape}; "
             "return `new_carry, None` when there is no per-step output"
         )
@@ -222,7 +226,7 @@ def _check_same_structure(carry_in, carry_out) -> None:
     in_def = tree_util.tree_structure(carry_in)
     out_def = tree_util.tree_structure(carry_out)
     if in_def != out_def:
-        raise TypeError(
+        raise ArgumentTypeError(
             "scan body must return a carry with the same pytree structure as its input: "
             f"got {in_def} in and {out_def} out"
         )
@@ -232,7 +236,7 @@ def _check_y(y, spec: tuple | None) -> tuple:
     """The ys of every step must agree in structure, shape and dtype (JAX traces the body once)."""
     got = (tree_util.tree_structure(y), _describe("y", _canonical_tree(y)))
     if spec is not None and got != spec:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"scan body returned outputs y of different types across steps: {spec} then {got}"
         )
     return got
@@ -291,7 +295,7 @@ def bounded_while(cond, body, init, max_steps: int):
         new_carry = _canonical_tree(body(carry))
         _check_same_structure(carry, new_carry)
         if _describe("carry", carry) != _describe("carry", new_carry):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"bounded_while body must keep the carry's shapes and dtypes: "
                 f"{_describe('carry', carry)} in, {_describe('carry', new_carry)} out"
             )

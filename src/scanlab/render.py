@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -16,8 +16,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scanlab import reference, train
-from scanlab.bench.layers import LayerPoint
+if TYPE_CHECKING:  # types only: rendering runs no model and no benchmark
+    from scanlab.bench.layers import LayerPoint
+    from scanlab.reference import Step
+    from scanlab.train import ChunkReport, TrainConfig
+    from scanlab.train.evaluation import Evaluation
 
 
 def shape_listing(tree: Any, indent: int = 0) -> str:
@@ -60,7 +63,7 @@ def seconds(value: float) -> str:
     return f"{value:.2f} s"
 
 
-def steps_table(steps: list[reference.Step], title: str = "scan, step by step") -> Table:
+def steps_table(steps: list[Step], title: str = "scan, step by step") -> Table:
     """One row per step of a scan trace: step, carry in, x, carry out, y."""
     table = Table(title=title)
     for column in ("step", "carry in", "x", "carry out", "y"):
@@ -98,8 +101,8 @@ def layer_table(point: LayerPoint) -> Table:
 
 @contextlib.contextmanager
 def training_progress(
-    console: Console, config: train.TrainConfig
-) -> Iterator[Callable[[train.ChunkReport], None]]:
+    console: Console, config: TrainConfig
+) -> Iterator[Callable[[ChunkReport], None]]:
     """A progress bar for a training run; yields the `on_chunk` callback that advances it.
 
     When the console is not a terminal (output to a file or a pipe) a bar would show nothing
@@ -107,7 +110,7 @@ def training_progress(
     """
     if not console.is_terminal:
 
-        def log_line(report: train.ChunkReport) -> None:
+        def log_line(report: ChunkReport) -> None:
             saved = ", checkpoint saved" if report.checkpointed else ""
             console.print(
                 f"train {config.task}: step {report.step}/{report.total_steps}, "
@@ -128,7 +131,7 @@ def training_progress(
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task(f"train {config.task}", total=config.steps, loss="-", speed="")
 
-        def on_chunk(report: train.ChunkReport) -> None:
+        def on_chunk(report: ChunkReport) -> None:
             progress.update(
                 bar,
                 completed=report.step,
@@ -139,17 +142,13 @@ def training_progress(
         yield on_chunk
 
 
-def evaluation(result: train.TrainResult, n: int = 5) -> tuple[str, Table]:
+def evaluation(evaluation: Evaluation, step: int) -> tuple[str, Table]:
     """Held-out exact-match accuracy (a line) and a table of a few generated answers."""
-    params, config = result.state.params, result.config
-    line = (
-        f"held-out exact-match accuracy after {int(result.state.step)} steps: "
-        f"{train.accuracy(params, config):.1%}"
-    )
+    line = f"held-out exact-match accuracy after {step} steps: {evaluation.accuracy:.1%}"
     table = Table(title="held-out examples, answers generated greedily")
     for column in ("question", "expected", "model", ""):
         table.add_column(column)
-    for sample in train.samples(params, config, n):
+    for sample in evaluation.samples:
         mark = "[green]✓[/green]" if sample.predicted == sample.expected else "[red]✗[/red]"
         table.add_row(sample.question, sample.expected, sample.predicted, mark)
     return line, table

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from scanlab.errors import ArgumentError
+
 DATA_AXIS, MODEL_AXIS = "data", "model"
 
 
@@ -37,7 +39,7 @@ def batch_mesh(n_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     n_devices = len(devices) if n_devices is None else n_devices
     if not 1 <= n_devices <= len(devices):
-        raise ValueError(f"n_devices must be in [1, {len(devices)}], got {n_devices}")
+        raise ArgumentError(f"n_devices must be in [1, {len(devices)}], got {n_devices}")
     return Mesh(np.array(devices[:n_devices]), (DATA_AXIS,))
 
 
@@ -47,12 +49,12 @@ def parse_mesh(spec: str) -> dict[str, int]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, value = item.partition("=")
         if name not in sizes or not value.isdigit() or int(value) < 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"mesh must look like 'data=4,model=2' (axes data and model, sizes >= 1), "
                 f"got {spec!r}"
             )
         if name in seen:
-            raise ValueError(f"mesh must name each axis once, got {name!r} twice in {spec!r}")
+            raise ArgumentError(f"mesh must name each axis once, got {name!r} twice in {spec!r}")
         seen.add(name)
         sizes[name] = int(value)
     return sizes
@@ -63,7 +65,7 @@ def make_mesh(spec: str = "data=1") -> Mesh:
     sizes = parse_mesh(spec)
     needed, available = sizes[DATA_AXIS] * sizes[MODEL_AXIS], jax.device_count()
     if needed > available:
-        raise ValueError(
+        raise ArgumentError(
             f"mesh {spec!r} needs {needed} devices, got {available}; on a CPU, present more "
             f"with scanlab.sharding.host_devices({needed}) before any computation"
         )
@@ -79,7 +81,7 @@ def check_divisible(name: str, size: int, mesh: Mesh, axis: str) -> None:
     """Raises if `size` does not split evenly over the mesh axis."""
     parts = axis_size(mesh, axis)
     if size % parts:
-        raise ValueError(
+        raise ArgumentError(
             f"{name}={size} must be divisible by the mesh's {axis!r} axis size {parts}"
         )
 
@@ -97,7 +99,7 @@ def shard_batch(x, mesh: Mesh, name: str = "batch") -> jax.Array:
     """Places `x` with its leading (batch) axis split over "data" (whole along "model")."""
     parts = axis_size(mesh, DATA_AXIS)
     if np.ndim(x) < 1 or np.shape(x)[0] % parts:
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must have a leading batch axis divisible by the mesh's {DATA_AXIS!r} axis "
             f"size {parts}, got shape {np.shape(x)}"
         )

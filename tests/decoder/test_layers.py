@@ -4,7 +4,7 @@ import numpy as np
 
 from scanlab.decoder import init_params, preset
 from scanlab.decoder.layers import apply_rope, attention, decoder_block, rms_norm, rope_phases
-from scanlab.decoder.params import unstack
+from scanlab.decoder.params import unstack_layers
 
 CONFIG = preset("tiny")
 
@@ -36,7 +36,7 @@ def test_rope_preserves_norms_and_makes_scores_relative():
 
 def test_grouped_query_heads_share_their_kv_head():
     """With equal q weights for the R heads of a group, their outputs are equal."""
-    layer = unstack(init_params(CONFIG, jax.random.PRNGKey(0)).blocks)[0]
+    layer = unstack_layers(init_params(CONFIG, jax.random.PRNGKey(0)).blocks)[0]
     q = layer.attention.q_proj  # (D, R, K, Dh)
     same_q = jnp.broadcast_to(q[:, :1], q.shape)
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 5, CONFIG.d_model))
@@ -54,7 +54,7 @@ def test_grouped_query_heads_share_their_kv_head():
 
 
 def test_block_is_residual_and_keeps_shape():
-    layer = unstack(init_params(CONFIG, jax.random.PRNGKey(0)).blocks)[0]
+    layer = unstack_layers(init_params(CONFIG, jax.random.PRNGKey(0)).blocks)[0]
     seq = jax.random.normal(jax.random.PRNGKey(2), (2, 6, CONFIG.d_model))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((6, 6), bool)), (2, 6, 6))
     block = jax.jit(lambda layer, seq: decoder_block(layer, seq, mask, config=CONFIG)[0])

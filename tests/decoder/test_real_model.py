@@ -147,7 +147,8 @@ def test_decode_stream_holds_back_a_split_character(scanlab_model):
 
 
 def test_chat_remembers_the_conversation(scanlab_model):
-    from scanlab.decoder.chat import Chat, Model
+    from scanlab.decoder.chat import Chat
+    from scanlab.decoder.load import Model
 
     chat = Chat(Model(*scanlab_model), system="Answer briefly.", max_new_tokens=24)
     first = "".join(chat.reply(QUESTION[0]["content"]))
@@ -158,7 +159,8 @@ def test_chat_remembers_the_conversation(scanlab_model):
 
 
 def test_a_conversation_longer_than_the_context_is_refused(scanlab_model):
-    from scanlab.decoder.chat import Chat, Model
+    from scanlab.decoder.chat import Chat
+    from scanlab.decoder.load import Model
 
     config = scanlab_model[0]
     with pytest.raises(ValueError, match="max_new_tokens must be <= 8191, got 8192"):

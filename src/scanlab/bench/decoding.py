@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab.bench import env
-from scanlab.decoder import chat, forward, generate, pretrained, stream
+from scanlab.decoder import chat, forward, generate, load, stream
 from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.formats import pretrained
 from scanlab.timing import interleaved, seconds
 
 QUESTIONS = [
@@ -35,6 +36,14 @@ QUESTIONS = [
     "What does a compiler do?",
 ]
 STREAM_CHUNK = 16  # the chunked-scan contender's tokens per compiled call
+
+# The contenders' names, as results.json and the report carry them.
+SCANLAB_F32 = "scanlab f32 (while_loop)"
+SCANLAB_CHUNKED = f"scanlab f32 (scans of {STREAM_CHUNK})"
+SCANLAB_STREAMED = "scanlab f32 (streamed per token)"
+SCANLAB_BF16 = "scanlab bf16 (while_loop)"
+TRANSFORMERS = "transformers f32"
+LLAMA_CPP = "llama.cpp (Q4_1 file)"
 
 
 class Contender(NamedTuple):
@@ -80,12 +89,10 @@ def scanlab_contenders(model, model_bf16, tokens, mask, new_tokens) -> dict[str,
         )
 
     return {
-        "scanlab f32 (while_loop)": lambda: (
-            generate(params, tokens, config, new_tokens, attn_mask=mask).tokens
-        ),
-        f"scanlab f32 (scans of {STREAM_CHUNK})": collect(STREAM_CHUNK),
-        "scanlab f32 (streamed per token)": collect(1),
-        "scanlab bf16 (while_loop)": lambda: (
+        SCANLAB_F32: lambda: generate(params, tokens, config, new_tokens, attn_mask=mask).tokens,
+        SCANLAB_CHUNKED: collect(STREAM_CHUNK),
+        SCANLAB_STREAMED: collect(1),
+        SCANLAB_BF16: lambda: (
             generate(model_bf16.params, tokens, config, new_tokens, attn_mask=mask).tokens
         ),
     }
@@ -142,8 +149,8 @@ def llama_cpp_contender(path, tokens, new_tokens) -> Callable | None:
 def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str, Any]:
     """W7's figures: tokens/s per contender and batch, the bandwidth bound, bf16's accuracy."""
     path = pretrained.fetch(pretrained.SMOLLM2)
-    model = chat.load_model(path)
-    model_bf16 = chat.load_model(path, dtype="bfloat16")
+    model = load.load_model(path)
+    model_bf16 = load.load_model(path, dtype="bfloat16")
     config, tokenizer = model.config, model.tokenizer
     bandwidth = copy_bandwidth()
     results: dict[str, Any] = {
@@ -162,9 +169,9 @@ def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str,
         tokens, mask = prompts(tokenizer, batch)
         fns = scanlab_contenders(model, model_bf16, tokens, mask, new_tokens)
         for name, fn in (
-            ("transformers f32", transformers_contender(path, tokens, mask, new_tokens)),
+            (TRANSFORMERS, transformers_contender(path, tokens, mask, new_tokens)),
             (
-                "llama.cpp (Q4_1 file)",
+                LLAMA_CPP,
                 llama_cpp_contender(path, tokens, new_tokens) if batch == 1 else None,
             ),
         ):

@@ -1,7 +1,6 @@
-"""Text in, text out: a model with its tokenizer, and a conversation streamed a token at a time.
+"""Text in, text out: a conversation with a model, streamed a token at a time.
 
-`load_model` takes a known model's name (fetched on first use), a .gguf file or a transformers
-directory. `Chat` keeps the conversation, renders it with the model's chat template and streams
+`Chat` keeps the conversation, renders it with the model's chat template and streams
 each answer as text. Prompts are left-padded to a multiple of `PROMPT_BUCKET` tokens so a
 conversation compiles once per bucket instead of once per turn.
 """
@@ -9,72 +8,18 @@ conversation compiles once per bucket instead of once per turn.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from scanlab import checks
-from scanlab.decoder import pretrained
-from scanlab.decoder.checkpoint import load_checkpoint
-from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.generate import stream
-from scanlab.decoder.gguf_checkpoint import load_gguf
-from scanlab.decoder.params import DecoderParams
-from scanlab.decoder.tokenizer import Message, Tokenizer, load_tokenizer
+from scanlab.decoder.formats.tokenizer import Message, Tokenizer
+from scanlab.decoder.generation import stream
+from scanlab.decoder.load import Model
 
 PROMPT_BUCKET = 64
-DTYPES = ("float32", "bfloat16")
-
-
-class Model(NamedTuple):
-    config: DecoderConfig
-    params: DecoderParams
-    tokenizer: Tokenizer
-
-
-def load_model(source: str | os.PathLike, dtype: str = "float32") -> Model:
-    """A model and its tokenizer from a known model's name, a .gguf file or a transformers
-    directory; parameters in `dtype` ("float32" or "bfloat16")."""
-    path = _resolve(source, dtype)
-    tokenizer = load_tokenizer(path)  # first: a checkpoint without one fails before the weights
-    return Model(*_load_weights(path, dtype), tokenizer)
-
-
-def load_weights(source: str | os.PathLike, dtype: str = "float32"):
-    """(config, params) of a known model's name, a .gguf file or a transformers directory."""
-    return _load_weights(_resolve(source, dtype), dtype)
-
-
-def _load_weights(path: Path, dtype: str):
-    if path.is_dir():
-        return load_checkpoint(path, dtype=dtype)
-    return load_gguf(path, dtype=dtype)
-
-
-def check_dtype(dtype: str) -> str:
-    """A parameter dtype scanlab loads models in: one of DTYPES."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    return dtype
-
-
-def _resolve(source: str | os.PathLike, dtype: str) -> Path:
-    """The path of the model (a known name is fetched, once, first); the dtype checked before."""
-    check_dtype(dtype)
-    if str(source) in pretrained.MODELS:
-        return pretrained.fetch(pretrained.MODELS[str(source)])
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model must be a .gguf file, a checkpoint directory or one of "
-            f"{sorted(pretrained.MODELS)}, got {str(source)!r}"
-        )
-    return path
 
 
 def left_padded(rows: list[list[int]], pad_id: int, bucket: int = 1):

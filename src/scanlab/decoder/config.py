@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 from scanlab import checks
+from scanlab.errors import ArgumentError
 
 FAMILIES = ("llama", "qwen2")
+DTYPES = ("float32", "bfloat16")  # what parameters are loaded in
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,18 +58,18 @@ class DecoderConfig:
         ):
             checks.static_int(name, getattr(self, name), minimum=1)
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise ArgumentError(
                 f"n_heads must be a multiple of n_kv_heads, got n_heads={self.n_heads}, "
                 f"n_kv_heads={self.n_kv_heads}"
             )
         if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"rope_theta and norm_eps must be > 0, got {self.rope_theta}, {self.norm_eps}"
             )
         if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+            raise ArgumentError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
+            raise ArgumentError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
 
     @property
     def qkv_bias(self) -> bool:
@@ -121,9 +123,16 @@ PRESETS: dict[str, DecoderConfig] = {
 }
 
 
+def check_dtype(dtype: str) -> str:
+    """A parameter dtype scanlab loads models in: one of DTYPES."""
+    if dtype not in DTYPES:
+        raise ArgumentError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
 def preset(name: str) -> DecoderConfig:
     """The named preset: one of PRESETS' keys."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}") from None
+        raise ArgumentError(f"preset must be one of {sorted(PRESETS)}, got {name!r}") from None

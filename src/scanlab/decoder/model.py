@@ -18,6 +18,7 @@ from scanlab.decoder.layers import rms_norm
 from scanlab.decoder.params import DecoderParams
 from scanlab.decoder.spec import check_params
 from scanlab.decoder.stack import check_remat, run_layers
+from scanlab.errors import ArgumentError, ArgumentTypeError
 
 
 def causal_mask(attn_mask_BxS: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -101,11 +102,11 @@ def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
     """
     array = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
     if array.ndim != 2:
-        raise ValueError(f"{name} must have shape (B, S), got shape {tuple(array.shape)}")
+        raise ArgumentError(f"{name} must have shape (B, S), got shape {tuple(array.shape)}")
     if array.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integer token ids, got dtype {array.dtype}")
+        raise ArgumentTypeError(f"{name} must be integer token ids, got dtype {array.dtype}")
     if not 1 <= array.shape[1] <= config.max_seq_len:
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must have 1 <= S <= max_seq_len={config.max_seq_len}, got S={array.shape[1]}"
         )
     if not isinstance(array, jax.core.Tracer) and array.size:
@@ -113,7 +114,7 @@ def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
         bad = (values < 0) | (values >= config.vocab_size)
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
+            raise ArgumentError(
                 f"{name} must be ids in [0, vocab_size={config.vocab_size}), got "
                 f"{name}[{index[0]}, {index[1]}] = {int(values[index])}"
             )
@@ -124,7 +125,7 @@ def check_mask(attn_mask, shape: tuple[int, int]) -> jax.Array:
     """A (B, S) padding mask as bool, of the tokens' shape."""
     mask = attn_mask if isinstance(attn_mask, jax.Array) else np.asarray(attn_mask)
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(
+        raise ArgumentError(
             f"attn_mask must have the tokens' shape {tuple(shape)}, got {tuple(mask.shape)}"
         )
     return jnp.asarray(mask).astype(bool)

@@ -51,12 +51,12 @@ class DecoderParams(NamedTuple):
     lm_head: jax.Array | None  # (D, V); None when the embedding is tied
 
 
-def stack(layers: list[DecoderBlock]) -> DecoderBlock:
+def stack_layers(layers: list[DecoderBlock]) -> DecoderBlock:
     """[L x per-layer DecoderBlock] -> one DecoderBlock with a leading layer axis."""
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
 
 
-def unstack(blocks: DecoderBlock) -> list[DecoderBlock]:
-    """The inverse of `stack`."""
+def unstack_layers(blocks: DecoderBlock) -> list[DecoderBlock]:
+    """The inverse of `stack_layers`."""
     n_layers = jax.tree.leaves(blocks)[0].shape[0]
     return [jax.tree.map(lambda leaf, i=i: leaf[i], blocks) for i in range(n_layers)]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from scanlab import checks
+from scanlab.errors import ArgumentError
 
 _REMOVED = -jnp.inf  # transformers' filter value
 
@@ -47,13 +48,13 @@ def settings(
     if top_k is not None:
         top_k = checks.static_int("top_k", top_k, minimum=1)
         if top_k > vocab_size:
-            raise ValueError(f"top_k must be <= vocab_size={vocab_size}, got {top_k}")
+            raise ArgumentError(f"top_k must be <= vocab_size={vocab_size}, got {top_k}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise ArgumentError(f"top_p must be in (0, 1], got {top_p}")
     if min_p > 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        raise ArgumentError(f"min_p must be in [0, 1], got {min_p}")
     if penalty == 0:
-        raise ValueError("repetition_penalty must be > 0, got 0")
+        raise ArgumentError("repetition_penalty must be > 0, got 0")
     if temperature == 0:
         for name, value, neutral in (
             ("top_k", top_k, None),
@@ -61,7 +62,7 @@ def settings(
             ("min_p", min_p, 0.0),
         ):
             if value != neutral:
-                raise ValueError(
+                raise ArgumentError(
                     f"{name} needs temperature > 0 (greedy takes the most likely token), "
                     f"got {name}={value}"
                 )

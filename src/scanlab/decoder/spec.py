@@ -24,6 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 from scanlab import sharding
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.params import Attention, DecoderBlock, DecoderParams
+from scanlab.errors import ArgumentError, ArgumentTypeError
 
 # Which mesh axis shards each letter: the model width over "data" (FSDP), the key/value heads and
 # the MLP width over "model" (tensor parallel). Every other axis is replicated.
@@ -245,26 +246,26 @@ def param_count(config: DecoderConfig) -> int:
 def check_params(params: DecoderParams, config: DecoderConfig) -> None:
     """Raises naming the first leaf that is missing, extra or not of the declared shape."""
     if not isinstance(params, DecoderParams):
-        raise TypeError(f"params must be a DecoderParams, got {type(params).__name__}")
+        raise ArgumentTypeError(f"params must be a DecoderParams, got {type(params).__name__}")
     expected = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=is_shape)[0]
     got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     for path, shape in expected:
         name = "params" + jax.tree_util.keystr(path)
         leaf = got.pop(path, None)
         if leaf is None:
-            raise ValueError(f"{name} is missing: this config declares it with shape {shape}")
+            raise ArgumentError(f"{name} is missing: this config declares it with shape {shape}")
         leaf_shape = tuple(np.shape(leaf))
         if leaf_shape == shape:
             continue
         if ".blocks" in name and leaf_shape[:1] != shape[:1]:
-            raise ValueError(
+            raise ArgumentError(
                 f"{name} has {leaf_shape[0] if leaf_shape else 'no'} layers on its leading axis, "
                 f"expected n_layers={config.n_layers}: shape {leaf_shape}, expected {shape}"
             )
-        raise ValueError(f"{name} has shape {leaf_shape}, expected {shape}")
+        raise ArgumentError(f"{name} has shape {leaf_shape}, expected {shape}")
     if got:
         extra = "params" + jax.tree_util.keystr(next(iter(got)))
-        raise ValueError(f"{extra} is not declared for this config (set to None), got an array")
+        raise ArgumentError(f"{extra} is not declared for this config (set to None), got an array")
 
 
 def param_specs(config: DecoderConfig, mesh: Mesh) -> DecoderParams:
@@ -288,45 +289,3 @@ def param_specs(config: DecoderConfig, mesh: Mesh) -> DecoderParams:
 def shard_params(params: DecoderParams, config: DecoderConfig, mesh: Mesh) -> DecoderParams:
     """Places DecoderParams on the mesh by `param_specs`."""
     return jax.device_put(params, sharding.named(param_specs(config, mesh), mesh))
-
-
-# --- the transformers layout ----------------------------------------------------------------------
-
-
-def _groups(layout: str) -> list[list[str]]:
-    """ "(K R Dh) D" -> [["K", "R", "Dh"], ["D"]]."""
-    groups, current = [], None
-    for token in layout.replace("(", " ( ").replace(")", " ) ").split():
-        if token == "(":
-            current = []
-        elif token == ")":
-            groups.append(current)
-            current = None
-        elif current is not None:
-            current.append(token)
-        else:
-            groups.append([token])
-    return groups
-
-
-def hf_shape(leaf: Leaf, config: DecoderConfig) -> tuple[int, ...]:
-    """The shape transformers stores this leaf with (one layer's slice for block leaves)."""
-    size = sizes(config)
-    return tuple(math.prod(size[letter] for letter in group) for group in _groups(leaf.hf_layout))
-
-
-def to_hf(leaf: Leaf, array: jax.Array, config: DecoderConfig) -> jax.Array:
-    """scanlab's layout (leaf.shape) -> transformers' (leaf.hf_layout)."""
-    letters = leaf.shape.split()
-    hf_letters = [letter for group in _groups(leaf.hf_layout) for letter in group]
-    return array.transpose([letters.index(letter) for letter in hf_letters]).reshape(
-        hf_shape(leaf, config)
-    )
-
-
-def from_hf(leaf: Leaf, tensor: jax.Array, config: DecoderConfig) -> jax.Array:
-    """transformers' layout (leaf.hf_layout) -> scanlab's (leaf.shape)."""
-    size = sizes(config)
-    hf_letters = [letter for group in _groups(leaf.hf_layout) for letter in group]
-    expanded = tensor.reshape([size[letter] for letter in hf_letters])
-    return expanded.transpose([hf_letters.index(letter) for letter in leaf.shape.split()])

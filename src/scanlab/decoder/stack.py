@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from scanlab import loops
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.layers import LayerCache, decoder_block
-from scanlab.decoder.params import DecoderBlock, stack, unstack
+from scanlab.decoder.params import DecoderBlock, stack_layers, unstack_layers
+from scanlab.errors import ArgumentError
 
 # remat name -> (scanlab.loops policy for each layer, segments of the layer scan)
 REMAT = {
@@ -44,9 +45,9 @@ def split_key_nullable(key: jax.Array | None):
 def check_remat(remat: str, loop: bool = False) -> tuple[str, int | str]:
     """The (policy, segments) of a remat name; "sqrt" needs a scan to nest."""
     if remat not in REMAT:
-        raise ValueError(f"remat must be one of {list(REMAT)}, got {remat!r}")
+        raise ArgumentError(f"remat must be one of {list(REMAT)}, got {remat!r}")
     if loop and remat == "sqrt":
-        raise ValueError("remat='sqrt' nests the layer scan; the Python-loop twin has none")
+        raise ArgumentError("remat='sqrt' nests the layer scan; the Python-loop twin has none")
     return REMAT[remat]
 
 
@@ -123,10 +124,10 @@ def run_layers(
 def _python_loop(layer, state, blocks: DecoderBlock, cache: LayerCache | None, policy: str):
     """The loop twin: the same `layer` step, once per layer, each under the same policy."""
     step = layer if policy == "none" else jax.checkpoint(layer, policy=loops.REMAT_POLICIES[policy])
-    layers = unstack(blocks)
-    layer_caches = unstack(cache) if cache is not None else [None] * len(layers)
+    layers = unstack_layers(blocks)
+    layer_caches = unstack_layers(cache) if cache is not None else [None] * len(layers)
     new_caches = []
     for block, layer_cache in zip(layers, layer_caches, strict=True):
         state, layer_cache = step(state, (block, layer_cache))
         new_caches.append(layer_cache)
-    return state, None if cache is None else stack(new_caches)
+    return state, None if cache is None else stack_layers(new_caches)

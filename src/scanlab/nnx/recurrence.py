@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scanlab.recurrence import PARAM_DTYPE, check_call, check_sizes, common_dtype
+from scanlab import checks
+from scanlab.recurrence import PARAM_DTYPE, check_call, common_dtype
 
 
 class NNXLaxScanModule(nnx.Module):
@@ -37,7 +38,7 @@ class NNXLaxScanModule(nnx.Module):
     """
 
     def __init__(self, hidden: int, T: int, *, trajectory: bool = False, rngs: nnx.Rngs):
-        self.hidden, self.T = check_sizes(hidden, T)
+        self.hidden, self.T = checks.recurrence_sizes(hidden, T)
         self.trajectory = bool(trajectory)
         init = nnx.initializers.lecun_normal()
         self.W = nnx.Param(init(rngs.params(), (self.hidden, self.hidden), PARAM_DTYPE))

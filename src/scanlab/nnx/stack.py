@@ -24,6 +24,7 @@ from scanlab.decoder.layers import decoder_block
 from scanlab.decoder.model import causal_mask, embed, unembed
 from scanlab.decoder.params import DecoderBlock, DecoderParams
 from scanlab.decoder.spec import check_params, init_layer, init_outside_layers
+from scanlab.errors import ArgumentError
 
 
 def _values(tree):
@@ -128,7 +129,9 @@ class NNXDecoder(nnx.Module):
         params: DecoderParams | None = None,
     ):
         if layer_scan not in LAYER_SCANS:
-            raise ValueError(f"layer_scan must be one of {list(LAYER_SCANS)}, got {layer_scan!r}")
+            raise ArgumentError(
+                f"layer_scan must be one of {list(LAYER_SCANS)}, got {layer_scan!r}"
+            )
         if params is not None:
             check_params(params, config)
         outside = init_outside_layers(config, rngs.params()) if params is None else params

@@ -6,6 +6,7 @@ import dataclasses
 
 from scanlab import checks
 from scanlab.decoder import DecoderConfig
+from scanlab.errors import ArgumentError
 from scanlab.train.tasks import task_by_name
 
 
@@ -44,13 +45,15 @@ class TrainConfig:
         checks.static_int("batch_size", self.batch_size, minimum=1)
         checks.static_int("warmup_steps", self.warmup_steps, minimum=0)
         if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps must be < steps={self.steps}, got {self.warmup_steps}")
+            raise ArgumentError(
+                f"warmup_steps must be < steps={self.steps}, got {self.warmup_steps}"
+            )
         checks.seed_key(self.seed)
         checks.finite_number("learning_rate", self.learning_rate, above=0.0)
         checks.finite_number("weight_decay", self.weight_decay, minimum=0.0)
         checks.finite_number("clip_norm", self.clip_norm, above=0.0)
         if self.d_model % self.n_heads:
-            raise ValueError(
+            raise ArgumentError(
                 f"d_model must be a multiple of n_heads={self.n_heads} (head_dim = d_model / "
                 f"n_heads), got {self.d_model}"
             )

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from scanlab.errors import ArgumentError, DivergedError, MissingPathError, ScanlabError
 from scanlab.train.config import TrainConfig
 from scanlab.train.step import TrainState, init_state, state_shardings, train_chunk
 
@@ -62,9 +63,9 @@ def train(
         on one mesh resume on another.
     """
     if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        raise ArgumentError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if resume and checkpoint_dir is None:
-        raise ValueError("resume needs a checkpoint_dir, got None")
+        raise ArgumentError("resume needs a checkpoint_dir, got None")
     if resume:
         _check_exists(checkpoint_dir)  # reading must not create what it fails to find
     manager = _manager(checkpoint_dir) if checkpoint_dir is not None else None
@@ -105,7 +106,7 @@ def saved_config(checkpoint_dir: str | Path) -> TrainConfig:
     with _manager(checkpoint_dir) as manager:
         step = manager.latest_step()
         if step is None:
-            raise ValueError(f"checkpoint_dir {checkpoint_dir} holds no complete checkpoint")
+            raise ArgumentError(f"checkpoint_dir {checkpoint_dir} holds no complete checkpoint")
         return TrainConfig(**_saved_config(manager, step))
 
 
@@ -115,7 +116,7 @@ def _check_finite(losses: np.ndarray, step: int, manager) -> None:
     if bad.any():
         kept = manager.latest_step() if manager is not None else None
         where = f"; the last good checkpoint (step {kept}) is kept" if kept is not None else ""
-        raise FloatingPointError(
+        raise DivergedError(
             f"the loss became {losses[bad][0]} at step {step + int(np.argmax(bad)) + 1}: "
             f"training stopped{where}. Lower learning_rate or clip_norm."
         )
@@ -128,7 +129,7 @@ def load(checkpoint_dir: str | Path, mesh: Mesh | None = None) -> TrainResult:
     with _manager(checkpoint_dir) as manager:
         step = manager.latest_step()
         if step is None:
-            raise ValueError(f"checkpoint_dir {checkpoint_dir} holds no complete checkpoint")
+            raise ArgumentError(f"checkpoint_dir {checkpoint_dir} holds no complete checkpoint")
         config = TrainConfig(**_saved_config(manager, step))
         state, history = _restore(manager, step, config, mesh)
     return TrainResult(config, state, np.asarray(history, np.float32))
@@ -152,7 +153,7 @@ def _save_interrupted(manager, config: TrainConfig, state, losses, history: list
 
 def _check_exists(checkpoint_dir: str | Path) -> None:
     if not Path(checkpoint_dir).is_dir():
-        raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
+        raise MissingPathError(f"checkpoint_dir {checkpoint_dir} does not exist")
 
 
 def _manager(checkpoint_dir: str | Path) -> ocp.CheckpointManager:
@@ -164,25 +165,25 @@ def _starting_point(config, manager, resume: bool, mesh) -> tuple[TrainState, li
     latest = manager.latest_step() if manager is not None else None
     if not resume:
         if latest is not None:
-            raise ValueError(
+            raise ArgumentError(
                 f"checkpoint_dir {manager.directory} already holds a run (latest step {latest}); "
                 "pass resume=True (--resume) to continue it, or choose another directory"
             )
         return init_state(config, mesh), []
     if latest is None:
-        raise ValueError(
+        raise ArgumentError(
             f"checkpoint_dir {manager.directory} holds no complete checkpoint to resume"
         )
     _check_same_config(_saved_config(manager, latest), config, manager.directory)
     if config.steps < latest:
-        raise ValueError(
+        raise ArgumentError(
             f"steps must be >= {latest} to resume checkpoint_dir {manager.directory} (the run "
             f"has done {latest} steps), got {config.steps}"
         )
     return _restore(manager, latest, config, mesh)
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(ScanlabError, ValueError):
     """A checkpoint on disk is damaged or incomplete: which one, and what orbax said."""
 
 
@@ -251,7 +252,7 @@ def _check_same_config(saved: dict, config: TrainConfig, directory) -> None:
         if saved.get(name) != value
     ]
     if differences:
-        raise ValueError(
+        raise ArgumentError(
             f"checkpoint_dir {directory} was written by a different config: "
             + "; ".join(differences)
         )

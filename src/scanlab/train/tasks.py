@@ -13,6 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from scanlab.errors import ArgumentError
+
 
 class Task(NamedTuple):
     name: str
@@ -104,4 +106,4 @@ def task_by_name(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}") from None
+        raise ArgumentError(f"task must be one of {sorted(TASKS)}, got {name!r}") from None

@@ -4,20 +4,19 @@ A checkpoint directory holds `config.json` and either `model.safetensors` or sha
 `model-XXXXX-of-YYYYY.safetensors` files listed in `model.safetensors.index.json`. Tensors are
 per layer (`model.layers.{i}.self_attn.q_proj.weight`, ...) in torch's (out, in) layout; scanlab
 stacks them on a leading layer axis in the blog's layout. Every name and layout comes from the
-parameter declarations in `scanlab.decoder.spec`. Loading (`assemble`, shared with GGUF files)
-fills each stacked leaf in place (a donated buffer updated one layer at a time), so it holds at
-most one extra layer's tensor; saving writes one shard per layer for the same reason, into a
-temporary directory renamed into place when complete, so a failed save leaves nothing half-written.
+parameter declarations in `scanlab.decoder.spec`. Loading (`base.assemble`, shared with GGUF
+files) fills each stacked leaf in place (a donated buffer updated one layer at a time), so it holds
+at most one extra layer's tensor; saving writes one shard per layer for the same reason, into a
+temporary directory renamed into place when complete, so a failed save leaves nothing
+half-written.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -28,15 +27,21 @@ from safetensors.flax import save_file
 
 from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.formats.base import (
+    CheckpointError,
+    assemble,
+    checked_tensor,
+    from_hf,
+    hf_shape,
+    read_json,
+    to_hf,
+)
 from scanlab.decoder.params import DecoderParams
+from scanlab.errors import PathExistsError
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """The directory is not a Llama-architecture checkpoint scanlab can read, and why."""
 
 
 # --- config.json ------------------------------------------------------------------------------
@@ -144,12 +149,6 @@ def _leaves(tree) -> list:
     return jax.tree.leaves(tree, is_leaf=lambda node: spec.is_leaf(node) or spec.is_shape(node))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked: jax.Array, i: jax.Array, layer: jax.Array) -> jax.Array:
-    # Donated: the stacked buffer is updated in place rather than copied per layer.
-    return stacked.at[i].set(layer.astype(stacked.dtype))
-
-
 # --- load -------------------------------------------------------------------------------------
 
 
@@ -167,7 +166,7 @@ class _Reader:
     def __init__(self, directory: Path):
         index = directory / INDEX_FILE
         if index.exists():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index} must map tensor names under 'weight_map'")
         elif (directory / SINGLE_FILE).exists():
@@ -214,24 +213,6 @@ class _Reader:
         return checked_tensor(tensor, shape, f"{path}: tensor {name}", "config.json")
 
 
-def checked_tensor(tensor, shape: tuple[int, ...], what: str, shape_source: str):
-    """The tensor, if it has the expected shape and, being float, only finite values."""
-    if tuple(tensor.shape) != shape:
-        raise CheckpointError(
-            f"{what} has shape {tuple(tensor.shape)}, expected {shape} from {shape_source}"
-        )
-    if jnp.issubdtype(tensor.dtype, jnp.floating) and not jnp.isfinite(tensor).all():
-        raise CheckpointError(f"{what} holds NaN or Inf values")
-    return tensor
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
-
-
 def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig, DecoderParams]:
     """Reads a transformers Llama or Qwen2 checkpoint directory into stacked DecoderParams.
 
@@ -242,43 +223,15 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
     directory = Path(path)
     if not (directory / CONFIG_FILE).is_file():
         raise CheckpointError(f"{directory} must contain {CONFIG_FILE}")
-    config = config_from_hf(_read_json(directory / CONFIG_FILE))
+    config = config_from_hf(read_json(directory / CONFIG_FILE))
     reader = _Reader(directory)
     dtype = jnp.dtype(dtype or reader.dtype(spec.SPEC.embed.hf_name))
 
     def read(leaf: spec.Leaf, layer: int | None) -> jax.Array:
         name = leaf.hf_name if layer is None else _layer_name(layer, leaf)
-        return spec.from_hf(leaf, reader.read(name, spec.hf_shape(leaf, config)), config)
+        return from_hf(leaf, reader.read(name, hf_shape(leaf, config)), config)
 
     return config, assemble(config, read, dtype)
-
-
-def assemble(
-    config: DecoderConfig, read: Callable[[spec.Leaf, int | None], jax.Array], dtype
-) -> DecoderParams:
-    """Stacked DecoderParams of `dtype` from a reader of one tensor at a time.
-
-    `read(leaf, i)` returns layer i's tensor of a block leaf and `read(leaf, None)` an outside
-    leaf's, in scanlab's layout (`leaf.shape`). Each stacked leaf is filled in place, one layer at
-    a time, so loading holds at most one extra layer's tensor.
-    """
-    declared = spec.declared(config)
-
-    def read_stacked(leaf: spec.Leaf, shape: tuple[int, ...]) -> jax.Array:
-        stacked = jnp.zeros(shape, dtype)
-        for i in range(config.n_layers):
-            stacked = _set_layer(stacked, i, read(leaf, i))
-        return stacked
-
-    outside = jax.tree.map(
-        lambda leaf: jnp.asarray(read(leaf, None)).astype(dtype),
-        declared._replace(blocks=None),
-        is_leaf=spec.is_leaf,
-    )
-    blocks = jax.tree.map(
-        read_stacked, declared.blocks, spec.param_shapes(config).blocks, is_leaf=spec.is_leaf
-    )
-    return outside._replace(blocks=blocks)
 
 
 # --- save -------------------------------------------------------------------------------------
@@ -294,7 +247,7 @@ def save_checkpoint(
     spec.check_params(params, config)
     directory = Path(path)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"path {directory} exists and is not empty; pass overwrite=True")
+        raise PathExistsError(f"path {directory} exists and is not empty; pass overwrite=True")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -316,13 +269,13 @@ def _write_shards(directory: Path, config: DecoderConfig, params: DecoderParams)
     block_leaves = list(zip(_leaves(declared.blocks), _leaves(params.blocks), strict=True))
     for i in range(config.n_layers):
         tensors = {
-            _layer_name(i, leaf): spec.to_hf(leaf, array[i], config) for leaf, array in block_leaves
+            _layer_name(i, leaf): to_hf(leaf, array[i], config) for leaf, array in block_leaves
         }
         _save(directory, shard(i + 1, n_shards), tensors, weight_map)
     outside = zip(
         _leaves(declared._replace(blocks=None)), _leaves(params._replace(blocks=None)), strict=True
     )
-    rest = {leaf.hf_name: spec.to_hf(leaf, array, config) for leaf, array in outside}
+    rest = {leaf.hf_name: to_hf(leaf, array, config) for leaf, array in outside}
     _save(directory, shard(n_shards, n_shards), rest, weight_map)
     total_size = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
     (directory / INDEX_FILE).write_text(

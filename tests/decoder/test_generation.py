@@ -131,7 +131,7 @@ def test_bad_prompt_mask(params, prompt, mask, match):
 
 
 def test_new_sampling_values_do_not_recompile(params, prompt):
-    from scanlab.decoder.generate import _generate
+    from scanlab.decoder.generation import _generate
 
     _generate.clear_cache()
     key = jax.random.PRNGKey(0)

@@ -10,7 +10,6 @@ in its metadata, from which the same `tokenizers.Tokenizer` is built.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -19,8 +18,9 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-from scanlab.decoder.checkpoint import CheckpointError
-from scanlab.decoder.gguf_checkpoint import metadata, open_gguf
+from scanlab.decoder.formats.base import CheckpointError, read_json
+from scanlab.decoder.formats.gguf_file import metadata, open_gguf
+from scanlab.errors import ArgumentError
 
 Message = dict[str, str]  # {"role": "user", "content": "..."}
 
@@ -60,7 +60,7 @@ class Tokenizer:
     def chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         """The conversation rendered by the checkpoint's chat template, ready to encode."""
         if self.chat_template is None:
-            raise ValueError("this checkpoint has no chat template; pass a plain text prompt")
+            raise ArgumentError("this checkpoint has no chat template; pass a plain text prompt")
         check_messages(messages)
         return (
             _environment()
@@ -77,14 +77,14 @@ class Tokenizer:
 def check_messages(messages) -> None:
     """Each message a dict with string 'role' and 'content'."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"messages must be a non-empty list of dicts, got {messages!r}")
+        raise ArgumentError(f"messages must be a non-empty list of dicts, got {messages!r}")
     for i, message in enumerate(messages):
         if not (
             isinstance(message, dict)
             and isinstance(message.get("role"), str)
             and isinstance(message.get("content"), str)
         ):
-            raise ValueError(
+            raise ArgumentError(
                 f"messages[{i}] must be a dict with string 'role' and 'content', got {message!r}"
             )
 
@@ -191,9 +191,5 @@ def _spelling(token) -> str | None:
 
 
 def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    """The JSON file's contents; an absent optional file is empty."""
+    return read_json(path) if path.is_file() else {}

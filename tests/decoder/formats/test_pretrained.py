@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scanlab.decoder import pretrained
+from scanlab.decoder.formats import pretrained
 
 
 @pytest.fixture

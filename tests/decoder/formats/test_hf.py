@@ -208,7 +208,7 @@ def test_save_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, mon
     with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite=True"):
         save_checkpoint(target, config, params)
 
-    import scanlab.decoder.checkpoint as checkpoint
+    import scanlab.decoder.formats.hf as checkpoint
 
     def failing_save(*args, **kwargs):
         raise OSError("disk full")

@@ -30,6 +30,7 @@ from scanlab.decoder.params import DecoderParams
 from scanlab.decoder.sampling import Sampling
 from scanlab.decoder.spec import check_params
 from scanlab.decoder.stack import run_layers, split_key_nullable
+from scanlab.errors import ArgumentError, ArgumentTypeError
 
 
 class Generation(NamedTuple):
@@ -236,17 +237,17 @@ def _check(
     checks.static_int("max_new_tokens", max_new_tokens, minimum=1)
     total = prompt_BxS.shape[1] + max_new_tokens
     if total > config.max_seq_len:
-        raise ValueError(
+        raise ArgumentError(
             f"prompt length + max_new_tokens must be <= max_seq_len={config.max_seq_len}, "
             f"got {prompt_BxS.shape[1]} + {max_new_tokens} = {total}"
         )
     sampling = sampling_lib.settings(config.vocab_size, **sampling_options)
     greedy = sampling_options.get("temperature", 0.0) == 0
     if not greedy and key is None:
-        raise ValueError("key must be a PRNG key when temperature > 0 (sampling), got None")
+        raise ArgumentError("key must be a PRNG key when temperature > 0 (sampling), got None")
     last_id = config.vocab_size - 1
     if isinstance(stop_tokens, str | bytes) or not isinstance(stop_tokens, Sequence):
-        raise TypeError(f"stop_tokens must be a sequence of token ids, got {stop_tokens!r}")
+        raise ArgumentTypeError(f"stop_tokens must be a sequence of token ids, got {stop_tokens!r}")
     stop_ids = [
         checks.static_int(f"stop_tokens[{i}]", token, minimum=0, maximum=last_id)
         for i, token in enumerate(stop_tokens)
@@ -380,12 +381,12 @@ def _checked_prompt_mask(attn_mask, shape: tuple[int, int]) -> jax.Array:
     mask = np.asarray(check_mask(attn_mask, shape))
     empty = ~mask.any(axis=1)
     if empty.any():
-        raise ValueError(
+        raise ArgumentError(
             "attn_mask must leave each row at least one real token, got row "
             f"{int(np.argmax(empty))} all padding"
         )
     if not mask[:, -1].all() or (np.diff(mask.astype(np.int8), axis=1) < 0).any():
-        raise ValueError(
+        raise ArgumentError(
             "attn_mask must pad on the left (False before True in each row, the last token "
             "real), got a row with padding after a real token"
         )

@@ -21,10 +21,10 @@ def eval_tokens(config: TrainConfig, n: int) -> jax.Array:
     return task_by_name(config.task).sample(key, n)
 
 
-def predict(params: DecoderParams, config: TrainConfig, tokens_BxL: jax.Array) -> jax.Array:
+def predict(params: DecoderParams, config: TrainConfig, tokens_BxS: jax.Array) -> jax.Array:
     """(B, P + T) examples -> (B, T) greedy predictions from the prompts."""
     task = task_by_name(config.task)
-    prompts = tokens_BxL[:, : task.prompt_length]
+    prompts = tokens_BxS[:, : task.prompt_length]
     return generate(params, prompts, config.model, task.target_length).tokens[
         :, task.prompt_length :
     ]
@@ -55,3 +55,13 @@ def samples(params: DecoderParams, config: TrainConfig, n: int = 5) -> list[Samp
         _, answer = task.describe(np.concatenate([row[: task.prompt_length], guess]))
         result.append(Sample(question, expected, answer))
     return result
+
+
+class Evaluation(NamedTuple):
+    accuracy: float  # exact match on `accuracy`'s held-out examples
+    samples: list[Sample]
+
+
+def evaluate(params: DecoderParams, config: TrainConfig, n_samples: int = 5) -> Evaluation:
+    """Held-out accuracy and a few answers: what the CLI and the tour show after training."""
+    return Evaluation(accuracy(params, config), samples(params, config, n_samples))

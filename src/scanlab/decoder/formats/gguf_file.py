@@ -21,8 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab.decoder import spec
-from scanlab.decoder.checkpoint import CheckpointError, assemble, checked_tensor
 from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.formats.base import (
+    CheckpointError,
+    assemble,
+    checked_tensor,
+    from_hf,
+    hf_shape,
+)
 from scanlab.decoder.params import DecoderParams
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -110,8 +116,8 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[DecoderConfig
 
     def read(leaf: spec.Leaf, layer: int | None) -> np.ndarray:
         name = leaf.gguf_name if layer is None else f"blk.{layer}.{leaf.gguf_name}"
-        tensor = _dequantized(tensors, name, spec.hf_shape(leaf, config), path)
-        array = spec.from_hf(leaf, tensor, config)
+        tensor = _dequantized(tensors, name, hf_shape(leaf, config), path)
+        array = from_hf(leaf, tensor, config)
         if leaf.gguf_interleaved and config.family == "llama":
             array = _halves_from_pairs(array, leaf.shape.split().index("Dh"))
         return array

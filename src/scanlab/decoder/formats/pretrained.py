@@ -16,8 +16,10 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
+from scanlab.errors import PathError
 
-class FetchError(OSError):
+
+class FetchError(PathError):
     """The model file could not be fetched or failed its hash check."""
 
 

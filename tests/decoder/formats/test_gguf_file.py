@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from tests.decoder.gguf_files import random_model, write_gguf
+from tests.decoder.formats.gguf_files import random_model, write_gguf
 from transformers import AutoModelForCausalLM
 
 from scanlab.decoder import CheckpointError, forward, load_gguf

@@ -1,0 +1,95 @@
+"""The benchmark report's plots, drawn with matplotlib's `Figure` (no pyplot, no backend)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from scanlab.bench.results import bound, by_shape
+
+
+def recurrence(results: dict, path: Path) -> None:
+    """W2: median time per call of each peer at each shape (log scale)."""
+    grouped = by_shape(results)
+    peers = list(dict.fromkeys(t["peer"] for t in results["recurrence"]))
+    fig = Figure(figsize=(10, 4.5))
+    ax = fig.subplots()
+    width = 0.8 / len(peers)
+    for i, peer in enumerate(peers):
+        values = [
+            next((t["median_s"] * 1e3 for t in ts if t["peer"] == peer), np.nan)
+            for ts in grouped.values()
+        ]
+        ax.bar(np.arange(len(grouped)) + i * width, values, width, label=peer)
+    ax.set_xticks(
+        np.arange(len(grouped)) + 0.4 - width / 2, [f"B={b} H={h} T={t}" for b, h, t in grouped]
+    )
+    ax.set(yscale="log", ylabel="median ms (log)", title="h ← tanh(h @ W): time per call")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def layers(results: dict, path: Path) -> None:
+    """W3: compile and run time of scan and loop against the layer count."""
+    points = results["layers"]
+    n = [p["n_layers"] for p in points]
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
+    left.plot(n, [p["scan_compile_s"] for p in points], "o-", label="lax.scan")
+    left.plot(n, [p["loop_compile_s"] for p in points], "s-", label="Python loop")
+    left.set(xlabel="layers", ylabel="compile s", title="compile time")
+    right.plot(n, [p["scan_run_s"] * 1e3 for p in points], "o-", label="lax.scan")
+    right.plot(n, [p["loop_run_s"] * 1e3 for p in points], "s-", label="Python loop")
+    right.set(xlabel="layers", ylabel="forward ms", title="run time")
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def remat(results: dict, path: Path) -> None:
+    """W10: gradient memory of a long scan per remat policy against T (log-log)."""
+    by_variant = defaultdict(list)
+    for p in results["loops"]["remat"]:
+        label = p["policy"] + (", nested √T segments" if p["segments"] > 1 else "")
+        by_variant[label].append((p["T"], p["temp_bytes"] / 2**20))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for label, points in by_variant.items():
+        ax.plot(*zip(*points, strict=True), "o-", label=label)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="T (steps)",
+        ylabel="temp memory of jit(grad), MiB",
+        title="Gradient memory of a long scan: O(T) plain, O(√T) nested",
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def decoding(decoding: dict, path: Path) -> None:
+    """W7: tokens/s per contender at each batch size, with the bandwidth bounds."""
+    batches = sorted({c["batch"] for c in decoding["contenders"]})
+    fig = Figure(figsize=(10, 4.5))
+    axes = fig.subplots(1, len(batches), squeeze=False)[0]
+    for ax, batch in zip(axes, batches, strict=True):
+        contenders = [c for c in decoding["contenders"] if c["batch"] == batch]
+        ax.barh([c["name"] for c in contenders], [c["tokens_per_s"] for c in contenders])
+        for dtype, style in (("f32", "--"), ("bf16", ":")):
+            ax.axvline(bound(decoding, dtype, batch), color="k", ls=style, label=f"{dtype} bound")
+        ax.set(xlabel="tokens/s", title=f"batch {batch}")
+        ax.invert_yaxis()
+        ax.legend(fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Decoding {decoding['model']}, {decoding['new_tokens']} tokens, greedy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

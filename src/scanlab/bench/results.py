@@ -1,0 +1,39 @@
+"""Reading a benchmark run's figures (the dict `runner.run` returns, as results.json holds it):
+shared by the targets, the markdown and the plots."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def by_shape(results: dict) -> dict[tuple[int, int, int], list[dict]]:
+    """W2's timings grouped by (B, H, T)."""
+    grouped = defaultdict(list)
+    for t in results["recurrence"]:
+        s = t["shape"]
+        grouped[(s["B"], s["H"], s["T"])].append(t)
+    return dict(grouped)
+
+
+def best_scanlab(timings: list[dict]) -> dict:
+    return min((t for t in timings if t["peer"].startswith("scanlab")), key=lambda t: t["median_s"])
+
+
+def recurrence_flops(shape: tuple[int, int, int]) -> float:
+    """FLOPs of h ← tanh(h @ W) at (B, H, T): T + 1 matmuls of (B, H) × (H, H)."""
+    B, H, T = shape
+    return 2.0 * B * H * H * (T + 1)
+
+
+def contender(decoding: dict, name: str, batch: int) -> dict | None:
+    """W7's figures of one contender at one batch size (None when it did not run)."""
+    return next(
+        (c for c in decoding["contenders"] if c["name"] == name and c["batch"] == batch), None
+    )
+
+
+def bound(decoding: dict, dtype: str, batch: int) -> float:
+    """W7's bandwidth bound in tokens/s for "f32" or "bf16" weights at one batch size."""
+    return next(
+        b["tokens_per_s"] for b in decoding["bounds"] if b["dtype"] == dtype and b["batch"] == batch
+    )

@@ -1,0 +1,168 @@
+"""The targets the benchmarks are held to, judged from a run's figures (ratios measured side by
+side in one run)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from scanlab.bench import decoding as w7
+from scanlab.bench.results import best_scanlab, bound, by_shape, contender, recurrence_flops
+
+W1_MAX_VS_HAND_JIT, W1_MIN_VS_TEXTBOOK = 1.5, 100.0
+W2_MIN_MATMUL_FRACTION = 0.6
+W3_MAX_COMPILE_RATIO, W3_MAX_RUN_RATIO = 0.1, 1.1
+W4_MIN_SPEEDUP = 1.5
+W8_MAX_MASKED_RATIO = 1.2
+W7_MIN_VS_TRANSFORMERS, W7_MIN_BF16_BOUND_FRACTION, W7_MAX_COMPILE_S = 3.0, 0.6, 10.0
+
+
+class Target(NamedTuple):
+    name: str
+    measured: str
+    met: bool
+
+
+def judge(results: dict) -> list[Target]:
+    """Every target that this run measured, with the figure and whether it is met."""
+    return [
+        *_latency(results["latency"]),
+        *_recurrence(results),
+        *_layers(results["layers"]),
+        *_training(results["training"]),
+        *_decoding(results.get("decoding")),
+        *_masked(results["loops"]["masked"]),
+    ]
+
+
+def _latency(lat: dict) -> list[Target]:
+    vs_hand_jit = lat["scanlab_s"] / lat["hand_jit_s"]
+    vs_textbook = lat["textbook_s"] / lat["scanlab_s"]
+    return [
+        Target(
+            f"W1 repeated call ≤ {W1_MAX_VS_HAND_JIT}× the hand-jitted apply",
+            f"{vs_hand_jit:.2f}×",
+            vs_hand_jit <= W1_MAX_VS_HAND_JIT,
+        ),
+        Target(
+            f"W1 ≥ {W1_MIN_VS_TEXTBOOK:.0f}× faster than the textbook",
+            f"{vs_textbook:.0f}×",
+            vs_textbook >= W1_MIN_VS_TEXTBOOK,
+        ),
+    ]
+
+
+def _recurrence(results: dict) -> list[Target]:
+    limit = max(results["matmul_flops"].values())
+    rows = []
+    for shape, timings in by_shape(results).items():
+        best = best_scanlab(timings)
+        others = [t for t in timings if not t["peer"].startswith("scanlab")]
+        fastest_other = min(others, key=lambda t: t["median_s"])
+        rows.append(
+            Target(
+                f"W2 scanlab fastest at B={shape[0]} H={shape[1]} T={shape[2]}",
+                f"{best['peer']} {best['median_s'] * 1e3:.2f} ms vs {fastest_other['peer']} "
+                f"{fastest_other['median_s'] * 1e3:.2f} ms",
+                best["median_s"] <= fastest_other["median_s"],
+            )
+        )
+        if shape[0] >= 64:
+            fraction = recurrence_flops(shape) / best["median_s"] / limit
+            rows.append(
+                Target(
+                    f"W2 ≥ {W2_MIN_MATMUL_FRACTION:.0%} of the matmul rate at "
+                    f"B={shape[0]} H={shape[1]}",
+                    f"{fraction:.0%}",
+                    fraction >= W2_MIN_MATMUL_FRACTION,
+                )
+            )
+    return rows
+
+
+def _layers(points: list[dict]) -> list[Target]:
+    deepest = max(points, key=lambda p: p["n_layers"])
+    compile_ratio = deepest["scan_compile_s"] / deepest["loop_compile_s"]
+    run_ratio = deepest["scan_run_s"] / deepest["loop_run_s"]
+    return [
+        Target(
+            f"W3 scan compile ≤ 1/10 of the loop's at {deepest['n_layers']} layers",
+            f"{compile_ratio:.3f}",
+            compile_ratio <= W3_MAX_COMPILE_RATIO,
+        ),
+        Target(
+            f"W3 scan run ≤ {W3_MAX_RUN_RATIO}× the loop's at {deepest['n_layers']} layers",
+            f"{run_ratio:.2f}×",
+            run_ratio <= W3_MAX_RUN_RATIO,
+        ),
+    ]
+
+
+def _training(training: dict) -> list[Target]:
+    tiny = training.get("default tiny model")  # absent in quick mode
+    if tiny is None:
+        return []
+    speedup = tiny["scan_steps_per_s"] / tiny["loop_steps_per_s"]
+    return [
+        Target(
+            f"W4 scanned training ≥ {W4_MIN_SPEEDUP}× the loop's steps/s (tiny model)",
+            f"{speedup:.2f}×",
+            speedup >= W4_MIN_SPEEDUP,
+        )
+    ]
+
+
+def _decoding(decoding: dict | None) -> list[Target]:
+    """W7's targets; absent in quick mode, which does not load the real model."""
+    if not decoding:
+        return []
+    rows = []
+    for batch in sorted({c["batch"] for c in decoding["contenders"]}):
+        ours = contender(decoding, w7.SCANLAB_F32, batch)
+        theirs = contender(decoding, w7.TRANSFORMERS, batch)
+        if ours is not None and theirs is not None:
+            ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+            rows.append(
+                Target(
+                    f"W7 decoding ≥ {W7_MIN_VS_TRANSFORMERS:.0f}× transformers' tokens/s, "
+                    f"batch {batch}",
+                    f"{ratio:.2f}×",
+                    ratio >= W7_MIN_VS_TRANSFORMERS,
+                )
+            )
+        bf16 = contender(decoding, w7.SCANLAB_BF16, batch)
+        if bf16 is not None:
+            fraction = bf16["tokens_per_s"] / bound(decoding, "bf16", batch)
+            rows.append(
+                Target(
+                    f"W7 bf16 decoding ≥ {W7_MIN_BF16_BOUND_FRACTION:.0%} of the bandwidth "
+                    f"bound, batch {batch}",
+                    f"{fraction:.0%}",
+                    fraction >= W7_MIN_BF16_BOUND_FRACTION,
+                )
+            )
+    first = contender(decoding, w7.SCANLAB_F32, 1)
+    if first is not None:
+        compile_s = first["first_s"] - first["median_s"]
+        rows.append(
+            Target(
+                f"W7 generate compiles in < {W7_MAX_COMPILE_S:.0f} s",
+                f"{compile_s:.1f} s",
+                compile_s < W7_MAX_COMPILE_S,
+            )
+        )
+    return rows
+
+
+def _masked(points: list[dict]) -> list[Target]:
+    rows = []
+    for p in points:
+        ratio = p["masked_s"] / p["plain_s"]
+        rows.append(
+            Target(
+                f"W8 masked_scan ≤ {W8_MAX_MASKED_RATIO}× a plain scan of the padded length at "
+                f"B={p['B']} H={p['H']} T={p['T']}",
+                f"{ratio:.2f}×",
+                ratio <= W8_MAX_MASKED_RATIO,
+            )
+        )
+    return rows

@@ -1,0 +1,21 @@
+# The public names of scanlab.train, imported on first use (see __init__.py).
+from . import tasks as tasks
+from .config import TrainConfig as TrainConfig
+from .evaluation import Evaluation as Evaluation
+from .evaluation import Sample as Sample
+from .evaluation import accuracy as accuracy
+from .evaluation import evaluate as evaluate
+from .evaluation import samples as samples
+from .run import CheckpointReadError as CheckpointReadError
+from .run import ChunkReport as ChunkReport
+from .run import TrainResult as TrainResult
+from .run import load as load
+from .run import saved_config as saved_config
+from .run import train as train
+from .step import TrainState as TrainState
+from .step import init_state as init_state
+from .step import train_chunk as train_chunk
+from .step import train_loop as train_loop
+from .tasks import TASKS as TASKS
+from .tasks import Task as Task
+from .tasks import task_by_name as task_by_name
