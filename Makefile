@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,13 @@ demo: $(VENV)/.installed-run
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# The library's unit and property tests: no end-to-end or real-model runs.
+test-fast: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/scanlab bench --out results/bench

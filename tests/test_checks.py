@@ -15,7 +15,7 @@ def test_seed_key_equals_prngkey(seed):
 
 
 @pytest.mark.parametrize(
-    "seed, error, match",
+    ("seed", "error", "match"),
     [
         (-1, ValueError, r"seed must be in \[0, 2\*\*32\), got -1"),
         (2**32, ValueError, r"seed must be in \[0, 2\*\*32\), got 4294967296"),

@@ -1,5 +1,7 @@
-"""No CLI input yields a traceback: bad input is one `error:` line and exit status 2."""
+"""No CLI input yields a traceback: bad input is one `error:` line and exit status 2, and only
+bad input: a bug inside scanlab, whatever its exception type, prints its traceback (status 1)."""
 
+import importlib
 import subprocess
 import sys
 
@@ -207,3 +209,25 @@ def test_a_real_bug_prints_its_traceback_and_asks_for_a_report():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "please report it" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "target", "error"),
+    [
+        (["run", "--hidden", "4"], "scanlab.checks.recurrence_args", TypeError("unhashable")),
+        (["decoder", "shapes", "--preset", "tiny"], "scanlab.render.count", ZeroDivisionError()),
+        (["decoder", "shapes", "--preset", "tiny"], "scanlab.decoder.param_count", ValueError),
+        (["generate", "--checkpoint", "x"], "scanlab.checks.static_int", OSError("bad fd")),
+    ],
+)
+def test_an_injected_bug_is_not_reported_as_bad_input(args, target, error, cli, monkeypatch):
+    """TypeError, ArithmeticError, ValueError and OSError raised by a bug, not by a check."""
+    module, _, name = target.rpartition(".")
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(importlib.import_module(module), name, broken)
+    status, err = cli(args)
+    assert status == 1, (status, err)
+    assert "Traceback" in err and "please report it" in err

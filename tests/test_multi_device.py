@@ -4,6 +4,10 @@ Each test runs in a fresh process presenting the CPU as 8 devices (see conftest)
 the suite keeps one device.
 """
 
+import pytest
+
+pytestmark = pytest.mark.slow  # fresh processes on 8 simulated devices: not in `make test-fast`
+
 SETUP = """
 import jax, numpy as np
 from scanlab import sharding

@@ -11,15 +11,18 @@ import shlex
 from pathlib import Path
 
 import jax
+import pytest
 
 from scanlab import decoder
+
+pytestmark = pytest.mark.slow  # the README's CLI lines, end to end: not in `make test-fast`
 
 README = Path(__file__).parent.parent / "README.md"
 
 
 def cli_lines() -> list[str]:
     text = README.read_text()
-    section = text[text.index("## The CLI") : text.index("## Benchmarks")]
+    section = text[text.index("## The CLI") : text.index("## Results")]
     block = re.search(r"```bash\n(.*?)```", section, re.S)[1]
     return [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("scanlab")]
 

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tests.traces import traced
 
 from scanlab import LaxScanModule, NNScanModule, lax_scan_in_module
-from scanlab.recurrence import _apply, _init_weights, _weights
+from scanlab.recurrence import _weights
 
 # float32 rounding, accumulated over up to a few hundred tanh steps.
 RTOL, ATOL = 1e-5, 1e-6
@@ -47,7 +48,8 @@ def _x(shape, seed=0):
 
 
 @pytest.mark.parametrize(
-    "hidden, T", [(1, 0), (1, 1), (1, 300), (8, 0), (8, 1), (8, 500), (256, 0), (256, 1), (256, 50)]
+    ("hidden", "T"),
+    [(1, 0), (1, 1), (1, 300), (8, 0), (8, 1), (8, 500), (256, 0), (256, 1), (256, 50)],
 )
 def test_equals_textbook(hidden, T):
     x = _x((hidden,))
@@ -92,12 +94,13 @@ def test_trajectory_holds_every_state():
 def test_repeated_calls_do_not_retrace():
     x = np.ones((3, 5), np.float32)
     lax_scan_in_module(0, x, 5, 11)
-    applies, inits = _apply._cache_size(), _init_weights._cache_size()
-    for seed in range(20):  # more seeds than the weight cache holds: inits re-run, not re-trace
-        lax_scan_in_module(seed, x + seed, 5, 11)
-    assert (_apply._cache_size(), _init_weights._cache_size()) == (applies, inits)
-    lax_scan_in_module(0, x, 5, 12)  # a new T is a new static signature for apply only
-    assert (_apply._cache_size(), _init_weights._cache_size()) == (applies + 1, inits)
+    with traced() as traces:
+        for seed in range(20):  # more seeds than the weight cache holds: inits re-run, not re-trace
+            lax_scan_in_module(seed, x + seed, 5, 11)
+    assert (traces["_apply"], traces["_init_weights"]) == (0, 0)
+    with traced() as traces:
+        lax_scan_in_module(0, x, 5, 12)  # a new T is a new static signature for apply only
+    assert (traces["_apply"], traces["_init_weights"]) == (1, 0)
 
 
 def test_weights_are_cached_per_seed_and_hidden():
@@ -168,7 +171,7 @@ def test_x64_gives_the_same_W(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, match",
+    ("kwargs", "error", "match"),
     [
         (
             dict(x=np.ones(3)),
@@ -197,7 +200,7 @@ def test_bad_input_is_rejected_with_a_clear_message(kwargs, error, match):
 
 def test_traced_T_is_rejected_with_the_fix():
     with pytest.raises(
-        TypeError, match="T must be a static Python int, got a traced value.*static_argnames='T'"
+        TypeError, match=r"T must be a static Python int, got a traced value.*static_argnames='T'"
     ):
         jax.jit(lambda T: lax_scan_in_module(0, np.ones(4), 4, T))(3)
 
@@ -239,7 +242,7 @@ def test_seq_lengths_on_the_module_and_under_jit():
 
 
 @pytest.mark.parametrize(
-    "seq_lengths, error, match",
+    ("seq_lengths", "error", "match"),
     [
         (
             np.array([1, 2]),

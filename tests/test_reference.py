@@ -106,7 +106,7 @@ def test_weak_init_is_promoted_to_the_body_type():
 
 
 def test_zero_length_outputs_take_their_type_from_the_body():
-    carry, ys = both(lambda c, x: (c + 1.5, (c, x * 2)), 0, np.zeros((0, 3), np.int32))
+    _carry, ys = both(lambda c, x: (c + 1.5, (c, x * 2)), 0, np.zeros((0, 3), np.int32))
     assert ys[0].shape == (0,) and ys[1].shape == (0, 3) and ys[1].dtype == np.int32
 
 

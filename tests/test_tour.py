@@ -5,6 +5,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the whole tour: not in `make test-fast`
+
 
 def test_the_tour_runs_every_section_and_its_twins_agree():
     result = subprocess.run(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
@@ -22,13 +22,13 @@ if TYPE_CHECKING:
 SEED_LIMIT = 2**32
 
 
-def is_tracer(value: object) -> bool:
+def is_tracer(value: object) -> TypeGuard[jax.core.Tracer]:
     """Whether `value` is a JAX tracer; without JAX imported, nothing can be one."""
     jax = sys.modules.get("jax")
     return jax is not None and isinstance(value, jax.core.Tracer)
 
 
-def is_jax_array(value: object) -> bool:
+def is_jax_array(value: object) -> TypeGuard[jax.Array]:
     """Whether `value` is a JAX array or tracer (passed through untouched by the checks)."""
     jax = sys.modules.get("jax")
     return jax is not None and isinstance(value, jax.Array)
@@ -54,11 +54,12 @@ def static_int(name: str, value: object, *, minimum: int, maximum: int = INT32_M
         raise ArgumentTypeError(
             f"{name} must be an int, got {value!r} of type {type(value).__name__}"
         )
+    value = int(value)
     if value < minimum:
         raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
     if value > maximum:
         raise ArgumentError(f"{name} must be <= {maximum}, got {value}")
-    return int(value)
+    return value
 
 
 def finite_number(
@@ -116,7 +117,7 @@ def seed_key(seed: object) -> np.ndarray:
         raise ArgumentTypeError(f"seed must be a Python int, got a traced value {seed.aval}")
     if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral):
         raise ArgumentTypeError(f"seed must be an int, got {seed!r} of type {type(seed).__name__}")
-    if not 0 <= seed < SEED_LIMIT:
+    if not 0 <= int(seed) < SEED_LIMIT:
         raise ArgumentError(f"seed must be in [0, 2**32), got {seed}")
     return np.array([0, seed], dtype=np.uint32)
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -284,20 +284,20 @@ def decoder_generate(
     from scanlab import decoder
 
     key = jax.numpy.asarray(raw_key)
-    if checkpoint is None:
+    if prompt is not None and checkpoint is not None:  # text in, text out
+        config, params, tokenizer = load.load_model(checkpoint, dtype)
+    elif checkpoint is not None:  # ids in, ids out: the checkpoint's tokenizer is not needed
+        (config, params), tokenizer = load.load_weights(checkpoint, dtype), None
+    else:
         config = decoder.preset(preset)
         param_dtype = jax.numpy.dtype(dtype)
         checks.fits_in_memory(
             f"preset {preset} in {dtype}", decoder.param_count(config) * param_dtype.itemsize
         )
         params, tokenizer = decoder.init_params(config, key, param_dtype), None
-    elif prompt is None:  # ids in, ids out: the checkpoint's tokenizer is not needed
-        (config, params), tokenizer = load.load_weights(checkpoint, dtype), None
-    else:
-        config, params, tokenizer = load.load_model(checkpoint, dtype)
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
         params = decoder.shard_params(params, config, device_mesh)
-    if prompt is None:
+    if tokenizer is None or prompt is None:
         out = decoder.generate(params, token_ids, config, max_new_tokens, key=key, **settings)
         console.print(f"prompt:    {token_ids[0].tolist()}")
         console.print(f"generated: {np.asarray(out.tokens[0, token_ids.shape[1] :]).tolist()}")
@@ -421,7 +421,7 @@ def train_command(
     checks.static_int("--checkpoint-every", checkpoint_every, minimum=1)
     from scanlab import train
 
-    given = {
+    given: dict[str, Any] = {
         name: value
         for name, value in dict(
             task=task,
@@ -561,7 +561,7 @@ def main() -> None:
         _fail(message)
     except ScanlabError as error:
         _fail(str(error))
-    except Exception as error:  # noqa: BLE001 - the last resort: a traceback is owed to the user
+    except Exception as error:
         if _device_out_of_memory(error):
             _fail(f"out of memory: {str(error).splitlines()[0]}")
         _report_bug()

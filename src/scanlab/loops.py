@@ -105,9 +105,11 @@ def _scan_length(xs: Any, length: int | None) -> int:
         length = checks.static_int("length", length, minimum=0)
         if n is not None and n != length:
             raise ArgumentError(f"length must equal the xs time axis, {n}, got {length}")
-    if n is None and length is None:
+    if n is not None:
+        return n
+    if length is None:
         raise ArgumentError("xs has no leaves, so `length` is needed, got None")
-    return n if n is not None else length
+    return length
 
 
 def _step_slice(tree: Any, axis: int) -> Any:
@@ -162,6 +164,8 @@ def masked_scan(
     """
     T = _scan_length(xs, length)
     B = _leading_size("init", init, 0)
+    if B is None:
+        raise ArgumentError("init must hold the batch's carries (B, ...), got no arrays")
     lengths = jnp.asarray(checks.lengths("lengths", lengths, (B,), T), jnp.int32)
     x_step = _step_slice(_step_slice(xs, 0), 0)
     _traced_scan_body_check("masked_scan", f, _step_slice(init, 0), x_step)
@@ -309,9 +313,9 @@ def sqrt_segments(T: int) -> int:
 # --- linear_scan ---------------------------------------------------------------------------------
 
 # The length from which `method="auto"` takes the associative scan, per backend (None: never).
-# CPU: the W11 regime map (docs/bench/report.md) found the sequential scan faster at every T up
-# to 131072 and width up to 256, by 1.5-12x. GPU/TPU: not measured by this project (no
-# accelerator was lent yet); 1024 follows the published GPU crossovers for long sequences.
+# CPU: in the W11 regime map of the benchmark report the sequential scan wins every cell, so the
+# CPU never switches. GPU/TPU: not measured by this project yet; 1024 follows the published GPU
+# crossovers for long sequences.
 ASSOCIATIVE_FROM_T: dict[str, int | None] = {"cpu": None, "gpu": 1024, "tpu": 1024}
 
 
@@ -363,12 +367,12 @@ def linear_scan(
     return _linear_associative(a, b)
 
 
-def linear_method(method: str, T: int) -> str:
+def linear_method(method: str, T: int) -> Literal["scan", "associative"]:
     """The method `linear_scan` runs for `method` and length T on the default backend."""
     if method not in ("auto", "scan", "associative"):
         raise ArgumentError(f"method must be 'auto', 'scan' or 'associative', got {method!r}")
     if method != "auto":
-        return method
+        return "scan" if method == "scan" else "associative"
     threshold = ASSOCIATIVE_FROM_T.get(jax.default_backend(), ASSOCIATIVE_FROM_T["gpu"])
     return "associative" if threshold is not None and T >= threshold else "scan"
 

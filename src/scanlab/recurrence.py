@@ -10,6 +10,7 @@ compiled once per static signature.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import flax.linen as nn
 import jax
@@ -183,7 +184,8 @@ def _apply(
     T: int,
     trajectory: bool,
 ) -> jax.Array:
-    return LaxScanModule(hidden, T, trajectory).apply({"params": {"W": W}}, x, seq_lengths)
+    module = LaxScanModule(hidden, T, trajectory)
+    return cast(jax.Array, module.apply({"params": {"W": W}}, x, seq_lengths))
 
 
 def lax_scan_in_module(

@@ -39,7 +39,7 @@ tree_util = jax.tree_util
 class Step(NamedTuple):
     """One iteration of a scan: `carry_out, y = f(carry_in, x)` at position `index` of xs."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the field, not tuple.index
     carry_in: Any
     x: Any
     carry_out: Any

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -25,7 +25,7 @@ def time_call(fn: Callable[[], Any], repeats: int = 5) -> Timing:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], Any]], rounds: int, seed: int = 0
+    fns: Mapping[str, Callable[[], Any]], rounds: int, seed: int = 0
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, run one call each per round in a shuffled order.
 
@@ -47,8 +47,17 @@ def seconds(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def compile_seconds(jitted: Callable, *args, **kwargs) -> tuple[Callable, float]:
-    """Lowers and compiles `jitted` for these arguments; returns (executable, seconds taken)."""
+def temp_bytes(compiled: Any) -> int:
+    """Temporary bytes XLA's memory analysis gives a compiled program (`.lower().compile()`)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise RuntimeError("this backend reports no memory analysis for compiled programs")
+    return int(analysis.temp_size_in_bytes)
+
+
+def compile_seconds(jitted: Any, *args, **kwargs) -> tuple[Callable, float]:
+    """Lowers and compiles `jitted` (a `jax.jit` function) for these arguments; returns
+    (executable, seconds taken)."""
     start = time.perf_counter()
     compiled = jitted.lower(*args, **kwargs).compile()
     return compiled, time.perf_counter() - start

@@ -23,7 +23,7 @@ from scanlab.decoder.formats import pretrained
 from scanlab.nnx import recurrence as nnx_recurrence
 from scanlab.nnx import stack as nnx_stack
 from scanlab.recurrence import LaxScanModule, NNScanModule, lax_scan_in_module
-from scanlab.timing import time_call
+from scanlab.timing import temp_bytes, time_call
 
 
 def run(console: Console) -> None:
@@ -62,7 +62,7 @@ def _seed_function(console: Console) -> None:
     console.print(
         f"repeated calls: {textbook.median_s / cached.median_s:.0f}x faster than the textbook; "
         f"nn.scan twin vs lax.scan module: max |diff| = "
-        f"{float(jnp.max(jnp.abs(scan_out - twin_out))):.1e}"
+        f"{float(jnp.max(jnp.abs(jnp.asarray(scan_out) - jnp.asarray(twin_out)))):.1e}"
     )
 
 
@@ -161,7 +161,7 @@ def _loops(console: Console) -> None:
             return final.sum()
 
         compiled = jax.jit(jax.grad(loss)).lower(jnp.ones((4, 64))).compile()
-        temp = compiled.memory_analysis().temp_size_in_bytes
+        temp = temp_bytes(compiled)
         table.add_row(policy, str(segments), f"{temp / 2**20:.2f} MiB")
     console.print(table)
 

@@ -3,6 +3,9 @@ import subprocess
 import sys
 
 import matplotlib.image
+import pytest
+
+pytestmark = pytest.mark.slow  # a quick benchmark run: not in `make test-fast`
 
 
 def test_quick_run_writes_the_report_plots_and_figures(tmp_path):

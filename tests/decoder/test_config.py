@@ -36,7 +36,7 @@ def test_unknown_preset():
 
 
 @pytest.mark.parametrize(
-    "changes, match",
+    ("changes", "match"),
     [
         (
             dict(n_heads=6, n_kv_heads=4),

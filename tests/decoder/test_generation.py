@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tests.traces import traced
 
 from scanlab.decoder import forward, generate, init_params, preset
 
@@ -49,7 +50,7 @@ def test_sampling(params, prompt):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    ("kwargs", "match"),
     [
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
         (
@@ -114,7 +115,7 @@ def test_left_padded_prompts_decode_as_they_would_alone(params):
 
 
 @pytest.mark.parametrize(
-    "mask, match",
+    ("mask", "match"),
     [
         (np.ones((3, 4), bool), r"attn_mask must have the tokens' shape \(3, 5\), got \(3, 4\)"),
         (np.array([[True] * 4 + [False]] * 3), "attn_mask must pad on the left"),
@@ -131,9 +132,6 @@ def test_bad_prompt_mask(params, prompt, mask, match):
 
 
 def test_new_sampling_values_do_not_recompile(params, prompt):
-    from scanlab.decoder.generation import _generate
-
-    _generate.clear_cache()
     key = jax.random.PRNGKey(0)
     settings = [
         dict(temperature=0.7),
@@ -141,11 +139,13 @@ def test_new_sampling_values_do_not_recompile(params, prompt):
         dict(temperature=0.2, top_k=1, min_p=0.2, repetition_penalty=1.3),
         dict(temperature=2.0, top_k=64, top_p=0.5, min_p=0.05, repetition_penalty=0.8),
     ]
-    for setting in settings:
-        generate(params, prompt, CONFIG, 4, key=key, **setting)
-    assert _generate._cache_size() == 1
-    generate(params, prompt, CONFIG, 4)  # greedy is its own program: no key, no draw
-    assert _generate._cache_size() == 2
+    with traced() as traces:
+        for setting in settings:
+            generate(params, prompt, CONFIG, 4, key=key, **setting)
+    assert traces["_generate"] == 1
+    with traced() as traces:
+        generate(params, prompt, CONFIG, 4)  # greedy is its own program: no key, no draw
+    assert traces["_generate"] == 1
 
 
 def test_rows_stop_at_their_stop_token_then_pad(params, prompt):

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tests.traces import traced
 
 from scanlab.decoder import forward, forward_loop, init_params, preset
 
@@ -81,15 +82,14 @@ def test_the_loop_twin_takes_the_per_layer_policies_and_refuses_sqrt(params, tok
 
 
 def test_forward_compiles_once_per_signature(params, tokens):
-    from scanlab.decoder import model
-
-    model._forward.clear_cache()
     forward(params, tokens, CONFIG)
-    forward(params, tokens + 1, CONFIG)  # new values, same signature
-    forward(params, np.asarray(tokens), CONFIG)  # NumPy in: same program
-    assert model._forward._cache_size() == 1
-    forward(params, tokens[:, :5], CONFIG)  # a new shape is a new program
-    assert model._forward._cache_size() == 2
+    with traced() as traces:
+        forward(params, tokens + 1, CONFIG)  # new values, same signature
+        forward(params, np.asarray(tokens), CONFIG)  # NumPy in: same program
+    assert traces["_forward"] == 0
+    with traced() as traces:
+        forward(params, tokens[:, :5], CONFIG)  # a new shape is a new program
+    assert traces["_forward"] == 1
 
 
 def test_causal_through_gradients(params, tokens):
@@ -120,7 +120,7 @@ def test_padding_mask_hides_padded_keys(params, tokens):
 
 
 @pytest.mark.parametrize(
-    "tokens, error, match",
+    ("tokens", "error", "match"),
     [
         (
             jnp.zeros((12,), jnp.int32),

@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scanlab.decoder import generate, load_gguf, load_tokenizer, stream
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 model: not in `make test-fast`
+
 NEW_TOKENS = 24
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

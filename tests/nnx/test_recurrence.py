@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tests.traces import traced
 
 from scanlab import LaxScanModule, NNScanModule
-from scanlab.nnx import recurrence as nnx_recurrence
 from scanlab.nnx.recurrence import (
     NNXLaxScanModule,
     NNXScanModule,
@@ -70,17 +70,17 @@ def test_linen_conversion_round_trips():
 
 
 def test_nnx_entry_point_equals_the_nnx_textbook_and_compiles_once_per_signature():
-    nnx_recurrence._apply.clear_cache()
     out = nnx_lax_scan_in_module(5, X, 8, 30)
     textbook = NNXLaxScanModule(8, 30, rngs=nnx.Rngs(5))(X)
     np.testing.assert_allclose(out, textbook, rtol=RTOL, atol=ATOL)
-    assert nnx_recurrence._apply._cache_size() == 1
-    nnx_lax_scan_in_module(5, X, 8, 30)  # repeated: no new compile
-    nnx_lax_scan_in_module(6, X + 1, 8, 30)  # another seed and x, same signature
-    assert nnx_recurrence._apply._cache_size() == 1
-    nnx_lax_scan_in_module(5, X, 8, 31)  # a new T is a new program
-    nnx_lax_scan_in_module(5, X[0], 8, 30)  # so is a new x shape
-    assert nnx_recurrence._apply._cache_size() == 3
+    with traced() as traces:
+        nnx_lax_scan_in_module(5, X, 8, 30)  # repeated: no new compile
+        nnx_lax_scan_in_module(6, X + 1, 8, 30)  # another seed and x, same signature
+    assert traces["_apply"] == 0
+    with traced() as traces:
+        nnx_lax_scan_in_module(5, X, 8, 31)  # a new T is a new program
+        nnx_lax_scan_in_module(5, X[0], 8, 30)  # so is a new x shape
+    assert traces["_apply"] == 2
 
 
 def test_nnx_w_differs_from_the_linen_w_of_the_same_seed():

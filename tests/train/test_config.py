@@ -4,7 +4,7 @@ from scanlab.train import TrainConfig
 
 
 @pytest.mark.parametrize(
-    "changes, error, match",
+    ("changes", "error", "match"),
     [
         (dict(task="sort"), ValueError, "task must be one of"),
         (dict(steps=0), ValueError, "steps must be >= 1, got 0"),

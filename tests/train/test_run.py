@@ -8,6 +8,8 @@ import pytest
 
 from scanlab.train import TrainConfig, load, train
 
+pytestmark = pytest.mark.slow  # whole training runs with orbax checkpoints: not in `make test-fast`
+
 # A smaller model than the default: these tests are about the run, not the learning.
 CONFIG = TrainConfig(steps=60, chunk_steps=10, warmup_steps=10, n_layers=1, d_model=32, mlp_dim=64)
 
@@ -62,7 +64,7 @@ def test_resume_with_another_config_is_refused_and_keeps_the_checkpoints(tmp_pat
 
 def test_a_new_run_does_not_overwrite_an_old_one(tmp_path):
     train(CONFIG, checkpoint_dir=tmp_path, checkpoint_every=2)
-    with pytest.raises(ValueError, match="already holds a run .*latest step 60.*pass resume=True"):
+    with pytest.raises(ValueError, match=r"already holds a run .*latest step 60.*pass resume=True"):
         train(CONFIG, checkpoint_dir=tmp_path)
 
 

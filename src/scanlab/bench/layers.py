@@ -19,7 +19,7 @@ from scanlab.decoder import (
     init_params,
     shard_params,
 )
-from scanlab.timing import compile_seconds, time_call
+from scanlab.timing import compile_seconds, temp_bytes, time_call
 
 
 class LayerPoint(NamedTuple):
@@ -94,7 +94,7 @@ def measure(
         ]
         compiled = compile_runs[0][0]
         compile_s = float(np.median([seconds for _, seconds in compile_runs]))
-        timing = time_call(lambda compiled=compiled: compiled(params, tokens), repeats)
+        timing = time_call(functools.partial(compiled, params, tokens), repeats)
         results[name] = (compile_s, timing.median_s, compiled(params, tokens))
     diff = float(jnp.max(jnp.abs(results["scan"][2] - results["loop"][2])))
     return LayerPoint(
@@ -121,8 +121,8 @@ def measure_remat(
             return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
         compiled = jax.jit(jax.grad(loss)).lower(params).compile()
-        timing = time_call(lambda compiled=compiled: compiled(params), repeats)
-        temp = int(compiled.memory_analysis().temp_size_in_bytes)
+        timing = time_call(functools.partial(compiled, params), repeats)
+        temp = temp_bytes(compiled)
         points.append(RematPoint(n_layers, policy, temp, timing.median_s))
     return points
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab import loops
-from scanlab.timing import interleaved
+from scanlab.timing import interleaved, temp_bytes
 
 
 class MaskedPoint(NamedTuple):
@@ -142,12 +142,8 @@ def remat_memory(T: int, B: int = 4, H: int = 256, time_it: bool = True) -> list
             start = time.perf_counter()
             jax.block_until_ready(compiled(h0))
             grad_s = time.perf_counter() - start
-        n_segments = loops.sqrt_segments(T) if segments == "sqrt" else segments
-        points.append(
-            RematPoint(
-                T, policy, n_segments, int(compiled.memory_analysis().temp_size_in_bytes), grad_s
-            )
-        )
+        n_segments = loops.sqrt_segments(T) if segments == "sqrt" else int(segments)
+        points.append(RematPoint(T, policy, n_segments, temp_bytes(compiled), grad_s))
     return points
 
 

@@ -7,6 +7,7 @@ two cached entry points; and the decoder's layer stack, functional vs the two NN
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import NamedTuple
 
@@ -82,7 +83,8 @@ def layer_stack_forms(
     pure = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
     forms = {"functional, lax.scan": lambda: functional(params, tokens, config)}
     forms |= {
-        f"NNX {form}, nnx.jit": (lambda m=model: call(m, tokens)) for form, model in models.items()
+        f"NNX {form}, nnx.jit": functools.partial(call, model, tokens)
+        for form, model in models.items()
     }
     forms["NNX nnx.scan, split once + jax.jit"] = lambda: pure(state, tokens)
     return _time_forms(forms, rounds)

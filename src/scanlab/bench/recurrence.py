@@ -7,8 +7,9 @@ inputs, so their extra input projection is work scanlab does not do; that is wha
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,7 @@ from scanlab import sharding
 from scanlab.recurrence import LaxScanModule, NNScanModule, lax_scan_in_module
 from scanlab.timing import interleaved, seconds, time_call
 
+torch: Any
 try:
     import torch
 except ImportError:  # torch is an optional peer (the `bench` extra)
@@ -124,21 +126,18 @@ def measure(
     """
     x = np.random.default_rng(1).standard_normal((shape.B, shape.H)).astype(np.float32)
     runs = peers(shape, n_devices)
-    first = {name: seconds(lambda run=run: run(x)) for name, run in runs.items()}
-    slowest = max(seconds(lambda run=run: run(x)) for run in runs.values())
+    calls = {name: functools.partial(run, x) for name, run in runs.items()}
+    first = {name: seconds(call) for name, call in calls.items()}
+    slowest = max(seconds(call) for call in calls.values())
     rounds = int(np.clip(budget_s / slowest, repeats, 10 * repeats))
-    samples = interleaved({name: lambda run=run: run(x) for name, run in runs.items()}, rounds)
-    reference = np.asarray(runs["scanlab"](x))
-    return [
-        PeerTiming(
-            name,
-            shape,
-            first[name],
-            *np.percentile(samples[name], [50, 25, 75]),
-            float(np.abs(np.asarray(run(x)) - reference).max()),
-        )
-        for name, run in runs.items()
-    ]
+    samples = interleaved(calls, rounds)
+    reference = np.asarray(calls["scanlab"]())
+    timings = []
+    for name, call in calls.items():
+        median, p25, p75 = np.percentile(samples[name], [50, 25, 75])
+        diff = float(np.abs(np.asarray(call()) - reference).max())
+        timings.append(PeerTiming(name, shape, first[name], median, p25, p75, diff))
+    return timings
 
 
 def _numpy_loop(x: np.ndarray, W: np.ndarray, T: int) -> np.ndarray:
@@ -156,7 +155,12 @@ def _flax_rnn(shape: Shape, W: np.ndarray):
     variables = rnn.init(jax.random.PRNGKey(0), inputs)
     params = jax.tree.map(jnp.zeros_like, variables["params"])
     params["cell"]["h"]["kernel"] = jnp.asarray(W)
-    apply = jax.jit(lambda p, x0: rnn.apply({"params": p}, inputs, initial_carry=x0)[:, -1])
+
+    def last_state(p, x0):
+        states = rnn.apply({"params": p}, inputs, initial_carry=x0)
+        return cast(jax.Array, states)[:, -1]
+
+    apply = jax.jit(last_state)
     # SimpleCell computes tanh(x_t·Wi + h·Wh + b) from the carry: start it at x, run T + 1 steps.
     return lambda x: apply(params, jnp.asarray(x))
 
@@ -164,8 +168,8 @@ def _flax_rnn(shape: Shape, W: np.ndarray):
 def _torch_rnn(shape: Shape, W: np.ndarray):
     rnn = torch.nn.RNN(shape.H, shape.H, nonlinearity="tanh", bias=False, batch_first=True)
     with torch.no_grad():
-        rnn.weight_ih_l0.zero_()
-        rnn.weight_hh_l0.copy_(torch.from_numpy(W).T)  # torch computes h @ W_hh.T
+        rnn.get_parameter("weight_ih_l0").zero_()
+        rnn.get_parameter("weight_hh_l0").copy_(torch.from_numpy(W).T)  # h @ W_hh.T
     inputs = torch.zeros(shape.B, shape.T + 1, shape.H)
 
     def run(x):

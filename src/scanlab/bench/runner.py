@@ -90,8 +90,8 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
     results["nnx"] = {"recurrence": [], "layers": []}
     for B, H, T in ((1, 16, 50),) if quick else ((1, 64, 1000), (64, 256, 1000)):
         on_progress(f"W12 recurrence in linen and NNX, B={B} H={H} T={T}")
-        for timing in nnx.recurrence_forms(B, H, T, rounds=2 if quick else 9):
-            results["nnx"]["recurrence"].append(timing._asdict() | dict(B=B, H=H, T=T))
+        for form in nnx.recurrence_forms(B, H, T, rounds=2 if quick else 9):
+            results["nnx"]["recurrence"].append(form._asdict() | dict(B=B, H=H, T=T))
     n_layers = 2 if quick else 16
     on_progress(f"W12 layer stack, functional vs NNX, {n_layers} layers")
     dims = dict(d_model=32, seq=16, rounds=2) if quick else {}

@@ -4,9 +4,9 @@ Each row stops at its first stop token (a done flag in the loop's carry; a finis
 padding), and the loop ends as soon as every row is done. `generate` is one compiled program: a
 `lax.while_loop` over tokens whose condition is "tokens left and a row not done". `stream` yields
 tokens as they are produced: chunks of `chunk` tokens, each one compiled `lax.scan` of the same
-decoding step, with the same early end between chunks. Measured on SmolLM2 (W7), the
-while_loop and chunked scans trade places between runs, within the noise, so `generate` keeps
-the one program (callable under `jit`); streaming single tokens costs 1-2 ms per token.
+decoding step, with the same early end between chunks. On SmolLM2 (W7 in the benchmark
+report) the while_loop and chunked scans trade places between runs, within the noise, so
+`generate` keeps the one program (callable under `jit`).
 Sampling settings are traced values (see `scanlab.decoder.sampling`): a new temperature, top-k,
 top-p, min-p or repetition penalty reuses the compiled program.
 """
@@ -374,7 +374,7 @@ def _stream(params, checked: _Checked, config, max_new_tokens, chunk) -> Iterato
         yield tokens_BxC
 
 
-def _checked_prompt_mask(attn_mask, shape: tuple[int, int]) -> jax.Array:
+def _checked_prompt_mask(attn_mask, shape: tuple[int, ...]) -> jax.Array:
     """The mask as bool (B, S); it must pad on the left and leave each row a real token."""
     if attn_mask is None:
         return jnp.ones(shape, bool)

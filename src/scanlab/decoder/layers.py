@@ -101,7 +101,7 @@ def attention(
 
 def _plus_bias(x_BxSx: jax.Array, bias: jax.Array | None) -> jax.Array:
     """x (B, S, ...) + bias (...), the bias lifted explicitly; no bias (Llama): x."""
-    return x_BxSx if bias is None else x_BxSx + bias.reshape((1, 1) + bias.shape)
+    return x_BxSx if bias is None else x_BxSx + bias.reshape((1, 1, *bias.shape))
 
 
 def _write(cache: LayerCache, k_BxSxKxDh, v_BxSxKxDh, positions_BxS) -> LayerCache:

@@ -121,7 +121,7 @@ def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
     return jnp.asarray(array, jnp.int32)
 
 
-def check_mask(attn_mask, shape: tuple[int, int]) -> jax.Array:
+def check_mask(attn_mask, shape: tuple[int, ...]) -> jax.Array:
     """A (B, S) padding mask as bool, of the tokens' shape."""
     mask = attn_mask if isinstance(attn_mask, jax.Array) else np.asarray(attn_mask)
     if tuple(mask.shape) != tuple(shape):

@@ -18,37 +18,46 @@ the consecutive R heads starting at k·R, as in transformers' `repeat_kv`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 
+# What the leaves are: arrays in parameters; a `Leaf` declaration, a shape or a PartitionSpec in
+# the trees derived from the declarations (`scanlab.decoder.spec`). Unparameterized means any.
+T = TypeVar("T")
 
-class Attention(NamedTuple):
-    q_proj: jax.Array  # (L, D, R, K, Dh)
-    k_proj: jax.Array  # (L, D, K, Dh)
-    v_proj: jax.Array  # (L, D, K, Dh)
-    out_proj: jax.Array  # (L, R, K, Dh, D)
+
+class Attention(NamedTuple, Generic[T]):
+    q_proj: T  # (L, D, R, K, Dh)
+    k_proj: T  # (L, D, K, Dh)
+    v_proj: T  # (L, D, K, Dh)
+    out_proj: T  # (L, R, K, Dh, D)
     # Biases of the Qwen2 family; None (an empty subtree) for Llama.
-    q_bias: jax.Array | None = None  # (L, R, K, Dh)
-    k_bias: jax.Array | None = None  # (L, K, Dh)
-    v_bias: jax.Array | None = None  # (L, K, Dh)
+    q_bias: T | None = None  # (L, R, K, Dh)
+    k_bias: T | None = None  # (L, K, Dh)
+    v_bias: T | None = None  # (L, K, Dh)
 
 
-class DecoderBlock(NamedTuple):
-    input_norm: jax.Array  # (L, D)
-    attention: Attention
-    post_attn_norm: jax.Array  # (L, D)
-    gate_proj: jax.Array  # (L, D, F)
-    up_proj: jax.Array  # (L, D, F)
-    down_proj: jax.Array  # (L, F, D)
+class DecoderBlock(NamedTuple, Generic[T]):
+    input_norm: T  # (L, D)
+    attention: Attention[T]
+    post_attn_norm: T  # (L, D)
+    gate_proj: T  # (L, D, F)
+    up_proj: T  # (L, D, F)
+    down_proj: T  # (L, F, D)
 
 
-class DecoderParams(NamedTuple):
-    embed: jax.Array  # (V, D)
-    blocks: DecoderBlock  # every leaf (L, ...)
-    final_norm: jax.Array  # (D,)
-    lm_head: jax.Array | None  # (D, V); None when the embedding is tied
+class DecoderParams(NamedTuple, Generic[T]):
+    embed: T  # (V, D)
+    blocks: DecoderBlock[T]  # every leaf (L, ...)
+    final_norm: T  # (D,)
+    lm_head: T | None  # (D, V); None when the embedding is tied
+
+
+def outside_layers(tree: DecoderParams[T]) -> DecoderParams[T]:
+    """The tree without its block leaves (blocks None): what lives outside the layer stack."""
+    return tree._replace(blocks=None)  # type: ignore[arg-type]  # an empty subtree, on purpose
 
 
 def stack_layers(layers: list[DecoderBlock]) -> DecoderBlock:

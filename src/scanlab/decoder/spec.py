@@ -23,7 +23,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from scanlab import sharding
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.params import Attention, DecoderBlock, DecoderParams
+from scanlab.decoder.params import Attention, DecoderBlock, DecoderParams, outside_layers
 from scanlab.errors import ArgumentError, ArgumentTypeError
 
 # Which mesh axis shards each letter: the model width over "data" (FSDP), the key/value heads and
@@ -75,6 +75,17 @@ def _qkv_bias(shape: str, hf_name: str, hf_layout: str, gguf_name: str) -> Leaf:
     )
 
 
+# Absent when the embedding is tied (the output head reuses it): GGUF files tell by its name.
+LM_HEAD = Leaf(
+    "D V",
+    "normal",
+    "D",
+    "lm_head.weight",
+    "V D",
+    "output.weight",
+    present=lambda config: not config.tie_embeddings,
+)
+
 SPEC = DecoderParams(
     embed=Leaf("V D", "normal", "", "model.embed_tokens.weight", "V D", "token_embd.weight"),
     blocks=DecoderBlock(
@@ -88,7 +99,7 @@ SPEC = DecoderParams(
                 "(K R Dh) D",
                 "attn_q.weight",
                 gguf_interleaved=True,
-            ),  # fmt: skip
+            ),
             k_proj=Leaf(
                 "D K Dh",
                 "normal",
@@ -97,7 +108,7 @@ SPEC = DecoderParams(
                 "(K Dh) D",
                 "attn_k.weight",
                 gguf_interleaved=True,
-            ),  # fmt: skip
+            ),
             v_proj=Leaf(
                 "D K Dh", "normal", "D", "self_attn.v_proj.weight", "(K Dh) D", "attn_v.weight"
             ),
@@ -108,7 +119,7 @@ SPEC = DecoderParams(
                 "self_attn.o_proj.weight",
                 "D (K R Dh)",
                 "attn_output.weight",
-            ),  # fmt: skip
+            ),
             q_bias=_qkv_bias("R K Dh", "self_attn.q_proj.bias", "(K R Dh)", "attn_q.bias"),
             k_bias=_qkv_bias("K Dh", "self_attn.k_proj.bias", "(K Dh)", "attn_k.bias"),
             v_bias=_qkv_bias("K Dh", "self_attn.v_proj.bias", "(K Dh)", "attn_v.bias"),
@@ -119,15 +130,7 @@ SPEC = DecoderParams(
         down_proj=Leaf("F D", "normal", "F", "mlp.down_proj.weight", "D F", "ffn_down.weight"),
     ),
     final_norm=_norm("model.norm.weight", "output_norm.weight"),
-    lm_head=Leaf(
-        "D V",
-        "normal",
-        "D",
-        "lm_head.weight",
-        "V D",
-        "output.weight",
-        present=lambda config: not config.tie_embeddings,
-    ),
+    lm_head=LM_HEAD,
 )
 
 
@@ -160,9 +163,7 @@ def declared(config: DecoderConfig) -> DecoderParams:
 def _map(fn: Callable[[Leaf, bool], Any], config: DecoderConfig) -> DecoderParams:
     """`fn(leaf, in_blocks)` over this config's declared leaves; absent leaves stay None."""
     tree = declared(config)
-    outside = jax.tree.map(
-        lambda leaf: fn(leaf, False), tree._replace(blocks=None), is_leaf=is_leaf
-    )
+    outside = jax.tree.map(lambda leaf: fn(leaf, False), outside_layers(tree), is_leaf=is_leaf)
     blocks = jax.tree.map(lambda leaf: fn(leaf, True), tree.blocks, is_leaf=is_leaf)
     return outside._replace(blocks=blocks)
 
@@ -228,8 +229,8 @@ def init_layer(config: DecoderConfig, key: jax.Array, dtype=jnp.float32) -> Deco
 def init_outside_layers(config: DecoderConfig, key: jax.Array, dtype=jnp.float32) -> DecoderParams:
     """The parameters outside the layer stack (embed, final_norm, lm_head); blocks is None."""
     return _init_tree(
-        declared(config)._replace(blocks=None),
-        param_shapes(config)._replace(blocks=None),
+        outside_layers(declared(config)),
+        outside_layers(param_shapes(config)),
         config,
         key,
         dtype,

@@ -2,19 +2,20 @@
 
 `run_layers` runs `decoder_block` over the stacked parameters by `jax.lax.scan` (one compiled
 block) or, with `loop=True`, by a Python loop (the twin: L copies of the block when traced);
-with a KV cache it is the decoding stack, the cache of each layer going in as a scan input and
-out as a scan output. The scan state is the blog's `(key, seq)`: each layer gets its own subkey
-(None at inference).
+with a KV cache it is the decoding stack, the whole cache riding in the scan's carry. The scan
+state is the blog's `(key, seq)`: each layer gets its own subkey (None at inference).
 
 Remat is a named policy (`REMAT`), each mapped onto `jax.checkpoint` by `scanlab.loops`:
 "none" keeps every activation for the backward pass, "full" only each layer's input, "dots" the
-matmul outputs, and "sqrt" nests the layer scan in √L checkpointed segments. Measured (W3):
-"full" is the one to pick over layers. "sqrt" pays on long scans with small per-step inputs
-(`loops.remat_scan`, W10), but here the per-step inputs are the layers' weights, and the nested
-scan holds an extra buffer the size of their gradients (89.5 MiB vs 15.1 for "full" at 64 layers).
+matmul outputs, and "sqrt" nests the layer scan in √L checkpointed segments. Over layers "full"
+is the one to pick (W3 in the benchmark report): "sqrt" pays on long scans with small per-step
+inputs (`loops.remat_scan`, W10), but here the per-step inputs are the layers' weights, and the
+nested scan holds an extra buffer the size of their gradients.
 """
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from scanlab.decoder.params import DecoderBlock, stack_layers, unstack_layers
 from scanlab.errors import ArgumentError
 
 # remat name -> (scanlab.loops policy for each layer, segments of the layer scan)
-REMAT = {
+REMAT: dict[str, tuple[str, int | Literal["sqrt"]]] = {
     "none": ("none", 1),
     "full": ("full", 1),
     "dots": ("dots", 1),
@@ -42,7 +43,7 @@ def split_key_nullable(key: jax.Array | None):
     return key, subkey
 
 
-def check_remat(remat: str, loop: bool = False) -> tuple[str, int | str]:
+def check_remat(remat: str, loop: bool = False) -> tuple[str, int | Literal["sqrt"]]:
     """The (policy, segments) of a remat name; "sqrt" needs a scan to nest."""
     if remat not in REMAT:
         raise ArgumentError(f"remat must be one of {list(REMAT)}, got {remat!r}")
@@ -97,9 +98,8 @@ def run_layers(
         return (key, seq), layer_cache
 
     def cached_layer(state, layer_inputs):
-        # The whole cache rides in the carry, layer i's slice updated in place. As a scan input
-        # and output XLA copied it whole several times per decoding step (W7, SmolLM2 at batch
-        # 8: 81 -> 88 tokens/s).
+        # The whole cache rides in the carry, layer i's slice updated in place: as a scan input
+        # and output XLA copied it whole several times per decoding step.
         key, seq, cache = state
         block, i = layer_inputs
         (key, seq), layer_cache = layer((key, seq), (block, jax.tree.map(lambda c: c[i], cache)))
@@ -121,7 +121,7 @@ def run_layers(
     return seq_BxSxD, caches
 
 
-def _python_loop(layer, state, blocks: DecoderBlock, cache: LayerCache | None, policy: str):
+def _python_loop(layer, state, blocks: DecoderBlock, cache: Any, policy: str):
     """The loop twin: the same `layer` step, once per layer, each under the same policy."""
     step = layer if policy == "none" else jax.checkpoint(layer, policy=loops.REMAT_POLICIES[policy])
     layers = unstack_layers(blocks)

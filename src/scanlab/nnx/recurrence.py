@@ -13,10 +13,12 @@ linen's `variable_broadcast="params"`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from scanlab import checks
 from scanlab.recurrence import PARAM_DTYPE, check_call, common_dtype
@@ -43,7 +45,7 @@ class NNXLaxScanModule(nnx.Module):
         init = nnx.initializers.lecun_normal()
         self.W = nnx.Param(init(rngs.params(), (self.hidden, self.hidden), PARAM_DTYPE))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: ArrayLike) -> jax.Array:
         """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`."""
         # A plain array: the body closes over it, lax.scan sees a constant.
         x, W = common_dtype(jnp.asarray(x), self.W[...])
@@ -65,7 +67,7 @@ class NNXScanModule(NNXLaxScanModule):
     `scanlab.pitfalls`).
     """
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: ArrayLike) -> jax.Array:
         x, W = common_dtype(jnp.asarray(x), self.W[...])
         init_carry = jnp.tanh(x @ W)
 
@@ -84,7 +86,7 @@ def _with_initial_state(init_carry: jax.Array, states: jax.Array) -> jax.Array:
 
 
 def from_linen(
-    variables: dict,
+    variables: Mapping,
     T: int,
     *,
     cls: type[NNXLaxScanModule] = NNXLaxScanModule,

@@ -14,7 +14,7 @@ Each block calls `scanlab.decoder.decoder_block` on its parameters, so the math 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 from flax import nnx
@@ -22,7 +22,7 @@ from flax import nnx
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.layers import decoder_block
 from scanlab.decoder.model import causal_mask, embed, unembed
-from scanlab.decoder.params import DecoderBlock, DecoderParams
+from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
 from scanlab.decoder.spec import check_params, init_layer, init_outside_layers
 from scanlab.errors import ArgumentError
 
@@ -50,7 +50,7 @@ class NNXBlock(nnx.Module):
             _params(init_layer(config, rngs.params()) if block is None else block)
         )
         # A stream only where dropout can draw from it (the "dropout" stream, else "default").
-        self.dropout = rngs["dropout"].fork() if config.dropout_rate > 0 else nnx.data(None)
+        self.dropout: Any = rngs["dropout"].fork() if config.dropout_rate > 0 else nnx.data(None)
         self.deterministic = False
 
     def __call__(self, seq_BxSxD: jax.Array, attn_mask_BxSxS: jax.Array) -> jax.Array:
@@ -160,7 +160,7 @@ class NNXDecoder(nnx.Module):
 
     def __call__(self, tokens_BxS: jax.Array, attn_mask_BxS: jax.Array | None = None) -> jax.Array:
         """Logits (B, S, V) float32 for token ids (B, S)."""
-        outside = self.to_params()._replace(blocks=None)  # the layers run from self.blocks
+        outside = outside_layers(self.to_params())  # the layers run from self.blocks
         mask = causal_mask(attn_mask_BxS, *tokens_BxS.shape)
         seq = LAYER_SCANS[self.layer_scan](self.blocks, embed(outside, tokens_BxS), mask)
         return unembed(outside, seq, self.config)

@@ -66,10 +66,10 @@ def train(
         raise ArgumentError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if resume and checkpoint_dir is None:
         raise ArgumentError("resume needs a checkpoint_dir, got None")
-    if resume:
+    if resume and checkpoint_dir is not None:
         _check_exists(checkpoint_dir)  # reading must not create what it fails to find
     manager = _manager(checkpoint_dir) if checkpoint_dir is not None else None
-    state, losses, history = None, None, []
+    state, losses, history = None, None, list[float]()
     try:
         state, history = _starting_point(config, manager, resume, mesh)
         step = int(state.step)
@@ -193,7 +193,7 @@ def _reading(manager, step: int):
     # detail: name the checkpoint and keep the first sentence.
     try:
         yield
-    except Exception as error:  # noqa: BLE001 - re-raised as one named, readable error
+    except Exception as error:
         summary = str(error).splitlines()[0].split(" See full TensorStore details")[0]
         raise CheckpointReadError(
             f"checkpoint {Path(manager.directory) / str(step)} cannot be read "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +15,16 @@ from scanlab.decoder import DecoderParams, forward, init_params, param_specs
 from scanlab.train.config import TrainConfig
 from scanlab.train.tasks import Task, task_by_name
 
+T = TypeVar("T")  # the leaves: arrays, or their shardings (`state_shardings`)
 
-class TrainState(NamedTuple):
-    params: DecoderParams
+
+class TrainState(NamedTuple, Generic[T]):
+    """Arrays in a run; `state_shardings` gives the same tree of shardings."""
+
+    params: DecoderParams[T]
     opt_state: optax.OptState
-    key: jax.Array  # the run's PRNG stream: split once per step for that step's batch
-    step: jax.Array  # int32, steps taken
+    key: T  # the run's PRNG stream: split once per step for that step's batch
+    step: T  # int32, steps taken
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
@@ -75,12 +79,12 @@ def init_state(config: TrainConfig, mesh: Mesh | None = None) -> TrainState:
     return jax.device_put(state, state_shardings(config, mesh))
 
 
-def target_loss(params: DecoderParams, tokens_BxL: jax.Array, task: Task, config: TrainConfig):
+def target_loss(params: DecoderParams, tokens_BxS: jax.Array, task: Task, config: TrainConfig):
     """Mean next-token cross-entropy over the T target positions of each example."""
-    logits_BxLxV = forward(params, tokens_BxL[:, :-1], config.model)
-    targets_BxT = tokens_BxL[:, task.prompt_length :]
+    logits_BxSxV = forward(params, tokens_BxS[:, :-1], config.model)
+    targets_BxT = tokens_BxS[:, task.prompt_length :]
     # Position P-1+t predicts target t.
-    logits_BxTxV = logits_BxLxV[:, task.prompt_length - 1 :]
+    logits_BxTxV = logits_BxSxV[:, task.prompt_length - 1 :]
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
 
 

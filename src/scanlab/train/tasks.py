@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scanlab.errors import ArgumentError
 
@@ -22,7 +23,7 @@ class Task(NamedTuple):
     prompt_length: int  # P, separator included
     target_length: int  # T
     sample: Callable[[jax.Array, int], jax.Array]  # (key, B) -> (B, P + T) int32 tokens
-    describe: Callable[[jax.Array], tuple[str, str]]  # (P + T,) tokens -> (question, answer) text
+    describe: Callable[[np.ndarray], tuple[str, str]]  # (P + T,) tokens -> (question, answer) text
 
     @property
     def length(self) -> int:
@@ -37,9 +38,9 @@ _REVERSE_SYMBOLS = "0123456789|"
 
 
 def _sample_reverse(key: jax.Array, batch: int) -> jax.Array:
-    x_BxN = jax.random.randint(key, (batch, REVERSE_LENGTH), 0, REVERSE_DIGITS, jnp.int32)
+    digits_BxT = jax.random.randint(key, (batch, REVERSE_LENGTH), 0, REVERSE_DIGITS, jnp.int32)
     sep_Bx1 = jnp.full((batch, 1), REVERSE_SEP, jnp.int32)
-    return jnp.concatenate([x_BxN, sep_Bx1, x_BxN[:, ::-1]], axis=1)
+    return jnp.concatenate([digits_BxT, sep_Bx1, digits_BxT[:, ::-1]], axis=1)
 
 
 def _text(tokens, symbols: str) -> str:

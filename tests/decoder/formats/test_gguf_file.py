@@ -20,7 +20,7 @@ def logits_of(model) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "family, tie, qtype",
+    ("family", "tie", "qtype"),
     [("llama", False, q) for q in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)]
     + [("llama", True, Q.Q4_1), ("qwen2", False, Q.F32)],
     ids=lambda value: getattr(value, "name", str(value)),
@@ -88,19 +88,19 @@ def small_file(tmp_path):
 def test_truncated_file(small_file):
     data = small_file.read_bytes()
     small_file.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="model.gguf is not a readable GGUF file"):
+    with pytest.raises(CheckpointError, match=r"model\.gguf is not a readable GGUF file"):
         load_gguf(small_file)
 
 
 def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"PK\x03\x04" + bytes(200))
-    with pytest.raises(CheckpointError, match="model.gguf is not a readable GGUF file"):
+    with pytest.raises(CheckpointError, match=r"model\.gguf is not a readable GGUF file"):
         load_gguf(path)
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(CheckpointError, match="GGUF file .*absent.gguf does not exist"):
+    with pytest.raises(CheckpointError, match=r"GGUF file .*absent\.gguf does not exist"):
         load_gguf(tmp_path / "absent.gguf")
 
 
@@ -119,7 +119,9 @@ def test_rope_scaling_is_refused(small_file, tmp_path):
     def edit(fields, tensors):
         fields["llama.rope.scaling.type"] = "yarn"
 
-    with pytest.raises(CheckpointError, match="llama.rope.scaling.type must be 'none', got 'yarn'"):
+    with pytest.raises(
+        CheckpointError, match=r"llama\.rope\.scaling\.type must be 'none', got 'yarn'"
+    ):
         load_gguf(rewrite(small_file, tmp_path, edit))
 
 
@@ -127,7 +129,7 @@ def test_missing_tensor(small_file, tmp_path):
     def edit(fields, tensors):
         del tensors["blk.1.ffn_up.weight"]
 
-    with pytest.raises(CheckpointError, match="tensor blk.1.ffn_up.weight is missing"):
+    with pytest.raises(CheckpointError, match=r"tensor blk\.1\.ffn_up\.weight is missing"):
         load_gguf(rewrite(small_file, tmp_path, edit))
 
 
@@ -137,7 +139,8 @@ def test_type_the_gguf_package_cannot_dequantize(small_file, tmp_path):
 
     path = rewrite(small_file, tmp_path, edit)
     with pytest.raises(
-        CheckpointError, match="tensor blk.0.attn_norm.weight has type I8, which the gguf package"
+        CheckpointError,
+        match=r"tensor blk\.0\.attn_norm\.weight has type I8, which the gguf package",
     ):
         load_gguf(path)
 
@@ -148,5 +151,5 @@ def test_nan_weights(small_file, tmp_path):
         weight[3] = np.nan
         tensors["output_norm.weight"] = weight
 
-    with pytest.raises(CheckpointError, match="tensor output_norm.weight holds NaN or Inf"):
+    with pytest.raises(CheckpointError, match=r"tensor output_norm\.weight holds NaN or Inf"):
         load_gguf(rewrite(small_file, tmp_path, edit))

@@ -191,11 +191,11 @@ def test_shape_mismatch_is_named(tmp_path):
 
 
 def test_no_weights_and_no_config(tmp_path):
-    with pytest.raises(CheckpointError, match="must contain config.json"):
+    with pytest.raises(CheckpointError, match=r"must contain config\.json"):
         load_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(hf_model().config.to_dict()))
     with pytest.raises(
-        CheckpointError, match="must contain model.safetensors or model.safetensors.index.json"
+        CheckpointError, match=r"must contain model\.safetensors or model\.safetensors\.index\.json"
     ):
         load_checkpoint(tmp_path)
 
@@ -281,7 +281,7 @@ def test_sliding_window_and_config_gaps_are_named(tmp_path):
         load_checkpoint(tmp_path)
     del hf["hidden_size"]
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(CheckpointError, match="config.json is missing hidden_size"):
+    with pytest.raises(CheckpointError, match=r"config\.json is missing hidden_size"):
         load_checkpoint(tmp_path)
 
 

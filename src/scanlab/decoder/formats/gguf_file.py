@@ -24,6 +24,7 @@ from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.formats.base import (
     CheckpointError,
+    Tensor,
     assemble,
     checked_tensor,
     from_hf,
@@ -98,7 +99,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> DecoderConfig:
         rope_theta=float(get("rope.freq_base", 10_000.0)),
         norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         max_seq_len=int(get("context_length")),
-        tie_embeddings=spec.SPEC.lm_head.gguf_name not in tensors,
+        tie_embeddings=spec.LM_HEAD.gguf_name not in tensors,
         family=arch,
     )
 
@@ -114,7 +115,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[DecoderConfig
     config = config_from_gguf(reader)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
 
-    def read(leaf: spec.Leaf, layer: int | None) -> np.ndarray:
+    def read(leaf: spec.Leaf, layer: int | None) -> Tensor:
         name = leaf.gguf_name if layer is None else f"blk.{layer}.{leaf.gguf_name}"
         tensor = _dequantized(tensors, name, hf_shape(leaf, config), path)
         array = from_hf(leaf, tensor, config)
@@ -139,7 +140,7 @@ def _dequantized(tensors: dict, name: str, shape: tuple[int, ...], path) -> np.n
     return checked_tensor(array, shape, f"{path}: tensor {name}", "the metadata")
 
 
-def _halves_from_pairs(array: np.ndarray, axis: int) -> jax.Array:
+def _halves_from_pairs(array: Tensor, axis: int) -> jax.Array:
     """Reorders a Dh axis from interleaved rotary pairs (x0 y0 x1 y1 ...) to halves (x.. y..)."""
     moved = jnp.moveaxis(jnp.asarray(array), axis, -1)
     pairs = moved.reshape(*moved.shape[:-1], -1, 2)

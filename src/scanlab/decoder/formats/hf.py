@@ -29,6 +29,7 @@ from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.formats.base import (
     CheckpointError,
+    Tensor,
     assemble,
     checked_tensor,
     from_hf,
@@ -36,7 +37,7 @@ from scanlab.decoder.formats.base import (
     read_json,
     to_hf,
 )
-from scanlab.decoder.params import DecoderParams
+from scanlab.decoder.params import DecoderParams, outside_layers
 from scanlab.errors import PathExistsError
 
 CONFIG_FILE = "config.json"
@@ -227,7 +228,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
     reader = _Reader(directory)
     dtype = jnp.dtype(dtype or reader.dtype(spec.SPEC.embed.hf_name))
 
-    def read(leaf: spec.Leaf, layer: int | None) -> jax.Array:
+    def read(leaf: spec.Leaf, layer: int | None) -> Tensor:
         name = leaf.hf_name if layer is None else _layer_name(layer, leaf)
         return from_hf(leaf, reader.read(name, hf_shape(leaf, config)), config)
 
@@ -264,7 +265,7 @@ def save_checkpoint(
 def _write_shards(directory: Path, config: DecoderConfig, params: DecoderParams) -> None:
     n_shards = config.n_layers + 1
     shard = "model-{:05d}-of-{:05d}.safetensors".format
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     declared = spec.declared(config)
     block_leaves = list(zip(_leaves(declared.blocks), _leaves(params.blocks), strict=True))
     for i in range(config.n_layers):
@@ -272,9 +273,7 @@ def _write_shards(directory: Path, config: DecoderConfig, params: DecoderParams)
             _layer_name(i, leaf): to_hf(leaf, array[i], config) for leaf, array in block_leaves
         }
         _save(directory, shard(i + 1, n_shards), tensors, weight_map)
-    outside = zip(
-        _leaves(declared._replace(blocks=None)), _leaves(params._replace(blocks=None)), strict=True
-    )
+    outside = zip(_leaves(outside_layers(declared)), _leaves(outside_layers(params)), strict=True)
     rest = {leaf.hf_name: to_hf(leaf, array, config) for leaf, array in outside}
     _save(directory, shard(n_shards, n_shards), rest, weight_map)
     total_size = sum(leaf.nbytes for leaf in jax.tree.leaves(params))

@@ -180,9 +180,19 @@ def _from_directory(directory: Path) -> Tokenizer:
         ),
         eos_ids=tuple(int(i) for i in eos_ids),
         bos_token=_spelling(settings.get("bos_token")) or "",
-        eos_token=eos_token or backend.id_to_token(eos_ids[0]),
-        pad_id=backend.token_to_id(pad) if pad else int(eos_ids[0]),
+        eos_token=eos_token or backend.id_to_token(eos_ids[0]) or "",
+        pad_id=_pad_id(backend, pad, eos_ids[0]),
     )
+
+
+def _pad_id(backend: tokenizers.Tokenizer, pad: str | None, eos_id: int) -> int:
+    """The id of the pad token tokenizer_config.json names, else the end-of-sequence id."""
+    if not pad:
+        return int(eos_id)
+    pad_id = backend.token_to_id(pad)
+    if pad_id is None:
+        raise CheckpointError(f"pad_token {pad!r} is not in the tokenizer's vocabulary")
+    return pad_id
 
 
 def _spelling(token) -> str | None:
