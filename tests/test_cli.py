@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,9 @@ def test_decoder_compare_reports_agreement():
     )
     assert result.exit_code == 0, result.output
     assert "lax.scan over layers" in result.output and "loop / scan" in result.output
+    # The scanned and looped logits agree, as printed (float32 sums in another order).
+    diff = re.search(r"max \|logit diff\| ([0-9.]+e[-+][0-9]+)", " ".join(result.output.split()))
+    assert diff is not None and float(diff[1]) < 1e-4, result.output
 
 
 def test_decoder_generate_from_a_checkpoint(tmp_path):

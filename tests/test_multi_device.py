@@ -62,12 +62,11 @@ from scanlab.train import TrainConfig, train, load
 config = TrainConfig(steps=30, chunk_steps=10, warmup_steps=5, batch_size=16, d_model=64,
                      n_heads=8, n_kv_heads=4, mlp_dim=128, n_layers=2)
 single = train(config)
-for spec in ["data=4,model=2", "data=2,model=4"]:  # FSDP with TP, and TP-heavy
-    run = train(config, mesh=sharding.make_mesh(spec))
-    # 30 AdamW steps of float32 sums split differently: the curves agree to this tolerance.
-    np.testing.assert_allclose(run.losses, single.losses, rtol=2e-4, atol=2e-5)
-    chex.assert_trees_all_close(run.state.params, single.state.params, rtol=2e-3, atol=2e-4)
-    print("ok", spec)
+run = train(config, mesh=sharding.make_mesh("data=4,model=2"))  # FSDP with TP
+# 30 AdamW steps of float32 sums split differently: the curves agree to this tolerance.
+np.testing.assert_allclose(run.losses, single.losses, rtol=2e-4, atol=2e-5)
+chex.assert_trees_all_close(run.state.params, single.state.params, rtol=2e-3, atol=2e-4)
+print("ok data=4,model=2")
 
 class Stop(Exception):
     pass
@@ -82,6 +81,7 @@ try:
           mesh=sharding.make_mesh("data=4,model=2"))
 except Stop:
     pass
+# Resumed on the TP-heavy mesh: its last 10 steps must continue the one-device curve.
 restored = load(ckpt, mesh=sharding.make_mesh("data=2,model=4"))
 assert restored.state.params.blocks.gate_proj.sharding.mesh.shape == {{"data": 2, "model": 4}}
 resumed = train(config, checkpoint_dir=ckpt, resume=True, mesh=sharding.make_mesh("data=2,model=4"))
@@ -89,7 +89,7 @@ np.testing.assert_allclose(resumed.losses, single.losses, rtol=2e-4, atol=2e-5)
 print("ok resumed")
 """,
     )
-    assert out.count("ok ") == 3
+    assert out.count("ok ") == 2
 
 
 def test_meshes_that_do_not_divide_are_clear_errors(on_host_devices):

@@ -94,7 +94,7 @@ def _decoder(console: Console) -> None:
     console.print("Llama 2 7B, all 32 layers in one NamedTuple (shapes only, nothing allocated):")
     console.print(render.shape_listing(decoder_spec.param_shapes(config).blocks), highlight=False)
     console.print(f"parameters: {render.count(decoder_spec.param_count(config))}")
-    console.print(render.layer_table(layer_bench.measure(16)))
+    console.print(render.layer_table(layer_bench.measure(16, compiles=1)))
 
 
 def _training(console: Console) -> None:

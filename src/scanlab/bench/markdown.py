@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from scanlab.bench import decoding as w7
-from scanlab.bench.results import bound, by_shape, contender, recurrence_flops
+from scanlab.bench.results import bound, by_shape, contender
 from scanlab.bench.targets import judge
 
 
@@ -105,7 +105,7 @@ def _recurrence(results: dict) -> str:
         scanlab = next(t for t in timings if t["peer"] == "scanlab")
         rows = []
         for t in sorted(timings, key=lambda t: t["median_s"]):
-            rate = recurrence_flops(shape) / t["median_s"]
+            rate = shape.flops / t["median_s"]
             rows.append(
                 (
                     t["peer"],
@@ -117,7 +117,7 @@ def _recurrence(results: dict) -> str:
                     f"{t['max_abs_diff']:.1e}",
                 )
             )
-        lines += [f"### B={shape[0]}, H={shape[1]}, T={shape[2]}", "", *table(header, rows), ""]
+        lines += [f"### B={shape.B}, H={shape.H}, T={shape.T}", "", *table(header, rows), ""]
     return "\n".join(lines).rstrip()
 
 

@@ -5,24 +5,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from scanlab.bench.recurrence import Shape
 
-def by_shape(results: dict) -> dict[tuple[int, int, int], list[dict]]:
-    """W2's timings grouped by (B, H, T)."""
+
+def by_shape(results: dict) -> dict[Shape, list[dict]]:
+    """W2's timings grouped by shape (B, H, T)."""
     grouped = defaultdict(list)
     for t in results["recurrence"]:
-        s = t["shape"]
-        grouped[(s["B"], s["H"], s["T"])].append(t)
+        grouped[Shape(**t["shape"])].append(t)
     return dict(grouped)
 
 
 def best_scanlab(timings: list[dict]) -> dict:
     return min((t for t in timings if t["peer"].startswith("scanlab")), key=lambda t: t["median_s"])
-
-
-def recurrence_flops(shape: tuple[int, int, int]) -> float:
-    """FLOPs of h ← tanh(h @ W) at (B, H, T): T + 1 matmuls of (B, H) × (H, H)."""
-    B, H, T = shape
-    return 2.0 * B * H * H * (T + 1)
 
 
 def contender(decoding: dict, name: str, batch: int) -> dict | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from scanlab.bench import decoding as w7
-from scanlab.bench.results import best_scanlab, bound, by_shape, contender, recurrence_flops
+from scanlab.bench.results import best_scanlab, bound, by_shape, contender
 
 W1_MAX_VS_HAND_JIT, W1_MIN_VS_TEXTBOOK = 1.5, 100.0
 W2_MIN_MATMUL_FRACTION = 0.6
@@ -60,18 +60,18 @@ def _recurrence(results: dict) -> list[Target]:
         fastest_other = min(others, key=lambda t: t["median_s"])
         rows.append(
             Target(
-                f"W2 scanlab fastest at B={shape[0]} H={shape[1]} T={shape[2]}",
+                f"W2 scanlab fastest at B={shape.B} H={shape.H} T={shape.T}",
                 f"{best['peer']} {best['median_s'] * 1e3:.2f} ms vs {fastest_other['peer']} "
                 f"{fastest_other['median_s'] * 1e3:.2f} ms",
                 best["median_s"] <= fastest_other["median_s"],
             )
         )
-        if shape[0] >= 64:
-            fraction = recurrence_flops(shape) / best["median_s"] / limit
+        if shape.B >= 64:
+            fraction = shape.flops / best["median_s"] / limit
             rows.append(
                 Target(
                     f"W2 ≥ {W2_MIN_MATMUL_FRACTION:.0%} of the matmul rate at "
-                    f"B={shape[0]} H={shape[1]}",
+                    f"B={shape.B} H={shape.H}",
                     f"{fraction:.0%}",
                     fraction >= W2_MIN_MATMUL_FRACTION,
                 )

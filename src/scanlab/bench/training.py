@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -24,15 +25,22 @@ def measure(
 ) -> TrainingPoint:
     """Median steps/s of `steps` steps, each way, on the default (tiny) training model."""
     config = config or TrainConfig(steps=max(steps, 200))
-    runs = {}
-    for name, run in (("scan", train_chunk), ("loop", train_loop)):
-        durations = []
-        for _ in range(repeats + 1):  # the first includes compilation
-            state = init_state(config, mesh)
-            start = time.perf_counter()
-            state, losses = run(state, config=config, steps=steps, mesh=mesh)
-            jax.block_until_ready(losses)
-            durations.append(time.perf_counter() - start)
-        steady = sorted(durations[1:])[len(durations[1:]) // 2]
-        runs[name] = (steps / steady, durations[0] - steady)
-    return TrainingPoint(steps, runs["scan"][0], runs["loop"][0], runs["scan"][1], runs["loop"][1])
+    scan = steps_per_s(train_chunk, config, steps, repeats, mesh)
+    loop = steps_per_s(train_loop, config, steps, repeats, mesh)
+    return TrainingPoint(steps, scan[0], loop[0], scan[1], loop[1])
+
+
+def steps_per_s(
+    run: Callable, config: TrainConfig, steps: int, repeats: int, mesh: Mesh | None
+) -> tuple[float, float]:
+    """(steady steps/s, compile seconds) of `run` (`train_chunk` or `train_loop`) for `steps`
+    steps from a fresh state: the first call's extra time over a steady one is compilation."""
+    durations = []
+    for _ in range(repeats + 1):
+        state = init_state(config, mesh)
+        start = time.perf_counter()
+        state, losses = run(state, config=config, steps=steps, mesh=mesh)
+        jax.block_until_ready(losses)
+        durations.append(time.perf_counter() - start)
+    steady = sorted(durations[1:])[len(durations[1:]) // 2]
+    return steps / steady, durations[0] - steady
