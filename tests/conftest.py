@@ -87,3 +87,10 @@ def cli():
         return 0, err.getvalue()
 
     return invoke
+
+
+def pytest_collection_modifyitems(items):
+    """The slow end-to-end files first: xdist hands files to workers in collection order, so the
+    long ones start at once and the short ones fill in after (longest first balances the two
+    workers; the order within each group stays as collected)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

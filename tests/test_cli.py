@@ -5,6 +5,7 @@ import sys
 
 import matplotlib.image
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from scanlab import lax_scan_in_module, pitfalls
@@ -133,3 +134,39 @@ def test_train_resume_and_generate(tmp_path):
     shown = runner.invoke(app, ["generate", "--checkpoint", ckpt, "--n", "3"])
     assert shown.exit_code == 0, shown.output
     assert shown.output.count("reverse ") == 3
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["decoder", "generate", "--help"],
+        ["run", "--T", "-1"],
+        ["decoder", "shapes", "--preset", "nope"],
+        ["decoder", "compare", "--seq", "0"],
+        ["decoder", "generate", "--top-p", "2", "--temperature", "1"],
+        ["decoder", "generate", "--mesh", "data=2,data=4"],
+        ["chat", "--dtype", "float16"],
+        ["train", "--learning-rate", "inf"],
+        ["bench", "--devices", "0"],
+        ["generate", "--checkpoint", "typo_dir", "--n", "0"],
+    ],
+)
+def test_help_and_flag_errors_answer_without_starting_jax(args):
+    """Start-up stays fast: JAX, Flax and the format readers load only for work that needs them."""
+    script = f"""
+import sys
+from scanlab.cli import main
+sys.argv = ["scanlab", *{args!r}]
+status = 0
+try:
+    main()
+except SystemExit as exit_:
+    status = exit_.code
+heavy = [m for m in ("jax._src.core", "flax", "gguf", "tokenizers", "jinja2", "orbax") if m in sys.modules]
+assert not heavy, heavy
+print("status", status)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] in ("0", "2"), result.stdout

@@ -22,15 +22,25 @@ if TYPE_CHECKING:
 SEED_LIMIT = 2**32
 
 
+def imported_jax():
+    """JAX, if something has imported it (a lazy proxy in sys.modules does not count), else None:
+    without JAX loaded, no value can be a JAX array or tracer."""
+    if "jax._src.core" not in sys.modules:
+        return None
+    import jax
+
+    return jax
+
+
 def is_tracer(value: object) -> TypeGuard[jax.core.Tracer]:
-    """Whether `value` is a JAX tracer; without JAX imported, nothing can be one."""
-    jax = sys.modules.get("jax")
+    """Whether `value` is a JAX tracer."""
+    jax = imported_jax()
     return jax is not None and isinstance(value, jax.core.Tracer)
 
 
 def is_jax_array(value: object) -> TypeGuard[jax.Array]:
     """Whether `value` is a JAX array or tracer (passed through untouched by the checks)."""
-    jax = sys.modules.get("jax")
+    jax = imported_jax()
     return jax is not None and isinstance(value, jax.Array)
 
 
@@ -78,6 +88,52 @@ def finite_number(
     if above is not None and value <= above:
         raise ArgumentError(f"{name} must be > {above}, got {value}")
     return value
+
+
+def sampling_options(
+    vocab_size: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+) -> dict:
+    """Generation's sampling settings, checked (`scanlab.decoder.sampling.settings` makes them
+    traced values): temperature >= 0 (0: greedy, which takes only the repetition penalty),
+    top_k in [1, vocab_size] or None, top_p in (0, 1], min_p in [0, 1], penalty > 0."""
+    temperature = finite_number("temperature", temperature, minimum=0.0)
+    top_p = finite_number("top_p", top_p, minimum=0.0)
+    min_p = finite_number("min_p", min_p, minimum=0.0)
+    penalty = finite_number("repetition_penalty", repetition_penalty, minimum=0.0)
+    if top_k is not None:
+        top_k = static_int("top_k", top_k, minimum=1)
+        if top_k > vocab_size:
+            raise ArgumentError(f"top_k must be <= vocab_size={vocab_size}, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ArgumentError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p > 1:
+        raise ArgumentError(f"min_p must be in [0, 1], got {min_p}")
+    if penalty == 0:
+        raise ArgumentError("repetition_penalty must be > 0, got 0")
+    if temperature == 0:
+        for name, value, neutral in (
+            ("top_k", top_k, None),
+            ("top_p", top_p, 1.0),
+            ("min_p", min_p, 0.0),
+        ):
+            if value != neutral:
+                raise ArgumentError(
+                    f"{name} needs temperature > 0 (greedy takes the most likely token), "
+                    f"got {name}={value}"
+                )
+    return dict(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=penalty,
+    )
 
 
 def available_bytes() -> int | None:

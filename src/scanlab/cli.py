@@ -275,13 +275,12 @@ def decoder_generate(
         token_ids = _parse_ints("--tokens", tokens or DEFAULT_TOKENS)[None]
     check_dtype(dtype)
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
-    from scanlab.decoder import load, sampling
-
-    sampling.settings(checks.INT32_MAX, **settings)  # every flag checked before the model loads
+    checks.sampling_options(checks.INT32_MAX, **settings)  # every flag before the model loads
     device_mesh = _mesh(mesh)
     import jax
 
     from scanlab import decoder
+    from scanlab.decoder import load
 
     key = jax.numpy.asarray(raw_key)
     if prompt is not None and checkpoint is not None:  # text in, text out
@@ -352,10 +351,10 @@ def chat_command(
     checks.seed_key(seed)
     check_dtype(dtype)
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    checks.sampling_options(checks.INT32_MAX, **settings)  # every flag before the model loads
     from scanlab.decoder import chat as chat_lib
-    from scanlab.decoder import load, sampling
+    from scanlab.decoder import load
 
-    sampling.settings(checks.INT32_MAX, **settings)  # every flag checked before the model loads
     conversation = chat_lib.Chat(
         load.load_model(model, dtype),
         system=system,
@@ -569,7 +568,9 @@ def main() -> None:
 
 def _device_out_of_memory(error: Exception) -> bool:
     """Whether `error` is XLA failing to allocate (JAX is imported by then, if it ran at all)."""
-    jax = sys.modules.get("jax")
+    from scanlab import checks
+
+    jax = checks.imported_jax()
     return (
         jax is not None
         and isinstance(error, jax.errors.JaxRuntimeError)

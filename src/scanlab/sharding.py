@@ -14,9 +14,17 @@ points — the CLI and the benchmark runner call it — never to importing scanl
 
 from __future__ import annotations
 
-import jax
+from typing import TYPE_CHECKING
+
+import lazy_loader
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# JAX is imported on first use: the CLI parses --mesh (`parse_mesh`) before JAX starts.
+if TYPE_CHECKING:
+    import jax
+    from jax.sharding import Mesh
+else:
+    jax = lazy_loader.load("jax")
 
 from scanlab.errors import ArgumentError
 
@@ -40,7 +48,7 @@ def batch_mesh(n_devices: int | None = None) -> Mesh:
     n_devices = len(devices) if n_devices is None else n_devices
     if not 1 <= n_devices <= len(devices):
         raise ArgumentError(f"n_devices must be in [1, {len(devices)}], got {n_devices}")
-    return Mesh(np.array(devices[:n_devices]), (DATA_AXIS,))
+    return jax.sharding.Mesh(np.array(devices[:n_devices]), (DATA_AXIS,))
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -70,7 +78,7 @@ def make_mesh(spec: str = "data=1") -> Mesh:
             f"with scanlab.sharding.host_devices({needed}) before any computation"
         )
     devices = np.array(jax.devices()[:needed]).reshape(sizes[DATA_AXIS], sizes[MODEL_AXIS])
-    return Mesh(devices, (DATA_AXIS, MODEL_AXIS))
+    return jax.sharding.Mesh(devices, (DATA_AXIS, MODEL_AXIS))
 
 
 def axis_size(mesh: Mesh, axis: str) -> int:
@@ -89,9 +97,9 @@ def check_divisible(name: str, size: int, mesh: Mesh, axis: str) -> None:
 def named(specs, mesh: Mesh):
     """A tree of PartitionSpecs -> the same tree of NamedShardings on `mesh`."""
     return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec),
+        lambda spec: jax.sharding.NamedSharding(mesh, spec),
         specs,
-        is_leaf=lambda node: isinstance(node, PartitionSpec),
+        is_leaf=lambda node: isinstance(node, jax.sharding.PartitionSpec),
     )
 
 
@@ -103,10 +111,10 @@ def shard_batch(x, mesh: Mesh, name: str = "batch") -> jax.Array:
             f"{name} must have a leading batch axis divisible by the mesh's {DATA_AXIS!r} axis "
             f"size {parts}, got shape {np.shape(x)}"
         )
-    spec = PartitionSpec(DATA_AXIS, *([None] * (np.ndim(x) - 1)))
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    spec = jax.sharding.PartitionSpec(DATA_AXIS, *([None] * (np.ndim(x) - 1)))
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def replicate(x, mesh: Mesh) -> jax.Array:
     """Places a full copy of `x` on every device of the mesh."""
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from scanlab import checks
-from scanlab.errors import ArgumentError
 
 _REMOVED = -jnp.inf  # transformers' filter value
 
@@ -30,48 +29,17 @@ class Sampling(NamedTuple):
     repetition_penalty: jax.Array  # () f32 > 0
 
 
-def settings(
-    vocab_size: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-) -> Sampling:
-    """Checked settings; the defaults change nothing. temperature 0 means greedy decoding,
-    which takes only the repetition penalty (the other settings keep the most likely token)."""
-    temperature = checks.finite_number("temperature", temperature, minimum=0.0)
-    top_p = checks.finite_number("top_p", top_p, minimum=0.0)
-    min_p = checks.finite_number("min_p", min_p, minimum=0.0)
-    penalty = checks.finite_number("repetition_penalty", repetition_penalty, minimum=0.0)
-    if top_k is not None:
-        top_k = checks.static_int("top_k", top_k, minimum=1)
-        if top_k > vocab_size:
-            raise ArgumentError(f"top_k must be <= vocab_size={vocab_size}, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ArgumentError(f"top_p must be in (0, 1], got {top_p}")
-    if min_p > 1:
-        raise ArgumentError(f"min_p must be in [0, 1], got {min_p}")
-    if penalty == 0:
-        raise ArgumentError("repetition_penalty must be > 0, got 0")
-    if temperature == 0:
-        for name, value, neutral in (
-            ("top_k", top_k, None),
-            ("top_p", top_p, 1.0),
-            ("min_p", min_p, 0.0),
-        ):
-            if value != neutral:
-                raise ArgumentError(
-                    f"{name} needs temperature > 0 (greedy takes the most likely token), "
-                    f"got {name}={value}"
-                )
+def settings(vocab_size: int, **options) -> Sampling:
+    """Checked settings (`checks.sampling_options`: temperature, top_k, top_p, min_p,
+    repetition_penalty); the defaults change nothing. temperature 0 means greedy decoding, which
+    takes only the repetition penalty (the other settings keep the most likely token)."""
+    checked = checks.sampling_options(vocab_size, **options)
     return Sampling(
-        jnp.float32(temperature or 1.0),
-        jnp.int32(top_k or vocab_size),
-        jnp.float32(top_p),
-        jnp.float32(min_p),
-        jnp.float32(penalty),
+        jnp.float32(checked["temperature"] or 1.0),
+        jnp.int32(checked["top_k"] or vocab_size),
+        jnp.float32(checked["top_p"]),
+        jnp.float32(checked["min_p"]),
+        jnp.float32(checked["repetition_penalty"]),
     )
 
 

@@ -8,11 +8,17 @@ generate the targets from the prompt alone.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import jax
-import jax.numpy as jnp
+import lazy_loader
 import numpy as np
+
+# JAX is imported when a batch is first drawn: a TrainConfig (which looks its task up here) is
+# checked without it, so the CLI's flag checks answer before JAX starts.
+if TYPE_CHECKING:
+    import jax
+else:
+    jax = lazy_loader.load("jax")
 
 from scanlab.errors import ArgumentError
 
@@ -38,9 +44,11 @@ _REVERSE_SYMBOLS = "0123456789|"
 
 
 def _sample_reverse(key: jax.Array, batch: int) -> jax.Array:
-    digits_BxT = jax.random.randint(key, (batch, REVERSE_LENGTH), 0, REVERSE_DIGITS, jnp.int32)
-    sep_Bx1 = jnp.full((batch, 1), REVERSE_SEP, jnp.int32)
-    return jnp.concatenate([digits_BxT, sep_Bx1, digits_BxT[:, ::-1]], axis=1)
+    digits_BxT = jax.random.randint(
+        key, (batch, REVERSE_LENGTH), 0, REVERSE_DIGITS, jax.numpy.int32
+    )
+    sep_Bx1 = jax.numpy.full((batch, 1), REVERSE_SEP, jax.numpy.int32)
+    return jax.numpy.concatenate([digits_BxT, sep_Bx1, digits_BxT[:, ::-1]], axis=1)
 
 
 def _text(tokens, symbols: str) -> str:
@@ -61,22 +69,22 @@ _ADD_SYMBOLS = "0123456789+="
 
 
 def _digits_msb_first(n_B: jax.Array, count: int) -> jax.Array:
-    powers = 10 ** jnp.arange(count - 1, -1, -1, dtype=jnp.int32)
+    powers = 10 ** jax.numpy.arange(count - 1, -1, -1, dtype=jax.numpy.int32)
     return (n_B[:, None] // powers[None, :]) % 10
 
 
 def _sample_add(key: jax.Array, batch: int) -> jax.Array:
     a_key, b_key = jax.random.split(key)
-    a_B = jax.random.randint(a_key, (batch,), 0, 10**ADD_DIGITS, jnp.int32)
-    b_B = jax.random.randint(b_key, (batch,), 0, 10**ADD_DIGITS, jnp.int32)
+    a_B = jax.random.randint(a_key, (batch,), 0, 10**ADD_DIGITS, jax.numpy.int32)
+    b_B = jax.random.randint(b_key, (batch,), 0, 10**ADD_DIGITS, jax.numpy.int32)
     # The sum least significant digit first: each output digit depends on digits already seen.
     sum_lsb_first = _digits_msb_first(a_B + b_B, ADD_DIGITS + 1)[:, ::-1]
-    return jnp.concatenate(
+    return jax.numpy.concatenate(
         [
             _digits_msb_first(a_B, ADD_DIGITS),
-            jnp.full((batch, 1), ADD_PLUS, jnp.int32),
+            jax.numpy.full((batch, 1), ADD_PLUS, jax.numpy.int32),
             _digits_msb_first(b_B, ADD_DIGITS),
-            jnp.full((batch, 1), ADD_EQUALS, jnp.int32),
+            jax.numpy.full((batch, 1), ADD_EQUALS, jax.numpy.int32),
             sum_lsb_first,
         ],
         axis=1,
