@@ -70,21 +70,22 @@ def on_host_devices(tmp_path):
 @pytest.fixture
 def cli():
     """Runs `scanlab ARGS` in this process through its real entry point; returns
-    (exit status, stderr)."""
+    (exit status, stderr, stdout)."""
     from scanlab.cli import main
 
-    def invoke(args: list[str]) -> tuple[int, str]:
-        err = io.StringIO()
+    def invoke(args: list[str]) -> tuple[int, str, str]:
+        err, out = io.StringIO(), io.StringIO()
+        status = 0
         with (
             mock.patch.object(sys, "argv", ["scanlab", *args]),
             contextlib.redirect_stderr(err),
-            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stdout(out),
         ):
             try:
                 main()
             except SystemExit as exit_:
-                return int(exit_.code or 0), err.getvalue()
-        return 0, err.getvalue()
+                status = int(exit_.code or 0)
+        return status, err.getvalue(), out.getvalue()
 
     return invoke
 

@@ -68,7 +68,7 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             args = [*args, "--out", "/proc/x"]  # never the real benchmarks: a bad flag stops them
         if command == "chat" and "--model" not in args:
             args = [*args, "--model", "/nonexistent"]
-        status, err = cli([*command.split(), *args])
+        status, err, _ = cli([*command.split(), *args])
         assert "Traceback" not in err, (args, err)
         assert status in (0, 2), (args, status, err)
         if status == 2:
@@ -154,13 +154,13 @@ def test_no_argument_list_gives_a_traceback(command, cli):
     ],
 )
 def test_each_reported_case_is_one_clear_line(args, message, cli):
-    status, err = cli(args)
+    status, err, _ = cli(args)
     assert status == 2 and err.startswith(message), err
 
 
 def test_work_is_not_started_when_an_output_path_is_unwritable(tmp_path, cli):
     # The plot path is checked before training: no checkpoint appears, the error is immediate.
-    status, err = cli(
+    status, err, _ = cli(
         [
             "train",
             "--steps",
@@ -182,7 +182,7 @@ def test_work_is_not_started_when_an_output_path_is_unwritable(tmp_path, cli):
 def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, cli):
     from scanlab import train
 
-    status, err = cli(
+    status, err, _ = cli(
         [
             "train",
             "--steps",
@@ -198,7 +198,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
         ]
     )
     assert status == 2 and "error: the loss became" in err and "training stopped" in err, err
-    status, err = cli(["train", "--learning-rate", "inf"])
+    status, err, _ = cli(["train", "--learning-rate", "inf"])
     assert status == 2 and err.startswith("error: learning_rate must be finite, got inf")
     with pytest.raises(ValueError, match="d_model must be a multiple of n_heads=4"):
         train.TrainConfig(d_model=65)
@@ -228,6 +228,6 @@ def test_an_injected_bug_is_not_reported_as_bad_input(args, target, error, cli, 
         raise error
 
     monkeypatch.setattr(importlib.import_module(module), name, broken)
-    status, err = cli(args)
+    status, err, _ = cli(args)
     assert status == 1, (status, err)
     assert "Traceback" in err and "please report it" in err

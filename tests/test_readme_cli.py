@@ -3,7 +3,8 @@
 Optional parts in [brackets] are dropped: `--mesh` runs in tests/test_multi_device.py
 (`test_cli_runs_on_a_mesh`, in a process whose device count is set at start). `scanlab bench`
 and `scanlab demo` are left to their own tests, which run exactly those commands
-(tests/bench/test_report.py, tests/test_tour.py).
+(tests/bench/test_report.py, tests/test_tour.py). What the training lines print is checked too:
+progress, the loss plot, resuming with the saved settings, held-out answers.
 """
 
 import re
@@ -11,6 +12,7 @@ import shlex
 from pathlib import Path
 
 import jax
+import matplotlib.image
 import pytest
 
 from scanlab import decoder
@@ -33,9 +35,25 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
     decoder.save_checkpoint("DIR", config, decoder.init_params(config, jax.random.PRNGKey(0)))
     lines = cli_lines()
     assert len(lines) >= 10
+    printed = {}
     for line in lines:
         args = shlex.split(re.sub(r"\[[^\]]*\]", "", line))[1:]
         if args[0] in ("bench", "demo"):
             continue
-        status, err = cli(args)
+        status, err, out = cli(args)
         assert status == 0, (line, err)
+        printed[" ".join(args)] = " ".join(out.split())
+    # What the training lines print. Not a terminal here: progress is one plain line per chunk.
+    trained = printed["train --task reverse --steps 200 --checkpoint-dir runs/rev"]
+    assert "train reverse: step 100/200, loss " in trained
+    assert "train reverse: step 200/200, loss " in trained and "checkpoint saved" in trained
+    assert "held-out exact-match accuracy after 200 steps" in trained
+    pixels = matplotlib.image.imread("runs/rev/loss.png")  # beside the checkpoints by default
+    assert pixels.shape[:2] == (480, 840) and pixels[..., :3].std() > 0.05  # drawn, not blank
+    # --resume takes the run's saved settings (already complete: the same result, no training).
+    resumed = printed["train --checkpoint-dir runs/rev --resume"]
+    assert "held-out exact-match accuracy after 200 steps" in resumed and "step " not in resumed
+    assert printed["generate --checkpoint runs/rev"].count("reverse ") == 8
+    # A flag given again on resume must agree with the saved run.
+    status, err, _ = cli(["train", "--checkpoint-dir", "runs/rev", "--resume", "--batch-size", "8"])
+    assert status == 2 and "batch_size=64 there, 8 here" in err, err

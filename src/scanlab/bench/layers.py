@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -108,13 +109,19 @@ def measure(
 
 
 def measure_remat(
-    n_layers: int, *, d_model: int = 256, seq: int = 128, batch: int = 1, repeats: int = 3
+    n_layers: int,
+    *,
+    d_model: int = 256,
+    seq: int = 128,
+    batch: int = 1,
+    repeats: int = 3,
+    policies: Sequence[str] = tuple(REMAT),
 ) -> list[RematPoint]:
     """Temp memory and time of a training gradient of the scanned model, per remat policy."""
     config = block_config(n_layers, d_model, seq)
     params, tokens = _inputs(config, batch)
     points = []
-    for policy in REMAT:
+    for policy in policies:
 
         def loss(p, policy=policy):
             logits = forward(p, tokens, config, remat=policy)

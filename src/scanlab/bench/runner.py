@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from scanlab import sharding
 from scanlab.bench import decoding, env, generation, layers, loops, nnx, recurrence, training
+from scanlab.decoder import REMAT
 from scanlab.train import TrainConfig, train_chunk
 
 
@@ -39,7 +40,13 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
             n_layers, repeats=2 if quick else 5, compiles=1 if quick else 3, **dims
         )
         results["layers"].append(point._asdict())
-        results["remat"] += [p._asdict() for p in layers.measure_remat(n_layers, **dims)]
+        remat = layers.measure_remat(
+            n_layers,
+            **dims,
+            repeats=1 if quick else 3,
+            policies=("none", "full") if quick else tuple(REMAT),
+        )
+        results["remat"] += [p._asdict() for p in remat]
 
     results["training"] = {}
     small = TrainConfig(
