@@ -27,7 +27,7 @@ os.environ.setdefault("SCANLAB_CACHE", str(CACHE))
 # No size limit: with one, JAX's eviction reads an access-time file per entry and fails on entries
 # written without (by a process without the limit). A run adds ~20 MB; `make clean` empties it.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE / "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
