@@ -1,10 +1,10 @@
 """The README and every page of docs/ run as written.
 
 Every ```python block runs in a namespace of its own, so a block copied alone into a file runs:
-the blocks of a page share one fresh process (JAX is imported once per page), each block starting
-from empty globals. A block that sets the host's device count (`sharding.host_devices`) must run
-before JAX's first computation, so it gets a process of its own. A statement commented "# raises:"
-must raise the error written on the next comment line ("# ValueError: <the message's start>").
+the blocks share one fresh process (JAX is imported once), each block starting from empty globals.
+A block that sets the host's device count (`sharding.host_devices`) must run before JAX's first
+computation, so it gets a process of its own. A statement commented "# raises:" must raise the
+error written on the next comment line ("# ValueError: <the message's start>").
 """
 
 import json
@@ -16,15 +16,20 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # every page in its own process: not in `make test-fast`
+pytestmark = pytest.mark.slow  # every block of every page, run: not in `make test-fast`
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
-# Runs the blocks given as a JSON list, each from empty globals; names the one that fails.
+# Runs the blocks given as a JSON list, each from empty globals in an empty directory of its own
+# (two blocks may write the same paths); names the one that fails.
 RUNNER = """
-import json, sys, traceback
-for name, source in json.loads(sys.argv[1]):
+import json, os, sys, traceback
+root = os.getcwd()
+for i, (name, source) in enumerate(json.loads(sys.argv[1])):
+    os.chdir(root)
+    os.makedirs(f"block-{i}")
+    os.chdir(f"block-{i}")
     try:
         exec(compile(source, name, "exec"), {"__name__": "__main__"})
     except BaseException:
@@ -38,19 +43,17 @@ def python_blocks(page: Path) -> list[str]:
 
 
 def process_groups() -> list:
-    """The blocks each fresh process runs: a page's blocks, or one that starts JAX itself."""
-    groups = []
-    for page in PAGES:
-        named = [
-            (f"{page.relative_to(ROOT)}, block {i}", block)
-            for i, block in enumerate(python_blocks(page), start=1)
-        ]
-        alone = [item for item in named if "host_devices(" in item[1]]
-        shared = [item for item in named if item not in alone]
-        if shared:
-            groups.append(pytest.param(shared, id=str(page.relative_to(ROOT))))
-        groups += [pytest.param([item], id=item[0]) for item in alone]
-    return groups
+    """The blocks each fresh process runs: all that share one, then each that starts JAX itself."""
+    named = [
+        (f"{page.relative_to(ROOT)}, block {i}", block)
+        for page in PAGES
+        for i, block in enumerate(python_blocks(page), start=1)
+    ]
+    alone = [item for item in named if "host_devices(" in item[1]]
+    shared = [item for item in named if item not in alone]
+    return [pytest.param(shared, id="shared process")] + [
+        pytest.param([item], id=item[0]) for item in alone
+    ]
 
 
 def checked(block: str) -> str:
