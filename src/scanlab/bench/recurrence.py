@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,6 @@ from scanlab import sharding
 from scanlab.recurrence import LaxScanModule, NNScanModule, lax_scan_in_module
 from scanlab.timing import interleaved, seconds, time_call
 
-torch: Any
 try:
     import torch
 except ImportError:  # torch is an optional peer (the `bench` extra)
