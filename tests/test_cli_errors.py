@@ -2,8 +2,11 @@
 bad input: a bug inside scanlab, whatever its exception type, prints its traceback (status 1)."""
 
 import importlib
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -231,3 +234,52 @@ def test_an_injected_bug_is_not_reported_as_bad_input(args, target, error, cli, 
     status, err, _ = cli(args)
     assert status == 1, (status, err)
     assert "Traceback" in err and "please report it" in err
+
+
+def _raise_keyboard_interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _send_sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler interrupts the sleep at once
+
+
+@pytest.mark.parametrize(
+    ("stop", "status", "line"),
+    [
+        (_raise_keyboard_interrupt, 130, "error: interrupted"),
+        (_send_sigterm, 143, "error: terminated"),
+    ],
+)
+def test_ctrl_c_and_sigterm_end_with_their_status_and_one_line(
+    stop, status, line, cli, monkeypatch
+):
+    """Inside a command (typer turns Ctrl-C there into a returned 130, which must not become 0)."""
+    monkeypatch.setattr("scanlab.checks.static_int", stop)
+    handler = signal.getsignal(signal.SIGTERM)
+    got, err, _ = cli(["generate", "--checkpoint", "x"])
+    assert (got, err.strip()) == (status, line)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the CLI's handler is gone again
+
+
+@pytest.mark.slow  # a real training process
+def test_sigterm_during_training_saves_the_newest_state_and_exits_143(tmp_path):
+    from scanlab import train
+
+    run = tmp_path / "run"
+    args = ["--steps", "100000", "--chunk-steps", "20", "--warmup-steps", "5"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "scanlab", "train", *args, "--checkpoint-dir", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    ) as process:
+        for line in process.stdout:  # not a terminal: one plain line per chunk
+            if "step 40/100000" in line:  # two chunks done, no regular save due before chunk 100
+                process.send_signal(signal.SIGTERM)
+                break
+        assert process.wait(timeout=120) == 143
+        assert process.stderr.read().strip().splitlines()[-1] == "error: terminated"
+    assert int(train.load(run).state.step) >= 40  # the newest whole state, saved on the way out

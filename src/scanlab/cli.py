@@ -7,6 +7,7 @@ argument checks that need no model answer without importing JAX, Flax or the for
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -540,19 +541,33 @@ def _parse_ints(name: str, text: str):
         raise ArgumentError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
+INTERRUPTED = 128 + signal.SIGINT  # the shell's status for a process ended by Ctrl-C
+
+
 def main() -> None:
     """Entry point: one error path for every command.
 
     scanlab's own errors (`scanlab.errors.ScanlabError`: bad arguments, unreadable or unwritable
     files, requests the machine cannot hold) print as `error: ...` on one line and exit with
-    status 2, and so does a device running out of memory; Ctrl-C exits with 130. Anything else is
-    a bug in scanlab: its traceback is printed with a request to report it, exit status 1.
+    status 2, and so does a device running out of memory. Ctrl-C prints `error: interrupted` and
+    exits with 130; SIGTERM (what `timeout` and schedulers send) does what Ctrl-C does — the
+    command's clean-up runs, a training run saves its newest whole state — and exits with 143.
+    Anything else is a bug in scanlab: its traceback is printed with a request to report it, exit
+    status 1.
     """
+    received: list[int] = []
+
+    def interrupt(signum: int, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        app(standalone_mode=False)
-    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C, while working or while typer waits
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        # typer answers Ctrl-C inside a command by returning 130 when not standalone.
+        if app(standalone_mode=False) == INTERRUPTED:
+            _interrupted(received)
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C while typer itself waits (a prompt)
+        _interrupted(received)
     except typer.exceptions.TyperException as error:  # parsing: unknown flag, bad value
         message = error.format_message() if hasattr(error, "format_message") else str(error)
         if not message.strip():  # a bare command: its help is already on the screen
@@ -564,6 +579,15 @@ def main() -> None:
         if _device_out_of_memory(error):
             _fail(f"out of memory: {str(error).splitlines()[0]}")
         _report_bug()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(received: list[int]) -> None:
+    """Exit as the shell reports a signal's end: 128 + its number, with one line saying which."""
+    terminated = signal.SIGTERM in received
+    print(f"error: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
 
 
 def _device_out_of_memory(error: Exception) -> bool:
