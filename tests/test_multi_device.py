@@ -168,3 +168,26 @@ print("ok")
 """,
     )
     assert "ok" in out
+
+
+def test_decoder_generate_runs_on_a_mesh_from_the_cli():
+    """The host devices are set before JAX starts: the command imports JAX only after --mesh."""
+    import subprocess
+    import sys
+
+    import jax
+
+    from scanlab import decoder
+
+    args = ["decoder", "generate", "--tokens", "1,2,3", "--max-new-tokens", "4", "--seed", "3"]
+    result = subprocess.run(
+        [sys.executable, "-m", "scanlab", *args, "--mesh", "data=2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = decoder.preset("tiny")  # the command's random weights: the same seed, one device
+    params = decoder.init_params(config, jax.random.PRNGKey(3))
+    expected = decoder.generate(params, [[1, 2, 3]], config, 4).tokens[0, 3:].tolist()
+    assert f"generated: {expected}" in result.stdout, result.stdout
