@@ -150,3 +150,30 @@ def test_padding_mask_hides_padded_keys(params, tokens):
 def test_bad_tokens(params, tokens, error, match):
     with pytest.raises(error, match=match):
         forward(params, tokens, CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "match"),
+    [
+        # An additive mask cast to bool would be inverted (0 -> False where attended): refused.
+        (
+            np.where(np.ones((2, 12), bool), 0.0, -np.inf),
+            TypeError,
+            r"attn_mask must be boolean \(True for real tokens\) or integers 0/1, got dtype "
+            r"float64; an additive mask \(0 / -inf\) converts with attn_mask == 0",
+        ),
+        (np.full((2, 12), 2), ValueError, r"attn_mask must hold only 0 and 1 \(or be boolean\)"),
+    ],
+)
+def test_a_mask_that_is_not_boolean_or_0_1_is_refused(params, tokens, mask, error, match):
+    with pytest.raises(error, match=match):
+        forward(params, tokens, CONFIG, attn_mask=mask)
+
+
+def test_an_integer_0_1_mask_equals_the_boolean_one(params, tokens):
+    mask = np.ones((2, 12), bool)
+    mask[0, :5] = False
+    np.testing.assert_array_equal(
+        forward(params, tokens, CONFIG, attn_mask=mask.astype(np.int64)),
+        forward(params, tokens, CONFIG, attn_mask=mask),
+    )

@@ -122,10 +122,26 @@ def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
 
 
 def check_mask(attn_mask, shape: tuple[int, ...]) -> jax.Array:
-    """A (B, S) padding mask as bool, of the tokens' shape."""
+    """A (B, S) padding mask as bool, of the tokens' shape: bool, or integers 0/1 as
+    transformers' attention_mask.
+
+    A float mask is refused rather than cast: an additive mask (0 where attended, -inf where not)
+    cast to bool is inverted.
+    """
     mask = attn_mask if isinstance(attn_mask, jax.Array) else np.asarray(attn_mask)
     if tuple(mask.shape) != tuple(shape):
         raise ArgumentError(
             f"attn_mask must have the tokens' shape {tuple(shape)}, got {tuple(mask.shape)}"
         )
+    if mask.dtype.kind not in "biu":
+        raise ArgumentTypeError(
+            f"attn_mask must be boolean (True for real tokens) or integers 0/1, got dtype "
+            f"{mask.dtype}; an additive mask (0 / -inf) converts with attn_mask == 0"
+        )
+    if mask.dtype.kind != "b" and not isinstance(mask, jax.core.Tracer):
+        values = np.unique(np.asarray(mask))
+        if not np.isin(values, (0, 1)).all():
+            raise ArgumentError(
+                f"attn_mask must hold only 0 and 1 (or be boolean), got {values[:5].tolist()}"
+            )
     return jnp.asarray(mask).astype(bool)
