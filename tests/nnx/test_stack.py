@@ -114,3 +114,29 @@ def test_bad_arguments_are_named():
     params = decoder.init_params(GQA_TIED, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="layers on its leading axis, expected n_layers=3"):
         NNXDecoder.from_params(params, MHA.replace(tie_embeddings=True))
+
+
+@pytest.mark.parametrize(
+    ("tokens", "error", "match"),
+    [
+        # The embedding gather would clamp an out-of-vocabulary id silently.
+        (
+            np.array([[1, 64]]),
+            ValueError,
+            r"tokens must be ids in \[0, vocab_size=64\), got tokens\[0, 1\] = 64",
+        ),
+        (
+            np.ones((1, 129), np.int32),
+            ValueError,
+            r"tokens must have 1 <= S <= max_seq_len=128, got S=129",
+        ),
+        (np.ones(5, np.int32), ValueError, r"tokens must have shape \(B, S\), got shape \(5,\)"),
+        (np.ones((1, 5)), TypeError, "tokens must be integer token ids, got dtype float64"),
+    ],
+)
+def test_the_nnx_model_checks_tokens_as_forward_does(tokens, error, match):
+    model = NNXDecoder(MHA, rngs=nnx.Rngs(0))
+    with pytest.raises(error, match=match):
+        model(tokens)
+    with pytest.raises(error, match=match):
+        decoder.forward(model.to_params(), tokens, MHA)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.layers import decoder_block
-from scanlab.decoder.model import causal_mask, embed, unembed
+from scanlab.decoder.model import causal_mask, check_mask, check_tokens, embed, unembed
 from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
 from scanlab.decoder.spec import check_params, init_layer, init_outside_layers
 from scanlab.errors import ArgumentError
@@ -159,7 +159,11 @@ class NNXDecoder(nnx.Module):
         )
 
     def __call__(self, tokens_BxS: jax.Array, attn_mask_BxS: jax.Array | None = None) -> jax.Array:
-        """Logits (B, S, V) float32 for token ids (B, S)."""
+        """Logits (B, S, V) float32 for token ids (B, S), checked as `decoder.forward` checks
+        them (ids in [0, V), 1 <= S <= max_seq_len, a boolean or 0/1 mask)."""
+        tokens_BxS = check_tokens("tokens", tokens_BxS, self.config)
+        if attn_mask_BxS is not None:
+            attn_mask_BxS = check_mask(attn_mask_BxS, tokens_BxS.shape)
         outside = outside_layers(self.to_params())  # the layers run from self.blocks
         mask = causal_mask(attn_mask_BxS, *tokens_BxS.shape)
         seq = LAYER_SCANS[self.layer_scan](self.blocks, embed(outside, tokens_BxS), mask)
