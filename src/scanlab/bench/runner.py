@@ -49,8 +49,15 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         results["remat"] += [p._asdict() for p in remat]
 
     results["training"] = {}
+    # Quick runs give it a batch of 2, so that W6 can split it and reuse its compiled chunk.
     small = TrainConfig(
-        steps=300, batch_size=1, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=32
+        steps=300,
+        batch_size=2 if quick else 1,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        mlp_dim=32,
     )
     models = {"dispatch-bound model": small}
     if not quick:
@@ -67,14 +74,10 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         mesh = sharding.make_mesh(f"data={n_devices}")
         on_progress(f"W6 the scanned forward and training on {n_devices} devices")
         dims = dict(d_model=32, seq=16, batch=n_devices) if quick else dict(batch=8)
-        single = layers.measure_sharded(4 if quick else 16, sharding.make_mesh("data=1"), **dims)
-        sharded = layers.measure_sharded(4 if quick else 16, mesh, **dims)
+        single = layers.measure_sharded(2 if quick else 16, sharding.make_mesh("data=1"), **dims)
+        sharded = layers.measure_sharded(2 if quick else 16, mesh, **dims)
         steps = 20 if quick else 200
-        config = (
-            TrainConfig(steps=200, batch_size=8, d_model=32, n_layers=1, mlp_dim=64)
-            if quick
-            else TrainConfig()
-        )
+        config = small if quick else TrainConfig()
         results["sharding"] = {
             "forward": {"one device": single._asdict(), "mesh": sharded._asdict(), **dims},
             "training": {  # the scanned chunk only: W4 compares it with the loop
