@@ -30,12 +30,18 @@ def predict(params: DecoderParams, config: TrainConfig, tokens_BxS: jax.Array) -
     ]
 
 
-def accuracy(params: DecoderParams, config: TrainConfig, n: int = 512) -> float:
+ACCURACY_EXAMPLES = 512
+
+
+def accuracy(params: DecoderParams, config: TrainConfig, n: int = ACCURACY_EXAMPLES) -> float:
     """Exact-match accuracy on n held-out examples: every target token right."""
     tokens = eval_tokens(config, n)
-    task = task_by_name(config.task)
-    correct = jnp.all(predict(params, config, tokens) == tokens[:, task.prompt_length :], axis=1)
-    return float(correct.mean())
+    return _exact_match(config, tokens, predict(params, config, tokens))
+
+
+def _exact_match(config: TrainConfig, tokens: jax.Array, predicted: jax.Array) -> float:
+    targets = tokens[:, task_by_name(config.task).prompt_length :]
+    return float(jnp.all(predicted == targets, axis=1).mean())
 
 
 class Sample(NamedTuple):
@@ -46,11 +52,14 @@ class Sample(NamedTuple):
 
 def samples(params: DecoderParams, config: TrainConfig, n: int = 5) -> list[Sample]:
     """A few held-out examples with the model's answers, as text."""
+    tokens = eval_tokens(config, n)
+    return _as_samples(config, tokens, predict(params, config, tokens))
+
+
+def _as_samples(config: TrainConfig, tokens: jax.Array, predicted: jax.Array) -> list[Sample]:
     task = task_by_name(config.task)
-    tokens = np.asarray(eval_tokens(config, n))
-    predicted = np.asarray(predict(params, config, jnp.asarray(tokens)))
     result = []
-    for row, guess in zip(tokens, predicted, strict=True):
+    for row, guess in zip(np.asarray(tokens), np.asarray(predicted), strict=True):
         question, expected = task.describe(row)
         _, answer = task.describe(np.concatenate([row[: task.prompt_length], guess]))
         result.append(Sample(question, expected, answer))
@@ -58,10 +67,18 @@ def samples(params: DecoderParams, config: TrainConfig, n: int = 5) -> list[Samp
 
 
 class Evaluation(NamedTuple):
-    accuracy: float  # exact match on `accuracy`'s held-out examples
-    samples: list[Sample]
+    accuracy: float  # exact match on ACCURACY_EXAMPLES held-out examples
+    samples: list[Sample]  # the first of those examples, with the model's answers
 
 
 def evaluate(params: DecoderParams, config: TrainConfig, n_samples: int = 5) -> Evaluation:
-    """Held-out accuracy and a few answers: what the CLI and the tour show after training."""
-    return Evaluation(accuracy(params, config), samples(params, config, n_samples))
+    """Held-out accuracy and a few answers: what the CLI and the tour show after training.
+
+    One greedy generation over the held-out examples serves both (one compiled program).
+    """
+    tokens = eval_tokens(config, max(ACCURACY_EXAMPLES, n_samples))
+    predicted = predict(params, config, tokens)
+    return Evaluation(
+        _exact_match(config, tokens[:ACCURACY_EXAMPLES], predicted[:ACCURACY_EXAMPLES]),
+        _as_samples(config, tokens[:n_samples], predicted[:n_samples]),
+    )
