@@ -117,6 +117,11 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             "error: pass one of --prompt (text) and --tokens (ids), got both",
         ),
         (["decoder", "generate", "--chat"], "error: --chat needs --prompt"),
+        # Checked before the model loads (a missing checkpoint would be named otherwise).
+        (
+            ["decoder", "generate", "--checkpoint", "/nonexistent", "--max-new-tokens", "0"],
+            "error: --max-new-tokens must be >= 1, got 0",
+        ),
         (
             ["decoder", "generate", "--checkpoint", "/proc", "--prompt", "hi"],
             "error: /proc must contain tokenizer.json, the tokenizer",

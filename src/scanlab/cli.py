@@ -266,6 +266,7 @@ def decoder_generate(
     from scanlab.decoder.config import check_dtype
 
     raw_key = checks.seed_key(seed)  # the same seed rule as run and train
+    checks.static_int("--max-new-tokens", max_new_tokens, minimum=1)  # before a model loads
     if prompt is not None and tokens is not None:
         raise ArgumentError("pass one of --prompt (text) and --tokens (ids), got both")
     if chat and prompt is None:
