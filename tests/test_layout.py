@@ -32,7 +32,8 @@ LAYERS = [
     ("scanlab.render", ("scanlab.train", "scanlab.bench", "scanlab.decoder")),
     # Model math knows nothing of files, loading or conversations.
     (
-        "scanlab.decoder.config scanlab.decoder.params scanlab.decoder.spec scanlab.decoder.layers "
+        "scanlab.decoder.params scanlab.decoder.families scanlab.decoder.config scanlab.decoder.spec "
+        "scanlab.decoder.layers scanlab.decoder.cache "
         "scanlab.decoder.stack scanlab.decoder.model scanlab.decoder.sampling "
         "scanlab.decoder.generation",
         ("scanlab.decoder.formats", "scanlab.decoder.load", "scanlab.decoder.chat"),

@@ -45,7 +45,7 @@ def test_unknown_preset():
         (dict(n_layers=0), "n_layers must be >= 1, got 0"),
         (dict(d_model=64.0), "d_model must be an int, got 64.0"),
         (dict(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\), got 1.0"),
-        (dict(rope_theta=0.0), "rope_theta and norm_eps must be > 0"),
+        (dict(rope_theta=0.0), "rope_theta must be > 0, got 0.0"),
     ],
 )
 def test_bad_config(changes, match):

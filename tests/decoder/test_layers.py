@@ -3,7 +3,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab.decoder import init_params, preset
-from scanlab.decoder.layers import apply_rope, attention, decoder_block, rms_norm, rope_phases
+from scanlab.decoder.layers import (
+    LayerKind,
+    apply_rope,
+    attend,
+    decoder_block,
+    rms_norm,
+    rope_phases,
+    self_attend,
+    within_window,
+)
 from scanlab.decoder.params import unstack_layers
 
 CONFIG = preset("tiny")
@@ -34,30 +43,52 @@ def test_rope_preserves_norms_and_makes_scores_relative():
     np.testing.assert_allclose(rotated_score(7, 3), rotated_score(14, 10), rtol=1e-4)
 
 
+def test_gemma_norm_scales_by_one_plus_its_weight_in_float32():
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8)), np.float32)
+    w = np.linspace(-1, 1, 8, dtype=np.float32)
+    normed = x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(rms_norm(x, w, 1e-6, plus_one=True), normed * (1 + w), rtol=1e-5)
+
+
+def test_a_window_of_w_keeps_the_query_and_the_w_minus_1_keys_before_it():
+    positions = jnp.arange(6)[None]
+    causal = jnp.tril(jnp.ones((6, 6), bool))[None]
+    mask = np.asarray(within_window(causal, positions, positions, 3))[0]
+    i, j = np.indices((6, 6))
+    np.testing.assert_array_equal(mask, (0 <= i - j) & (i - j < 3))
+
+
 def test_grouped_query_heads_share_their_kv_head():
-    """With equal q weights for the R heads of a group, their outputs are equal."""
-    layer = unstack_layers(init_params(CONFIG, jax.random.PRNGKey(0)).blocks)[0]
-    q = layer.attention.q_proj  # (D, R, K, Dh)
-    same_q = jnp.broadcast_to(q[:, :1], q.shape)
-    x = jax.random.normal(jax.random.PRNGKey(2), (1, 5, CONFIG.d_model))
-    positions = jnp.arange(5)[None]
+    """Query heads r of one group with equal queries attend alike; the K groups differ."""
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 2, 2, 16))  # B S R K Dh
+    q = q.at[:, :, 1].set(q[:, :, 0])
+    k, v = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 5, 2, 16))
     mask = jnp.tril(jnp.ones((5, 5), bool))[None]
-    out_proj = jnp.zeros_like(layer.attention.out_proj).at[0].set(layer.attention.out_proj[0])
-    a, _ = jax.jit(attention, static_argnums=4)(
-        layer.attention._replace(q_proj=same_q, out_proj=out_proj), x, positions, mask, CONFIG
-    )
-    moved = out_proj[::-1]  # the same output weights on the other query head of each group
-    b, _ = jax.jit(attention, static_argnums=4)(
-        layer.attention._replace(q_proj=same_q, out_proj=moved), x, positions, mask, CONFIG
-    )
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    out = np.asarray(attend(q, k, v, mask, 0.25))
+    np.testing.assert_array_equal(out[:, :, 0], out[:, :, 1])
+    assert not np.allclose(out[:, :, 0, 0], out[:, :, 0, 1])
 
 
 def test_block_is_residual_and_keeps_shape():
     layer = unstack_layers(init_params(CONFIG, jax.random.PRNGKey(0)).blocks)[0]
     seq = jax.random.normal(jax.random.PRNGKey(2), (2, 6, CONFIG.d_model))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((6, 6), bool)), (2, 6, 6))
-    block = jax.jit(lambda layer, seq: decoder_block(layer, seq, mask, config=CONFIG)[0])
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    kind = LayerKind(jnp.int32(CONFIG.max_seq_len), jnp.float32(CONFIG.rope_theta))
+
+    @jax.jit
+    def block(layer, seq):
+        attend_fn = self_attend(mask, positions, kind, CONFIG)
+        out, _ = decoder_block(
+            layer,
+            seq,
+            attend_fn,
+            config=CONFIG,
+            positions_BxS=positions,
+            rope_theta=kind.rope_theta,
+        )
+        return out
+
     out = block(layer, seq)
     assert out.shape == seq.shape
     zeroed = layer._replace(

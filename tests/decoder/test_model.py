@@ -107,7 +107,7 @@ def _forward_from_embeddings(params, seq):
     from scanlab.decoder.stack import run_layers
 
     mask = causal_mask(None, *seq.shape[:2])
-    return unembed(params, run_layers(params.blocks, seq, mask, config=CONFIG)[0], CONFIG)
+    return unembed(params, run_layers(params.blocks, seq, mask, config=CONFIG), CONFIG)
 
 
 def test_padding_mask_hides_padded_keys(params, tokens):

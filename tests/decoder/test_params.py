@@ -24,7 +24,7 @@ BLOG_STACKED = DecoderBlock(
         v_proj=(32, 4096, 32, 128),
         out_proj=(32, 1, 32, 128, 4096),
     ),
-    post_attn_norm=(32, 4096),
+    mlp_norm=(32, 4096),
     gate_proj=(32, 4096, 11008),
     up_proj=(32, 4096, 11008),
     down_proj=(32, 11008, 4096),

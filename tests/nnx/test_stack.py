@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from scanlab import decoder, pitfalls
+from scanlab.decoder.layers import layer_kinds
 from scanlab.decoder.model import causal_mask
 from scanlab.nnx.stack import LAYER_SCANS, NNXDecoder
 
@@ -97,8 +98,11 @@ def test_dropout_draws_a_different_mask_per_layer():
     graphdef, state = nnx.split(stack)
     seq = jax.random.normal(jax.random.PRNGKey(3), (1, 5, config.d_model))
     mask = causal_mask(None, 1, 5)
+    kinds = layer_kinds(config)
     outs = [
-        nnx.merge(graphdef, jax.tree.map(lambda leaf, i=i: leaf[i], state))(seq, mask)
+        nnx.merge(graphdef, jax.tree.map(lambda leaf, i=i: leaf[i], state))(
+            seq, mask, jax.tree.map(lambda leaf, i=i: leaf[i], kinds)
+        )
         for i in range(config.n_layers)
     ]
     for i in range(1, config.n_layers):

@@ -1,12 +1,14 @@
-"""A Llama-architecture decoder (and Qwen2) whose layers run by `jax.lax.scan` over stacked
-parameters.
+"""Decoders (Llama, Qwen2, Gemma 3) whose layers run by `jax.lax.scan` over stacked parameters,
+layers that differ (sliding-window and full attention) in the same scan.
 
-Every parameter is declared once in `scanlab.decoder.spec`; shapes, initialisation, checks,
-placement on a mesh and the transformers and GGUF checkpoint layouts all derive from that
-declaration. The layering, each depending only on those before it:
+Each family and each of its parameters is declared once in `scanlab.decoder.families`; shapes,
+initialisation, checks, placement on a mesh and the transformers and GGUF checkpoint layouts
+all derive from those declarations (`spec`). The layering, each depending only on those before
+it:
 
-- declarations: `config`, `params`, `spec`;
-- model math: `layers` (one block), `stack` (the L layers), `model` (forward);
+- declarations: `params` (containers), `families`, `config`, `spec`;
+- model math: `layers` (one block), `cache` (KV caches), `stack` (the L layers), `model`
+  (forward);
 - generation: `sampling`, `generation`;
 - model files: `formats` (transformers directories, GGUF, tokenizers, fetched models);
 - `load` (a model by name or path), `chat` (conversations).

@@ -1,9 +1,13 @@
 # The public names of scanlab.decoder, imported on first use (see __init__.py).
+from .cache import Cache as Cache
+from .cache import init_cache as init_cache
 from .chat import Chat as Chat
-from .config import FAMILIES as FAMILIES
 from .config import PRESETS as PRESETS
 from .config import DecoderConfig as DecoderConfig
 from .config import preset as preset
+from .families import FAMILIES as FAMILIES
+from .families import Family as Family
+from .families import Leaf as Leaf
 from .formats.base import CheckpointError as CheckpointError
 from .formats.gguf_file import load_gguf as load_gguf
 from .formats.hf import load_checkpoint as load_checkpoint
@@ -13,7 +17,6 @@ from .formats.tokenizer import load_tokenizer as load_tokenizer
 from .generation import Generation as Generation
 from .generation import generate as generate
 from .generation import stream as stream
-from .layers import LayerCache as LayerCache
 from .layers import decoder_block as decoder_block
 from .load import Model as Model
 from .load import load_model as load_model
@@ -24,8 +27,6 @@ from .params import DecoderBlock as DecoderBlock
 from .params import DecoderParams as DecoderParams
 from .params import stack_layers as stack_layers
 from .params import unstack_layers as unstack_layers
-from .spec import SPEC as SPEC
-from .spec import Leaf as Leaf
 from .spec import check_params as check_params
 from .spec import init_params as init_params
 from .spec import layer_shapes as layer_shapes
@@ -34,4 +35,5 @@ from .spec import param_shapes as param_shapes
 from .spec import param_specs as param_specs
 from .spec import shard_params as shard_params
 from .stack import REMAT as REMAT
+from .stack import run_cached_layers as run_cached_layers
 from .stack import run_layers as run_layers

@@ -1,13 +1,13 @@
-"""DecoderConfig: the static shape of a Llama-architecture decoder, and named presets."""
+"""DecoderConfig: the static shape and settings of a decoder of one family, and named presets."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from scanlab import checks
+from scanlab.decoder.families import FAMILIES, SLIDING, Family
 from scanlab.errors import ArgumentError
 
-FAMILIES = ("llama", "qwen2")
 DTYPES = ("float32", "bfloat16")  # what parameters are loaded in
 
 
@@ -22,13 +22,18 @@ class DecoderConfig:
       n_heads: query heads; a multiple of n_kv_heads (R = n_heads // n_kv_heads per kv head).
       n_kv_heads: K, key/value heads (K < n_heads is grouped-query attention).
       head_dim: Dh, width of each head.
-      mlp_dim: F, hidden width of the SwiGLU MLP.
-      rope_theta: base of the rotary embedding frequencies.
+      mlp_dim: F, hidden width of the gated MLP.
+      rope_theta: base of the rotary embedding frequencies (of the full attention layers).
       norm_eps: epsilon inside RMSNorm.
       max_seq_len: longest sequence (prompt + generated tokens) the model is used for.
       tie_embeddings: the output head reuses the token embedding (no separate lm_head).
       dropout_rate: residual dropout, applied only when a PRNG key is passed to forward.
-      family: "llama", or "qwen2" (the Llama block with biases on the q, k and v projections).
+      family: a name in `scanlab.decoder.families.FAMILIES` ("llama", "qwen2", "gemma3"): the
+        block's features, parameters and layer pattern.
+      sliding_window: W, keys a sliding-window layer attends (the query's own and W - 1 before
+        it); required by families with such layers, None otherwise.
+      local_rope_theta: the rotary base of the sliding-window layers.
+      query_pre_attn_scalar: queries are scaled by its -1/2 power; default head_dim.
     """
 
     vocab_size: int
@@ -44,6 +49,9 @@ class DecoderConfig:
     tie_embeddings: bool = False
     dropout_rate: float = 0.0
     family: str = "llama"
+    sliding_window: int | None = None
+    local_rope_theta: float = 10_000.0
+    query_pre_attn_scalar: float | None = None
 
     def __post_init__(self):
         for name in (
@@ -62,19 +70,54 @@ class DecoderConfig:
                 f"n_heads must be a multiple of n_kv_heads, got n_heads={self.n_heads}, "
                 f"n_kv_heads={self.n_kv_heads}"
             )
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
+        for name in ("rope_theta", "norm_eps", "local_rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ArgumentError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.query_pre_attn_scalar is not None and not self.query_pre_attn_scalar > 0:
             raise ArgumentError(
-                f"rope_theta and norm_eps must be > 0, got {self.rope_theta}, {self.norm_eps}"
+                f"query_pre_attn_scalar must be > 0 or None, got {self.query_pre_attn_scalar}"
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ArgumentError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.family not in FAMILIES:
             raise ArgumentError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
+        self._check_window()
+
+    def _check_window(self):
+        if SLIDING not in self.layer_types:
+            if self.sliding_window is not None:
+                raise ArgumentError(
+                    f"sliding_window must be None: family {self.family!r} with "
+                    f"n_layers={self.n_layers} has no sliding-window layers, got "
+                    f"{self.sliding_window}"
+                )
+            return
+        if self.sliding_window is None:
+            raise ArgumentError(
+                f"sliding_window must be set: family {self.family!r} has sliding-window layers"
+            )
+        checks.static_int("sliding_window", self.sliding_window, minimum=1)
+        if self.sliding_window > self.max_seq_len:
+            raise ArgumentError(
+                f"sliding_window must be <= max_seq_len={self.max_seq_len}, got "
+                f"{self.sliding_window}"
+            )
 
     @property
-    def qkv_bias(self) -> bool:
-        """Whether the q, k and v projections have biases (Qwen2)."""
-        return self.family == "qwen2"
+    def features(self) -> Family:
+        """The family's declaration: its block features and parameter leaves."""
+        return FAMILIES[self.family]
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """Each layer's kind (families.SLIDING or FULL): the family's pattern, repeated."""
+        pattern = self.features.layer_pattern
+        return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+    @property
+    def query_scale(self) -> float:
+        """What the queries are multiplied by before the scores: query_pre_attn_scalar^-1/2."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def n_rep(self) -> int:

@@ -23,13 +23,13 @@ import numpy as np
 
 from scanlab import checks
 from scanlab.decoder import sampling as sampling_lib
+from scanlab.decoder.cache import Cache, init_cache, step_masks
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.layers import LayerCache
 from scanlab.decoder.model import check_mask, check_tokens, embed, unembed
 from scanlab.decoder.params import DecoderParams
 from scanlab.decoder.sampling import Sampling
 from scanlab.decoder.spec import check_params
-from scanlab.decoder.stack import run_layers, split_key_nullable
+from scanlab.decoder.stack import run_cached_layers, split_key_nullable
 from scanlab.errors import ArgumentError, ArgumentTypeError
 
 
@@ -52,7 +52,7 @@ class _State(NamedTuple):
     """The decoding loop's carry."""
 
     step: jax.Array  # () int32: new tokens produced so far
-    cache: LayerCache
+    cache: Cache
     token_B: jax.Array  # int32: each row's newest token
     done_B: jax.Array  # bool: the row has produced a stop token
     lengths_B: jax.Array  # int32: new tokens of each row, its stop token included
@@ -60,25 +60,15 @@ class _State(NamedTuple):
     key: jax.Array | None
 
 
-def init_cache(config: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> LayerCache:
-    """An empty cache for all layers: k and v of shape (L, B, T, K, Dh)."""
-    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
-    return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-
 def _layers(params, config, prompt: _Prompt, cache, tokens_BxS, positions_BxS):
     """Logits (B, V) of the last position, and the cache with the new tokens written."""
-    cache_length = prompt.filled_BxT.shape[1]
-    # Query at slot p sees every non-padding slot <= p; later slots are empty or stale.
-    causal_BxSxT = jnp.arange(cache_length)[None, None, :] <= positions_BxS[:, :, None]
-    mask_BxSxT = causal_BxSxT & prompt.filled_BxT[:, None, :]
-    seq, cache = run_layers(
+    seq, cache = run_cached_layers(
         params.blocks,
-        embed(params, tokens_BxS),
-        mask_BxSxT,
+        embed(params, tokens_BxS, config),
+        cache,
+        step_masks(cache, positions_BxS, prompt.filled_BxT, config),
+        positions_BxS,
         config=config,
-        positions_BxS=positions_BxS,
-        cache=cache,
     )
     return unembed(params, seq[:, -1:], config)[:, 0], cache
 
@@ -101,9 +91,13 @@ def _emit(state: _State, logits_BxV, prompt: _Prompt, sampling: Sampling, max_ne
     )
 
 
-def _prefill(params, prompt_BxS, prompt_mask_BxS, key, sampling, prompt, config, max_new_tokens):
+def _prefill(
+    params, prompt_BxS, prompt_mask_BxS, key, sampling, prompt, config, max_new_tokens, ring_cache
+):
     batch, length = prompt_BxS.shape
-    cache = init_cache(config, batch, length + max_new_tokens, params.embed.dtype)
+    cache = init_cache(
+        config, batch, length + max_new_tokens, params.embed.dtype, bounded=ring_cache
+    )
     # Rotary positions are the slots: a left-padded row is shifted as a whole, and attention
     # scores depend only on position differences, so it decodes as it would unpadded.
     positions_BxS = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -139,7 +133,9 @@ def _prompt(prompt_mask_BxS, stop_ids, pad_id, max_new_tokens) -> _Prompt:
     return _Prompt(filled_BxT, length, stop_ids, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "return_logits"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_new_tokens", "return_logits", "ring_cache")
+)
 def _generate(
     params,
     prompt_BxS,
@@ -152,12 +148,21 @@ def _generate(
     config,
     max_new_tokens,
     return_logits,
+    ring_cache,
 ):
     batch = prompt_BxS.shape[0]
     prompt = _prompt(prompt_mask_BxS, stop_ids, pad_id, max_new_tokens)
     with jax.named_scope("prefill"):
         state, logits_BxV = _prefill(
-            params, prompt_BxS, prompt_mask_BxS, key, sampling, prompt, config, max_new_tokens
+            params,
+            prompt_BxS,
+            prompt_mask_BxS,
+            key,
+            sampling,
+            prompt,
+            config,
+            max_new_tokens,
+            ring_cache,
         )
     tokens_BxN = jnp.full((batch, max_new_tokens), pad_id).at[:, 0].set(state.token_B)
     logits_BxNxV = None
@@ -184,13 +189,31 @@ def _generate(
     return Generation(jnp.concatenate([prompt_BxS, tokens_BxN], 1), state.lengths_B, logits_BxNxV)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "ring_cache"))
 def _start(
-    params, prompt_BxS, prompt_mask_BxS, key, sampling, stop_ids, pad_id, *, config, max_new_tokens
+    params,
+    prompt_BxS,
+    prompt_mask_BxS,
+    key,
+    sampling,
+    stop_ids,
+    pad_id,
+    *,
+    config,
+    max_new_tokens,
+    ring_cache,
 ):
     prompt = _prompt(prompt_mask_BxS, stop_ids, pad_id, max_new_tokens)
     state, _ = _prefill(
-        params, prompt_BxS, prompt_mask_BxS, key, sampling, prompt, config, max_new_tokens
+        params,
+        prompt_BxS,
+        prompt_mask_BxS,
+        key,
+        sampling,
+        prompt,
+        config,
+        max_new_tokens,
+        ring_cache,
     )
     return state, prompt.filled_BxT
 
@@ -281,6 +304,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     pad_token: int = 0,
     return_logits: bool = False,
+    ring_cache: bool = True,
 ) -> Generation:
     """Continues each prompt row by up to `max_new_tokens` tokens.
 
@@ -304,6 +328,9 @@ def generate(
       pad_token: the id emitted after a row's stop token.
       return_logits: also return the (B, N, V) logits each token was drawn from (before the
         sampling transforms).
+      ring_cache: sliding-window layers keep only their window's keys and values, in a ring
+        (`scanlab.decoder.cache`); False keeps every position on every layer, the window only
+        in the mask (the same tokens, more memory).
 
     Sampling settings are traced: changing them does not recompile.
     """
@@ -328,6 +355,7 @@ def generate(
         config=config,
         max_new_tokens=max_new_tokens,
         return_logits=bool(return_logits),
+        ring_cache=bool(ring_cache),
     )
 
 
@@ -338,6 +366,7 @@ def stream(
     max_new_tokens: int,
     *,
     chunk: int = 1,
+    ring_cache: bool = True,
     **options,
 ) -> Iterator[np.ndarray]:
     """`generate`'s tokens as they are produced: (B, c) int32 arrays, c <= chunk.
@@ -349,11 +378,15 @@ def stream(
     """
     checked = _check(params, tokens, config, max_new_tokens, **options)
     chunk = checks.static_int("chunk", chunk, minimum=1)
-    return _stream(params, checked, config, max_new_tokens, chunk)
+    return _stream(params, checked, config, max_new_tokens, chunk, bool(ring_cache))
 
 
-def _stream(params, checked: _Checked, config, max_new_tokens, chunk) -> Iterator[np.ndarray]:
-    state, filled_BxT = _start(params, *checked, config=config, max_new_tokens=max_new_tokens)
+def _stream(
+    params, checked: _Checked, config, max_new_tokens, chunk, ring_cache
+) -> Iterator[np.ndarray]:
+    state, filled_BxT = _start(
+        params, *checked, config=config, max_new_tokens=max_new_tokens, ring_cache=ring_cache
+    )
     yield np.asarray(state.token_B)[:, None]
     produced = 1
     while produced < max_new_tokens and not np.asarray(state.done_B).all():

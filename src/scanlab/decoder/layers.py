@@ -1,33 +1,66 @@
-"""The Llama decoder block as pure functions of one layer's parameters.
+"""The decoder block as pure functions of one layer's parameters.
 
-RMSNorm -> grouped-query attention with rotary embeddings -> residual -> RMSNorm -> SwiGLU ->
-residual. Shapes use the package's letters; `T` here is the number of key/value positions
-(S without a cache, the cache length with one).
+norm -> grouped-query attention with rotary embeddings [-> norm] -> residual -> norm -> gated
+MLP [-> norm] -> residual; the bracketed ("sandwich") norms and RMS norms of the q and k heads
+where the family declares them (Gemma 3). What a layer attends over is a function, `Attend`: the
+S new keys themselves (`self_attend`, training and `forward`) or a KV cache
+(`scanlab.decoder.cache`). Shapes use the package's letters; `T` is the number of key
+positions (S without a cache, the cache's slots with one).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.families import SLIDING
 from scanlab.decoder.params import Attention, DecoderBlock
 
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
 
-class LayerCache(NamedTuple):
-    """One layer's keys and values for every cached position."""
-
-    k: jax.Array  # (B, T, K, Dh)
-    v: jax.Array  # (B, T, K, Dh)
+# (q (B, S, R, K, Dh), k (B, S, K, Dh), v (B, S, K, Dh)) -> (attended values (B, S, R, K, Dh),
+# whatever the attention updated: a cache, or None).
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
-def rms_norm(x_BxSxD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
-    # Statistics in f32 whatever the activation dtype: a bf16 mean of squares loses the scale.
-    x = x_BxSxD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return _lift(weight_D, x.ndim) * x.astype(x_BxSxD.dtype)
+class LayerKind(NamedTuple):
+    """A layer's attention settings: scalars for one layer, (L,) in the layer scan's inputs.
+
+    Layers that differ only in these (Gemma 3's sliding and full layers) run as one scan body.
+    """
+
+    window: jax.Array  # int32: a query attends keys fewer than `window` positions before it
+    rope_theta: jax.Array  # float32: the rotary base
+
+
+def layer_kinds(config: DecoderConfig) -> LayerKind:
+    """Every layer's LayerKind, stacked (L,); full layers' window is max_seq_len (no limit)."""
+    sliding = np.array([kind == SLIDING for kind in config.layer_types])
+    window = np.where(sliding, config.sliding_window or 0, config.max_seq_len)
+    theta = np.where(sliding, config.local_rope_theta, config.rope_theta)
+    return LayerKind(jnp.asarray(window, jnp.int32), jnp.asarray(theta, jnp.float32))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm over the last axis of x (..., N) with weight (N,): by w, or by 1 + w (Gemma).
+
+    Statistics in f32 whatever the activation dtype: a bf16 mean of squares loses the scale.
+    Gemma scales in f32 before casting back, Llama after: each as transformers does.
+    """
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (normed * (1.0 + _lift(weight.astype(jnp.float32), x.ndim))).astype(x.dtype)
+    return _lift(weight, x.ndim) * normed.astype(x.dtype)
 
 
 def _lift(vector: jax.Array, ndim: int) -> jax.Array:
@@ -35,8 +68,11 @@ def _lift(vector: jax.Array, ndim: int) -> jax.Array:
     return vector.reshape((1,) * (ndim - 1) + vector.shape)
 
 
-def rope_phases(positions_BxS: jax.Array, head_dim: int, theta: float):
-    """cos and sin of the rotary phases, each (B, S, Dh), in f32 (phases reach 1e5+ radians)."""
+def rope_phases(positions_BxS: jax.Array, head_dim: int, theta):
+    """cos and sin of the rotary phases, each (B, S, Dh), in f32 (phases reach 1e5+ radians).
+
+    `theta`, the base, may be traced: a layer's own, scanned with its weights.
+    """
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     phase_BxSxHalf = positions_BxS.astype(jnp.float32)[..., None] * _lift(inv_freq, 3)
     phase_BxSxDh = jnp.concatenate([phase_BxSxHalf, phase_BxSxHalf], axis=-1)
@@ -59,44 +95,19 @@ def apply_rope(x: jax.Array, cos_BxSxDh: jax.Array, sin_BxSxDh: jax.Array) -> ja
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attention(
-    attn: Attention,
-    x_BxSxD: jax.Array,
-    positions_BxS: jax.Array,
-    attn_mask_BxSxT: jax.Array,
-    config: DecoderConfig,
-    cache: LayerCache | None = None,
-) -> tuple[jax.Array, LayerCache | None]:
-    """Grouped-query self-attention: R query heads share each of the K key/value heads.
-
-    With a cache, the new keys and values are written at `positions` and the queries attend over
-    the whole cache (the mask hides slots not yet written).
-
-    Returns:
-      (B, S, D) output, and the updated cache (None without one).
-    """
+def project_qkv(
+    attn: Attention, x_BxSxD: jax.Array, positions_BxS: jax.Array, rope_theta, config
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q (B, S, R, K, Dh), k and v (B, S, K, Dh): projected, normed where declared, rotated."""
     q_BxSxRxKxDh = _plus_bias(jnp.einsum("bsd,drkh->bsrkh", x_BxSxD, attn.q_proj), attn.q_bias)
     k_BxSxKxDh = _plus_bias(jnp.einsum("bsd,dkh->bskh", x_BxSxD, attn.k_proj), attn.k_bias)
     v_BxSxKxDh = _plus_bias(jnp.einsum("bsd,dkh->bskh", x_BxSxD, attn.v_proj), attn.v_bias)
-    cos, sin = rope_phases(positions_BxS, config.head_dim, config.rope_theta)
-    q_BxSxRxKxDh = apply_rope(q_BxSxRxKxDh, cos, sin)
-    k_BxSxKxDh = apply_rope(k_BxSxKxDh, cos, sin)
-    if cache is not None:
-        cache = _write(cache, k_BxSxKxDh, v_BxSxKxDh, positions_BxS)
-        k_BxTxKxDh, v_BxTxKxDh = cache
-    else:
-        k_BxTxKxDh, v_BxTxKxDh = k_BxSxKxDh, v_BxSxKxDh
-    # Scores and softmax in f32, masked with finfo.min rather than -inf so a fully masked row
-    # stays finite.
-    scores_BxRxKxSxT = jnp.einsum(
-        "bsrkh,btkh->brkst", q_BxSxRxKxDh, k_BxTxKxDh, preferred_element_type=jnp.float32
-    )
-    scores_BxRxKxSxT = scores_BxRxKxSxT * config.head_dim**-0.5
-    mask = attn_mask_BxSxT[:, None, None, :, :]
-    scores_BxRxKxSxT = jnp.where(mask, scores_BxRxKxSxT, jnp.finfo(jnp.float32).min)
-    probs_BxRxKxSxT = jax.nn.softmax(scores_BxRxKxSxT, axis=-1).astype(v_BxTxKxDh.dtype)
-    out_BxSxRxKxDh = jnp.einsum("brkst,btkh->bsrkh", probs_BxRxKxSxT, v_BxTxKxDh)
-    return jnp.einsum("bsrkh,rkhd->bsd", out_BxSxRxKxDh, attn.out_proj), cache
+    if attn.q_norm is not None and attn.k_norm is not None:
+        plus_one = config.features.norm_plus_one
+        q_BxSxRxKxDh = rms_norm(q_BxSxRxKxDh, attn.q_norm, config.norm_eps, plus_one)
+        k_BxSxKxDh = rms_norm(k_BxSxKxDh, attn.k_norm, config.norm_eps, plus_one)
+    cos, sin = rope_phases(positions_BxS, config.head_dim, rope_theta)
+    return apply_rope(q_BxSxRxKxDh, cos, sin), apply_rope(k_BxSxKxDh, cos, sin), v_BxSxKxDh
 
 
 def _plus_bias(x_BxSx: jax.Array, bias: jax.Array | None) -> jax.Array:
@@ -104,17 +115,51 @@ def _plus_bias(x_BxSx: jax.Array, bias: jax.Array | None) -> jax.Array:
     return x_BxSx if bias is None else x_BxSx + bias.reshape((1, 1, *bias.shape))
 
 
-def _write(cache: LayerCache, k_BxSxKxDh, v_BxSxKxDh, positions_BxS) -> LayerCache:
-    """Scatters the S new keys/values of each row into its cache slots `positions`."""
-    rows_Bx1 = jnp.arange(positions_BxS.shape[0])[:, None]
-    return LayerCache(
-        cache.k.at[rows_Bx1, positions_BxS].set(k_BxSxKxDh.astype(cache.k.dtype)),
-        cache.v.at[rows_Bx1, positions_BxS].set(v_BxSxKxDh.astype(cache.v.dtype)),
+def attend(
+    q_BxSxRxKxDh: jax.Array,
+    k_BxTxKxDh: jax.Array,
+    v_BxTxKxDh: jax.Array,
+    mask_BxSxT: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """Softmax attention (B, S, R, K, Dh): R query heads share each of the K key/value heads.
+
+    Scores and softmax in f32, masked with finfo.min rather than -inf so a fully masked row
+    stays finite.
+    """
+    scores_BxRxKxSxT = jnp.einsum(
+        "bsrkh,btkh->brkst", q_BxSxRxKxDh, k_BxTxKxDh, preferred_element_type=jnp.float32
     )
+    scores_BxRxKxSxT = scores_BxRxKxSxT * scale
+    mask = mask_BxSxT[:, None, None, :, :]
+    scores_BxRxKxSxT = jnp.where(mask, scores_BxRxKxSxT, jnp.finfo(jnp.float32).min)
+    probs_BxRxKxSxT = jax.nn.softmax(scores_BxRxKxSxT, axis=-1).astype(v_BxTxKxDh.dtype)
+    return jnp.einsum("brkst,btkh->bsrkh", probs_BxRxKxSxT, v_BxTxKxDh)
 
 
-def swiglu(block: DecoderBlock, x_BxSxD: jax.Array) -> jax.Array:
-    gate_BxSxF = jax.nn.silu(x_BxSxD @ block.gate_proj)
+def within_window(
+    mask_BxSxT: jax.Array, query_positions_BxS: jax.Array, key_positions_BxT: jax.Array, window
+) -> jax.Array:
+    """The mask, also False where the key is `window` or more positions before the query."""
+    distance_BxSxT = query_positions_BxS[:, :, None] - key_positions_BxT[:, None, :]
+    return mask_BxSxT & (distance_BxSxT < window)
+
+
+def self_attend(
+    mask_BxSxS: jax.Array, positions_BxS: jax.Array, kind: LayerKind, config: DecoderConfig
+) -> Attend:
+    """Attention of the S tokens over themselves (no cache), within the layer's window."""
+    mask_BxSxS = within_window(mask_BxSxS, positions_BxS, positions_BxS, kind.window)
+
+    def attend_new(q, k, v):
+        return attend(q, k, v, mask_BxSxS, config.query_scale), None
+
+    return attend_new
+
+
+def gated_mlp(block: DecoderBlock, x_BxSxD: jax.Array, activation: str) -> jax.Array:
+    """down(act(gate(x)) * up(x)): SwiGLU for SiLU, GeGLU for GELU."""
+    gate_BxSxF = ACTIVATIONS[activation](x_BxSxD @ block.gate_proj)
     return (gate_BxSxF * (x_BxSxD @ block.up_proj)) @ block.down_proj
 
 
@@ -125,38 +170,50 @@ def _dropout(x: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+def _maybe_norm(x: jax.Array, weight: jax.Array | None, config: DecoderConfig) -> jax.Array:
+    """A sandwich norm where the family declares one; x unchanged where it does not."""
+    if weight is None:
+        return x
+    return rms_norm(x, weight, config.norm_eps, config.features.norm_plus_one)
+
+
 def decoder_block(
     block: DecoderBlock,
     seq_BxSxD: jax.Array,
-    attn_mask_BxSxT: jax.Array,
+    attend_fn: Attend,
     key: jax.Array | None = None,
     *,
     config: DecoderConfig,
-    positions_BxS: jax.Array | None = None,
-    cache: LayerCache | None = None,
+    positions_BxS: jax.Array,
+    rope_theta,
 ):
-    """One pre-norm Llama block on one layer's parameters (leaves without the L axis).
+    """One pre-norm block on one layer's parameters (leaves without the L axis).
 
     Args:
       block: this layer's DecoderBlock.
       seq_BxSxD: the residual stream.
-      attn_mask_BxSxT: True where query s may attend to key position t.
+      attend_fn: what the layer's queries attend over (`self_attend`, or a cache's).
       key: PRNG key for residual dropout; None (inference) means no dropout.
       config: the static DecoderConfig.
-      positions_BxS: rotary positions; default 0..S-1.
-      cache: this layer's KV cache, for decoding.
+      positions_BxS: rotary positions.
+      rope_theta: the layer's rotary base (its LayerKind's).
 
     Returns:
-      (seq, cache): the new residual stream (B, S, D) and the updated cache (None without one).
+      (seq, aux): the new residual stream (B, S, D) and what `attend_fn` updated.
     """
-    if positions_BxS is None:
-        positions_BxS = jnp.broadcast_to(jnp.arange(seq_BxSxD.shape[1]), seq_BxSxD.shape[:2])
+    plus_one = config.features.norm_plus_one
     attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
     with jax.named_scope("attention"):
-        h = rms_norm(seq_BxSxD, block.input_norm, config.norm_eps)
-        h, cache = attention(block.attention, h, positions_BxS, attn_mask_BxSxT, config, cache)
+        h = rms_norm(seq_BxSxD, block.input_norm, config.norm_eps, plus_one)
+        q, k, v = project_qkv(block.attention, h, positions_BxS, rope_theta, config)
+        out_BxSxRxKxDh, aux = attend_fn(q, k, v)
+        h = jnp.einsum("bsrkh,rkhd->bsd", out_BxSxRxKxDh, block.attention.out_proj)
+        h = _maybe_norm(h, block.post_attn_norm, config)
         seq_BxSxD = seq_BxSxD + _dropout(h, attn_key, config.dropout_rate)
     with jax.named_scope("mlp"):
-        h = swiglu(block, rms_norm(seq_BxSxD, block.post_attn_norm, config.norm_eps))
+        h = rms_norm(seq_BxSxD, block.mlp_norm, config.norm_eps, plus_one)
+        h = _maybe_norm(
+            gated_mlp(block, h, config.features.activation), block.post_mlp_norm, config
+        )
         seq_BxSxD = seq_BxSxD + _dropout(h, mlp_key, config.dropout_rate)
-    return seq_BxSxD, cache
+    return seq_BxSxD, aux

@@ -30,14 +30,19 @@ def causal_mask(attn_mask_BxS: jax.Array | None, batch: int, length: int) -> jax
     return mask_BxSxS
 
 
-def embed(params: DecoderParams, tokens_BxS: jax.Array) -> jax.Array:
-    return params.embed[tokens_BxS]
+def embed(params: DecoderParams, tokens_BxS: jax.Array, config: DecoderConfig) -> jax.Array:
+    """(B, S) ids -> (B, S, D) vectors; times sqrt(D) in the weights' dtype where the family
+    scales them (Gemma)."""
+    seq_BxSxD = params.embed[tokens_BxS]
+    if config.features.embed_scale:
+        seq_BxSxD = seq_BxSxD * jnp.asarray(config.d_model**0.5, seq_BxSxD.dtype)
+    return seq_BxSxD
 
 
 def unembed(params: DecoderParams, seq_BxSxD: jax.Array, config: DecoderConfig) -> jax.Array:
     """Final RMSNorm and output head: (B, S, D) -> (B, S, V) logits, accumulated in f32."""
     with jax.named_scope("unembed"):
-        x = rms_norm(seq_BxSxD, params.final_norm, config.norm_eps)
+        x = rms_norm(seq_BxSxD, params.final_norm, config.norm_eps, config.features.norm_plus_one)
         head_DxV = params.embed.T if params.lm_head is None else params.lm_head
         return jnp.matmul(x, head_DxV, preferred_element_type=jnp.float32)
 
@@ -47,8 +52,8 @@ def _forward(params, tokens_BxS, key, attn_mask_BxS, *, config, remat, loop):
     batch, length = tokens_BxS.shape
     mask = causal_mask(attn_mask_BxS, batch, length)
     with jax.named_scope("embed"):
-        seq = embed(params, tokens_BxS)
-    seq, _ = run_layers(params.blocks, seq, mask, config=config, key=key, remat=remat, loop=loop)
+        seq = embed(params, tokens_BxS, config)
+    seq = run_layers(params.blocks, seq, mask, config=config, key=key, remat=remat, loop=loop)
     return unembed(params, seq, config)
 
 

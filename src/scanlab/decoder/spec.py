@@ -1,20 +1,17 @@
-"""One declaration per parameter leaf: everything else about a parameter is derived from it.
+"""Everything about the parameters, derived from their declarations.
 
-`SPEC` is a `DecoderParams` whose leaves are `Leaf` declarations. From it come the shapes
+Each family's `Leaf` declarations (`scanlab.decoder.families`) give the shapes
 (`param_shapes`, the `eval_shape` listing), initialisation (`init_params`), validation
-(`check_params`), placement on a mesh (`param_specs`), the transformers checkpoint names and
-layouts (`decoder.checkpoint`) and the GGUF names (`decoder.gguf_checkpoint`). A new parameter
-is one `Leaf` here plus its math in `layers.py`.
-
-Shapes are written in the package's dimension letters. A layer leaf is declared for one layer;
-the stacked tree adds the leading layer axis L.
+(`check_params`) and placement on a mesh (`param_specs`); the formats read the checkpoint names
+and layouts from the same declarations. A new parameter is one `Leaf` in its family plus its
+math in `layers.py`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,115 +20,13 @@ from jax.sharding import Mesh, PartitionSpec
 
 from scanlab import sharding
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.params import Attention, DecoderBlock, DecoderParams, outside_layers
+from scanlab.decoder.families import Leaf
+from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
 from scanlab.errors import ArgumentError, ArgumentTypeError
 
 # Which mesh axis shards each letter: the model width over "data" (FSDP), the key/value heads and
 # the MLP width over "model" (tensor parallel). Every other axis is replicated.
 MESH_AXIS_OF_LETTER = {"D": sharding.DATA_AXIS, "K": sharding.MODEL_AXIS, "F": sharding.MODEL_AXIS}
-
-
-class Leaf(NamedTuple):
-    """The declaration of one parameter.
-
-    Attributes:
-      shape: the config's letters, one per axis, e.g. "D R K Dh" (one layer, no L).
-      init: "ones", "zeros", or "normal" with std 1/sqrt(product of the `fan_in` letters).
-      fan_in: letters of the fan-in for "normal" ("" for std 1).
-      hf_name: the transformers tensor name; layer leaves sit under "model.layers.{i}.".
-      hf_layout: the transformers tensor's axes as groups of letters, "(K R Dh) D" meaning a
-        2-d tensor whose first axis flattens K, R and Dh in that order.
-      gguf_name: the GGUF (llama.cpp) tensor name; layer leaves sit under "blk.{i}.". GGUF
-        tensors have the transformers layout, but see `gguf_interleaved`.
-      gguf_interleaved: llama.cpp stores the Dh axis of Llama's q and k projections with the
-        rotary pairs interleaved (Meta's order) instead of transformers' two halves.
-      sharded: False to replicate the leaf whatever its letters (norms: small and read whole).
-      present: which configs have the leaf (default: all).
-    """
-
-    shape: str
-    init: str
-    fan_in: str = ""
-    hf_name: str = ""
-    hf_layout: str = ""
-    gguf_name: str = ""
-    gguf_interleaved: bool = False
-    sharded: bool = True
-    present: Callable[[DecoderConfig], bool] = lambda config: True
-
-
-def _norm(hf_name: str, gguf_name: str) -> Leaf:
-    return Leaf("D", "ones", hf_name=hf_name, hf_layout="D", gguf_name=gguf_name, sharded=False)
-
-
-def _qkv_bias(shape: str, hf_name: str, hf_layout: str, gguf_name: str) -> Leaf:
-    return Leaf(
-        shape,
-        "zeros",
-        hf_name=hf_name,
-        hf_layout=hf_layout,
-        gguf_name=gguf_name,
-        present=lambda config: config.qkv_bias,
-    )
-
-
-# Absent when the embedding is tied (the output head reuses it): GGUF files tell by its name.
-LM_HEAD = Leaf(
-    "D V",
-    "normal",
-    "D",
-    "lm_head.weight",
-    "V D",
-    "output.weight",
-    present=lambda config: not config.tie_embeddings,
-)
-
-SPEC = DecoderParams(
-    embed=Leaf("V D", "normal", "", "model.embed_tokens.weight", "V D", "token_embd.weight"),
-    blocks=DecoderBlock(
-        input_norm=_norm("input_layernorm.weight", "attn_norm.weight"),
-        attention=Attention(
-            q_proj=Leaf(
-                "D R K Dh",
-                "normal",
-                "D",
-                "self_attn.q_proj.weight",
-                "(K R Dh) D",
-                "attn_q.weight",
-                gguf_interleaved=True,
-            ),
-            k_proj=Leaf(
-                "D K Dh",
-                "normal",
-                "D",
-                "self_attn.k_proj.weight",
-                "(K Dh) D",
-                "attn_k.weight",
-                gguf_interleaved=True,
-            ),
-            v_proj=Leaf(
-                "D K Dh", "normal", "D", "self_attn.v_proj.weight", "(K Dh) D", "attn_v.weight"
-            ),
-            out_proj=Leaf(
-                "R K Dh D",
-                "normal",
-                "R K Dh",
-                "self_attn.o_proj.weight",
-                "D (K R Dh)",
-                "attn_output.weight",
-            ),
-            q_bias=_qkv_bias("R K Dh", "self_attn.q_proj.bias", "(K R Dh)", "attn_q.bias"),
-            k_bias=_qkv_bias("K Dh", "self_attn.k_proj.bias", "(K Dh)", "attn_k.bias"),
-            v_bias=_qkv_bias("K Dh", "self_attn.v_proj.bias", "(K Dh)", "attn_v.bias"),
-        ),
-        post_attn_norm=_norm("post_attention_layernorm.weight", "ffn_norm.weight"),
-        gate_proj=Leaf("D F", "normal", "D", "mlp.gate_proj.weight", "F D", "ffn_gate.weight"),
-        up_proj=Leaf("D F", "normal", "D", "mlp.up_proj.weight", "F D", "ffn_up.weight"),
-        down_proj=Leaf("F D", "normal", "F", "mlp.down_proj.weight", "D F", "ffn_down.weight"),
-    ),
-    final_norm=_norm("model.norm.weight", "output_norm.weight"),
-    lm_head=LM_HEAD,
-)
 
 
 def is_leaf(node: Any) -> bool:
@@ -156,8 +51,12 @@ def sizes(config: DecoderConfig) -> dict[str, int]:
 
 
 def declared(config: DecoderConfig) -> DecoderParams:
-    """SPEC with the leaves this config does not have replaced by None."""
-    return jax.tree.map(lambda leaf: leaf if leaf.present(config) else None, SPEC, is_leaf=is_leaf)
+    """The family's declarations, the leaves this config does not have replaced by None."""
+    return jax.tree.map(
+        lambda leaf: leaf if leaf.present(config) else None,
+        config.features.leaves,
+        is_leaf=is_leaf,
+    )
 
 
 def _map(fn: Callable[[Leaf, bool], Any], config: DecoderConfig) -> DecoderParams:

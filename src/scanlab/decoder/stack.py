@@ -2,8 +2,10 @@
 
 `run_layers` runs `decoder_block` over the stacked parameters by `jax.lax.scan` (one compiled
 block) or, with `loop=True`, by a Python loop (the twin: L copies of the block when traced);
-with a KV cache it is the decoding stack, the whole cache riding in the scan's carry. The scan
-state is the blog's `(key, seq)`: each layer gets its own subkey (None at inference).
+`run_cached_layers` is the decoding stack, the whole KV cache riding in the scan's carry. Layers
+that differ (Gemma 3's sliding and full ones) stay one scan body: each layer's `LayerKind`
+(window, rotary base) and `CacheSlot` are scanned beside its weights. The scan state is the
+blog's `(key, seq)`: each layer gets its own subkey (None at inference).
 
 Remat is a named policy (`REMAT`), each mapped onto `jax.checkpoint` by `scanlab.loops`:
 "none" keeps every activation for the backward pass, "full" only each layer's input, "dots" the
@@ -15,15 +17,16 @@ nested scan holds an extra buffer the size of their gradients.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from scanlab import loops
+from scanlab.decoder.cache import Cache, StepMasks, cache_slots, cached_attend
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.layers import LayerCache, decoder_block
-from scanlab.decoder.params import DecoderBlock, stack_layers, unstack_layers
+from scanlab.decoder.layers import LayerKind, decoder_block, layer_kinds, self_attend
+from scanlab.decoder.params import DecoderBlock, unstack_layers
 from scanlab.errors import ArgumentError
 
 # remat name -> (scanlab.loops policy for each layer, segments of the layer scan)
@@ -52,82 +55,141 @@ def check_remat(remat: str, loop: bool = False) -> tuple[str, int | Literal["sqr
     return REMAT[remat]
 
 
+def _layer_step(config: DecoderConfig, positions_BxS: jax.Array, attend_of):
+    """The scan body over ((key, seq), (block, kind, extra)): `attend_of(kind, extra)` is the
+    layer's `Attend`; the body returns what it updated."""
+
+    def step(state, layer_inputs):
+        key, seq = state
+        block, kind, extra = layer_inputs
+        key, subkey = split_key_nullable(key)
+        seq, aux = decoder_block(
+            block,
+            seq,
+            attend_of(kind, extra),
+            subkey,
+            config=config,
+            positions_BxS=positions_BxS,
+            rope_theta=kind.rope_theta,
+        )
+        return (key, seq), aux
+
+    return step
+
+
+def _default_positions(seq_BxSxD: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(seq_BxSxD.shape[1]), seq_BxSxD.shape[:2])
+
+
 def run_layers(
     blocks: DecoderBlock,
     seq_BxSxD: jax.Array,
-    attn_mask_BxSxT: jax.Array,
+    attn_mask_BxSxS: jax.Array,
     *,
     config: DecoderConfig,
     key: jax.Array | None = None,
     positions_BxS: jax.Array | None = None,
-    cache: LayerCache | None = None,
     remat: str = "none",
     loop: bool = False,
-) -> tuple[jax.Array, LayerCache | None]:
-    """All L layers over the residual stream.
+) -> jax.Array:
+    """All L layers over the residual stream, each token attending the sequence itself.
 
     Args:
       blocks: DecoderBlock, every leaf (L, ...).
       seq_BxSxD: the embedded tokens.
-      attn_mask_BxSxT: True where query s may attend key position t.
+      attn_mask_BxSxS: True where query s may attend key s' (causal and padding); sliding
+        layers also limit it to their window.
       config: the static DecoderConfig.
       key: dropout key (split once per layer), or None.
       positions_BxS: rotary positions (default 0..S-1).
-      cache: all layers' KV cache, k and v (L, B, T, K, Dh), for decoding.
       remat: a name in `REMAT`.
       loop: run the layers by a Python loop instead of `jax.lax.scan`.
 
     Returns:
-      (seq (B, S, D), the updated cache or None).
+      seq (B, S, D).
     """
     policy, segments = check_remat(remat, loop)
-
-    def layer(state, layer_inputs):
-        key, seq = state
-        block, layer_cache = layer_inputs
-        key, subkey = split_key_nullable(key)
-        seq, layer_cache = decoder_block(
-            block,
-            seq,
-            attn_mask_BxSxT,
-            subkey,
-            config=config,
-            positions_BxS=positions_BxS,
-            cache=layer_cache,
-        )
-        return (key, seq), layer_cache
-
-    def cached_layer(state, layer_inputs):
-        # The whole cache rides in the carry, layer i's slice updated in place: as a scan input
-        # and output XLA copied it whole several times per decoding step.
-        key, seq, cache = state
-        block, i = layer_inputs
-        (key, seq), layer_cache = layer((key, seq), (block, jax.tree.map(lambda c: c[i], cache)))
-        cache = jax.tree.map(lambda c, new: c.at[i].set(new), cache, layer_cache)
-        return (key, seq, cache), None
-
+    if positions_BxS is None:
+        positions_BxS = _default_positions(seq_BxSxD)
+    step = _layer_step(
+        config,
+        positions_BxS,
+        lambda kind, _: self_attend(attn_mask_BxSxS, positions_BxS, kind, config),
+    )
+    kinds = layer_kinds(config)
     with jax.named_scope("layers"):
         if loop:
-            (_, seq_BxSxD), caches = _python_loop(layer, (key, seq_BxSxD), blocks, cache, policy)
-        elif cache is not None:
-            n_layers = jax.tree.leaves(blocks)[0].shape[0]
-            (_, seq_BxSxD, caches), _ = jax.lax.scan(
-                cached_layer, (key, seq_BxSxD, cache), (blocks, jnp.arange(n_layers))
-            )
+            (_, seq_BxSxD), _ = _python_loop(step, (key, seq_BxSxD), blocks, kinds, policy)
         else:
-            (_, seq_BxSxD), caches = loops.remat_scan(
-                layer, (key, seq_BxSxD), (blocks, cache), policy=policy, segments=segments
+            (_, seq_BxSxD), _ = loops.remat_scan(
+                step, (key, seq_BxSxD), (blocks, kinds, None), policy=policy, segments=segments
             )
-    return seq_BxSxD, caches
+    return seq_BxSxD
 
 
-def _python_loop(layer, state, blocks: DecoderBlock, cache: Any, policy: str):
-    """The loop twin: the same `layer` step, once per layer, each under the same policy."""
-    step = layer if policy == "none" else jax.checkpoint(layer, policy=loops.REMAT_POLICIES[policy])
-    layers = unstack_layers(blocks)
-    layer_caches = unstack_layers(cache) if cache is not None else [None] * len(layers)
-    new_caches = []
-    for block, layer_cache in zip(layers, layer_caches, strict=True):
-        state, layer_cache = step(state, (block, layer_cache))
-        new_caches.append(layer_cache)
-    return state, None if cache is None else stack_layers(new_caches)
+def run_cached_layers(
+    blocks: DecoderBlock,
+    seq_BxSxD: jax.Array,
+    cache: Cache,
+    masks: StepMasks,
+    positions_BxS: jax.Array,
+    *,
+    config: DecoderConfig,
+    loop: bool = False,
+) -> tuple[jax.Array, Cache]:
+    """All L layers over S new tokens, attending and updating the KV cache (decoding).
+
+    Args:
+      blocks: DecoderBlock, every leaf (L, ...).
+      seq_BxSxD: the embedded new tokens.
+      cache: every layer's keys and values (`scanlab.decoder.cache`).
+      masks: the step's masks (`cache.step_masks`).
+      positions_BxS: the new tokens' positions (their cache slots).
+      config: the static DecoderConfig.
+      loop: run the layers by a Python loop instead of `jax.lax.scan`.
+
+    Returns:
+      (seq (B, S, D), the cache with the new keys and values written).
+    """
+    slots = cache_slots(config, cache)
+
+    def attend_of(kind, layer_inputs):
+        cache, slot = layer_inputs
+        return cached_attend(cache, slot, kind, masks, positions_BxS, config)
+
+    step = _layer_step(config, positions_BxS, attend_of)
+
+    def cached_step(state, layer_inputs):
+        # The whole cache rides in the carry, updated in place: as a scan input and output XLA
+        # copied it whole several times per decoding step.
+        key, seq, cache = state
+        block, kind, slot = layer_inputs
+        (key, seq), cache = step((key, seq), (block, kind, (cache, slot)))
+        return (key, seq, cache), None
+
+    kinds = layer_kinds(config)
+    with jax.named_scope("layers"):
+        if loop:
+            state = (None, seq_BxSxD, cache)
+            for i, block in enumerate(unstack_layers(blocks)):
+                kind = LayerKind(*(leaf[i] for leaf in kinds))
+                slot = jax.tree.map(lambda leaf, i=i: leaf[i], slots)
+                state, _ = cached_step(state, (block, kind, slot))
+            (_, seq_BxSxD, cache) = state
+        else:
+            (_, seq_BxSxD, cache), _ = jax.lax.scan(
+                cached_step,
+                (None, seq_BxSxD, cache),
+                (blocks, kinds, jax.tree.map(jnp.asarray, slots)),
+            )
+    return seq_BxSxD, cache
+
+
+def _python_loop(step, state, blocks: DecoderBlock, kinds: LayerKind, policy: str):
+    """The loop twin: the same `step`, once per layer, each under the same policy."""
+    if policy != "none":
+        step = jax.checkpoint(step, policy=loops.REMAT_POLICIES[policy])
+    for i, block in enumerate(unstack_layers(blocks)):
+        kind = LayerKind(*(leaf[i] for leaf in kinds))
+        state, _ = step(state, (block, kind, None))
+    return state, None

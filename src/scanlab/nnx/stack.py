@@ -17,10 +17,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.layers import decoder_block
+from scanlab.decoder.layers import LayerKind, decoder_block, layer_kinds, self_attend
 from scanlab.decoder.model import causal_mask, check_mask, check_tokens, embed, unembed
 from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
 from scanlab.decoder.spec import check_params, init_layer, init_outside_layers
@@ -53,12 +54,22 @@ class NNXBlock(nnx.Module):
         self.dropout: Any = rngs["dropout"].fork() if config.dropout_rate > 0 else nnx.data(None)
         self.deterministic = False
 
-    def __call__(self, seq_BxSxD: jax.Array, attn_mask_BxSxS: jax.Array) -> jax.Array:
-        """(B, S, D) residual stream -> (B, S, D)."""
+    def __call__(
+        self, seq_BxSxD: jax.Array, attn_mask_BxSxS: jax.Array, kind: LayerKind
+    ) -> jax.Array:
+        """(B, S, D) residual stream -> (B, S, D); `kind` is this layer's window and rotary
+        base (scanned beside the layers, as `decoder.run_layers` does)."""
         use_dropout = not self.deterministic and self.config.dropout_rate > 0
         key = self.dropout() if use_dropout else None
+        positions_BxS = jnp.broadcast_to(jnp.arange(seq_BxSxD.shape[1]), seq_BxSxD.shape[:2])
         seq_BxSxD, _ = decoder_block(
-            _values(self.block), seq_BxSxD, attn_mask_BxSxS, key, config=self.config
+            _values(self.block),
+            seq_BxSxD,
+            self_attend(attn_mask_BxSxS, positions_BxS, kind, self.config),
+            key,
+            config=self.config,
+            positions_BxS=positions_BxS,
+            rope_theta=kind.rope_theta,
         )
         return seq_BxSxD
 
@@ -80,28 +91,32 @@ def make_stack(
     return create(rngs, blocks)
 
 
-def scan_layers(stack: NNXBlock, seq_BxSxD: jax.Array, attn_mask_BxSxS: jax.Array) -> jax.Array:
-    """All layers by `nnx.scan`: each step gets one layer; RNG counts are carried out for us."""
+def scan_layers(
+    stack: NNXBlock, seq_BxSxD: jax.Array, attn_mask_BxSxS: jax.Array, kinds: LayerKind
+) -> jax.Array:
+    """All layers by `nnx.scan`: each step gets one layer and its kind; RNG counts are carried
+    out for us."""
 
-    @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
-    def step(block, seq, mask):
-        return block(seq, mask)
+    @nnx.scan(in_axes=(0, nnx.Carry, None, 0), out_axes=nnx.Carry)
+    def step(block, seq, mask, kind):
+        return block(seq, mask, kind)
 
-    return step(stack, seq_BxSxD, attn_mask_BxSxS)
+    return step(stack, seq_BxSxD, attn_mask_BxSxS, kinds)
 
 
 def split_scan_merge_layers(
-    stack: NNXBlock, seq_BxSxD: jax.Array, attn_mask_BxSxS: jax.Array
+    stack: NNXBlock, seq_BxSxD: jax.Array, attn_mask_BxSxS: jax.Array, kinds: LayerKind
 ) -> jax.Array:
     """All layers by split → `jax.lax.scan` → merge (MaxText's form), writing state back."""
     graphdef, state = nnx.split(stack)
 
-    def step(seq, layer_state):
+    def step(seq, layer_inputs):
+        layer_state, kind = layer_inputs
         block = nnx.merge(graphdef, layer_state)
-        seq = block(seq, attn_mask_BxSxS)
+        seq = block(seq, attn_mask_BxSxS, kind)
         return seq, nnx.state(block)  # the layer's advanced RNG count leaves as an output
 
-    seq_BxSxD, new_state = jax.lax.scan(step, seq_BxSxD, state)
+    seq_BxSxD, new_state = jax.lax.scan(step, seq_BxSxD, (state, kinds))
     nnx.update(stack, new_state)
     return seq_BxSxD
 
@@ -110,7 +125,7 @@ LAYER_SCANS = {"nnx.scan": scan_layers, "split-lax.scan-merge": split_scan_merge
 
 
 class NNXDecoder(nnx.Module):
-    """The Llama decoder of `scanlab.decoder` as an NNX module with a scanned layer stack.
+    """The decoder of `scanlab.decoder` (any family) as an NNX module with a scanned layer stack.
 
     Args:
       config: the DecoderConfig.
@@ -166,5 +181,6 @@ class NNXDecoder(nnx.Module):
             attn_mask_BxS = check_mask(attn_mask_BxS, tokens_BxS.shape)
         outside = outside_layers(self.to_params())  # the layers run from self.blocks
         mask = causal_mask(attn_mask_BxS, *tokens_BxS.shape)
-        seq = LAYER_SCANS[self.layer_scan](self.blocks, embed(outside, tokens_BxS), mask)
+        seq = embed(outside, tokens_BxS, self.config)
+        seq = LAYER_SCANS[self.layer_scan](self.blocks, seq, mask, layer_kinds(self.config))
         return unembed(outside, seq, self.config)

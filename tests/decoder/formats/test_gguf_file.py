@@ -110,7 +110,7 @@ def test_unsupported_architecture(small_file, tmp_path):
 
     with pytest.raises(
         CheckpointError,
-        match=r"general.architecture must be one of \['llama', 'qwen2'\], got 'gemma2'",
+        match=r"general.architecture must be one of \['llama', 'qwen2', 'gemma3'\], got 'gemma2'",
     ):
         load_gguf(rewrite(small_file, tmp_path, edit))
 
@@ -129,7 +129,9 @@ def test_missing_tensor(small_file, tmp_path):
     def edit(fields, tensors):
         del tensors["blk.1.ffn_up.weight"]
 
-    with pytest.raises(CheckpointError, match=r"tensor blk\.1\.ffn_up\.weight is missing"):
+    with pytest.raises(
+        CheckpointError, match=r"1 tensor\(s\) of a llama model are missing: blk\.1\.ffn_up\.weight"
+    ):
         load_gguf(rewrite(small_file, tmp_path, edit))
 
 

@@ -1,7 +1,7 @@
 """Format-neutral checkpoint I/O: the error every reader raises, tensor checks, the transformers
 tensor layout (which GGUF files share) and the stacking of per-layer tensors into DecoderParams.
 
-Every name and layout comes from the parameter declarations in `scanlab.decoder.spec`.
+Every name and layout comes from the parameter declarations in `scanlab.decoder.families`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.families import Leaf
 from scanlab.decoder.params import DecoderParams, outside_layers
 from scanlab.errors import ScanlabError
 
@@ -59,13 +60,13 @@ def _groups(layout: str) -> list[list[str]]:
     ]
 
 
-def hf_shape(leaf: spec.Leaf, config: DecoderConfig) -> tuple[int, ...]:
+def hf_shape(leaf: Leaf, config: DecoderConfig) -> tuple[int, ...]:
     """The shape transformers stores this leaf with (one layer's slice for block leaves)."""
     size = spec.sizes(config)
     return tuple(math.prod(size[letter] for letter in group) for group in _groups(leaf.hf_layout))
 
 
-def to_hf(leaf: spec.Leaf, array: Tensor, config: DecoderConfig) -> Tensor:
+def to_hf(leaf: Leaf, array: Tensor, config: DecoderConfig) -> Tensor:
     """scanlab's layout (leaf.shape) -> transformers' (leaf.hf_layout)."""
     letters = leaf.shape.split()
     hf_letters = [letter for group in _groups(leaf.hf_layout) for letter in group]
@@ -74,7 +75,7 @@ def to_hf(leaf: spec.Leaf, array: Tensor, config: DecoderConfig) -> Tensor:
     )
 
 
-def from_hf(leaf: spec.Leaf, tensor: Tensor, config: DecoderConfig) -> Tensor:
+def from_hf(leaf: Leaf, tensor: Tensor, config: DecoderConfig) -> Tensor:
     """transformers' layout (leaf.hf_layout) -> scanlab's (leaf.shape)."""
     size = spec.sizes(config)
     hf_letters = [letter for group in _groups(leaf.hf_layout) for letter in group]
@@ -92,7 +93,7 @@ def _set_layer(stacked: jax.Array, i: jax.Array, layer: jax.Array) -> jax.Array:
 
 
 def assemble(
-    config: DecoderConfig, read: Callable[[spec.Leaf, int | None], Tensor], dtype
+    config: DecoderConfig, read: Callable[[Leaf, int | None], Tensor], dtype
 ) -> DecoderParams:
     """Stacked DecoderParams of `dtype` from a reader of one tensor at a time.
 
@@ -102,7 +103,7 @@ def assemble(
     """
     declared = spec.declared(config)
 
-    def read_stacked(leaf: spec.Leaf, shape: tuple[int, ...]) -> jax.Array:
+    def read_stacked(leaf: Leaf, shape: tuple[int, ...]) -> jax.Array:
         stacked = jnp.zeros(shape, dtype)
         for i in range(config.n_layers):
             stacked = _set_layer(stacked, i, read(leaf, i))

@@ -4,9 +4,10 @@ A GGUF file holds the model's settings as metadata (`llama.block_count`, ...), i
 chat template, and one tensor per layer and weight (`blk.{i}.attn_q.weight`), each float or
 quantized in blocks. `gguf.quants.dequantize` turns every type it knows (F32, F16, BF16, Q4_0,
 Q4_1, Q5_0, Q5_1, Q8_0, the K-quants Q2_K..Q6_K, the IQ types) into float32; tensor names come
-from the parameter declarations in `scanlab.decoder.spec`. llama.cpp's converter interleaves the
-rotary pairs of Llama's q and k rows; loading undoes it, so the result equals the transformers
-checkpoint the file was converted from.
+from the parameter declarations in `scanlab.decoder.families`. llama.cpp's converter interleaves
+the rotary pairs of Llama's q and k rows and adds 1 to Gemma's norms; loading undoes both (as the
+leaves declare), so the result equals the transformers checkpoint the file was converted from.
+Neither format records Gemma 3's layer pattern: it is the family's, as in llama.cpp.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.families import FAMILIES, LM_HEAD, SLIDING, Family, Leaf
 from scanlab.decoder.formats.base import (
     CheckpointError,
     Tensor,
@@ -30,9 +32,13 @@ from scanlab.decoder.formats.base import (
     from_hf,
     hf_shape,
 )
-from scanlab.decoder.params import DecoderParams
+from scanlab.decoder.params import DecoderParams, outside_layers
+from scanlab.errors import ScanlabError
 
-ARCHITECTURES = ("llama", "qwen2")
+# general.architecture -> the family
+ARCHITECTURES: dict[str, Family] = {
+    family.gguf_architecture: family for family in FAMILIES.values()
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,62 +74,102 @@ def metadata(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def config_from_gguf(reader: gguf.GGUFReader) -> DecoderConfig:
-    """DecoderConfig from the file's metadata; only Llama and Qwen2 without rope scaling."""
+def config_from_gguf(reader: gguf.GGUFReader, path: str | os.PathLike = "") -> DecoderConfig:
+    """DecoderConfig from the file's metadata: a family in ARCHITECTURES, no rope scaling."""
     arch = metadata(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(
-            f"general.architecture must be one of {list(ARCHITECTURES)}, got {arch!r}"
+            f"{path}: general.architecture must be one of {list(ARCHITECTURES)}, got {arch!r}"
         )
+    family = ARCHITECTURES[arch]
 
     def get(key: str, default=None):
         value = metadata(reader, f"{arch}.{key}", default)
         if value is None:
-            raise CheckpointError(f"GGUF metadata is missing {arch}.{key}")
+            raise CheckpointError(f"{path}: GGUF metadata is missing {arch}.{key}")
         return value
 
     scaling = get("rope.scaling.type", "none")
     if scaling != "none":
-        raise CheckpointError(f"{arch}.rope.scaling.type must be 'none', got {scaling!r}")
+        raise CheckpointError(f"{path}: {arch}.rope.scaling.type must be 'none', got {scaling!r}")
     tensors = {tensor.name for tensor in reader.tensors}
     n_heads, d_model = int(get("attention.head_count")), int(get("embedding_length"))
     tokens = metadata(reader, "tokenizer.ggml.tokens", [])
-    return DecoderConfig(
-        vocab_size=int(get("vocab_size", len(tokens) or None)),
-        n_layers=int(get("block_count")),
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-        head_dim=int(get("attention.key_length", d_model // n_heads)),
-        mlp_dim=int(get("feed_forward_length")),
-        rope_theta=float(get("rope.freq_base", 10_000.0)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        max_seq_len=int(get("context_length")),
-        tie_embeddings=spec.LM_HEAD.gguf_name not in tensors,
-        family=arch,
-    )
+    try:
+        config = DecoderConfig(
+            vocab_size=int(get("vocab_size", len(tokens) or None)),
+            n_layers=int(get("block_count")),
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+            head_dim=int(get("attention.key_length", d_model // n_heads)),
+            mlp_dim=int(get("feed_forward_length")),
+            rope_theta=float(get("rope.freq_base", 10_000.0)),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            max_seq_len=int(get("context_length")),
+            tie_embeddings=LM_HEAD.gguf_name not in tensors,
+            family=family.name,
+            sliding_window=(
+                int(get("attention.sliding_window")) if family.has_sliding_layers else None
+            ),
+        )
+    except ScanlabError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    _check_pattern(metadata(reader, f"{arch}.attention.sliding_window_pattern"), config, path)
+    return config
+
+
+def _check_pattern(pattern, config: DecoderConfig, path) -> None:
+    """A recorded layer pattern (llama.cpp writes one per layer for some models: True for a
+    sliding layer) must be the family's; scanlab does not guess another."""
+    if pattern is None:
+        return
+    sliding = [kind == SLIDING for kind in config.layer_types]
+    if not isinstance(pattern, list) or [bool(p) for p in pattern] != sliding:
+        raise CheckpointError(
+            f"{path}: the layer pattern {config.family}.attention.sliding_window_pattern must be "
+            f"{sliding} (the family's), got {pattern}"
+        )
 
 
 def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[DecoderConfig, DecoderParams]:
-    """Reads a Llama or Qwen2 GGUF file into stacked DecoderParams.
+    """Reads a GGUF file of a known family (Llama, Qwen2, Gemma 3) into stacked DecoderParams.
 
     Args:
       path: the .gguf file.
       dtype: the parameters' dtype (quantized tensors are dequantized to float32 first).
+
+    Every declared tensor's presence is checked before any is dequantized.
     """
     reader = open_gguf(path)
-    config = config_from_gguf(reader)
+    config = config_from_gguf(reader, path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
+    missing = [name for name in tensor_names(config) if name not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} tensor(s) of a {config.family} model are missing: "
+            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+        )
 
-    def read(leaf: spec.Leaf, layer: int | None) -> Tensor:
+    def read(leaf: Leaf, layer: int | None) -> Tensor:
         name = leaf.gguf_name if layer is None else f"blk.{layer}.{leaf.gguf_name}"
         tensor = _dequantized(tensors, name, hf_shape(leaf, config), path)
         array = from_hf(leaf, tensor, config)
-        if leaf.gguf_interleaved and config.family == "llama":
+        if leaf.gguf_interleaved:
             array = _halves_from_pairs(array, leaf.shape.split().index("Dh"))
-        return array
+        return array - leaf.gguf_offset if leaf.gguf_offset else array
 
     return config, assemble(config, read, jnp.dtype(dtype))
+
+
+def tensor_names(config: DecoderConfig) -> list[str]:
+    """The GGUF names of every tensor the config declares."""
+    declared = spec.declared(config)
+    outside = jax.tree.leaves(outside_layers(declared), is_leaf=spec.is_leaf)
+    blocks = jax.tree.leaves(declared.blocks, is_leaf=spec.is_leaf)
+    return [leaf.gguf_name for leaf in outside] + [
+        f"blk.{i}.{leaf.gguf_name}" for i in range(config.n_layers) for leaf in blocks
+    ]
 
 
 def _dequantized(tensors: dict, name: str, shape: tuple[int, ...], path) -> np.ndarray:

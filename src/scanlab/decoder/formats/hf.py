@@ -1,4 +1,4 @@
-"""Llama and Qwen2 checkpoints as transformers writes them <-> stacked DecoderParams.
+"""Llama, Qwen2 and Gemma 3 checkpoints as transformers writes them <-> stacked DecoderParams.
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or sharded
 `model-XXXXX-of-YYYYY.safetensors` files listed in `model.safetensors.index.json`. Tensors are
@@ -27,6 +27,7 @@ from safetensors.flax import save_file
 
 from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.families import FAMILIES, FULL, LLAMA, SLIDING, Family, Leaf
 from scanlab.decoder.formats.base import (
     CheckpointError,
     Tensor,
@@ -38,7 +39,7 @@ from scanlab.decoder.formats.base import (
     to_hf,
 )
 from scanlab.decoder.params import DecoderParams, outside_layers
-from scanlab.errors import PathExistsError
+from scanlab.errors import PathExistsError, ScanlabError
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -48,57 +49,101 @@ INDEX_FILE = "model.safetensors.index.json"
 # --- config.json ------------------------------------------------------------------------------
 
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# transformers' names of the MLP activations (`hidden_act`, Gemma's `hidden_activation`).
+HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
-def _family(hf: dict) -> str:
+def _family(hf: dict) -> Family:
     architectures = hf.get("architectures") or []
-    for family, architecture in _ARCHITECTURES.items():
-        if hf.get("model_type") == family or architecture in architectures:
+    for family in FAMILIES.values():
+        if hf.get("model_type") == family.hf_model_type or family.hf_architecture in architectures:
             return family
+    names = [family.hf_model_type for family in FAMILIES.values()]
     raise CheckpointError(
-        f"config.json must describe a Llama or Qwen2 model (model_type 'llama' or 'qwen2'), "
-        f"got model_type={hf.get('model_type')!r}, architectures={architectures}"
+        f"config.json must describe one of the model types {names}, got "
+        f"model_type={hf.get('model_type')!r}, architectures={architectures}"
     )
 
 
-def config_from_hf(hf: dict) -> DecoderConfig:
-    """DecoderConfig from a transformers Llama or Qwen2 config dict, older or current form.
-
-    The current form keeps rotary settings in `rope_parameters`; the older one has `rope_theta`
-    and `rope_scaling` at the top level. Only the default (unscaled) rotary embedding is supported.
-    """
-    family = _family(hf)
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope_theta(rope: dict, default: float) -> float:
+    """The base of one unscaled rotary setting; scaled ones are refused."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(f"rope_type must be 'default', got {rope_type!r}")
-    if family == "llama":
+    return float(rope.get("rope_theta", default))
+
+
+def _rope_thetas(hf: dict) -> tuple[float, float]:
+    """(full layers' base, sliding layers' base), from the current form (`rope_parameters`,
+    flat or per layer type) or the older one (top-level `rope_theta`, `rope_scaling` and
+    Gemma's `rope_local_base_freq`)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    full_default = float(hf.get("rope_theta", 10_000.0))
+    local_default = float(hf.get("rope_local_base_freq", 10_000.0))
+    if FULL in rope or SLIDING in rope:
+        full = _rope_theta(rope.get(FULL, {}), full_default)
+        return full, _rope_theta(rope.get(SLIDING, {}), local_default)
+    return _rope_theta(rope, full_default), local_default
+
+
+def _check_features(hf: dict, family: Family, config: DecoderConfig) -> None:
+    """Refuses settings scanlab does not implement rather than computing something else."""
+    if family is LLAMA:
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise CheckpointError(f"{flag} must be false for Llama, got true")
-    if hf.get("use_sliding_window"):
+    if not family.has_sliding_layers and hf.get("use_sliding_window"):
         raise CheckpointError("use_sliding_window must be false, got true")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"hidden_act must be 'silu', got {hf['hidden_act']!r}")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise CheckpointError(f"{key} must be null (no softcapping), got {hf[key]}")
+    if hf.get("use_bidirectional_attention"):
+        raise CheckpointError("use_bidirectional_attention must be false, got true")
+    activation = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if activation != HF_ACTIVATIONS[family.activation]:
+        raise CheckpointError(
+            f"the activation (hidden_act) must be {HF_ACTIVATIONS[family.activation]!r} for "
+            f"{family.hf_model_type}, got {activation!r}"
+        )
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and tuple(layer_types) != config.layer_types:
+        raise CheckpointError(
+            f"layer_types must follow {family.hf_model_type}'s pattern "
+            f"{list(family.layer_pattern)} repeated over the layers, got {layer_types}"
+        )
+
+
+def config_from_hf(hf: dict) -> DecoderConfig:
+    """DecoderConfig from a transformers config dict (Llama, Qwen2, Gemma 3 text), older or
+    current form. Only unscaled rotary embeddings are supported."""
+    family = _family(hf)
     missing = [key for key in _REQUIRED_KEYS if key not in hf]
     if missing:
         raise CheckpointError(f"config.json is missing {', '.join(missing)}")
     n_heads = hf["num_attention_heads"]
-    return DecoderConfig(
-        vocab_size=hf["vocab_size"],
-        n_layers=hf["num_hidden_layers"],
-        d_model=hf["hidden_size"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        mlp_dim=hf["intermediate_size"],
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        family=family,
-    )
+    rope_theta, local_rope_theta = _rope_thetas(hf)
+    try:
+        config = DecoderConfig(
+            vocab_size=hf["vocab_size"],
+            n_layers=hf["num_hidden_layers"],
+            d_model=hf["hidden_size"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            mlp_dim=hf["intermediate_size"],
+            rope_theta=rope_theta,
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            family=family.name,
+            sliding_window=hf.get("sliding_window") if family.has_sliding_layers else None,
+            local_rope_theta=local_rope_theta,
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+        )
+    except ScanlabError as error:
+        raise CheckpointError(f"config.json: {error}") from None
+    _check_features(hf, family, config)
+    return config
 
 
 _REQUIRED_KEYS = (
@@ -111,15 +156,12 @@ _REQUIRED_KEYS = (
 
 
 def config_to_hf(config: DecoderConfig, dtype: str) -> dict:
-    """A transformers config dict in the current form, with the older top-level `rope_theta`."""
-    family_keys = (
-        {"attention_bias": False, "mlp_bias": False}
-        if config.family == "llama"
-        else {"use_sliding_window": False}
-    )
-    return {
-        "architectures": [_ARCHITECTURES[config.family]],
-        "model_type": config.family,
+    """A transformers config dict in the current form (with the older top-level `rope_theta`
+    where the family has one rotary base)."""
+    family = config.features
+    common = {
+        "architectures": [family.hf_architecture],
+        "model_type": family.hf_model_type,
         "vocab_size": config.vocab_size,
         "num_hidden_layers": config.n_layers,
         "hidden_size": config.d_model,
@@ -127,26 +169,49 @@ def config_to_hf(config: DecoderConfig, dtype: str) -> dict:
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
         "intermediate_size": config.mlp_dim,
-        "hidden_act": "silu",
         "rms_norm_eps": config.norm_eps,
         "max_position_embeddings": config.max_seq_len,
         "tie_word_embeddings": config.tie_embeddings,
+        "dtype": dtype,
+    }
+    default_rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if family.has_sliding_layers:
+        return {
+            **common,
+            "hidden_activation": HF_ACTIVATIONS[family.activation],
+            "sliding_window": config.sliding_window,
+            "layer_types": list(config.layer_types),
+            "query_pre_attn_scalar": config.query_pre_attn_scalar or config.head_dim,
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+            "rope_parameters": {
+                FULL: default_rope,
+                SLIDING: {"rope_type": "default", "rope_theta": config.local_rope_theta},
+            },
+        }
+    family_keys = (
+        {"attention_bias": False, "mlp_bias": False}
+        if family is LLAMA
+        else {"use_sliding_window": False}
+    )
+    return {
+        **common,
+        "hidden_act": HF_ACTIVATIONS[family.activation],
         **family_keys,
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "dtype": dtype,
+        "rope_parameters": default_rope,
     }
 
 
 # --- names ----------------------------------------------------------------------------------
 
 
-def _layer_name(i: int, leaf: spec.Leaf) -> str:
+def _layer_name(i: int, leaf: Leaf) -> str:
     return f"model.layers.{i}.{leaf.hf_name}"
 
 
 def _leaves(tree) -> list:
-    """The present leaves of a tree shaped like SPEC (declarations, arrays or shapes)."""
+    """The present leaves of a params-shaped tree (declarations, arrays or shapes)."""
     return jax.tree.leaves(tree, is_leaf=lambda node: spec.is_leaf(node) or spec.is_shape(node))
 
 
@@ -215,7 +280,7 @@ class _Reader:
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig, DecoderParams]:
-    """Reads a transformers Llama or Qwen2 checkpoint directory into stacked DecoderParams.
+    """Reads a transformers checkpoint directory (Llama, Qwen2, Gemma 3) into DecoderParams.
 
     Args:
       path: directory with config.json and the safetensors file(s).
@@ -226,9 +291,9 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
         raise CheckpointError(f"{directory} must contain {CONFIG_FILE}")
     config = config_from_hf(read_json(directory / CONFIG_FILE))
     reader = _Reader(directory)
-    dtype = jnp.dtype(dtype or reader.dtype(spec.SPEC.embed.hf_name))
+    dtype = jnp.dtype(dtype or reader.dtype(config.features.leaves.embed.hf_name))
 
-    def read(leaf: spec.Leaf, layer: int | None) -> Tensor:
+    def read(leaf: Leaf, layer: int | None) -> Tensor:
         name = leaf.hf_name if layer is None else _layer_name(layer, leaf)
         return from_hf(leaf, reader.read(name, hf_shape(leaf, config)), config)
 

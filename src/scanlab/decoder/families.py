@@ -1,0 +1,232 @@
+"""Decoder families as declarations: what each one's blocks compute, and its parameters.
+
+A family (Llama, Qwen2, Gemma 3) is one `Family`: its features (norm form, MLP activation,
+embedding scale, the repeating pattern of sliding-window and full attention layers) and one
+`Leaf` per parameter (shape, initialisation, placement, names in transformers and GGUF files).
+The block math reads the features and the leaves a family has: a `q_norm` leaf means q/k norms,
+`post_attn_norm` and `post_mlp_norm` the "sandwich" norms, `q_bias` biased projections. No code
+compares family names; a new family is a new `Family` here (and its config keys in the formats).
+
+Shapes are written in the package's dimension letters. A layer leaf is declared for one layer;
+the stacked tree adds the leading layer axis L.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+from scanlab.decoder.params import Attention, DecoderBlock, DecoderParams
+
+if TYPE_CHECKING:
+    from scanlab.decoder.config import DecoderConfig
+
+# The two kinds of attention layer, in transformers' spelling (Gemma3TextConfig.layer_types).
+SLIDING = "sliding_attention"  # keys within config.sliding_window positions of the query
+FULL = "full_attention"  # every earlier key
+
+
+class Leaf(NamedTuple):
+    """The declaration of one parameter.
+
+    Attributes:
+      shape: the config's letters, one per axis, e.g. "D R K Dh" (one layer, no L).
+      init: "ones", "zeros", or "normal" with std 1/sqrt(product of the `fan_in` letters).
+      fan_in: letters of the fan-in for "normal" ("" for std 1).
+      hf_name: the transformers tensor name; layer leaves sit under "model.layers.{i}.".
+      hf_layout: the transformers tensor's axes as groups of letters, "(K R Dh) D" meaning a
+        2-d tensor whose first axis flattens K, R and Dh in that order.
+      gguf_name: the GGUF (llama.cpp) tensor name; layer leaves sit under "blk.{i}.". GGUF
+        tensors have the transformers layout, but see `gguf_interleaved` and `gguf_offset`.
+      gguf_interleaved: llama.cpp stores the Dh axis of Llama's q and k projections with the
+        rotary pairs interleaved (Meta's order) instead of transformers' two halves.
+      gguf_offset: what llama.cpp's converter added to the values (1 for Gemma's norms, whose
+        files hold the scale 1 + w).
+      sharded: False to replicate the leaf whatever its letters (norms: small and read whole).
+      present: which configs have the leaf (default: all of the family's).
+    """
+
+    shape: str
+    init: str
+    fan_in: str = ""
+    hf_name: str = ""
+    hf_layout: str = ""
+    gguf_name: str = ""
+    gguf_interleaved: bool = False
+    gguf_offset: float = 0.0
+    sharded: bool = True
+    present: Callable[[DecoderConfig], bool] = lambda config: True
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A decoder family: its features and its parameter declarations.
+
+    Attributes:
+      name: the `DecoderConfig.family` value.
+      leaves: a DecoderParams of `Leaf`s; None where the family has no such parameter.
+      hf_architecture, hf_model_type: transformers' names (config.json) of the causal LM.
+      gguf_architecture: llama.cpp's `general.architecture`.
+      activation: the gated MLP's activation, a name in `scanlab.decoder.layers.ACTIVATIONS`.
+      norm_plus_one: RMSNorm scales by 1 + w (w initialised to 0) instead of w.
+      embed_scale: the embedded tokens are multiplied by sqrt(D).
+      layer_pattern: the kinds of consecutive layers (SLIDING or FULL), repeated over the stack.
+    """
+
+    name: str
+    leaves: DecoderParams[Leaf]
+    hf_architecture: str
+    hf_model_type: str
+    gguf_architecture: str
+    activation: str = "silu"
+    norm_plus_one: bool = False
+    embed_scale: bool = False
+    layer_pattern: tuple[str, ...] = (FULL,)
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return SLIDING in self.layer_pattern
+
+
+def _norm(hf_name: str, gguf_name: str, init: str = "ones", shape: str = "D", offset=0.0) -> Leaf:
+    return Leaf(
+        shape,
+        init,
+        hf_name=hf_name,
+        hf_layout=shape,
+        gguf_name=gguf_name,
+        gguf_offset=offset,
+        sharded=False,
+    )
+
+
+def _bias(shape: str, hf_name: str, hf_layout: str, gguf_name: str) -> Leaf:
+    return Leaf(shape, "zeros", hf_name=hf_name, hf_layout=hf_layout, gguf_name=gguf_name)
+
+
+# Absent when the embedding is tied (the output head reuses it): GGUF files tell by its name.
+LM_HEAD = Leaf(
+    "D V",
+    "normal",
+    "D",
+    "lm_head.weight",
+    "V D",
+    "output.weight",
+    present=lambda config: not config.tie_embeddings,
+)
+
+_LLAMA_ATTENTION = Attention(
+    q_proj=Leaf(
+        "D R K Dh",
+        "normal",
+        "D",
+        "self_attn.q_proj.weight",
+        "(K R Dh) D",
+        "attn_q.weight",
+        gguf_interleaved=True,
+    ),
+    k_proj=Leaf(
+        "D K Dh",
+        "normal",
+        "D",
+        "self_attn.k_proj.weight",
+        "(K Dh) D",
+        "attn_k.weight",
+        gguf_interleaved=True,
+    ),
+    v_proj=Leaf("D K Dh", "normal", "D", "self_attn.v_proj.weight", "(K Dh) D", "attn_v.weight"),
+    out_proj=Leaf(
+        "R K Dh D",
+        "normal",
+        "R K Dh",
+        "self_attn.o_proj.weight",
+        "D (K R Dh)",
+        "attn_output.weight",
+    ),
+)
+
+_LLAMA_LEAVES = DecoderParams(
+    embed=Leaf("V D", "normal", "", "model.embed_tokens.weight", "V D", "token_embd.weight"),
+    blocks=DecoderBlock(
+        input_norm=_norm("input_layernorm.weight", "attn_norm.weight"),
+        attention=_LLAMA_ATTENTION,
+        # transformers calls Llama's pre-MLP norm the post-attention one.
+        mlp_norm=_norm("post_attention_layernorm.weight", "ffn_norm.weight"),
+        gate_proj=Leaf("D F", "normal", "D", "mlp.gate_proj.weight", "F D", "ffn_gate.weight"),
+        up_proj=Leaf("D F", "normal", "D", "mlp.up_proj.weight", "F D", "ffn_up.weight"),
+        down_proj=Leaf("F D", "normal", "F", "mlp.down_proj.weight", "D F", "ffn_down.weight"),
+    ),
+    final_norm=_norm("model.norm.weight", "output_norm.weight"),
+    lm_head=LM_HEAD,
+)
+
+LLAMA = Family(
+    name="llama",
+    leaves=_LLAMA_LEAVES,
+    hf_architecture="LlamaForCausalLM",
+    hf_model_type="llama",
+    gguf_architecture="llama",
+)
+
+
+def _not_interleaved(attention: Attention[Leaf]) -> Attention[Leaf]:
+    return attention._replace(
+        q_proj=attention.q_proj._replace(gguf_interleaved=False),
+        k_proj=attention.k_proj._replace(gguf_interleaved=False),
+    )
+
+
+# The Llama block with biases on the q, k and v projections; llama.cpp keeps q/k as they are.
+QWEN2 = Family(
+    name="qwen2",
+    leaves=_LLAMA_LEAVES._replace(
+        blocks=_LLAMA_LEAVES.blocks._replace(
+            attention=_not_interleaved(_LLAMA_ATTENTION)._replace(
+                q_bias=_bias("R K Dh", "self_attn.q_proj.bias", "(K R Dh)", "attn_q.bias"),
+                k_bias=_bias("K Dh", "self_attn.k_proj.bias", "(K Dh)", "attn_k.bias"),
+                v_bias=_bias("K Dh", "self_attn.v_proj.bias", "(K Dh)", "attn_v.bias"),
+            )
+        )
+    ),
+    hf_architecture="Qwen2ForCausalLM",
+    hf_model_type="qwen2",
+    gguf_architecture="qwen2",
+)
+
+
+def _gemma_norm(hf_name: str, gguf_name: str, shape: str = "D") -> Leaf:
+    # Gemma's RMSNorm scales by 1 + w: w starts at 0, and the GGUF holds 1 + w.
+    return _norm(hf_name, gguf_name, init="zeros", shape=shape, offset=1.0)
+
+
+# Sandwich norms around attention and MLP, RMS-normed q and k heads, GELU(tanh) MLP, embeddings
+# scaled by sqrt(D), and five sliding-window layers for each full one (transformers' and
+# llama.cpp's pattern; neither file format records it).
+GEMMA3 = Family(
+    name="gemma3",
+    leaves=_LLAMA_LEAVES._replace(
+        blocks=_LLAMA_LEAVES.blocks._replace(
+            input_norm=_gemma_norm("input_layernorm.weight", "attn_norm.weight"),
+            attention=_not_interleaved(_LLAMA_ATTENTION)._replace(
+                q_norm=_gemma_norm("self_attn.q_norm.weight", "attn_q_norm.weight", "Dh"),
+                k_norm=_gemma_norm("self_attn.k_norm.weight", "attn_k_norm.weight", "Dh"),
+            ),
+            post_attn_norm=_gemma_norm(
+                "post_attention_layernorm.weight", "post_attention_norm.weight"
+            ),
+            mlp_norm=_gemma_norm("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+            post_mlp_norm=_gemma_norm("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+        ),
+        final_norm=_gemma_norm("model.norm.weight", "output_norm.weight"),
+    ),
+    hf_architecture="Gemma3ForCausalLM",
+    hf_model_type="gemma3_text",
+    gguf_architecture="gemma3",
+    activation="gelu_tanh",
+    norm_plus_one=True,
+    embed_scale=True,
+    layer_pattern=(SLIDING,) * 5 + (FULL,),
+)
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (LLAMA, QWEN2, GEMMA3)}
