@@ -42,6 +42,13 @@ def smollm2_path() -> Path:
     return pretrained.fetch(pretrained.SMOLLM2)
 
 
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    from scanlab.decoder.formats import pretrained
+
+    return pretrained.fetch(pretrained.GEMMA3_270M)
+
+
 @pytest.fixture
 def on_host_devices(tmp_path):
     """Runs a Python snippet in a fresh process whose CPU shows as `n` devices.

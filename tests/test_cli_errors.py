@@ -129,7 +129,7 @@ def test_no_argument_list_gives_a_traceback(command, cli):
         (
             ["chat", "--model", "typo.gguf"],
             "error: model must be a .gguf file, a checkpoint directory or one of "
-            "['smollm2-135m-instruct'], got 'typo.gguf'",
+            "['gemma3-270m', 'smollm2-135m-instruct'], got 'typo.gguf'",
         ),
         (["chat", "--dtype", "float16"], "error: dtype must be one of ['float32', 'bfloat16']"),
         (["chat", "--top-p", "2", "--temperature", "1"], "error: top_p must be in (0, 1], got 2.0"),

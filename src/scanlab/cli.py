@@ -210,7 +210,7 @@ def decoder_compare(
 
 MODEL_HELP = (
     "A .gguf file, a transformers checkpoint directory, or a known model's name (fetched on "
-    "first use): smollm2-135m-instruct."
+    "first use): smollm2-135m-instruct (chat), gemma3-270m (a base model: plain completion)."
 )
 DEFAULT_TOKENS = "1,2,3,4"
 
@@ -304,10 +304,15 @@ def decoder_generate(
         console.print(f"prompt:    {token_ids[0].tolist()}")
         console.print(f"generated: {np.asarray(out.tokens[0, token_ids.shape[1] :]).tolist()}")
         return
-    text = tokenizer.chat([{"role": "user", "content": prompt}]) if chat else prompt
+    if chat:  # the template writes its own special tokens
+        ids = tokenizer.encode(
+            tokenizer.chat([{"role": "user", "content": prompt}]), add_special_tokens=False
+        )
+    else:
+        ids = tokenizer.encode(prompt)
     chunks = decoder.stream(
         params,
-        np.array([tokenizer.encode(text)]),
+        np.array([ids]),
         config,
         max_new_tokens,
         key=key,
@@ -357,9 +362,14 @@ def chat_command(
     checks.sampling_options(checks.INT32_MAX, **settings)  # every flag before the model loads
     from scanlab.decoder import chat as chat_lib
     from scanlab.decoder import load
+    from scanlab.decoder.formats import tokenizer as tokenizer_lib
 
+    path = load.resolve(model, dtype)
+    tokenizer = tokenizer_lib.load_tokenizer(path)
+    if tokenizer.chat_template is None:  # said before the weights load
+        raise ArgumentError(f"--model {model}: {tokenizer_lib.NO_CHAT_TEMPLATE}")
     conversation = chat_lib.Chat(
-        load.load_model(model, dtype),
+        load.Model(*load.load_weights(path, dtype), tokenizer),
         system=system,
         max_new_tokens=max_new_tokens,
         sampling=settings,

