@@ -5,10 +5,10 @@ A `Cache` is two stacks: `full` (one slice per full-attention layer, a slot per 
 `ring` (one slice per sliding layer, W slots, position p in slot p % W). With Gemma 3's five
 sliding layers per full one, a long context keeps about a sixth of the full-length bytes.
 Each layer's `CacheSlot` (scanned beside its weights) says which stack is its own and where in
-it; the layer writes its new keys into both stacks, the write into the other one a no-op
-(the slot's old values written back), and reads its own under `lax.cond`. Neither branch
-returns a cache, so XLA updates both in place: a cond whose branches pass the caches through
-copies them each layer.
+it; the layer writes its new keys into both stacks, the write into the other one a no-op (the
+slot's old values written back), and attends over its own under `lax.cond`. Neither branch
+returns a cache, and each write depends on every read of its stack, so XLA updates both stacks
+in place; otherwise it copies them each layer (checked in tests/decoder/test_cache.py).
 
 The ring attends its W slots plus the S new keys (a prefill longer than the window, too), then
 keeps the last W; the masks of a step are computed once, outside the layer scan (`step_masks`).
@@ -112,14 +112,16 @@ def step_masks(
     return StepMasks(full, ring)
 
 
-def _put(stack: LayerCache, index, rows_Bx1, slots_BxS, k, v, on) -> LayerCache:
-    """Writes k, v (B, S, K, Dh) into slice `index` at `slots` where `on`; else writes back."""
+def _put(stack: LayerCache, index, rows_Bx1, slots_BxS, new: LayerCache, on, old=None):
+    """Writes the new keys and values (B, S, K, Dh) into slice `index` at `slots` where `on`;
+    else writes back the `old` values there (default: read from the stack)."""
+    if old is None:
+        old = LayerCache(*(cached[index, rows_Bx1, slots_BxS] for cached in stack))
 
-    def put(cached, new):
-        old = cached[index, rows_Bx1, slots_BxS]
+    def put(cached, new, old):
         return cached.at[index, rows_Bx1, slots_BxS].set(jnp.where(on, new.astype(old.dtype), old))
 
-    return LayerCache(put(stack.k, k), put(stack.v, v))
+    return LayerCache(*map(put, stack, new, old))
 
 
 def cached_attend(
@@ -145,7 +147,7 @@ def cached_attend(
         if has_full:
             if cache.ring is not None:
                 full_index = jnp.where(in_ring, 0, index)
-            full = _put(full, full_index, rows_Bx1, positions_BxS, k, v, ~in_ring)
+            full = _put(full, full_index, rows_Bx1, positions_BxS, LayerCache(k, v), ~in_ring)
 
         def over_full():
             mask = within_window(masks.full_BxSxT, positions_BxS, key_slots_BxT, kind.window)
@@ -154,24 +156,24 @@ def cached_attend(
         if cache.ring is None:
             return over_full(), Cache(full, None)
         ring_index = jnp.where(in_ring, index, 0)
+        # The ring's W slots, then the S new keys and values.
+        keys, values = (
+            jnp.concatenate([cached[ring_index], new.astype(cached.dtype)], 1)
+            for cached, new in zip(cache.ring, (k, v), strict=True)
+        )
 
         def over_ring():
-            keys = jnp.concatenate([cache.ring.k[ring_index], k.astype(cache.ring.k.dtype)], 1)
-            values = jnp.concatenate([cache.ring.v[ring_index], v.astype(cache.ring.v.dtype)], 1)
             return attend(q, keys, values, masks.ring_BxSxU, config.query_scale)
 
         out = jax.lax.cond(in_ring, over_ring, over_full) if has_full else over_ring()
-        # The ring keeps the last W new keys (a longer prefill overwrites the rest).
+        # The ring keeps the last W new keys (a longer prefill overwrites the rest). The values
+        # a sliding layer writes back come from `keys`/`values`, so the write waits for that
+        # read: otherwise XLA copies the whole ring stack to keep the old values for it.
         kept = min(positions_BxS.shape[1], config.sliding_window)
-        ring = _put(
-            cache.ring,
-            ring_index,
-            rows_Bx1,
-            positions_BxS[:, -kept:] % config.sliding_window,
-            k[:, -kept:],
-            v[:, -kept:],
-            in_ring,
-        )
+        slots_BxS = positions_BxS[:, -kept:] % config.sliding_window
+        old = LayerCache(keys[rows_Bx1, slots_BxS], values[rows_Bx1, slots_BxS])
+        new = LayerCache(k[:, -kept:], v[:, -kept:])
+        ring = _put(cache.ring, ring_index, rows_Bx1, slots_BxS, new, in_ring, old)
         return out, Cache(full, ring)
 
     return attend_fn

@@ -1,0 +1,154 @@
+"""W13: Gemma 3 270M, the heterogeneous layer scan on a real model.
+
+Decoding against transformers and llama.cpp on the same GGUF and against the bandwidth bound
+(as W7 does for SmolLM2); decoding steps at long contexts with ring caches for the sliding
+layers against full-length caches on every layer; the first-call compile time of the one
+scan body over 15 sliding and 3 full layers against a Python loop over the 18.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scanlab.bench import decoding as w7
+from scanlab.bench import env
+from scanlab.decoder import chat, forward, forward_loop, generate, load
+from scanlab.decoder.cache import cache_bytes, init_cache, step_masks
+from scanlab.decoder.formats import pretrained
+from scanlab.decoder.model import embed, unembed
+from scanlab.decoder.stack import run_cached_layers
+from scanlab.timing import compile_seconds, interleaved, seconds
+
+PROMPTS = [  # a base model: texts to continue, not questions
+    "The capital of France is",
+    "A for loop repeats",
+    "The three primary colors are",
+    "The sea at night",
+    "Twelve times twelve equals",
+    "The sky is blue because",
+    "To learn to code, start by",
+    "A compiler translates",
+]
+CONTEXTS = (1024, 8192, 32768)
+
+SCANLAB_RING = "scanlab f32 (ring caches)"
+SCANLAB_FULL = "scanlab f32 (full-length caches)"
+TRANSFORMERS = "transformers f32"
+LLAMA_CPP = "llama.cpp (Q4_K_M file)"
+
+
+def prompts(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, S) plain-text prompts (BOS first), left-padded, and their mask."""
+    return chat.left_padded([tokenizer.encode(p) for p in PROMPTS[:batch]], tokenizer.pad_id)
+
+
+def measure(new_tokens: int = 64, batches=(1, 8), rounds: int = 3) -> dict[str, Any]:
+    """W13's figures: tokens/s per contender and batch, the bandwidth bound, decoding steps at
+    long contexts (ring vs full-length caches), compile times (scan vs loop)."""
+    path = pretrained.fetch(pretrained.GEMMA3_270M)
+    model = load.load_model(path)
+    config, params, tokenizer = model
+    bandwidth = w7.copy_bandwidth()
+    results: dict[str, Any] = {
+        "date": env.describe()["date"],
+        "model": pretrained.GEMMA3_270M.name,
+        "new_tokens": new_tokens,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "contenders": [],
+        "bounds": [],
+        "installed": {
+            "transformers": importlib.util.find_spec("transformers") is not None,
+            "llama.cpp": importlib.util.find_spec("llama_cpp") is not None,
+        },
+    }
+    for batch in batches:
+        tokens, mask = prompts(tokenizer, batch)
+        fns = {
+            name: functools.partial(
+                lambda ring: (
+                    generate(
+                        params, tokens, config, new_tokens, attn_mask=mask, ring_cache=ring
+                    ).tokens
+                ),
+                ring,
+            )
+            for name, ring in ((SCANLAB_RING, True), (SCANLAB_FULL, False))
+        }
+        for name, fn in (
+            (TRANSFORMERS, w7.transformers_contender(path, tokens, mask, new_tokens)),
+            (LLAMA_CPP, w7.llama_cpp_contender(path, tokens, new_tokens) if batch == 1 else None),
+        ):
+            if fn is not None:
+                fns[name] = fn
+        first = {name: seconds(fn) for name, fn in fns.items()}
+        for name, runs in interleaved(fns, rounds).items():
+            median = statistics.median(runs)
+            results["contenders"].append(
+                w7.Contender(
+                    name, batch, first[name], median, batch * new_tokens / median
+                )._asdict()
+            )
+        step_bytes = w7.bytes_per_step(config, 4, batch, tokens.shape[1] + new_tokens // 2)
+        results["bounds"].append(
+            dict(
+                batch=batch, bytes_per_step=step_bytes, tokens_per_s=batch * bandwidth / step_bytes
+            )
+        )
+    results["contexts"] = [
+        context_point(config, params, context, ring)
+        for context in CONTEXTS
+        for ring in (True, False)
+    ]
+    results["compile"] = compile_times(config, params, prompts(tokenizer, 1)[0])
+    return results
+
+
+@functools.partial(jax.jit, static_argnames="config", donate_argnums=1)
+def _decoding_step(params, cache, token_Bx1, positions_Bx1, filled_BxT, *, config):
+    """One decoding step: a token through the layers against the cache, the next one out."""
+    masks = step_masks(cache, positions_Bx1, filled_BxT, config)
+    seq, cache = run_cached_layers(
+        params.blocks, embed(params, token_Bx1, config), cache, masks, positions_Bx1, config=config
+    )
+    return jnp.argmax(unembed(params, seq, config)[:, -1], -1).astype(jnp.int32), cache
+
+
+def context_point(config, params, context: int, ring: bool, steps: int = 8) -> dict[str, Any]:
+    """Decoding steps at positions context, context + 1, ... of one row, the cache as big as
+    a `context + steps` generation keeps (its contents do not change the work)."""
+    cache = init_cache(config, 1, context + steps, bounded=ring)
+    n_bytes = cache_bytes(cache)
+    filled = jnp.ones((1, context + steps), bool)
+    token = jnp.zeros((1, 1), jnp.int32)
+    times = []
+    for i in range(steps + 1):  # the first is compilation
+        positions = jnp.full((1, 1), context + i - 1, jnp.int32)
+        start = time.perf_counter()
+        token_B, cache = _decoding_step(params, cache, token, positions, filled, config=config)
+        jax.block_until_ready(token_B)
+        times.append(time.perf_counter() - start)
+        token = token_B[:, None]
+    step_s = statistics.median(times[1:])
+    return dict(
+        context=context,
+        ring=ring,
+        cache_bytes=n_bytes,
+        step_s=step_s,
+        tokens_per_s=1.0 / step_s,
+    )
+
+
+def compile_times(config, params, tokens: np.ndarray) -> dict[str, float]:
+    """Seconds to lower and compile the forward pass: one scan body vs 18 unrolled layers."""
+    return {
+        name: compile_seconds(jax.jit(functools.partial(fn, config=config)), params, tokens)[1]
+        for name, fn in (("scan", forward), ("loop", forward_loop))
+    }
