@@ -20,7 +20,7 @@ def test_the_tour_runs_every_section_and_its_twins_agree():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for number in range(1, 9):
+    for number in range(1, 10):
         assert re.search(rf"\b{number}\. ", out), f"section {number} missing"
     # Every agreement the tour reports: twins, references and forms equal to float32 rounding.
     diffs = [
@@ -44,3 +44,7 @@ def test_the_tour_runs_every_section_and_its_twins_agree():
     assert "6,738,415,616" in out
     # The real model answers the question, streamed after the prompt line.
     assert re.search(r"you> What is the capital of France\?\nmodel> [^\n]*Paris", out), out
+    # Gemma 3: its pattern, its caches and its continuation (transformers' greedy one).
+    assert "15 sliding-window layers (window 512) and 3 full ones (layers [5, 11, 17])" in out
+    assert re.search(r"KV cache for 32,768 tokens: 207\.0 MiB with ring caches, 1,152\.\d MiB", out)
+    assert re.search(r"prompt> The capital of France is\nmodel> +the capital of the country", out)

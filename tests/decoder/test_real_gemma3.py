@@ -127,3 +127,20 @@ def test_chat_on_the_base_model_says_it_has_no_template(cli, gemma3_path):
     assert status == 2
     assert err.startswith(f"error: --model {gemma3_path}: this model has no chat template")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_decoder_generate_continues_a_prompt(cli):
+    status, err, out = cli(
+        [
+            "decoder",
+            "generate",
+            "--checkpoint",
+            "gemma3-270m",
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "8",
+        ]
+    )
+    assert status == 0, err
+    assert " ".join(out.split()).startswith("The capital of France is the capital of the country")

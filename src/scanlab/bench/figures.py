@@ -77,19 +77,41 @@ def remat(results: dict, path: Path) -> None:
 
 
 def decoding(decoding: dict, path: Path) -> None:
-    """W7: tokens/s per contender at each batch size, with the bandwidth bounds."""
+    """W7 and W13: tokens/s per contender at each batch size, with the bandwidth bounds."""
     batches = sorted({c["batch"] for c in decoding["contenders"]})
     fig = Figure(figsize=(10, 4.5))
     axes = fig.subplots(1, len(batches), squeeze=False)[0]
     for ax, batch in zip(axes, batches, strict=True):
         contenders = [c for c in decoding["contenders"] if c["batch"] == batch]
         ax.barh([c["name"] for c in contenders], [c["tokens_per_s"] for c in contenders])
+        dtypes = {b["dtype"] for b in decoding["bounds"]}
         for dtype, style in (("f32", "--"), ("bf16", ":")):
+            if dtype not in dtypes:
+                continue
             ax.axvline(bound(decoding, dtype, batch), color="k", ls=style, label=f"{dtype} bound")
         ax.set(xlabel="tokens/s", title=f"batch {batch}")
         ax.invert_yaxis()
         ax.legend(fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Decoding {decoding['model']}, {decoding['new_tokens']} tokens, greedy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def contexts(gemma3: dict, path: Path) -> None:
+    """W13: cache memory and decoding speed against the context, ring vs full-length caches."""
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
+    for ring, label, style in ((True, "ring caches", "o-"), (False, "full-length caches", "s-")):
+        points = [p for p in gemma3["contexts"] if p["ring"] == ring]
+        context = [p["context"] for p in points]
+        left.plot(context, [p["cache_bytes"] / 2**20 for p in points], style, label=label)
+        right.plot(context, [p["tokens_per_s"] for p in points], style, label=label)
+    left.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV cache MiB")
+    right.set(xscale="log", xlabel="context (tokens)", ylabel="decoding tokens/s, batch 1")
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{gemma3['model']}: 15 sliding-window layers in rings, 3 full layers")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

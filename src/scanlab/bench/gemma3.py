@@ -72,15 +72,8 @@ def measure(new_tokens: int = 64, batches=(1, 8), rounds: int = 3) -> dict[str, 
     for batch in batches:
         tokens, mask = prompts(tokenizer, batch)
         fns = {
-            name: functools.partial(
-                lambda ring: (
-                    generate(
-                        params, tokens, config, new_tokens, attn_mask=mask, ring_cache=ring
-                    ).tokens
-                ),
-                ring,
-            )
-            for name, ring in ((SCANLAB_RING, True), (SCANLAB_FULL, False))
+            SCANLAB_RING: _generating(params, tokens, mask, config, new_tokens, ring=True),
+            SCANLAB_FULL: _generating(params, tokens, mask, config, new_tokens, ring=False),
         }
         for name, fn in (
             (TRANSFORMERS, w7.transformers_contender(path, tokens, mask, new_tokens)),
@@ -99,7 +92,10 @@ def measure(new_tokens: int = 64, batches=(1, 8), rounds: int = 3) -> dict[str, 
         step_bytes = w7.bytes_per_step(config, 4, batch, tokens.shape[1] + new_tokens // 2)
         results["bounds"].append(
             dict(
-                batch=batch, bytes_per_step=step_bytes, tokens_per_s=batch * bandwidth / step_bytes
+                batch=batch,
+                dtype="f32",
+                bytes_per_step=step_bytes,
+                tokens_per_s=batch * bandwidth / step_bytes,
             )
         )
     results["contexts"] = [
@@ -109,6 +105,13 @@ def measure(new_tokens: int = 64, batches=(1, 8), rounds: int = 3) -> dict[str, 
     ]
     results["compile"] = compile_times(config, params, prompts(tokenizer, 1)[0])
     return results
+
+
+def _generating(params, tokens, mask, config, new_tokens: int, ring: bool):
+    def run():
+        return generate(params, tokens, config, new_tokens, attn_mask=mask, ring_cache=ring).tokens
+
+    return run
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnums=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from scanlab.bench import decoding as w7
+from scanlab.bench import gemma3 as w13
 from scanlab.bench.results import bound, by_shape, contender
 from scanlab.bench.targets import judge
 
@@ -27,6 +28,7 @@ def render(results: dict) -> str:
         _training(results),
         _generation(results),
         _decoding(results),
+        _gemma3(results),
         _sharding(results),
         _loops(results),
         _nnx(results),
@@ -304,6 +306,98 @@ def _decoding(results: dict) -> str:
         f"{bf16['new_tokens']} greedy tokens agree, the first "
         f"{bf16['tokens_agreeing_before_first_difference']} in a row.",
     ]
+    return "\n".join(lines)
+
+
+def _gemma3(results: dict) -> str:
+    gemma3 = results.get("gemma3")
+    if not gemma3:
+        return "## W13 — Gemma 3 270M\n\nNot run in quick mode (it loads the real model)."
+    rows: list[tuple[object, ...]] = []
+    for c in gemma3["contenders"]:
+        theirs = contender(gemma3, w13.TRANSFORMERS, c["batch"])
+        rows.append(
+            (
+                c["name"],
+                c["batch"],
+                f"{c['tokens_per_s']:.1f}",
+                f"{c['median_s']:.2f}",
+                f"{c['first_s']:.2f}",
+                f"{c['tokens_per_s'] / theirs['tokens_per_s']:.2f}×" if theirs else "—",
+                f"{c['tokens_per_s'] / bound(gemma3, 'f32', c['batch']):.0%}"
+                if c["name"] != w13.LLAMA_CPP
+                else "—",
+            )
+        )
+    for b in gemma3["bounds"]:
+        rows.append(
+            (
+                "bandwidth bound, f32",
+                b["batch"],
+                f"{b['tokens_per_s']:.1f}",
+                "",
+                "",
+                "",
+                f"{b['bytes_per_step'] / 1e6:.0f} MB per step",
+            )
+        )
+    header = (
+        "contender",
+        "batch",
+        "tokens/s",
+        "s per run",
+        "first call s",
+        "vs transformers",
+        "of the f32 bound",
+    )
+    context_rows = []
+    for ring in (p for p in gemma3["contexts"] if p["ring"]):
+        full = next(
+            p for p in gemma3["contexts"] if p["context"] == ring["context"] and not p["ring"]
+        )
+        context_rows.append(
+            (
+                ring["context"],
+                f"{ring['cache_bytes'] / 2**20:.0f}",
+                f"{full['cache_bytes'] / 2**20:.0f}",
+                f"{ring['cache_bytes'] / full['cache_bytes']:.3f}",
+                f"{ring['tokens_per_s']:.2f}",
+                f"{full['tokens_per_s']:.2f}",
+                f"{ring['tokens_per_s'] / full['tokens_per_s']:.2f}×",
+            )
+        )
+    context_header = (
+        "context",
+        "ring MiB",
+        "full-length MiB",
+        "ring / full",
+        "ring tokens/s",
+        "full tokens/s",
+        "speedup",
+    )
+    compile_s = gemma3["compile"]
+    lines = [
+        f"## W13 — {gemma3['model']}: layers that differ, in one scan",
+        "",
+        f"Measured {gemma3['date']}. Copy bandwidth in the same run: "
+        f"{gemma3['copy_bandwidth_gb_s']:.1f} GB/s. Decoding {gemma3['new_tokens']} new tokens "
+        "per row, greedy, from plain-text prompts (a base model); the f32 weights are read "
+        "every step, the tied 262,144-token embedding included.",
+        "",
+        *table(header, rows),
+        "",
+        "Decoding steps at long contexts, batch 1, f32: the sliding layers' caches as 512-slot "
+        "rings against full-length caches on every layer (the window only in the mask).",
+        "",
+        *table(context_header, context_rows),
+        "",
+        f"First-call compile of the forward pass: one scan body over the 15 sliding and 3 full "
+        f"layers {compile_s['scan']:.1f} s, a Python loop over the 18 layers "
+        f"{compile_s['loop']:.1f} s ({compile_s['scan'] / compile_s['loop']:.2f}×).",
+    ]
+    missing = [name for name, present in gemma3["installed"].items() if not present]
+    if missing:
+        lines += ["", f"Not installed in this run, so not measured: {', '.join(missing)}."]
     return "\n".join(lines)
 
 

@@ -19,6 +19,9 @@ def write(results: dict, out_dir: str | Path) -> Path:
     figures.remat(results, out / "loops-memory.png")
     if results.get("decoding"):
         figures.decoding(results["decoding"], out / "decoding.png")
+    if results.get("gemma3"):
+        figures.decoding(results["gemma3"], out / "gemma3-decoding.png")
+        figures.contexts(results["gemma3"], out / "gemma3-contexts.png")
     report = out / "report.md"
     report.write_text(markdown.render(results))
     return report

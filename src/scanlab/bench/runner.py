@@ -5,14 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from scanlab import sharding
-from scanlab.bench import decoding, env, generation, layers, loops, nnx, recurrence, training
+from scanlab.bench import (
+    decoding,
+    env,
+    gemma3,
+    generation,
+    layers,
+    loops,
+    nnx,
+    recurrence,
+    training,
+)
 from scanlab.decoder import REMAT
 from scanlab.train import TrainConfig, train_chunk
 
 
 def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message: None) -> dict:
-    """All workloads, W1–W12; `quick` shrinks each to a smoke test of a few seconds and leaves
-    out W7, which loads the real model."""
+    """All workloads, W1–W13; `quick` shrinks each to a smoke test of a few seconds and leaves
+    out W7 and W13, which load the real models."""
     results: dict = {"quick": quick, "env": env.describe()}
     n_devices = len(results["env"]["devices"])
 
@@ -97,6 +107,8 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
     if not quick:
         on_progress("W7 decoding the real model (SmolLM2-135M-Instruct)")
         results["decoding"] = decoding.measure()
+        on_progress("W13 Gemma 3 270M: decoding, ring caches at long contexts, compile time")
+        results["gemma3"] = gemma3.measure()
     results["loops"] = _loops(quick, on_progress)
 
     results["nnx"] = {"recurrence": [], "layers": []}

@@ -16,6 +16,7 @@ keeps the last W; the masks of a step are computed once, outside the layer scan 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -86,7 +87,8 @@ def cache_slots(config: DecoderConfig, cache: Cache) -> CacheSlot:
 
 
 def cache_bytes(cache: Cache) -> int:
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+    """The bytes of a cache's arrays, or of their shapes (`jax.eval_shape`: nothing allocated)."""
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
 
 
 def step_masks(
