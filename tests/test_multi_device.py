@@ -36,6 +36,19 @@ np.testing.assert_allclose(
     fwd(shard_params(qwen2_params, qwen2, mesh), sharding.shard_batch(tokens, mesh, "tokens"), config=qwen2),
     fwd(qwen2_params, tokens, config=qwen2), rtol=1e-5, atol=1e-5,
 )
+# Gemma 3: sliding and full layers in one scan, ring caches sharded like full-length ones.
+gemma = CONFIG.replace(family="gemma3", n_layers=7, sliding_window=3)
+gemma_params = init_params(gemma, jax.random.PRNGKey(3))
+sharded = shard_params(gemma_params, gemma, mesh)
+sharded_tokens = sharding.shard_batch(tokens, mesh, "tokens")
+np.testing.assert_allclose(
+    fwd(sharded, sharded_tokens, config=gemma), fwd(gemma_params, tokens, config=gemma),
+    rtol=1e-5, atol=1e-5,
+)
+np.testing.assert_array_equal(
+    generate(sharded, sharded_tokens[:, :5], gemma, 8).tokens,
+    generate(gemma_params, tokens[:, :5], gemma, 8).tokens,
+)
 single_tokens = generate(params, tokens[:, :4], CONFIG, 6).tokens
 for spec in MESHES:
     mesh = sharding.make_mesh(spec)

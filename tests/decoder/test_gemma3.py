@@ -4,6 +4,7 @@ full-length ones, the Python-loop twin and the NNX stack."""
 
 import json
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -12,8 +13,11 @@ import transformers
 from flax import nnx
 
 from scanlab.decoder import (
+    Chat,
     CheckpointError,
     DecoderConfig,
+    Model,
+    Tokenizer,
     forward,
     forward_loop,
     generate,
@@ -25,6 +29,7 @@ from scanlab.decoder import (
     stream,
 )
 from scanlab.decoder.cache import cache_bytes
+from scanlab.decoder.formats.gguf_file import check_layer_pattern
 from scanlab.nnx.stack import NNXDecoder
 
 # Independent float32 implementations of the same math (torch vs XLA): rounding differs, not math.
@@ -231,3 +236,44 @@ def test_bad_window_settings_are_named(changes, message):
     )
     with pytest.raises(ValueError, match=message):
         DecoderConfig(**{**settings, **changes})
+
+
+def test_every_remat_policy_gives_the_scan_s_gradients(models):
+    _, config, params = models
+
+    def loss(params, remat):
+        return forward(params, TOKENS, config, remat=remat).mean()
+
+    plain = jax.grad(loss)(params, "none")
+    for remat in ("full", "dots", "sqrt"):
+        # Recomputed activations, sums in another order: gradients reach ~700 (the embedding's,
+        # times sqrt(D)), equal to float32 rounding of such values.
+        chex.assert_trees_all_close(jax.grad(loss)(params, remat), plain, atol=1e-3, rtol=1e-3)
+
+
+def test_a_recorded_layer_pattern_must_be_the_family_s():
+    config = DecoderConfig(
+        vocab_size=64,
+        n_layers=6,
+        d_model=32,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=16,
+        mlp_dim=48,
+        max_seq_len=64,
+        family="gemma3",
+        sliding_window=4,
+    )
+    check_layer_pattern(None, config, "m.gguf")  # no key: the family's pattern
+    check_layer_pattern([True] * 5 + [False], config, "m.gguf")
+    with pytest.raises(CheckpointError, match=r"m\.gguf: the layer pattern .* got \[True, False"):
+        check_layer_pattern([True, False] * 3, config, "m.gguf")
+
+
+def test_a_chat_needs_a_chat_template(models):
+    _, config, params = models
+    tokenizer = Tokenizer(
+        backend=None, chat_template=None, eos_ids=(1,), bos_token="", eos_token="", pad_id=0
+    )
+    with pytest.raises(ValueError, match=r"Chat needs a chat template: this model has no chat"):
+        Chat(Model(config, params, tokenizer))

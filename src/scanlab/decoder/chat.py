@@ -76,6 +76,8 @@ class Chat:
     messages: list[Message] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
+        if self.model.tokenizer.chat_template is None:
+            raise ArgumentError(f"Chat needs a chat template: {NO_CHAT_TEMPLATE}")
         # An answer must leave room for a prompt: refused now, not at the first question.
         checks.static_int(
             "max_new_tokens",
@@ -83,8 +85,6 @@ class Chat:
             minimum=1,
             maximum=self.model.config.max_seq_len - 1,
         )
-        if self.model.tokenizer.chat_template is None:
-            raise ArgumentError(f"Chat needs a chat template: {NO_CHAT_TEMPLATE}")
         self._key = jnp.asarray(checks.seed_key(self.seed))
         if self.system is not None:
             self.messages.append({"role": "system", "content": self.system})

@@ -155,3 +155,19 @@ def test_nan_weights(small_file, tmp_path):
 
     with pytest.raises(CheckpointError, match=r"tensor output_norm\.weight holds NaN or Inf"):
         load_gguf(rewrite(small_file, tmp_path, edit))
+
+
+def test_the_fast_reader_reads_what_gguf_s_reader_reads(small_file):
+    from scanlab.decoder.formats.gguf_file import open_gguf
+
+    ours, theirs = open_gguf(small_file), gguf.GGUFReader(small_file)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        assert ours.fields[name].contents() == field.contents(), name
+    for mine, reference in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (mine.name, mine.tensor_type, mine.shape.tolist()) == (
+            reference.name,
+            reference.tensor_type,
+            reference.shape.tolist(),
+        )
+        np.testing.assert_array_equal(mine.data, reference.data)

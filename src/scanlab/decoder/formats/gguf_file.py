@@ -41,10 +41,29 @@ ARCHITECTURES: dict[str, Family] = {
 }
 
 
+class _Reader(gguf.GGUFReader):
+    """`gguf.GGUFReader`, slicing a plain ndarray view of its memory map.
+
+    The reader cuts every metadata value out of a `np.memmap`, whose slices each run a Python
+    hook (`__array_finalize__`); Gemma's 262,144-token vocabulary makes millions of them, most
+    of the time spent opening the file. The same bytes, the same views, a third of the time.
+    """
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+        count = int(count)
+        end = offset + np.dtype(dtype).itemsize * count
+        array = plain[offset:end].view(dtype=dtype)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return array.view(array.dtype.newbyteorder(order))
+
+
 @functools.lru_cache(maxsize=1)
 def _open(path: Path, mtime_ns: int) -> gguf.GGUFReader:
     del mtime_ns  # part of the cache key only: a rewritten file is read again
-    return gguf.GGUFReader(path)
+    return _Reader(path)
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -115,11 +134,11 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | os.PathLike = "") -> D
         )
     except ScanlabError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    _check_pattern(metadata(reader, f"{arch}.attention.sliding_window_pattern"), config, path)
+    check_layer_pattern(metadata(reader, f"{arch}.attention.sliding_window_pattern"), config, path)
     return config
 
 
-def _check_pattern(pattern, config: DecoderConfig, path) -> None:
+def check_layer_pattern(pattern, config: DecoderConfig, path) -> None:
     """A recorded layer pattern (llama.cpp writes one per layer for some models: True for a
     sliding layer) must be the family's; scanlab does not guess another."""
     if pattern is None:
