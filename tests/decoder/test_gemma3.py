@@ -80,6 +80,15 @@ def models(request, tmp_path_factory):
     return model, config, params
 
 
+@pytest.fixture(scope="module")
+def one_model(tmp_path_factory):
+    """One of the shapes (8 layers: the remainder, MQA), for what the layer kinds do not change."""
+    model = hf_model(**SHAPES["mqa-8"])
+    directory = tmp_path_factory.mktemp("one")
+    model.save_pretrained(directory)
+    return load_checkpoint(directory)
+
+
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 13))
 
 
@@ -137,8 +146,8 @@ def test_left_padded_batch_equals_transformers(models):
     np.testing.assert_array_equal(ours.tokens, expected)
 
 
-def test_streamed_chunks_equal_generate(models):
-    _, config, params = models
+def test_streamed_chunks_equal_generate(one_model):
+    config, params = one_model
     prompt = TOKENS[:1, :5]
     whole = np.asarray(generate(params, prompt, config, 11).tokens[:, 5:])
     np.testing.assert_array_equal(
@@ -146,8 +155,8 @@ def test_streamed_chunks_equal_generate(models):
     )
 
 
-def test_nnx_stack_equals_the_scan(models):
-    _, config, params = models
+def test_nnx_stack_equals_the_scan(one_model):
+    config, params = one_model
     for layer_scan in ("nnx.scan", "split-lax.scan-merge"):
         model = NNXDecoder.from_params(params, config, rngs=nnx.Rngs(0), layer_scan=layer_scan)
         np.testing.assert_allclose(
@@ -238,8 +247,8 @@ def test_bad_window_settings_are_named(changes, message):
         DecoderConfig(**{**settings, **changes})
 
 
-def test_every_remat_policy_gives_the_scan_s_gradients(models):
-    _, config, params = models
+def test_every_remat_policy_gives_the_scan_s_gradients(one_model):
+    config, params = one_model
 
     def loss(params, remat):
         return forward(params, TOKENS, config, remat=remat).mean()
@@ -270,8 +279,8 @@ def test_a_recorded_layer_pattern_must_be_the_family_s():
         check_layer_pattern([True, False] * 3, config, "m.gguf")
 
 
-def test_a_chat_needs_a_chat_template(models):
-    _, config, params = models
+def test_a_chat_needs_a_chat_template(one_model):
+    config, params = one_model
     tokenizer = Tokenizer(
         backend=None, chat_template=None, eos_ids=(1,), bos_token="", eos_token="", pad_id=0
     )

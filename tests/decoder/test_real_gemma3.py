@@ -2,12 +2,14 @@
 full layers in one scan): scanlab against transformers' Gemma3ForCausalLM loading the same file,
 prompts longer than the 512-token window and generations that cross it."""
 
+import gguf
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scanlab.decoder import forward, generate, load_gguf, load_tokenizer
+from scanlab.decoder.formats.gguf_file import FastReader
 
 pytestmark = pytest.mark.slow  # the real Gemma 3 model: not in `make test-fast`
 
@@ -27,16 +29,18 @@ def scanlab_model(gemma3_path):
 @pytest.fixture(scope="module")
 def transformers_model(gemma3_path):
     folder, name = gemma3_path.parent, gemma3_path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers reads the tensors through gguf.GGUFReader: the same bytes come out of
+    # scanlab's faster subclass (tests/decoder/formats/test_gguf_file.py), in a third of the time.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", FastReader)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def prompt_ids(tokenizer, kind: str) -> list[int]:
-    """Short prompts, one that reaches the window while decoding, one longer than it."""
+    """A short prompt, one that reaches the window while decoding, one longer than it."""
     if kind == "plain":
         return tokenizer.encode("The capital of France is")
-    if kind == "code":
-        return tokenizer.encode("def fibonacci(n):\n")
     ids = tokenizer.encode(STORY * 30)  # ~ 700 tokens
     return ids[:500] if kind == "crosses-512" else ids[:560]
 
@@ -62,7 +66,7 @@ def test_the_file_is_gemma3_with_its_pattern(scanlab_model):
     ]
 
 
-@pytest.mark.parametrize("kind", ["plain", "code", "crosses-512", "longer-than-512"])
+@pytest.mark.parametrize("kind", ["plain", "crosses-512", "longer-than-512"])
 def test_greedy_tokens_equal_transformers(scanlab_model, transformers_model, kind):
     """ "crosses-512": a 500-token prompt decoded past position 512; "longer-than-512": a
     560-token prefill, its sliding layers' rings written from its last 512 tokens."""

@@ -41,7 +41,7 @@ ARCHITECTURES: dict[str, Family] = {
 }
 
 
-class _Reader(gguf.GGUFReader):
+class FastReader(gguf.GGUFReader):
     """`gguf.GGUFReader`, slicing a plain ndarray view of its memory map.
 
     The reader cuts every metadata value out of a `np.memmap`, whose slices each run a Python
@@ -63,7 +63,7 @@ class _Reader(gguf.GGUFReader):
 @functools.lru_cache(maxsize=1)
 def _open(path: Path, mtime_ns: int) -> gguf.GGUFReader:
     del mtime_ns  # part of the cache key only: a rewritten file is read again
-    return _Reader(path)
+    return FastReader(path)
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
