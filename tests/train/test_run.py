@@ -155,3 +155,18 @@ def test_ctrl_c_saves_the_newest_whole_state_and_the_run_resumes_exactly(tmp_pat
     resumed = train(CONFIG, checkpoint_dir=tmp_path / "cut", checkpoint_every=100, resume=True)
     chex.assert_trees_all_equal(resumed.state, full.state)
     np.testing.assert_array_equal(resumed.losses, full.losses)
+
+
+def test_an_interrupt_during_a_chunk_s_dispatch_waits_for_its_output():
+    """The chunk donates its input: Ctrl-C is held until the output is assigned, then raised."""
+    import signal
+
+    from scanlab.train.run import _interrupts_held
+
+    assigned = False
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            assigned = True  # what the held signal did not interrupt
+    assert assigned
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

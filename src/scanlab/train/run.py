@@ -9,6 +9,8 @@ checkpoint.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,7 +78,8 @@ def train(
         while step < config.steps:
             n = min(config.chunk_steps, config.steps - step)
             start = time.perf_counter()
-            state, losses = train_chunk(state, config=config, steps=n, mesh=mesh)
+            with _interrupts_held():
+                state, losses = train_chunk(state, config=config, steps=n, mesh=mesh)
             losses = np.asarray(losses)  # waits for the chunk
             elapsed = time.perf_counter() - start
             _check_finite(losses, step, manager)
@@ -149,6 +152,29 @@ def _save_interrupted(manager, config: TrainConfig, state, losses, history: list
         history = history + np.asarray(losses).tolist()
     if step == len(history) and step > (manager.latest_step() or 0):
         _save(manager, step, config, state, history)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Holds Ctrl-C and SIGTERM back while a chunk is dispatched, then delivers them.
+
+    The chunk donates its input state: an interrupt between the donation and the output's
+    return would leave no whole state to save. Held signals are raised again once the output
+    is assigned, to whatever handlers were there (only the main thread can set handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda number, _: held.append(number)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for number in held:
+            signal.raise_signal(number)
 
 
 def _check_exists(checkpoint_dir: str | Path) -> None:
