@@ -163,10 +163,14 @@ def test_an_interrupt_during_a_chunk_s_dispatch_waits_for_its_output():
 
     from scanlab.train.run import _interrupts_held
 
-    assigned = False
-    with pytest.raises(KeyboardInterrupt):
+    assigned = []
+
+    def dispatch():
         with _interrupts_held():
             signal.raise_signal(signal.SIGINT)
-            assigned = True  # what the held signal did not interrupt
-    assert assigned
+            assigned.append(True)  # what the held signal did not interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dispatch()
+    assert assigned == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
