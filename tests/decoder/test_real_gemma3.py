@@ -2,14 +2,13 @@
 full layers in one scan): scanlab against transformers' Gemma3ForCausalLM loading the same file,
 prompts longer than the 512-token window and generations that cross it."""
 
-import gguf
 import numpy as np
 import pytest
 import torch
+from tests.decoder.formats.gguf_files import oracle_reader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scanlab.decoder import forward, generate, load_gguf, load_tokenizer
-from scanlab.decoder.formats.gguf_file import FastReader
 
 pytestmark = pytest.mark.slow  # the real Gemma 3 model: not in `make test-fast`
 
@@ -29,12 +28,9 @@ def scanlab_model(gemma3_path):
 @pytest.fixture(scope="module")
 def transformers_model(gemma3_path):
     folder, name = gemma3_path.parent, gemma3_path.name
-    # transformers reads the tensors through gguf.GGUFReader: the same bytes come out of
-    # scanlab's faster subclass (tests/decoder/formats/test_gguf_file.py), in a third of the time.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", FastReader)
+    with oracle_reader():
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def prompt_ids(tokenizer, kind: str) -> list[int]:

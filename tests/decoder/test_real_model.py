@@ -1,14 +1,13 @@
 """SmolLM2-135M-Instruct from its real GGUF file (Q4_1 and Q8_0 tensors): scanlab against
 transformers loading the same file, text in and text out."""
 
-import gguf
 import numpy as np
 import pytest
 import torch
+from tests.decoder.formats.gguf_files import oracle_reader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scanlab.decoder import generate, load_gguf, load_tokenizer, stream
-from scanlab.decoder.formats.gguf_file import FastReader
 
 pytestmark = pytest.mark.slow  # the real SmolLM2 model: not in `make test-fast`
 
@@ -25,12 +24,9 @@ def scanlab_model(smollm2_path):
 @pytest.fixture(scope="module")
 def transformers_model(smollm2_path):
     folder, name = smollm2_path.parent, smollm2_path.name
-    # transformers reads the tensors through gguf.GGUFReader: the same bytes come out of
-    # scanlab's faster subclass (tests/decoder/formats/test_gguf_file.py).
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", FastReader)
+    with oracle_reader():
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def prompts(tokenizer) -> dict[str, list[int]]:

@@ -1,11 +1,16 @@
 """Small GGUF files written from random transformers models, as llama.cpp's converter writes them."""
 
+import contextlib
+import functools
 from pathlib import Path
+from unittest import mock
 
 import gguf
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from scanlab.decoder.formats.gguf_file import FastReader
 
 # transformers' tensor name (without "model.layers.{i}.") -> GGUF's (without "blk.{i}.").
 LAYER_NAMES = {
@@ -102,3 +107,12 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32) -> Path:
 
 def rest_is(name: str, suffix: str) -> bool:
     return name.endswith(suffix)
+
+
+@contextlib.contextmanager
+def oracle_reader():
+    """transformers loading a GGUF reads it through `gguf.GGUFReader`, two or three times over:
+    here through scanlab's faster subclass, opened once per file. The same fields and tensors
+    come out (test_gguf_file.py), so the oracle's numbers are its own."""
+    with mock.patch.object(gguf, "GGUFReader", functools.cache(FastReader)):
+        yield
