@@ -100,7 +100,8 @@ def pitfalls_command() -> None:
 @app.command()
 def bench(
     quick: Annotated[
-        bool, typer.Option(help="Smoke-test sizes: seconds, not figures to quote.")
+        bool,
+        typer.Option(help="Smoke-test sizes, no real models: seconds, not figures to quote."),
     ] = False,
     out: Annotated[
         str, typer.Option(help="Folder for report.md, results.json and plots.")
@@ -109,7 +110,8 @@ def bench(
         int, typer.Option(help="CPU devices to present (for the sharded peer); default: cores.")
     ] = os.cpu_count() or 1,
 ) -> None:
-    """Run the benchmarks W1–W6 and W8–W12; write a markdown report with plots."""
+    """Run the benchmarks W1–W13 (--quick leaves out W7 and W13, which load the real models);
+    write a markdown report with plots."""
     from rich.table import Table
 
     _check_device_count("--devices", devices)

@@ -28,3 +28,26 @@ def test_w7_is_rendered_and_judged_from_the_canonical_figures(tmp_path):
     del results["decoding"]
     assert "Not run in quick mode" in markdown.render(results)
     assert not any(name.startswith("W7") for name, _, _ in targets.judge(results))
+
+
+def test_w13_is_rendered_and_judged_from_the_canonical_figures(tmp_path):
+    """W13 is left out of quick runs: its section, targets and plots from the committed run."""
+    from pathlib import Path
+
+    results = json.loads((Path(__file__).parents[2] / "docs/bench/results.json").read_text())
+    gemma3 = results["gemma3"]
+    text = markdown.render(results)
+    assert "## W13 — gemma3-270m: layers that differ, in one scan" in text
+    assert "| 32768 | 207 | 1152 | 0.180 |" in text
+    judged = {name: ok for name, _, ok in targets.judge(results)}
+    longest = [p for p in gemma3["contexts"] if p["context"] == 32768]
+    ring, full = sorted(longest, key=lambda p: not p["ring"])
+    fraction = ring["cache_bytes"] / full["cache_bytes"]
+    name = "W13 ring caches ≤ 0.183 of full-length caches' bytes at 32768 tokens"
+    assert judged[name] == (fraction <= 1.1 / 6)
+    for plot in (figures.decoding, figures.contexts):
+        plot(gemma3, tmp_path / "plot.png")
+        assert matplotlib.image.imread(tmp_path / "plot.png")[..., :3].std() > 0.05
+    del results["gemma3"]
+    assert "## W13 — Gemma 3 270M\n\nNot run in quick mode" in markdown.render(results)
+    assert not any(name.startswith("W13") for name, _, _ in targets.judge(results))
