@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from tests.decoder.oracle import hf_greedy, hf_logits
 
 from scanlab.decoder import (
     Chat,
@@ -91,22 +92,21 @@ def one_model(tmp_path_factory):
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 13))
 
 
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens))).logits.numpy()
-
-
-def hf_greedy(model, prompt, max_new_tokens, mask=None):
-    mask = np.ones(prompt.shape, np.int64) if mask is None else mask
-    with torch.no_grad():
-        return model.generate(
-            torch.tensor(prompt),
-            attention_mask=torch.tensor(mask),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
+def small_config(**changes) -> DecoderConfig:
+    """A Gemma 3 config made without transformers: 6 layers (one pattern), window 4."""
+    settings = dict(
+        vocab_size=64,
+        n_layers=6,
+        d_model=32,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=16,
+        mlp_dim=48,
+        max_seq_len=64,
+        family="gemma3",
+        sliding_window=4,
+    )
+    return DecoderConfig(**{**settings, **changes})
 
 
 def test_config_follows_transformers(models):
@@ -164,19 +164,7 @@ def test_nnx_stack_equals_the_scan(one_model):
 
 
 def test_round_trip_through_transformers(tmp_path):
-    config = DecoderConfig(
-        vocab_size=96,
-        n_layers=7,
-        d_model=32,
-        n_heads=2,
-        n_kv_heads=1,
-        head_dim=16,
-        mlp_dim=48,
-        max_seq_len=64,
-        family="gemma3",
-        sliding_window=3,
-        tie_embeddings=True,
-    )
+    config = small_config(vocab_size=96, n_layers=7, sliding_window=3, tie_embeddings=True)
     params = init_params(config, jax.random.PRNGKey(3))
     params = jax.tree.map(lambda leaf: leaf + 0.1, params)  # norms away from their initial 0
     save_checkpoint(tmp_path / "ckpt", config, params)
@@ -191,18 +179,7 @@ def test_round_trip_through_transformers(tmp_path):
 
 
 def test_ring_caches_keep_a_window_for_sliding_layers():
-    config = DecoderConfig(
-        vocab_size=64,
-        n_layers=18,
-        d_model=64,
-        n_heads=4,
-        n_kv_heads=1,
-        head_dim=16,
-        mlp_dim=64,
-        max_seq_len=4096,
-        family="gemma3",
-        sliding_window=512,
-    )
+    config = small_config(n_layers=18, max_seq_len=4096, sliding_window=512)
     ring = init_cache(config, 1, 4096)
     full = init_cache(config, 1, 4096, bounded=False)
     assert ring.full.k.shape == (3, 1, 4096, 1, 16) and ring.ring.k.shape == (15, 1, 512, 1, 16)
@@ -230,20 +207,8 @@ def test_layer_pattern_other_than_the_family_s_is_refused(tmp_path):
     ],
 )
 def test_bad_window_settings_are_named(changes, message):
-    settings = dict(
-        vocab_size=64,
-        n_layers=6,
-        d_model=32,
-        n_heads=2,
-        n_kv_heads=1,
-        head_dim=16,
-        mlp_dim=48,
-        max_seq_len=64,
-        family="gemma3",
-        sliding_window=4,
-    )
     with pytest.raises(ValueError, match=message):
-        DecoderConfig(**{**settings, **changes})
+        small_config(**changes)
 
 
 def test_every_remat_policy_gives_the_scan_s_gradients(one_model):
@@ -260,18 +225,7 @@ def test_every_remat_policy_gives_the_scan_s_gradients(one_model):
 
 
 def test_a_recorded_layer_pattern_must_be_the_family_s():
-    config = DecoderConfig(
-        vocab_size=64,
-        n_layers=6,
-        d_model=32,
-        n_heads=2,
-        n_kv_heads=1,
-        head_dim=16,
-        mlp_dim=48,
-        max_seq_len=64,
-        family="gemma3",
-        sliding_window=4,
-    )
+    config = small_config()
     check_layer_pattern(None, config, "m.gguf")  # no key: the family's pattern
     check_layer_pattern([True] * 5 + [False], config, "m.gguf")
     with pytest.raises(CheckpointError, match=r"m\.gguf: the layer pattern .* got \[True, False"):

@@ -149,16 +149,11 @@ def llama_cpp_contender(path, tokens, new_tokens) -> Callable | None:
     return run
 
 
-def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str, Any]:
-    """W7's figures: tokens/s per contender and batch, the bandwidth bound, bf16's accuracy."""
-    path = pretrained.fetch(pretrained.SMOLLM2)
-    model = load.load_model(path)
-    model_bf16 = load.load_model(path, dtype="bfloat16")
-    config, tokenizer = model.config, model.tokenizer
-    bandwidth = copy_bandwidth()
-    results: dict[str, Any] = {
+def run_record(model: str, new_tokens: int, bandwidth: float) -> dict[str, Any]:
+    """A decoding workload's figures before any is measured: when, what, the bandwidth."""
+    return {
         "date": env.describe()["date"],
-        "model": pretrained.SMOLLM2.name,
+        "model": model,
         "new_tokens": new_tokens,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "contenders": [],
@@ -168,6 +163,41 @@ def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str,
             "llama.cpp": importlib.util.find_spec("llama_cpp") is not None,
         },
     }
+
+
+def timed_contenders(
+    fns: dict[str, Callable], batch: int, new_tokens: int, rounds: int
+) -> list[dict[str, Any]]:
+    """Each contender's first call, then `rounds` interleaved runs: a Contender row each."""
+    first = {name: seconds(fn) for name, fn in fns.items()}
+    medians = {name: statistics.median(runs) for name, runs in interleaved(fns, rounds).items()}
+    return [
+        Contender(name, batch, first[name], median, batch * new_tokens / median)._asdict()
+        for name, median in medians.items()
+    ]
+
+
+def bandwidth_bound(
+    config: DecoderConfig, dtype: str, batch: int, context: int, bandwidth: float
+) -> dict[str, Any]:
+    """The bound's row: batch × bandwidth ÷ the bytes a step reads in `dtype` ("f32", "bf16")."""
+    step_bytes = bytes_per_step(config, {"f32": 4, "bf16": 2}[dtype], batch, context)
+    return dict(
+        batch=batch,
+        dtype=dtype,
+        bytes_per_step=step_bytes,
+        tokens_per_s=batch * bandwidth / step_bytes,
+    )
+
+
+def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str, Any]:
+    """W7's figures: tokens/s per contender and batch, the bandwidth bound, bf16's accuracy."""
+    path = pretrained.fetch(pretrained.SMOLLM2)
+    model = load.load_model(path)
+    model_bf16 = load.load_model(path, dtype="bfloat16")
+    config, tokenizer = model.config, model.tokenizer
+    bandwidth = copy_bandwidth()
+    results = run_record(pretrained.SMOLLM2.name, new_tokens, bandwidth)
     for batch in batches:
         tokens, mask = prompts(tokenizer, batch)
         fns = scanlab_contenders(model, model_bf16, tokens, mask, new_tokens)
@@ -180,24 +210,10 @@ def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str,
         ):
             if fn is not None:
                 fns[name] = fn
-        first = {name: seconds(fn) for name, fn in fns.items()}
-        samples = interleaved(fns, rounds)
-        for name, runs in samples.items():
-            median = statistics.median(runs)
-            results["contenders"].append(
-                Contender(name, batch, first[name], median, batch * new_tokens / median)._asdict()
-            )
+        results["contenders"] += timed_contenders(fns, batch, new_tokens, rounds)
         context = tokens.shape[1] + new_tokens // 2  # the average cache length read per step
-        for label, dtype_bytes in (("f32", 4), ("bf16", 2)):
-            step_bytes = bytes_per_step(config, dtype_bytes, batch, context)
-            results["bounds"].append(
-                dict(
-                    batch=batch,
-                    dtype=label,
-                    bytes_per_step=step_bytes,
-                    tokens_per_s=batch * bandwidth / step_bytes,
-                )
-            )
+        for dtype in ("f32", "bf16"):
+            results["bounds"].append(bandwidth_bound(config, dtype, batch, context, bandwidth))
     results["bf16"] = bf16_accuracy(model, model_bf16, new_tokens)
     return results
 

@@ -9,7 +9,6 @@ scan body over 15 sliding and 3 full layers against a Python loop over the 18.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import statistics
 import time
 from typing import Any
@@ -19,13 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab.bench import decoding as w7
-from scanlab.bench import env
 from scanlab.decoder import chat, forward, forward_loop, generate, load
 from scanlab.decoder.cache import cache_bytes, init_cache, step_masks
 from scanlab.decoder.formats import pretrained
 from scanlab.decoder.model import embed, unembed
 from scanlab.decoder.stack import run_cached_layers
-from scanlab.timing import compile_seconds, interleaved, seconds
+from scanlab.timing import compile_seconds
 
 PROMPTS = [  # a base model: texts to continue, not questions
     "The capital of France is",
@@ -57,18 +55,7 @@ def measure(new_tokens: int = 64, batches=(1, 8), rounds: int = 3) -> dict[str, 
     model = load.load_model(path)
     config, params, tokenizer = model
     bandwidth = w7.copy_bandwidth()
-    results: dict[str, Any] = {
-        "date": env.describe()["date"],
-        "model": pretrained.GEMMA3_270M.name,
-        "new_tokens": new_tokens,
-        "copy_bandwidth_gb_s": bandwidth / 1e9,
-        "contenders": [],
-        "bounds": [],
-        "installed": {
-            "transformers": importlib.util.find_spec("transformers") is not None,
-            "llama.cpp": importlib.util.find_spec("llama_cpp") is not None,
-        },
-    }
+    results = w7.run_record(pretrained.GEMMA3_270M.name, new_tokens, bandwidth)
     for batch in batches:
         tokens, mask = prompts(tokenizer, batch)
         fns = {
@@ -81,23 +68,9 @@ def measure(new_tokens: int = 64, batches=(1, 8), rounds: int = 3) -> dict[str, 
         ):
             if fn is not None:
                 fns[name] = fn
-        first = {name: seconds(fn) for name, fn in fns.items()}
-        for name, runs in interleaved(fns, rounds).items():
-            median = statistics.median(runs)
-            results["contenders"].append(
-                w7.Contender(
-                    name, batch, first[name], median, batch * new_tokens / median
-                )._asdict()
-            )
-        step_bytes = w7.bytes_per_step(config, 4, batch, tokens.shape[1] + new_tokens // 2)
-        results["bounds"].append(
-            dict(
-                batch=batch,
-                dtype="f32",
-                bytes_per_step=step_bytes,
-                tokens_per_s=batch * bandwidth / step_bytes,
-            )
-        )
+        results["contenders"] += w7.timed_contenders(fns, batch, new_tokens, rounds)
+        context = tokens.shape[1] + new_tokens // 2  # the average cache length read per step
+        results["bounds"].append(w7.bandwidth_bound(config, "f32", batch, context, bandwidth))
     results["contexts"] = [
         context_point(config, params, context, ring)
         for context in CONTEXTS

@@ -256,18 +256,7 @@ def _decoding(results: dict) -> str:
                 of_bound,
             )
         )
-    for b in decoding["bounds"]:
-        rows.append(
-            (
-                f"bandwidth bound, {b['dtype']}",
-                b["batch"],
-                f"{b['tokens_per_s']:.1f}",
-                "",
-                "",
-                "",
-                f"{b['bytes_per_step'] / 1e6:.0f} MB per step",
-            )
-        )
+    rows += _bound_rows(decoding)
     header = (
         "contender",
         "batch",
@@ -295,9 +284,7 @@ def _decoding(results: dict) -> str:
             f"Streaming each token as it is produced costs {per_token * 1e3:+.2f} ms per "
             f"token at batch 1 (per-token compiled scans vs one while_loop).",
         ]
-    missing = [name for name, present in decoding["installed"].items() if not present]
-    if missing:
-        lines += ["", f"Not installed in this run, so not measured: {', '.join(missing)}."]
+    lines += _not_installed(decoding)
     bf16 = decoding["bf16"]
     lines += [
         "",
@@ -307,6 +294,29 @@ def _decoding(results: dict) -> str:
         f"{bf16['tokens_agreeing_before_first_difference']} in a row.",
     ]
     return "\n".join(lines)
+
+
+def _bound_rows(decoding: dict) -> list[tuple[object, ...]]:
+    """W7's and W13's bandwidth bounds as rows of their contender tables."""
+    return [
+        (
+            f"bandwidth bound, {b['dtype']}",
+            b["batch"],
+            f"{b['tokens_per_s']:.1f}",
+            "",
+            "",
+            "",
+            f"{b['bytes_per_step'] / 1e6:.0f} MB per step",
+        )
+        for b in decoding["bounds"]
+    ]
+
+
+def _not_installed(decoding: dict) -> list[str]:
+    missing = [name for name, present in decoding["installed"].items() if not present]
+    if not missing:
+        return []
+    return ["", f"Not installed in this run, so not measured: {', '.join(missing)}."]
 
 
 def _gemma3(results: dict) -> str:
@@ -329,18 +339,7 @@ def _gemma3(results: dict) -> str:
                 else "—",
             )
         )
-    for b in gemma3["bounds"]:
-        rows.append(
-            (
-                "bandwidth bound, f32",
-                b["batch"],
-                f"{b['tokens_per_s']:.1f}",
-                "",
-                "",
-                "",
-                f"{b['bytes_per_step'] / 1e6:.0f} MB per step",
-            )
-        )
+    rows += _bound_rows(gemma3)
     header = (
         "contender",
         "batch",
@@ -395,9 +394,7 @@ def _gemma3(results: dict) -> str:
         f"layers {compile_s['scan']:.1f} s, a Python loop over the 18 layers "
         f"{compile_s['loop']:.1f} s ({compile_s['scan'] / compile_s['loop']:.2f}×).",
     ]
-    missing = [name for name, present in gemma3["installed"].items() if not present]
-    if missing:
-        lines += ["", f"Not installed in this run, so not measured: {', '.join(missing)}."]
+    lines += _not_installed(gemma3)
     return "\n".join(lines)
 
 

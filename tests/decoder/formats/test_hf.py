@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from tests.decoder.oracle import hf_greedy, hf_logits
 
 from scanlab.decoder import (
     CheckpointError,
@@ -49,11 +50,6 @@ def hf_model(**overrides):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens))).logits.numpy()
-
-
 def assert_same_logits(model, params, config, tokens):
     np.testing.assert_allclose(
         forward(params, jnp.asarray(tokens), config),
@@ -64,20 +60,6 @@ def assert_same_logits(model, params, config, tokens):
 
 
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 11))
-
-
-def hf_greedy(model, prompt, max_new_tokens, mask=None):
-    """transformers' greedy tokens, EOS off, the mask explicit (all ones unless given)."""
-    mask = np.ones(prompt.shape, np.int64) if mask is None else mask
-    with torch.no_grad():
-        return model.generate(
-            torch.tensor(prompt),
-            attention_mask=torch.tensor(mask),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
 
 
 @pytest.mark.parametrize("name", HF_CONFIGS)
