@@ -37,7 +37,10 @@ def checked_tensor(tensor, shape: tuple[int, ...], what: str, shape_source: str)
         raise CheckpointError(
             f"{what} has shape {tuple(tensor.shape)}, expected {shape} from {shape_source}"
         )
-    if jnp.issubdtype(tensor.dtype, jnp.floating) and not jnp.isfinite(tensor).all():
+    # NumPy checks NumPy's tensors (dequantized GGUF data): jnp would copy each to the device and
+    # compile a check per shape.
+    xp = np if isinstance(tensor, np.ndarray) else jnp
+    if jnp.issubdtype(tensor.dtype, jnp.floating) and not xp.isfinite(tensor).all():
         raise CheckpointError(f"{what} holds NaN or Inf values")
     return tensor
 
