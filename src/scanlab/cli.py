@@ -368,8 +368,11 @@ def chat_command(
 
     path = load.resolve(model, dtype)
     tokenizer = tokenizer_lib.load_tokenizer(path)
-    if tokenizer.chat_template is None:  # said before the weights load
+    # Said before the weights load.
+    if tokenizer.chat_template is None:
         raise ArgumentError(f"--model {model}: {tokenizer_lib.NO_CHAT_TEMPLATE}")
+    longest = chat_lib.longest_answer(load.load_config(path))
+    checks.static_int("--max-new-tokens", max_new_tokens, minimum=1, maximum=longest)
     conversation = chat_lib.Chat(
         load.Model(*load.load_weights(path, dtype), tokenizer),
         system=system,

@@ -91,7 +91,7 @@ def test_sampling(params, prompt):
         ),
         (
             dict(prompt=jnp.zeros(5, jnp.int32)),
-            r"tokens must have shape \(B, S\), got shape \(5,\)",
+            r"tokens must have shape \(B, S\) with B >= 1, got shape \(5,\)",
         ),
     ],
 )
@@ -195,3 +195,35 @@ def decoder_stream(params, prompt, n, **kwargs):
 def test_stream_checks_arguments_before_the_first_token(params, prompt):
     with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
         decoder_stream(params, prompt, 4, chunk=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda p, t, c: generate(p, c, t, 4), TypeError, r"tokens is a DecoderConfig: the order"),
+        (lambda p, t, c: forward(p, t, {}), TypeError, r"config must be a DecoderConfig, got dict"),
+        (lambda p, t, c: forward(p, t[:0], c), ValueError, r"B >= 1, got shape \(0, 5\)"),
+        (
+            lambda p, t, c: generate(p, t, c, 4, key=0, temperature=1.0),
+            TypeError,
+            r"key must be None or a PRNG key .* got int of shape \(\) and dtype None",
+        ),
+        (
+            lambda p, t, c: forward(p, t, c, key=jax.numpy.zeros(3, jax.numpy.uint32)),
+            TypeError,
+            r"key must be None or a PRNG key .* shape \(3,\) and dtype uint32",
+        ),
+        (
+            lambda p, t, c: init_params(c, jax.random.PRNGKey(0), jax.numpy.int8),
+            TypeError,
+            r"dtype must be a floating dtype, got int8",
+        ),
+    ],
+    ids=["argument-order", "config", "batch-0", "key-int", "key-shape", "int8-params"],
+)
+def test_api_mistakes_name_the_argument(call, error, message):
+    config = preset("tiny")
+    params = init_params(config, jax.random.PRNGKey(0))
+    tokens = np.zeros((2, 5), np.int32)
+    with pytest.raises(error, match=message):
+        call(params, tokens, config)

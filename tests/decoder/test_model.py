@@ -125,7 +125,7 @@ def test_padding_mask_hides_padded_keys(params, tokens):
         (
             jnp.zeros((12,), jnp.int32),
             ValueError,
-            r"tokens must have shape \(B, S\), got shape \(12,\)",
+            r"tokens must have shape \(B, S\) with B >= 1, got shape \(12,\)",
         ),
         (jnp.zeros((1, 12)), TypeError, "tokens must be integer token ids, got dtype float32"),
         (

@@ -167,13 +167,14 @@ def test_a_conversation_longer_than_the_context_is_refused(scanlab_model):
     from scanlab.decoder.load import Model
 
     config = scanlab_model[0]
-    with pytest.raises(ValueError, match="max_new_tokens must be <= 8191, got 8192"):
-        Chat(Model(*scanlab_model), max_new_tokens=config.max_seq_len)  # no room for a prompt
-    chat = Chat(Model(*scanlab_model), max_new_tokens=config.max_seq_len - 1)
+    # Prompts are padded to 64-token buckets: 8128 new tokens leave room for one bucket only.
+    with pytest.raises(ValueError, match="max_new_tokens must be <= 8128, got 8129"):
+        Chat(Model(*scanlab_model), max_new_tokens=config.max_seq_len - 63)
+    chat = Chat(Model(*scanlab_model), max_new_tokens=config.max_seq_len - 64)
     with pytest.raises(
         ValueError, match="prompt length \\+ max_new_tokens must be <= max_seq_len=8192"
     ):
-        chat.reply("Hi")
+        chat.reply("Hi " * 80)  # a prompt of two buckets
     assert chat.messages == []
 
 
@@ -201,3 +202,14 @@ def test_decoder_generate_continues_text_from_a_checkpoint_directory(transformer
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.output == prompt + tokenizer.decode(answer) + "\n"
+
+
+def test_chat_s_answer_length_is_checked_before_the_weights_load(cli, smollm2_path, monkeypatch):
+    from scanlab.decoder import load
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before --max-new-tokens was checked")
+
+    monkeypatch.setattr(load, "load_weights", no_weights)
+    status, err, _ = cli(["chat", "--model", str(smollm2_path), "--max-new-tokens", "8129"])
+    assert (status, err.strip()) == (2, "error: --max-new-tokens must be <= 8128, got 8129")

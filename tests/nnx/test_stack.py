@@ -134,7 +134,11 @@ def test_bad_arguments_are_named():
             ValueError,
             r"tokens must have 1 <= S <= max_seq_len=128, got S=129",
         ),
-        (np.ones(5, np.int32), ValueError, r"tokens must have shape \(B, S\), got shape \(5,\)"),
+        (
+            np.ones(5, np.int32),
+            ValueError,
+            r"tokens must have shape \(B, S\) with B >= 1, got shape \(5,\)",
+        ),
         (np.ones((1, 5)), TypeError, "tokens must be integer token ids, got dtype float64"),
     ],
 )

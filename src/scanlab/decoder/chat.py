@@ -23,6 +23,11 @@ from scanlab.errors import ArgumentError
 PROMPT_BUCKET = 64
 
 
+def longest_answer(config) -> int:
+    """The most new tokens a chat can ask for: the context less one prompt bucket."""
+    return config.max_seq_len - PROMPT_BUCKET
+
+
 def left_padded(rows: list[list[int]], pad_id: int, bucket: int = 1):
     """(B, S) tokens and their mask for B rows of ids, each padded on the left with `pad_id`;
     S is the longest row's length rounded up to a multiple of `bucket`."""
@@ -78,12 +83,12 @@ class Chat:
     def __post_init__(self):
         if self.model.tokenizer.chat_template is None:
             raise ArgumentError(f"Chat needs a chat template: {NO_CHAT_TEMPLATE}")
-        # An answer must leave room for a prompt: refused now, not at the first question.
+        # An answer must leave room for a prompt bucket: refused now, not at the first question.
         checks.static_int(
             "max_new_tokens",
             self.max_new_tokens,
             minimum=1,
-            maximum=self.model.config.max_seq_len - 1,
+            maximum=longest_answer(self.model.config),
         )
         self._key = jnp.asarray(checks.seed_key(self.seed))
         if self.system is not None:

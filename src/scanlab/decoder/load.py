@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 from scanlab.decoder.config import DecoderConfig, check_dtype
 from scanlab.decoder.formats import pretrained
-from scanlab.decoder.formats.gguf_file import load_gguf
-from scanlab.decoder.formats.hf import load_checkpoint
+from scanlab.decoder.formats.gguf_file import config_from_gguf, load_gguf, open_gguf
+from scanlab.decoder.formats.hf import load_checkpoint, read_config
 from scanlab.decoder.formats.tokenizer import Tokenizer, load_tokenizer
 from scanlab.decoder.params import DecoderParams
 from scanlab.errors import MissingPathError
@@ -41,6 +41,13 @@ def _load_weights(path: Path, dtype: str) -> tuple[DecoderConfig, DecoderParams]
     if path.is_dir():
         return load_checkpoint(path, dtype=dtype)
     return load_gguf(path, dtype=dtype)
+
+
+def load_config(path: Path) -> DecoderConfig:
+    """A resolved model's config (`resolve`), read without its weights."""
+    if path.is_dir():
+        return read_config(path)
+    return config_from_gguf(open_gguf(path), path)
 
 
 def resolve(source: str | os.PathLike, dtype: str) -> Path:

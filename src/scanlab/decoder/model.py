@@ -93,21 +93,50 @@ def forward_loop(
 
 
 def _checked_forward(params, tokens, config, key, attn_mask, remat, loop):
+    check_config(config, tokens)
     tokens_BxS = check_tokens("tokens", tokens, config)
+    check_key(key)
     check_params(params, config)
     check_remat(remat, loop)
     attn_mask_BxS = None if attn_mask is None else check_mask(attn_mask, tokens_BxS.shape)
     return _forward(params, tokens_BxS, key, attn_mask_BxS, config=config, remat=remat, loop=loop)
 
 
+def check_config(config, tokens=None) -> None:
+    """A DecoderConfig; tokens given where it goes name the argument order."""
+    if isinstance(tokens, DecoderConfig):
+        raise ArgumentTypeError(
+            "tokens is a DecoderConfig: the order is params, tokens, config (as in forward)"
+        )
+    if not isinstance(config, DecoderConfig):
+        raise ArgumentTypeError(f"config must be a DecoderConfig, got {type(config).__name__}")
+
+
+def check_key(key) -> None:
+    """None, or a PRNG key: a typed key (`jax.random.key`) or a raw one (`PRNGKey`, (2,) uint32)."""
+    if key is None:
+        return
+    dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == np.uint32 and shape == (2,)
+    if not ((typed and shape == ()) or raw):
+        raise ArgumentTypeError(
+            f"key must be None or a PRNG key (jax.random.key(seed) or PRNGKey(seed)), got "
+            f"{type(key).__name__} of shape {shape} and dtype {dtype}"
+        )
+
+
 def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
-    """Token ids as an int32 (B, S) array, S in [1, max_seq_len], ids in [0, V) when concrete.
+    """Token ids as an int32 (B, S) array, B >= 1, S in [1, max_seq_len], ids in [0, V) when
+    concrete.
 
     An id outside the vocabulary would be clamped silently by the embedding gather.
     """
     array = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
-    if array.ndim != 2:
-        raise ArgumentError(f"{name} must have shape (B, S), got shape {tuple(array.shape)}")
+    if array.ndim != 2 or not array.shape[0]:
+        raise ArgumentError(
+            f"{name} must have shape (B, S) with B >= 1, got shape {tuple(array.shape)}"
+        )
     if array.dtype.kind not in "iu":
         raise ArgumentTypeError(f"{name} must be integer token ids, got dtype {array.dtype}")
     if not 1 <= array.shape[1] <= config.max_seq_len:

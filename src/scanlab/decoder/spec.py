@@ -115,8 +115,20 @@ def _init_tree(declarations, shapes, config: DecoderConfig, key: jax.Array, dtyp
     return treedef.unflatten(arrays)
 
 
+def check_param_dtype(dtype) -> np.dtype:
+    """A floating dtype for parameters: an integer one would truncate the weights."""
+    try:
+        checked = jnp.dtype(dtype)
+    except TypeError:
+        raise ArgumentTypeError(f"dtype must be a floating dtype, got {dtype!r}") from None
+    if not jnp.issubdtype(checked, jnp.floating):
+        raise ArgumentTypeError(f"dtype must be a floating dtype, got {checked.name}")
+    return checked
+
+
 def init_params(config: DecoderConfig, key: jax.Array, dtype=jnp.float32) -> DecoderParams:
     """All parameters, initialised as declared (norms 1, biases 0, weights normal/√fan-in)."""
+    dtype = check_param_dtype(dtype)
     return _init_tree(declared(config), param_shapes(config), config, key, dtype)
 
 

@@ -171,3 +171,10 @@ def test_the_fast_reader_reads_what_gguf_s_reader_reads(small_file):
             reference.shape.tolist(),
         )
         np.testing.assert_array_equal(mine.data, reference.data)
+
+
+def test_a_path_that_is_not_one_and_an_integer_dtype_are_named(small_file):
+    with pytest.raises(TypeError, match=r"path must be a str or os.PathLike, got NoneType"):
+        load_gguf(None)
+    with pytest.raises(TypeError, match=r"dtype must be a floating dtype, got int8"):
+        load_gguf(small_file, dtype=np.int8)  # would truncate every weight

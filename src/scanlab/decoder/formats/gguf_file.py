@@ -33,7 +33,7 @@ from scanlab.decoder.formats.base import (
     hf_shape,
 )
 from scanlab.decoder.params import DecoderParams, outside_layers
-from scanlab.errors import ScanlabError
+from scanlab.errors import ArgumentTypeError, ScanlabError
 
 # general.architecture -> the family
 ARCHITECTURES: dict[str, Family] = {
@@ -71,6 +71,8 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
 
     Raises CheckpointError for a missing, truncated or corrupt file.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise ArgumentTypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
@@ -160,6 +162,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[DecoderConfig
 
     Every declared tensor's presence is checked before any is dequantized.
     """
+    dtype = spec.check_param_dtype(dtype)
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
@@ -178,7 +181,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[DecoderConfig
             array = _halves_from_pairs(array, leaf.shape.split().index("Dh"))
         return array - leaf.gguf_offset if leaf.gguf_offset else array
 
-    return config, assemble(config, read, jnp.dtype(dtype))
+    return config, assemble(config, read, dtype)
 
 
 def tensor_names(config: DecoderConfig) -> list[str]:

@@ -279,6 +279,13 @@ class _Reader:
         return checked_tensor(tensor, shape, f"{path}: tensor {name}", "config.json")
 
 
+def read_config(directory: Path) -> DecoderConfig:
+    """The DecoderConfig of a checkpoint directory's config.json (no weights read)."""
+    if not (directory / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{directory} must contain {CONFIG_FILE}")
+    return config_from_hf(read_json(directory / CONFIG_FILE))
+
+
 def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig, DecoderParams]:
     """Reads a transformers checkpoint directory (Llama, Qwen2, Gemma 3) into DecoderParams.
 
@@ -287,11 +294,9 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
       dtype: convert parameters to this dtype; default: keep the checkpoint's.
     """
     directory = Path(path)
-    if not (directory / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{directory} must contain {CONFIG_FILE}")
-    config = config_from_hf(read_json(directory / CONFIG_FILE))
+    config = read_config(directory)
     reader = _Reader(directory)
-    dtype = jnp.dtype(dtype or reader.dtype(config.features.leaves.embed.hf_name))
+    dtype = spec.check_param_dtype(dtype or reader.dtype(config.features.leaves.embed.hf_name))
 
     def read(leaf: Leaf, layer: int | None) -> Tensor:
         name = leaf.hf_name if layer is None else _layer_name(layer, leaf)
