@@ -57,7 +57,7 @@ def test_decoding_copies_no_cache_stack(ring):
     hlo = (
         generation._generate.lower(
             params,
-            *checked,
+            checked,
             config=CONFIG,
             max_new_tokens=20,
             return_logits=False,

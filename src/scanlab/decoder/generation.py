@@ -91,9 +91,19 @@ def _emit(state: _State, logits_BxV, prompt: _Prompt, sampling: Sampling, max_ne
     )
 
 
-def _prefill(
-    params, prompt_BxS, prompt_mask_BxS, key, sampling, prompt, config, max_new_tokens, ring_cache
-):
+class _Checked(NamedTuple):
+    prompt_BxS: jax.Array
+    prompt_mask_BxS: jax.Array
+    key: jax.Array | None
+    sampling: Sampling
+    stop_ids: jax.Array
+    pad_id: jax.Array
+
+
+def _prefill(checked: _Checked, params, *, config, max_new_tokens, ring_cache):
+    """The prompt through the layers and the first token drawn: (state, its logits, prompt)."""
+    prompt_BxS, prompt_mask_BxS, key, sampling, stop_ids, pad_id = checked
+    prompt = _prompt(prompt_mask_BxS, stop_ids, pad_id, max_new_tokens)
     batch, length = prompt_BxS.shape
     cache = init_cache(
         config, batch, length + max_new_tokens, params.embed.dtype, bounded=ring_cache
@@ -113,7 +123,7 @@ def _prefill(
         seen_BxV=seen_BxV,
         key=key,
     )
-    return _emit(start, logits_BxV, prompt, sampling, max_new_tokens), logits_BxV
+    return _emit(start, logits_BxV, prompt, sampling, max_new_tokens), logits_BxV, prompt
 
 
 def _step(params, state: _State, prompt: _Prompt, sampling, config, max_new_tokens):
@@ -136,35 +146,14 @@ def _prompt(prompt_mask_BxS, stop_ids, pad_id, max_new_tokens) -> _Prompt:
 @functools.partial(
     jax.jit, static_argnames=("config", "max_new_tokens", "return_logits", "ring_cache")
 )
-def _generate(
-    params,
-    prompt_BxS,
-    prompt_mask_BxS,
-    key,
-    sampling,
-    stop_ids,
-    pad_id,
-    *,
-    config,
-    max_new_tokens,
-    return_logits,
-    ring_cache,
-):
+def _generate(params, checked, *, config, max_new_tokens, return_logits, ring_cache):
+    prompt_BxS = checked.prompt_BxS
     batch = prompt_BxS.shape[0]
-    prompt = _prompt(prompt_mask_BxS, stop_ids, pad_id, max_new_tokens)
     with jax.named_scope("prefill"):
-        state, logits_BxV = _prefill(
-            params,
-            prompt_BxS,
-            prompt_mask_BxS,
-            key,
-            sampling,
-            prompt,
-            config,
-            max_new_tokens,
-            ring_cache,
+        state, logits_BxV, prompt = _prefill(
+            checked, params, config=config, max_new_tokens=max_new_tokens, ring_cache=ring_cache
         )
-    tokens_BxN = jnp.full((batch, max_new_tokens), pad_id).at[:, 0].set(state.token_B)
+    tokens_BxN = jnp.full((batch, max_new_tokens), prompt.pad_id).at[:, 0].set(state.token_B)
     logits_BxNxV = None
     if return_logits:
         logits_BxNxV = jnp.zeros((batch, max_new_tokens, config.vocab_size), jnp.float32)
@@ -176,7 +165,7 @@ def _generate(
 
     def decode(carry):
         state, tokens_BxN, logits_BxNxV = carry
-        new, logits_BxV = _step(params, state, prompt, sampling, config, max_new_tokens)
+        new, logits_BxV = _step(params, state, prompt, checked.sampling, config, max_new_tokens)
         tokens_BxN = tokens_BxN.at[:, state.step].set(new.token_B)
         if logits_BxNxV is not None:
             logits_BxNxV = logits_BxNxV.at[:, state.step].set(logits_BxV)
@@ -190,30 +179,9 @@ def _generate(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "ring_cache"))
-def _start(
-    params,
-    prompt_BxS,
-    prompt_mask_BxS,
-    key,
-    sampling,
-    stop_ids,
-    pad_id,
-    *,
-    config,
-    max_new_tokens,
-    ring_cache,
-):
-    prompt = _prompt(prompt_mask_BxS, stop_ids, pad_id, max_new_tokens)
-    state, _ = _prefill(
-        params,
-        prompt_BxS,
-        prompt_mask_BxS,
-        key,
-        sampling,
-        prompt,
-        config,
-        max_new_tokens,
-        ring_cache,
+def _start(params, checked, *, config, max_new_tokens, ring_cache):
+    state, _, prompt = _prefill(
+        checked, params, config=config, max_new_tokens=max_new_tokens, ring_cache=ring_cache
     )
     return state, prompt.filled_BxT
 
@@ -232,15 +200,6 @@ def _chunk(
 
     state, tokens_CxB = jax.lax.scan(decode, state, length=chunk)
     return state, tokens_CxB.T
-
-
-class _Checked(NamedTuple):
-    prompt_BxS: jax.Array
-    prompt_mask_BxS: jax.Array
-    key: jax.Array | None
-    sampling: Sampling
-    stop_ids: jax.Array
-    pad_id: jax.Array
 
 
 def _check(
@@ -353,7 +312,7 @@ def generate(
     )
     return _generate(
         params,
-        *checked,
+        checked,
         config=config,
         max_new_tokens=max_new_tokens,
         return_logits=bool(return_logits),
@@ -387,7 +346,7 @@ def _stream(
     params, checked: _Checked, config, max_new_tokens, chunk, ring_cache
 ) -> Iterator[np.ndarray]:
     state, filled_BxT = _start(
-        params, *checked, config=config, max_new_tokens=max_new_tokens, ring_cache=ring_cache
+        params, checked, config=config, max_new_tokens=max_new_tokens, ring_cache=ring_cache
     )
     yield np.asarray(state.token_B)[:, None]
     produced = 1
