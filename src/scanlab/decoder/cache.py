@@ -136,15 +136,14 @@ def cached_attend(
 ) -> Attend:
     """The layer's attention over its cache and the new keys, and the cache with them written.
 
-    `slot` holds this layer's two scalars: traced in the layer scan, NumPy values in the loop
-    twin (where XLA folds the cond of a constant).
+    `slot` holds this layer's two scalars, traced: the layer scan's slice of `cache_slots`.
     """
     rows_Bx1 = jnp.arange(positions_BxS.shape[0])[:, None]
     key_slots_BxT = jnp.broadcast_to(jnp.arange(cache.full.k.shape[2]), masks.full_BxSxT.shape[::2])
     has_full = cache.full.k.shape[0] > 0  # False for a stack of sliding layers only
 
     def attend_fn(q, k, v):
-        in_ring, index = jnp.asarray(slot.in_ring), jnp.asarray(slot.stack_index)
+        in_ring, index = slot
         full, full_index = cache.full, index
         if has_full:
             if cache.ring is not None:

@@ -135,7 +135,6 @@ def run_cached_layers(
     positions_BxS: jax.Array,
     *,
     config: DecoderConfig,
-    loop: bool = False,
 ) -> tuple[jax.Array, Cache]:
     """All L layers over S new tokens, attending and updating the KV cache (decoding).
 
@@ -146,7 +145,6 @@ def run_cached_layers(
       masks: the step's masks (`cache.step_masks`).
       positions_BxS: the new tokens' positions (their cache slots).
       config: the static DecoderConfig.
-      loop: run the layers by a Python loop instead of `jax.lax.scan`.
 
     Returns:
       (seq (B, S, D), the cache with the new keys and values written).
@@ -167,21 +165,12 @@ def run_cached_layers(
         (key, seq), cache = step((key, seq), (block, kind, (cache, slot)))
         return (key, seq, cache), None
 
-    kinds = layer_kinds(config)
     with jax.named_scope("layers"):
-        if loop:
-            state = (None, seq_BxSxD, cache)
-            for i, block in enumerate(unstack_layers(blocks)):
-                kind = LayerKind(*(leaf[i] for leaf in kinds))
-                slot = jax.tree.map(lambda leaf, i=i: leaf[i], slots)
-                state, _ = cached_step(state, (block, kind, slot))
-            (_, seq_BxSxD, cache) = state
-        else:
-            (_, seq_BxSxD, cache), _ = jax.lax.scan(
-                cached_step,
-                (None, seq_BxSxD, cache),
-                (blocks, kinds, jax.tree.map(jnp.asarray, slots)),
-            )
+        (_, seq_BxSxD, cache), _ = jax.lax.scan(
+            cached_step,
+            (None, seq_BxSxD, cache),
+            (blocks, layer_kinds(config), jax.tree.map(jnp.asarray, slots)),
+        )
     return seq_BxSxD, cache
 
 
