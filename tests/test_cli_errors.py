@@ -151,6 +151,10 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             ["decoder", "compare", "--d-model", "30"],
             "error: --d-model must be a multiple of 4 (4 heads), got 30",
         ),
+        (  # the up-front estimate, not an out-of-memory crash after the first compile
+            ["decoder", "compare", "--d-model", "400000"],
+            "error: --layers 16 --d-model 400000 needs about ",
+        ),
         (["bench", "--devices", "0"], "error: --devices must ask for 1 to 1024 devices, got 0"),
         (["bench", "--devices", "-1"], "error: --devices must ask for 1 to 1024 devices, got -1"),
         (
