@@ -292,10 +292,13 @@ def decoder_generate(
     from scanlab.decoder import load
 
     key = jax.numpy.asarray(raw_key)
+    if checkpoint is not None:  # the sampling flags against its vocabulary, before the weights
+        path = load.resolve(checkpoint, dtype)
+        checks.sampling_options(load.load_config(path).vocab_size, **settings)
     if prompt is not None and checkpoint is not None:  # text in, text out
-        config, params, tokenizer = load.load_model(checkpoint, dtype)
+        config, params, tokenizer = load.load_model(path, dtype)
     elif checkpoint is not None:  # ids in, ids out: the checkpoint's tokenizer is not needed
-        (config, params), tokenizer = load.load_weights(checkpoint, dtype), None
+        (config, params), tokenizer = load.load_weights(path, dtype), None
     else:
         config = decoder.preset(preset)
         param_dtype = jax.numpy.dtype(dtype)
@@ -375,8 +378,11 @@ def chat_command(
     # Said before the weights load.
     if tokenizer.chat_template is None:
         raise ArgumentError(f"--model {model}: {tokenizer_lib.NO_CHAT_TEMPLATE}")
-    longest = chat_lib.longest_answer(load.load_config(path))
-    checks.static_int("--max-new-tokens", max_new_tokens, minimum=1, maximum=longest)
+    config = load.load_config(path)
+    checks.static_int(
+        "--max-new-tokens", max_new_tokens, minimum=1, maximum=chat_lib.longest_answer(config)
+    )
+    checks.sampling_options(config.vocab_size, **settings)
     conversation = chat_lib.Chat(
         load.Model(*load.load_weights(path, dtype), tokenizer),
         system=system,

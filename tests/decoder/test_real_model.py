@@ -204,12 +204,32 @@ def test_decoder_generate_continues_text_from_a_checkpoint_directory(transformer
     assert result.output == prompt + tokenizer.decode(answer) + "\n"
 
 
-def test_chat_s_answer_length_is_checked_before_the_weights_load(cli, smollm2_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("command", "flags", "message"),
+    [
+        ("chat", ["--max-new-tokens", "8129"], "--max-new-tokens must be <= 8128, got 8129"),
+        (
+            "chat",
+            ["--top-k", "99999999", "--temperature", "0.7"],
+            "top_k must be <= vocab_size=49152, got 99999999",
+        ),
+        (
+            "decoder generate",
+            ["--top-k", "49153", "--temperature", "0.7", "--tokens", "1,2"],
+            "top_k must be <= vocab_size=49152, got 49153",
+        ),
+    ],
+)
+def test_limits_from_the_model_s_config_are_checked_before_its_weights_load(
+    cli, smollm2_path, monkeypatch, command, flags, message
+):
     from scanlab.decoder import load
 
     def no_weights(*args, **kwargs):
-        raise AssertionError("the weights were loaded before --max-new-tokens was checked")
+        raise AssertionError("the weights were loaded before the flags were checked")
 
     monkeypatch.setattr(load, "load_weights", no_weights)
-    status, err, _ = cli(["chat", "--model", str(smollm2_path), "--max-new-tokens", "8129"])
-    assert (status, err.strip()) == (2, "error: --max-new-tokens must be <= 8128, got 8129")
+    monkeypatch.setattr(load, "load_model", no_weights)
+    model_flag = "--model" if command == "chat" else "--checkpoint"
+    status, err, _ = cli([*command.split(), model_flag, str(smollm2_path), *flags])
+    assert (status, err.strip()) == (2, f"error: {message}")
