@@ -124,7 +124,7 @@ def test_no_argument_list_gives_a_traceback(command, cli):
         ),
         (
             ["decoder", "generate", "--checkpoint", "/proc", "--prompt", "hi"],
-            "error: /proc must contain tokenizer.json, the tokenizer",
+            "error: /proc must contain config.json",
         ),
         (
             ["chat", "--model", "typo.gguf"],

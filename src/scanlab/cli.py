@@ -188,12 +188,12 @@ def decoder_compare(
         checks.static_int(name, value, minimum=1)
     if d_model % 4:  # the compared block has 4 heads
         raise ArgumentError(f"--d-model must be a multiple of 4 (4 heads), got {d_model}")
+    device_mesh = _mesh(mesh)  # first: it sets the host devices before JAX starts
     from scanlab.bench import layers as layer_bench
     from scanlab.decoder import spec
 
     weights = spec.param_count(layer_bench.block_config(layers, d_model, seq)) * 4  # float32
     checks.fits_in_memory(f"--layers {layers} --d-model {d_model}", weights)
-    device_mesh = _mesh(mesh)
     if device_mesh is not None and batch % device_mesh.shape[sharding.DATA_AXIS]:
         # Checked before the single-device comparison runs, not after.
         raise ArgumentError(
