@@ -19,10 +19,9 @@ import numpy as np
 
 from scanlab.bench import decoding as w7
 from scanlab.decoder import chat, forward, forward_loop, generate, load
-from scanlab.decoder.cache import cache_bytes, init_cache, step_masks
+from scanlab.decoder.cache import cache_bytes, init_cache
 from scanlab.decoder.formats import pretrained
-from scanlab.decoder.model import embed, unembed
-from scanlab.decoder.stack import run_cached_layers
+from scanlab.decoder.generation import cached_logits
 from scanlab.timing import compile_seconds
 
 PROMPTS = [  # a base model: texts to continue, not questions
@@ -90,11 +89,8 @@ def _generating(params, tokens, mask, config, new_tokens: int, ring: bool):
 @functools.partial(jax.jit, static_argnames="config", donate_argnums=1)
 def _decoding_step(params, cache, token_Bx1, positions_Bx1, filled_BxT, *, config):
     """One decoding step: a token through the layers against the cache, the next one out."""
-    masks = step_masks(cache, positions_Bx1, filled_BxT, config)
-    seq, cache = run_cached_layers(
-        params.blocks, embed(params, token_Bx1, config), cache, masks, positions_Bx1, config=config
-    )
-    return jnp.argmax(unembed(params, seq, config)[:, -1], -1).astype(jnp.int32), cache
+    logits_BxV, cache = cached_logits(params, config, cache, token_Bx1, positions_Bx1, filled_BxT)
+    return jnp.argmax(logits_BxV, -1).astype(jnp.int32), cache
 
 
 def context_point(config, params, context: int, ring: bool, steps: int = 8) -> dict[str, Any]:

@@ -60,13 +60,16 @@ class _State(NamedTuple):
     key: jax.Array | None
 
 
-def _layers(params, config, prompt: _Prompt, cache, tokens_BxS, positions_BxS):
-    """Logits (B, V) of the last position, and the cache with the new tokens written."""
+def cached_logits(params, config, cache: Cache, tokens_BxS, positions_BxS, filled_BxT):
+    """Logits (B, V) of the last of S new tokens at `positions`, and the cache with them written.
+
+    `filled_BxT` is True at every cache slot holding a real token or one still to be decoded.
+    """
     seq, cache = run_cached_layers(
         params.blocks,
         embed(params, tokens_BxS, config),
         cache,
-        step_masks(cache, positions_BxS, prompt.filled_BxT, config),
+        step_masks(cache, positions_BxS, filled_BxT, config),
         positions_BxS,
         config=config,
     )
@@ -111,7 +114,9 @@ def _prefill(checked: _Checked, params, *, config, max_new_tokens, ring_cache):
     # Rotary positions are the slots: a left-padded row is shifted as a whole, and attention
     # scores depend only on position differences, so it decodes as it would unpadded.
     positions_BxS = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    logits_BxV, cache = _layers(params, config, prompt, cache, prompt_BxS, positions_BxS)
+    logits_BxV, cache = cached_logits(
+        params, config, cache, prompt_BxS, positions_BxS, prompt.filled_BxT
+    )
     seen_BxV = jnp.zeros((batch, config.vocab_size), bool)
     seen_BxV = seen_BxV.at[jnp.arange(batch)[:, None], prompt_BxS].max(prompt_mask_BxS)
     start = _State(
@@ -130,8 +135,8 @@ def _step(params, state: _State, prompt: _Prompt, sampling, config, max_new_toke
     """One decoding step: the newest token through the layers, the next one drawn."""
     batch = state.token_B.shape[0]
     positions_Bx1 = jnp.full((batch, 1), prompt.length + state.step - 1)
-    logits_BxV, cache = _layers(
-        params, config, prompt, state.cache, state.token_B[:, None], positions_Bx1
+    logits_BxV, cache = cached_logits(
+        params, config, state.cache, state.token_B[:, None], positions_Bx1, prompt.filled_BxT
     )
     state = state._replace(cache=cache)
     return _emit(state, logits_BxV, prompt, sampling, max_new_tokens), logits_BxV

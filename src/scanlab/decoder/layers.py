@@ -102,10 +102,8 @@ def project_qkv(
     q_BxSxRxKxDh = _plus_bias(jnp.einsum("bsd,drkh->bsrkh", x_BxSxD, attn.q_proj), attn.q_bias)
     k_BxSxKxDh = _plus_bias(jnp.einsum("bsd,dkh->bskh", x_BxSxD, attn.k_proj), attn.k_bias)
     v_BxSxKxDh = _plus_bias(jnp.einsum("bsd,dkh->bskh", x_BxSxD, attn.v_proj), attn.v_bias)
-    if attn.q_norm is not None and attn.k_norm is not None:
-        plus_one = config.features.norm_plus_one
-        q_BxSxRxKxDh = rms_norm(q_BxSxRxKxDh, attn.q_norm, config.norm_eps, plus_one)
-        k_BxSxKxDh = rms_norm(k_BxSxKxDh, attn.k_norm, config.norm_eps, plus_one)
+    q_BxSxRxKxDh = _norm(q_BxSxRxKxDh, attn.q_norm, config)
+    k_BxSxKxDh = _norm(k_BxSxKxDh, attn.k_norm, config)
     cos, sin = rope_phases(positions_BxS, config.head_dim, rope_theta)
     return apply_rope(q_BxSxRxKxDh, cos, sin), apply_rope(k_BxSxKxDh, cos, sin), v_BxSxKxDh
 
@@ -170,8 +168,9 @@ def _dropout(x: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
-def _maybe_norm(x: jax.Array, weight: jax.Array | None, config: DecoderConfig) -> jax.Array:
-    """A sandwich norm where the family declares one; x unchanged where it does not."""
+def _norm(x: jax.Array, weight: jax.Array | None, config: DecoderConfig) -> jax.Array:
+    """RMSNorm in the family's form where it declares the norm; x unchanged where it does not
+    (q/k and sandwich norms outside Gemma)."""
     if weight is None:
         return x
     return rms_norm(x, weight, config.norm_eps, config.features.norm_plus_one)
@@ -201,19 +200,16 @@ def decoder_block(
     Returns:
       (seq, aux): the new residual stream (B, S, D) and what `attend_fn` updated.
     """
-    plus_one = config.features.norm_plus_one
     attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
     with jax.named_scope("attention"):
-        h = rms_norm(seq_BxSxD, block.input_norm, config.norm_eps, plus_one)
+        h = _norm(seq_BxSxD, block.input_norm, config)
         q, k, v = project_qkv(block.attention, h, positions_BxS, rope_theta, config)
         out_BxSxRxKxDh, aux = attend_fn(q, k, v)
         h = jnp.einsum("bsrkh,rkhd->bsd", out_BxSxRxKxDh, block.attention.out_proj)
-        h = _maybe_norm(h, block.post_attn_norm, config)
+        h = _norm(h, block.post_attn_norm, config)
         seq_BxSxD = seq_BxSxD + _dropout(h, attn_key, config.dropout_rate)
     with jax.named_scope("mlp"):
-        h = rms_norm(seq_BxSxD, block.mlp_norm, config.norm_eps, plus_one)
-        h = _maybe_norm(
-            gated_mlp(block, h, config.features.activation), block.post_mlp_norm, config
-        )
+        h = _norm(seq_BxSxD, block.mlp_norm, config)
+        h = _norm(gated_mlp(block, h, config.features.activation), block.post_mlp_norm, config)
         seq_BxSxD = seq_BxSxD + _dropout(h, mlp_key, config.dropout_rate)
     return seq_BxSxD, aux
