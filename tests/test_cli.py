@@ -107,7 +107,7 @@ def test_decoder_generate_from_a_checkpoint(tmp_path):
         ["decoder", "compare", "--seq", "0"],
         ["decoder", "generate", "--top-p", "2", "--temperature", "1"],
         ["decoder", "generate", "--mesh", "data=2,data=4"],
-        ["chat", "--dtype", "float16"],
+        ["chat", "--weights", "float16"],
         ["train", "--learning-rate", "inf"],
         ["bench", "--devices", "0"],
         ["generate", "--checkpoint", "typo_dir", "--n", "0"],

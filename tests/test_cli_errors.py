@@ -131,7 +131,10 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             "error: model must be a .gguf file, a checkpoint directory or one of "
             "['gemma3-270m', 'smollm2-135m-instruct'], got 'typo.gguf'",
         ),
-        (["chat", "--dtype", "float16"], "error: dtype must be one of ['float32', 'bfloat16']"),
+        (
+            ["chat", "--weights", "float16"],
+            "error: weights must be one of ['quantized', 'float32', 'bfloat16']",
+        ),
         (["chat", "--top-p", "2", "--temperature", "1"], "error: top_p must be in (0, 1], got 2.0"),
         (["chat", "--min-p", "0.1"], "error: min_p needs temperature > 0"),
         (

@@ -227,7 +227,14 @@ TopK = Annotated[int | None, typer.Option(help="Sample among the k most likely."
 TopP = Annotated[float, typer.Option(help="Sample among the top_p most likely.")]
 MinP = Annotated[float, typer.Option(help="Drop tokens below min_p x the top one.")]
 RepetitionPenalty = Annotated[float, typer.Option(help="> 1 discourages repeats.")]
-Dtype = Annotated[str, typer.Option(help="Parameters and activations: float32 or bfloat16.")]
+Weights = Annotated[
+    str | None,
+    typer.Option(
+        help="How the weights are held: quantized (int8 blocks, a GGUF file's own; the default "
+        "for .gguf files and known models), float32 (the default for directories and presets) "
+        "or bfloat16."
+    ),
+]
 
 
 def _sampling(temperature, top_k, top_p, min_p, repetition_penalty) -> dict:
@@ -262,7 +269,7 @@ def decoder_generate(
     top_p: TopP = 1.0,
     min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = 1.0,
-    dtype: Dtype = "float32",
+    weights: Weights = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling and random weights.")] = 0,
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
@@ -270,7 +277,7 @@ def decoder_generate(
     import numpy as np
 
     from scanlab import checks
-    from scanlab.decoder.config import check_dtype
+    from scanlab.decoder.config import check_weights
 
     raw_key = checks.seed_key(seed)  # the same seed rule as run and train
     checks.static_int("--max-new-tokens", max_new_tokens, minimum=1)  # before a model loads
@@ -282,7 +289,7 @@ def decoder_generate(
         raise ArgumentError("--prompt needs --checkpoint, whose tokenizer turns text into ids")
     if prompt is None:
         token_ids = _parse_ints("--tokens", tokens or DEFAULT_TOKENS)[None]
-    check_dtype(dtype)
+    check_weights(weights)
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     checks.sampling_options(checks.INT32_MAX, **settings)  # every flag before the model loads
     device_mesh = _mesh(mesh)
@@ -293,19 +300,22 @@ def decoder_generate(
 
     key = jax.numpy.asarray(raw_key)
     if checkpoint is not None:  # the sampling flags against its vocabulary, before the weights
-        path = load.resolve(checkpoint, dtype)
+        path = load.resolve(checkpoint, weights)
         checks.sampling_options(load.load_config(path).vocab_size, **settings)
     if prompt is not None and checkpoint is not None:  # text in, text out
-        config, params, tokenizer = load.load_model(path, dtype)
+        config, params, tokenizer = load.load_model(path, weights)
     elif checkpoint is not None:  # ids in, ids out: the checkpoint's tokenizer is not needed
-        (config, params), tokenizer = load.load_weights(path, dtype), None
+        (config, params), tokenizer = load.load_weights(path, weights), None
     else:
         config = decoder.preset(preset)
-        param_dtype = jax.numpy.dtype(dtype)
+        param_dtype = jax.numpy.dtype("float32" if weights in (None, "quantized") else weights)
         checks.fits_in_memory(
-            f"preset {preset} in {dtype}", decoder.param_count(config) * param_dtype.itemsize
+            f"preset {preset} in {param_dtype.name}",
+            decoder.param_count(config) * param_dtype.itemsize,
         )
         params, tokenizer = decoder.init_params(config, key, param_dtype), None
+        if weights == "quantized":
+            params = decoder.quantize(params, config)
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
         params = decoder.shard_params(params, config, device_mesh)
     if tokenizer is None or prompt is None:
@@ -357,23 +367,23 @@ def chat_command(
     top_p: TopP = 1.0,
     min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = 1.0,
-    dtype: Dtype = "float32",
+    weights: Weights = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
 ) -> None:
     """Chat with a model, answers streamed as they are generated. Empty line or Ctrl-D ends."""
     from scanlab import checks
-    from scanlab.decoder.config import check_dtype
+    from scanlab.decoder.config import check_weights
 
     checks.static_int("--max-new-tokens", max_new_tokens, minimum=1)
     checks.seed_key(seed)
-    check_dtype(dtype)
+    check_weights(weights)
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     checks.sampling_options(checks.INT32_MAX, **settings)  # every flag before the model loads
     from scanlab.decoder import chat as chat_lib
     from scanlab.decoder import load
     from scanlab.decoder.formats import tokenizer as tokenizer_lib
 
-    path = load.resolve(model, dtype)
+    path = load.resolve(model, weights)
     tokenizer = tokenizer_lib.load_tokenizer(path)
     # Said before the weights load.
     if tokenizer.chat_template is None:
@@ -384,7 +394,7 @@ def chat_command(
     )
     checks.sampling_options(config.vocab_size, **settings)
     conversation = chat_lib.Chat(
-        load.Model(*load.load_weights(path, dtype), tokenizer),
+        load.Model(*load.load_weights(path, weights), tokenizer),
         system=system,
         max_new_tokens=max_new_tokens,
         sampling=settings,

@@ -194,7 +194,7 @@ def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str,
     """W7's figures: tokens/s per contender and batch, the bandwidth bound, bf16's accuracy."""
     path = pretrained.fetch(pretrained.SMOLLM2)
     model = load.load_model(path)
-    model_bf16 = load.load_model(path, dtype="bfloat16")
+    model_bf16 = load.load_model(path, weights="bfloat16")
     config, tokenizer = model.config, model.tokenizer
     bandwidth = copy_bandwidth()
     results = run_record(pretrained.SMOLLM2.name, new_tokens, bandwidth)

@@ -8,7 +8,9 @@ from scanlab import checks
 from scanlab.decoder.families import FAMILIES, SLIDING, Family
 from scanlab.errors import ArgumentError
 
-DTYPES = ("float32", "bfloat16")  # what parameters are loaded in
+DTYPES = ("float32", "bfloat16")  # what dense parameters are loaded in
+# How a model's weights are held: int8 blocks (`scanlab.decoder.quant`), or dense in a DTYPE.
+WEIGHTS = ("quantized", *DTYPES)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -171,6 +173,13 @@ def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ArgumentError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     return dtype
+
+
+def check_weights(weights: str | None) -> str | None:
+    """None (the source's default) or one of WEIGHTS."""
+    if weights is not None and weights not in WEIGHTS:
+        raise ArgumentError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
+    return weights
 
 
 def preset(name: str) -> DecoderConfig:

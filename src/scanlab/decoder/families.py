@@ -44,6 +44,9 @@ class Leaf(NamedTuple):
       gguf_offset: what llama.cpp's converter added to the values (1 for Gemma's norms, whose
         files hold the scale 1 + w).
       sharded: False to replicate the leaf whatever its letters (norms: small and read whole).
+      quantizable: a weight matrix that may be kept as quantized blocks
+        (`scanlab.decoder.quant`), blocked along its input axis: the last letter of `hf_layout`,
+        as in GGUF files.
       present: which configs have the leaf (default: all of the family's).
     """
 
@@ -56,7 +59,19 @@ class Leaf(NamedTuple):
     gguf_interleaved: bool = False
     gguf_offset: float = 0.0
     sharded: bool = True
+    quantizable: bool = False
     present: Callable[[DecoderConfig], bool] = lambda config: True
+
+    @property
+    def input_letter(self) -> str:
+        """The letter of the file's input axis, the last of `hf_layout`: where blocks run."""
+        return self.hf_layout.replace(")", " ").split()[-1]
+
+    @property
+    def blocked_axis(self) -> int:
+        """The input letter's axis in `shape`, counted from the end (as `QuantArray.axis`)."""
+        letters = self.shape.split()
+        return letters.index(self.input_letter) - len(letters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +120,13 @@ def _bias(shape: str, hf_name: str, hf_layout: str, gguf_name: str) -> Leaf:
     return Leaf(shape, "zeros", hf_name=hf_name, hf_layout=hf_layout, gguf_name=gguf_name)
 
 
+def _weight(shape: str, fan_in: str, hf_name: str, hf_layout: str, gguf_name: str, **kw) -> Leaf:
+    return Leaf(shape, "normal", fan_in, hf_name, hf_layout, gguf_name, quantizable=True, **kw)
+
+
 # Absent when the embedding is tied (the output head reuses it): GGUF files tell by its name.
-LM_HEAD = Leaf(
+LM_HEAD = _weight(
     "D V",
-    "normal",
     "D",
     "lm_head.weight",
     "V D",
@@ -117,28 +135,25 @@ LM_HEAD = Leaf(
 )
 
 _LLAMA_ATTENTION = Attention(
-    q_proj=Leaf(
+    q_proj=_weight(
         "D R K Dh",
-        "normal",
         "D",
         "self_attn.q_proj.weight",
         "(K R Dh) D",
         "attn_q.weight",
         gguf_interleaved=True,
     ),
-    k_proj=Leaf(
+    k_proj=_weight(
         "D K Dh",
-        "normal",
         "D",
         "self_attn.k_proj.weight",
         "(K Dh) D",
         "attn_k.weight",
         gguf_interleaved=True,
     ),
-    v_proj=Leaf("D K Dh", "normal", "D", "self_attn.v_proj.weight", "(K Dh) D", "attn_v.weight"),
-    out_proj=Leaf(
+    v_proj=_weight("D K Dh", "D", "self_attn.v_proj.weight", "(K Dh) D", "attn_v.weight"),
+    out_proj=_weight(
         "R K Dh D",
-        "normal",
         "R K Dh",
         "self_attn.o_proj.weight",
         "D (K R Dh)",
@@ -147,15 +162,15 @@ _LLAMA_ATTENTION = Attention(
 )
 
 _LLAMA_LEAVES = DecoderParams(
-    embed=Leaf("V D", "normal", "", "model.embed_tokens.weight", "V D", "token_embd.weight"),
+    embed=_weight("V D", "", "model.embed_tokens.weight", "V D", "token_embd.weight"),
     blocks=DecoderBlock(
         input_norm=_norm("input_layernorm.weight", "attn_norm.weight"),
         attention=_LLAMA_ATTENTION,
         # transformers calls Llama's pre-MLP norm the post-attention one.
         mlp_norm=_norm("post_attention_layernorm.weight", "ffn_norm.weight"),
-        gate_proj=Leaf("D F", "normal", "D", "mlp.gate_proj.weight", "F D", "ffn_gate.weight"),
-        up_proj=Leaf("D F", "normal", "D", "mlp.up_proj.weight", "F D", "ffn_up.weight"),
-        down_proj=Leaf("F D", "normal", "F", "mlp.down_proj.weight", "D F", "ffn_down.weight"),
+        gate_proj=_weight("D F", "D", "mlp.gate_proj.weight", "F D", "ffn_gate.weight"),
+        up_proj=_weight("D F", "D", "mlp.up_proj.weight", "F D", "ffn_up.weight"),
+        down_proj=_weight("F D", "F", "mlp.down_proj.weight", "D F", "ffn_down.weight"),
     ),
     final_norm=_norm("model.norm.weight", "output_norm.weight"),
     lm_head=LM_HEAD,

@@ -4,8 +4,9 @@ norm -> grouped-query attention with rotary embeddings [-> norm] -> residual -> 
 MLP [-> norm] -> residual; the bracketed ("sandwich") norms and RMS norms of the q and k heads
 where the family declares them (Gemma 3). What a layer attends over is a function, `Attend`: the
 S new keys themselves (`self_attend`, training and `forward`) or a KV cache
-(`scanlab.decoder.cache`). Shapes use the package's letters; `T` is the number of key
-positions (S without a cache, the cache's slots with one).
+(`scanlab.decoder.cache`). Every weight matrix is used through `scanlab.decoder.quant.project`:
+dense or kept quantized, the block is the same code. Shapes use the package's letters; `T` is
+the number of key positions (S without a cache, the cache's slots with one).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import SLIDING
 from scanlab.decoder.params import Attention, DecoderBlock
+from scanlab.decoder.quant import project
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -99,9 +101,9 @@ def project_qkv(
     attn: Attention, x_BxSxD: jax.Array, positions_BxS: jax.Array, rope_theta, config
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q (B, S, R, K, Dh), k and v (B, S, K, Dh): projected, normed where declared, rotated."""
-    q_BxSxRxKxDh = _plus_bias(jnp.einsum("bsd,drkh->bsrkh", x_BxSxD, attn.q_proj), attn.q_bias)
-    k_BxSxKxDh = _plus_bias(jnp.einsum("bsd,dkh->bskh", x_BxSxD, attn.k_proj), attn.k_bias)
-    v_BxSxKxDh = _plus_bias(jnp.einsum("bsd,dkh->bskh", x_BxSxD, attn.v_proj), attn.v_bias)
+    q_BxSxRxKxDh = _plus_bias(project("bsd,drkh->bsrkh", x_BxSxD, attn.q_proj), attn.q_bias)
+    k_BxSxKxDh = _plus_bias(project("bsd,dkh->bskh", x_BxSxD, attn.k_proj), attn.k_bias)
+    v_BxSxKxDh = _plus_bias(project("bsd,dkh->bskh", x_BxSxD, attn.v_proj), attn.v_bias)
     q_BxSxRxKxDh = _norm(q_BxSxRxKxDh, attn.q_norm, config)
     k_BxSxKxDh = _norm(k_BxSxKxDh, attn.k_norm, config)
     cos, sin = rope_phases(positions_BxS, config.head_dim, rope_theta)
@@ -157,8 +159,9 @@ def self_attend(
 
 def gated_mlp(block: DecoderBlock, x_BxSxD: jax.Array, activation: str) -> jax.Array:
     """down(act(gate(x)) * up(x)): SwiGLU for SiLU, GeGLU for GELU."""
-    gate_BxSxF = ACTIVATIONS[activation](x_BxSxD @ block.gate_proj)
-    return (gate_BxSxF * (x_BxSxD @ block.up_proj)) @ block.down_proj
+    gate_BxSxF = ACTIVATIONS[activation](project("bsd,df->bsf", x_BxSxD, block.gate_proj))
+    up_BxSxF = project("bsd,df->bsf", x_BxSxD, block.up_proj)
+    return project("bsf,fd->bsd", gate_BxSxF * up_BxSxF, block.down_proj)
 
 
 def _dropout(x: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
@@ -205,7 +208,7 @@ def decoder_block(
         h = _norm(seq_BxSxD, block.input_norm, config)
         q, k, v = project_qkv(block.attention, h, positions_BxS, rope_theta, config)
         out_BxSxRxKxDh, aux = attend_fn(q, k, v)
-        h = jnp.einsum("bsrkh,rkhd->bsd", out_BxSxRxKxDh, block.attention.out_proj)
+        h = project("bsrkh,rkhd->bsd", out_BxSxRxKxDh, block.attention.out_proj)
         h = _norm(h, block.post_attn_norm, config)
         seq_BxSxD = seq_BxSxD + _dropout(h, attn_key, config.dropout_rate)
     with jax.named_scope("mlp"):

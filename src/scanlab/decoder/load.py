@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from scanlab.decoder.config import DecoderConfig, check_dtype
+from scanlab.decoder import spec
+from scanlab.decoder.config import DecoderConfig, check_weights
 from scanlab.decoder.formats import pretrained
 from scanlab.decoder.formats.gguf_file import config_from_gguf, load_gguf, open_gguf
 from scanlab.decoder.formats.hf import load_checkpoint, read_config
@@ -22,25 +23,34 @@ class Model(NamedTuple):
     tokenizer: Tokenizer
 
 
-def load_model(source: str | os.PathLike, dtype: str = "float32") -> Model:
+def load_model(source: str | os.PathLike, weights: str | None = None) -> Model:
     """A model and its tokenizer from a known model's name, a .gguf file or a transformers
-    directory; parameters in `dtype` ("float32" or "bfloat16")."""
-    path = resolve(source, dtype)
+    directory.
+
+    `weights` is one of WEIGHTS: "quantized" (int8 blocks: a GGUF file's own, losslessly; a
+    directory's quantized by `quant.quantize`), "float32" or "bfloat16". None means "quantized"
+    for GGUF files and known models, "float32" for directories.
+    """
+    path = resolve(source, weights)
     tokenizer = load_tokenizer(path)  # first: a checkpoint without one fails before the weights
-    return Model(*_load_weights(path, dtype), tokenizer)
+    return Model(*_load_weights(path, weights), tokenizer)
 
 
 def load_weights(
-    source: str | os.PathLike, dtype: str = "float32"
+    source: str | os.PathLike, weights: str | None = None
 ) -> tuple[DecoderConfig, DecoderParams]:
     """(config, params) of a known model's name, a .gguf file or a transformers directory."""
-    return _load_weights(resolve(source, dtype), dtype)
+    return _load_weights(resolve(source, weights), weights)
 
 
-def _load_weights(path: Path, dtype: str) -> tuple[DecoderConfig, DecoderParams]:
+def _load_weights(path: Path, weights: str | None) -> tuple[DecoderConfig, DecoderParams]:
     if path.is_dir():
-        return load_checkpoint(path, dtype=dtype)
-    return load_gguf(path, dtype=dtype)
+        if weights != "quantized":
+            return load_checkpoint(path, dtype=weights or "float32")
+        config, params = load_checkpoint(path, dtype="float32")
+        return config, spec.quantize(params, config)
+    quantized = weights in (None, "quantized")
+    return load_gguf(path, dtype="float32" if quantized else weights, quantized=quantized)
 
 
 def load_config(path: Path) -> DecoderConfig:
@@ -50,9 +60,9 @@ def load_config(path: Path) -> DecoderConfig:
     return config_from_gguf(open_gguf(path), path)
 
 
-def resolve(source: str | os.PathLike, dtype: str) -> Path:
-    """The path of the model (a known name is fetched, once, first); the dtype checked before."""
-    check_dtype(dtype)
+def resolve(source: str | os.PathLike, weights: str | None = None) -> Path:
+    """The path of the model (a known name is fetched, once, first); `weights` checked before."""
+    check_weights(weights)
     if str(source) in pretrained.MODELS:
         return pretrained.fetch(pretrained.MODELS[str(source)])
     path = Path(source)

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from scanlab import sharding
+from scanlab.decoder import quant
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import Leaf
 from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
@@ -156,28 +157,79 @@ def param_count(config: DecoderConfig) -> int:
 
 
 def check_params(params: DecoderParams, config: DecoderConfig) -> None:
-    """Raises naming the first leaf that is missing, extra or not of the declared shape."""
+    """Raises naming the first leaf that is missing, extra or not of the declared shape, or
+    quantized where the declaration does not allow it (or with scales not one per block)."""
     if not isinstance(params, DecoderParams):
         raise ArgumentTypeError(f"params must be a DecoderParams, got {type(params).__name__}")
     expected = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=is_shape)[0]
-    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    leaves = dict(jax.tree_util.tree_flatten_with_path(declared(config), is_leaf=is_leaf)[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quantized)[0])
     for path, shape in expected:
         name = "params" + jax.tree_util.keystr(path)
         leaf = got.pop(path, None)
         if leaf is None:
             raise ArgumentError(f"{name} is missing: this config declares it with shape {shape}")
         leaf_shape = tuple(np.shape(leaf))
-        if leaf_shape == shape:
-            continue
-        if ".blocks" in name and leaf_shape[:1] != shape[:1]:
-            raise ArgumentError(
-                f"{name} has {leaf_shape[0] if leaf_shape else 'no'} layers on its leading axis, "
-                f"expected n_layers={config.n_layers}: shape {leaf_shape}, expected {shape}"
-            )
-        raise ArgumentError(f"{name} has shape {leaf_shape}, expected {shape}")
+        if leaf_shape != shape:
+            if ".blocks" in name and leaf_shape[:1] != shape[:1]:
+                raise ArgumentError(
+                    f"{name} has {leaf_shape[0] if leaf_shape else 'no'} layers on its leading "
+                    f"axis, expected n_layers={config.n_layers}: shape {leaf_shape}, expected "
+                    f"{shape}"
+                )
+            raise ArgumentError(f"{name} has shape {leaf_shape}, expected {shape}")
+        if quant.is_quantized(leaf):
+            _check_quantized(leaf, leaves[path], name, shape)
     if got:
         extra = "params" + jax.tree_util.keystr(next(iter(got)))
         raise ArgumentError(f"{extra} is not declared for this config (set to None), got an array")
+
+
+def _check_quantized(array, leaf: Leaf, name: str, shape: tuple[int, ...]) -> None:
+    if not leaf.quantizable:
+        raise ArgumentTypeError(
+            f"{name} is quantized, but only weight matrices may be; expected a dense array"
+        )
+    if isinstance(array, quant.VocabChunks):
+        quant.check_quant_array(array.chunks, name + ".chunks", tuple(array.chunks.shape))
+    else:
+        quant.check_quant_array(array, name, shape)
+
+
+def quantize(params: DecoderParams, config: DecoderConfig, block: int = 32) -> DecoderParams:
+    """Weight-only int8 quantization of every dense weight matrix, blocked along its input axis.
+
+    Each block of `block` inputs gets Q8_0's symmetric int8 values and float16 scale
+    (`quant.quantize_blocks`); the output head becomes `VocabChunks`. Norms and biases stay
+    dense; leaves already quantized are kept.
+    """
+    check_params(params, config)
+    size = sizes(config)
+    for letter, field in FIELD_OF_LETTER.items():  # every blocked width, before any work
+        blocked = any(
+            leaf.quantizable and leaf.input_letter == letter
+            for leaf in jax.tree.leaves(declared(config), is_leaf=is_leaf)
+        )
+        if blocked and size[letter] % block:
+            raise ArgumentError(
+                f"block size {block} does not divide the input width {field}={size[letter]} "
+                f"of the weights blocked along it"
+            )
+
+    def quantized(leaf: Leaf, array):
+        if array is None or not leaf.quantizable or quant.is_quantized(array):
+            return array
+        return quant.quantize_blocks(array, leaf.blocked_axis, block)
+
+    tree = jax.tree.map(
+        quantized, declared(config), params, is_leaf=lambda node: node is None or is_leaf(node)
+    )
+    return quant.vocab_chunks(tree)
+
+
+def param_bytes(params: DecoderParams) -> int:
+    """Bytes the parameters hold: dense leaves' and quantized leaves' integers, scales, mins."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
 
 
 def param_specs(config: DecoderConfig, mesh: Mesh) -> DecoderParams:
@@ -199,5 +251,27 @@ def param_specs(config: DecoderConfig, mesh: Mesh) -> DecoderParams:
 
 
 def shard_params(params: DecoderParams, config: DecoderConfig, mesh: Mesh) -> DecoderParams:
-    """Places DecoderParams on the mesh by `param_specs`."""
-    return jax.device_put(params, sharding.named(param_specs(config, mesh), mesh))
+    """Places DecoderParams on the mesh by `param_specs`.
+
+    A quantized leaf's values shard as its dense twin; its scales and mins too, except along the
+    blocked axis (fewer entries, not always divisible), which they replicate. A `VocabChunks`
+    head is replicated.
+    """
+    specs = param_specs(config, mesh)
+
+    def placed(spec: PartitionSpec, array):
+        if isinstance(array, quant.VocabChunks):
+            return jax.tree.map(lambda _: PartitionSpec(), array)
+        if isinstance(array, quant.QuantArray):
+            per_block = list(spec) + [None] * (array.ndim - len(spec))
+            per_block[array.axis] = None
+            per_block_spec = PartitionSpec(*per_block)
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: spec if path[0].name == "values" else per_block_spec, array
+            )
+        return spec
+
+    placements = jax.tree.map(
+        placed, specs, params, is_leaf=lambda node: node is None or isinstance(node, PartitionSpec)
+    )
+    return jax.device_put(params, sharding.named(placements, mesh))

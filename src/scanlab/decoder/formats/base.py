@@ -21,6 +21,7 @@ from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import Leaf
 from scanlab.decoder.params import DecoderParams, outside_layers
+from scanlab.decoder.quant import QuantArray, Weight
 from scanlab.errors import ScanlabError
 
 # A tensor as a reader hands it over: NumPy (read or dequantized from a file) or a JAX array.
@@ -78,9 +79,14 @@ def to_hf(leaf: Leaf, array: Tensor, config: DecoderConfig) -> Tensor:
     )
 
 
-def from_hf(leaf: Leaf, tensor: Tensor, config: DecoderConfig) -> Tensor:
-    """transformers' layout (leaf.hf_layout) -> scanlab's (leaf.shape)."""
+def from_hf(leaf: Leaf, tensor: Tensor, config: DecoderConfig, block: int = 1) -> Tensor:
+    """transformers' layout (leaf.hf_layout) -> scanlab's (leaf.shape).
+
+    With `block`, the tensor has one entry per block of `block` inputs (a quantized tensor's
+    scales): the input axis is `block` times shorter.
+    """
     size = spec.sizes(config)
+    size[leaf.input_letter] //= block
     hf_letters = [letter for group in _groups(leaf.hf_layout) for letter in group]
     expanded = tensor.reshape([size[letter] for letter in hf_letters])
     return expanded.transpose([hf_letters.index(letter) for letter in leaf.shape.split()])
@@ -96,27 +102,34 @@ def _set_layer(stacked: jax.Array, i: jax.Array, layer: jax.Array) -> jax.Array:
 
 
 def assemble(
-    config: DecoderConfig, read: Callable[[Leaf, int | None], Tensor], dtype
+    config: DecoderConfig,
+    read: Callable[[Leaf, int | None], Tensor],
+    dtype,
+    read_kept: Callable[[Leaf, bool], QuantArray | None] = lambda leaf, in_blocks: None,
 ) -> DecoderParams:
     """Stacked DecoderParams of `dtype` from a reader of one tensor at a time.
 
     `read(leaf, i)` returns layer i's tensor of a block leaf and `read(leaf, None)` an outside
     leaf's, in scanlab's layout (`leaf.shape`). Each stacked leaf is filled in place, one layer at
-    a time, so loading holds at most one extra layer's tensor.
+    a time, so loading holds at most one extra layer's tensor. `read_kept(leaf, in_blocks)` may
+    return a leaf whole, kept quantized (all its layers); None reads it as above.
     """
     declared = spec.declared(config)
 
-    def read_stacked(leaf: Leaf, shape: tuple[int, ...]) -> jax.Array:
+    def read_stacked(leaf: Leaf, shape: tuple[int, ...]) -> Weight:
+        kept = read_kept(leaf, True)
+        if kept is not None:
+            return kept
         stacked = jnp.zeros(shape, dtype)
         for i in range(config.n_layers):
             stacked = _set_layer(stacked, i, read(leaf, i))
         return stacked
 
-    outside = jax.tree.map(
-        lambda leaf: jnp.asarray(read(leaf, None)).astype(dtype),
-        outside_layers(declared),
-        is_leaf=spec.is_leaf,
-    )
+    def read_outside(leaf: Leaf) -> Weight:
+        kept = read_kept(leaf, False)
+        return kept if kept is not None else jnp.asarray(read(leaf, None)).astype(dtype)
+
+    outside = jax.tree.map(read_outside, outside_layers(declared), is_leaf=spec.is_leaf)
     blocks = jax.tree.map(
         read_stacked, declared.blocks, spec.param_shapes(config).blocks, is_leaf=spec.is_leaf
     )

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scanlab.decoder import spec
+from scanlab.decoder import quant, spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import FAMILIES, LM_HEAD, SLIDING, Family, Leaf
+from scanlab.decoder.formats import gguf_blocks
 from scanlab.decoder.formats.base import (
     CheckpointError,
     Tensor,
@@ -33,6 +34,7 @@ from scanlab.decoder.formats.base import (
     hf_shape,
 )
 from scanlab.decoder.params import DecoderParams, outside_layers
+from scanlab.decoder.quant import QuantArray
 from scanlab.errors import ArgumentTypeError, ScanlabError
 
 # general.architecture -> the family
@@ -153,12 +155,17 @@ def check_layer_pattern(pattern, config: DecoderConfig, path) -> None:
         )
 
 
-def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[DecoderConfig, DecoderParams]:
+def load_gguf(
+    path: str | os.PathLike, dtype=jnp.float32, *, quantized: bool = False
+) -> tuple[DecoderConfig, DecoderParams]:
     """Reads a GGUF file of a known family (Llama, Qwen2, Gemma 3) into stacked DecoderParams.
 
     Args:
       path: the .gguf file.
-      dtype: the parameters' dtype (quantized tensors are dequantized to float32 first).
+      dtype: the dense parameters' dtype (quantized tensors are dequantized to float32 first).
+      quantized: keep the weight matrices the file quantizes as `QuantArray`s, their blocks
+        unpacked losslessly (`gguf_blocks`; dequantized, they equal the dense load exactly), the
+        output head as `VocabChunks`; norms, biases and float tensors load dense in `dtype`.
 
     Every declared tensor's presence is checked before any is dequantized.
     """
@@ -174,14 +181,67 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[DecoderConfig
         )
 
     def read(leaf: Leaf, layer: int | None) -> Tensor:
-        name = leaf.gguf_name if layer is None else f"blk.{layer}.{leaf.gguf_name}"
+        name = _name(leaf, layer)
         tensor = _dequantized(tensors, name, hf_shape(leaf, config), path)
         array = from_hf(leaf, tensor, config)
         if leaf.gguf_interleaved:
             array = _halves_from_pairs(array, leaf.shape.split().index("Dh"))
         return array - leaf.gguf_offset if leaf.gguf_offset else array
 
-    return config, assemble(config, read, dtype)
+    def read_kept(leaf: Leaf, in_blocks: bool) -> QuantArray | None:
+        layers = range(config.n_layers) if in_blocks else [None]
+        kept = [tensors[_name(leaf, layer)] for layer in layers]
+        if not (quantized and leaf.quantizable and _keepable(leaf, kept, config)):
+            return None
+        parts = [_unpacked(tensor, leaf, config, path) for tensor in kept]
+        array = _quant_array(leaf, gguf_blocks.common_layout(parts), config)
+        return array if in_blocks else jax.tree.map(lambda part: part[0], array)
+
+    params = assemble(config, read, dtype, read_kept)
+    return config, quant.vocab_chunks(params) if quantized else params
+
+
+def _name(leaf: Leaf, layer: int | None) -> str:
+    return leaf.gguf_name if layer is None else f"blk.{layer}.{leaf.gguf_name}"
+
+
+def _keepable(leaf: Leaf, tensors: list, config: DecoderConfig) -> bool:
+    """Every layer's tensor in a kept block format, the blocks within the input letter."""
+    if any(tensor.tensor_type not in gguf_blocks.KEPT for tensor in tensors):
+        return False
+    block = min(gguf_blocks.block_size(tensor.tensor_type) for tensor in tensors)
+    return spec.sizes(config)[leaf.input_letter] % block == 0
+
+
+def _unpacked(tensor, leaf: Leaf, config: DecoderConfig, path) -> gguf_blocks.Blocks:
+    """The tensor's blocks, their shape checked and their scales and mins finite."""
+    blocks = gguf_blocks.unpack(tensor.data, tensor.tensor_type)
+    what = f"{path}: tensor {tensor.name}"
+    checked_tensor(blocks.values, hf_shape(leaf, config), what, "the metadata")
+    for per_block in (blocks.scales, blocks.mins):
+        if per_block is not None:
+            checked_tensor(per_block, per_block.shape, f"{what}'s scales or mins", "")
+    return blocks
+
+
+def _quant_array(leaf: Leaf, parts: list[gguf_blocks.Blocks], config: DecoderConfig) -> QuantArray:
+    """Layers' Blocks in transformers' layout -> one QuantArray (L, ...) in scanlab's."""
+    block = parts[0].block
+    letters = leaf.shape.split()
+
+    def stacked(per_layer: list[np.ndarray], block_of: int) -> jax.Array:
+        arrays = [from_hf(leaf, array, config, block_of) for array in per_layer]
+        if leaf.gguf_interleaved:
+            arrays = [_halves_from_pairs(array, letters.index("Dh")) for array in arrays]
+        return jnp.stack([jnp.asarray(array) for array in arrays])
+
+    mins = [part.mins for part in parts if part.mins is not None]  # all or none
+    return QuantArray(
+        stacked([part.values for part in parts], 1),
+        stacked([part.scales for part in parts], block),
+        stacked(mins, block) if mins else None,
+        axis=leaf.blocked_axis,
+    )
 
 
 def tensor_names(config: DecoderConfig) -> list[str]:

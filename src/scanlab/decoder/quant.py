@@ -1,0 +1,294 @@
+"""Weights kept quantized in memory, and the one seam every weight use goes through.
+
+A `QuantArray` is a weight matrix as integers in blocks: int8 values of the dense array's shape,
+one scale per block of `block` consecutive values along one axis (the matrix's input axis, as in
+GGUF files) and, for asymmetric formats, one min per block: `dense = values * scale + min`. It
+is a pytree: stacked over the layer axis it scans like a dense leaf, and `jax.lax.scan` hands the
+body one layer's QuantArray.
+
+`project` (projections), `embed_rows` (the embedding gather) and `head_logits` (the output head)
+accept a dense array or a quantized one. Quantized weights are dequantized right before their
+dot, inside the layer scan: XLA:CPU fuses the slice of the stacked integers and the convert into
+one pass that writes the layer's f32 matrix, small enough to stay in cache, so a decoding step
+reads a quarter of the bytes of f32 weights. Two layouts make that fusion fast on a CPU: blocks
+along the input axis with the output axes last (a dot whose dequantized operand is transposed
+is several times slower), and, for the vocabulary-sized head, `VocabChunks`: the head as C
+column chunks scanned one at a time, so no V x D f32 temporary is written (the benchmark report,
+W7, has the figures). Nothing here assumes a CPU: on a GPU the same dequantize-then-dot is the
+form XLA fuses into the dot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scanlab.decoder.params import DecoderParams
+from scanlab.errors import ArgumentError, ArgumentTypeError
+
+# The activations' dtype of quantized weights: XLA:CPU converts bf16 slowly.
+COMPUTE_DTYPE = jnp.float32
+
+# Columns per chunk of a quantized output head: wide enough that the scan's per-chunk cost is
+# small, narrow enough that the chunk's f32 temporary stays in cache.
+HEAD_CHUNK_COLUMNS = 4096
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantArray:
+    """int8 values in blocks along one axis, with a scale (and optionally a min) per block.
+
+    Attributes:
+      values: int8, the dense array's shape (..., N, ...).
+      scales: float16 or float32, values' shape with N divided by the block size.
+      mins: like scales, or None for symmetric formats (dense = values * scale).
+      axis: the blocked axis, counted from the end (stacking adds leading axes).
+    """
+
+    values: jax.Array
+    scales: jax.Array
+    mins: jax.Array | None
+    axis: int = dataclasses.field(metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.values))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        """The dtype it dequantizes to (what the activations run in)."""
+        return jnp.dtype(COMPUTE_DTYPE)
+
+    @property
+    def block(self) -> int:
+        return self.shape[self.axis] // np.shape(self.scales)[self.axis]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(self))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VocabChunks:
+    """A quantized vocabulary matrix (embedding or head) laid out for the logits' dot.
+
+    `chunks` holds C chunks of W columns, (C, D, W) blocked along D, C * W >= V (the last chunk
+    padded with zeros); `head_logits` scans them, `embed_rows` gathers a token's column.
+
+    Attributes:
+      chunks: a QuantArray, values (C, D, W).
+      vocab_size: V.
+      vocab_first: the logical shape is (V, D) (an embedding) rather than (D, V) (a head).
+    """
+
+    chunks: QuantArray
+    vocab_size: int = dataclasses.field(metadata={"static": True})
+    vocab_first: bool = dataclasses.field(metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        d_model = self.chunks.shape[-2]
+        return (self.vocab_size, d_model) if self.vocab_first else (d_model, self.vocab_size)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self):
+        return self.chunks.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.chunks.nbytes
+
+
+Weight = jax.Array | QuantArray | VocabChunks
+
+
+def is_quantized(node) -> bool:
+    return isinstance(node, QuantArray | VocabChunks)
+
+
+def dequantize(array: QuantArray, dtype=COMPUTE_DTYPE) -> jax.Array:
+    """The dense array: values * scale (+ min), each block's scale and min broadcast over it.
+
+    The products are the file's own arithmetic (an f32 multiply, then an add), so dequantizing a
+    GGUF tensor kept here gives exactly what `gguf.quants.dequantize` gives.
+    """
+    shape, block = array.shape, array.block
+    at = len(shape) + array.axis
+    split = (*shape[:at], shape[at] // block, block, *shape[at + 1 :])
+    values = array.values.reshape(split).astype(jnp.float32)
+    dense = values * _per_value(array.scales, at)
+    if array.mins is not None:
+        dense = dense + _per_value(array.mins, at)
+    return dense.reshape(shape).astype(dtype)
+
+
+def _per_value(per_block: jax.Array, at: int) -> jax.Array:
+    """Scales (..., N / block, ...) -> f32 (..., N / block, 1, ...), against the split values."""
+    return jnp.expand_dims(per_block, at + 1).astype(jnp.float32)
+
+
+def as_dense(weight: Weight, dtype=None) -> jax.Array:
+    """The weight as a dense array (a quantized one dequantized; VocabChunks in its logical
+    layout)."""
+    if isinstance(weight, VocabChunks):
+        chunks = dequantize(weight.chunks, dtype or COMPUTE_DTYPE)  # (C, D, W)
+        head_DxV = jnp.moveaxis(chunks, 0, 1).reshape(chunks.shape[1], -1)[:, : weight.vocab_size]
+        return head_DxV.T if weight.vocab_first else head_DxV
+    if isinstance(weight, QuantArray):
+        return dequantize(weight, dtype or COMPUTE_DTYPE)
+    return weight if dtype is None else weight.astype(dtype)
+
+
+def project(equation: str, x: jax.Array, weight: Weight) -> jax.Array:
+    """`jnp.einsum(equation, x, weight)`, a quantized weight dequantized into the dot."""
+    if isinstance(weight, QuantArray):
+        return jnp.einsum(equation, x, dequantize(weight, x.dtype))
+    return jnp.einsum(equation, x, weight)
+
+
+def embed_rows(embedding: Weight, tokens: jax.Array) -> jax.Array:
+    """The embedding's rows for token ids (...,) -> (..., D)."""
+    if isinstance(embedding, VocabChunks):
+        chunks = embedding.chunks
+        width = chunks.shape[-1]
+        chunk, column = tokens // width, tokens % width
+        taken = QuantArray(
+            chunks.values[chunk, :, column],
+            chunks.scales[chunk, :, column],
+            None if chunks.mins is None else chunks.mins[chunk, :, column],
+            axis=-1,
+        )
+        return dequantize(taken)
+    if isinstance(embedding, QuantArray):
+        rows = jax.tree.map(lambda leaf: leaf[tokens], embedding)
+        return dequantize(rows)
+    return embedding[tokens]
+
+
+def tied_head(embedding: Weight) -> Weight:
+    """The (D, V) output head of a tied (V, D) embedding."""
+    if isinstance(embedding, VocabChunks):
+        return embedding  # the same chunks serve both
+    return as_dense(embedding).T
+
+
+def head_logits(x_BxSxD: jax.Array, head: Weight) -> jax.Array:
+    """x @ head (D, V), accumulated in f32: (B, S, D) -> (B, S, V).
+
+    A `VocabChunks` head is dequantized one column chunk per scan step.
+    """
+    if not isinstance(head, VocabChunks):
+        return jnp.matmul(x_BxSxD, as_dense(head), preferred_element_type=jnp.float32)
+
+    def chunk_logits(_, chunk: QuantArray):
+        return None, jnp.matmul(x_BxSxD, dequantize(chunk, x_BxSxD.dtype))
+
+    _, logits_CxBxSxW = jax.lax.scan(chunk_logits, None, head.chunks)
+    logits_BxSxV = jnp.moveaxis(logits_CxBxSxW, 0, -2).reshape(*x_BxSxD.shape[:-1], -1)
+    return logits_BxSxV[..., : head.vocab_size].astype(jnp.float32)
+
+
+def quantize_blocks(dense, axis: int, block: int = 32) -> QuantArray:
+    """Symmetric int8 blocks of `block` along `axis` (negative), float16 scales: GGUF's Q8_0.
+
+    Each block's scale is its largest magnitude / 127, rounded to float16 as Q8_0 stores it; the
+    values are the nearest integers of dense / scale.
+    """
+    dense = np.asarray(dense, np.float32)
+    check_block(dense.shape, axis, block, "dense")
+    size = dense.shape[axis]
+    last = np.moveaxis(dense, axis, -1)
+    moved = last.reshape(*last.shape[:-1], -1, block)
+    scales = (np.abs(moved).max(axis=-1) / 127).astype(np.float16)
+    divisor = scales.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.where(divisor > 0, np.rint(moved / divisor), 0).clip(-127, 127)
+    values = values.reshape(*moved.shape[:-2], size).astype(np.int8)
+    return QuantArray(
+        jnp.asarray(np.moveaxis(values, -1, axis)),
+        jnp.asarray(np.moveaxis(scales, -1, axis)),
+        None,
+        axis=axis,
+    )
+
+
+def to_vocab_chunks(head: QuantArray, vocab_first: bool) -> VocabChunks:
+    """A quantized (V, D) embedding or (D, V) head, blocked along D, as `VocabChunks`."""
+    head_DxV = jax.tree.map(lambda leaf: leaf.T, head) if vocab_first else head
+    vocab = head_DxV.shape[1]
+    count = math.ceil(vocab / HEAD_CHUNK_COLUMNS)
+    width = math.ceil(vocab / count)
+
+    def chunked(leaf):  # (X, V) -> (C, X, W), zero-padded
+        padded = jnp.pad(jnp.asarray(leaf), ((0, 0), (0, count * width - vocab)))
+        return jnp.moveaxis(padded.reshape(leaf.shape[0], count, width), 1, 0)
+
+    chunks = QuantArray(
+        chunked(head_DxV.values),
+        chunked(head_DxV.scales),
+        None if head_DxV.mins is None else chunked(head_DxV.mins),
+        axis=-2,
+    )
+    return VocabChunks(chunks, vocab_size=vocab, vocab_first=vocab_first)
+
+
+def vocab_chunks(params: DecoderParams) -> DecoderParams:
+    """The params with a quantized output head (lm_head, or the tied embedding) as VocabChunks."""
+    if isinstance(params.lm_head, QuantArray):
+        return params._replace(lm_head=to_vocab_chunks(params.lm_head, vocab_first=False))
+    if params.lm_head is None and isinstance(params.embed, QuantArray):
+        return params._replace(embed=to_vocab_chunks(params.embed, vocab_first=True))
+    return params
+
+
+def check_block(shape: tuple[int, ...], axis: int, block: int, name: str) -> None:
+    """The block size must be positive and divide the blocked axis."""
+    if not isinstance(block, int) or block < 1:
+        raise ArgumentError(f"block must be a positive int, got {block!r}")
+    if not -len(shape) <= axis < 0:
+        raise ArgumentError(f"{name}: the blocked axis {axis} is not an axis of shape {shape}")
+    if shape[axis] % block:
+        raise ArgumentError(
+            f"{name}: block size {block} does not divide the input width {shape[axis]} "
+            f"(axis {axis} of shape {shape})"
+        )
+
+
+def check_quant_array(array, name: str, shape: tuple[int, ...]) -> None:
+    """A QuantArray of the dense shape, its scales (and mins) one per block, int8 values."""
+    if not isinstance(array, QuantArray):
+        raise ArgumentTypeError(f"{name} must be a QuantArray, got {type(array).__name__}")
+    if array.shape != shape:
+        raise ArgumentError(f"{name} has shape {array.shape}, expected {shape}")
+    if array.values.dtype != jnp.int8:
+        raise ArgumentTypeError(f"{name}.values must be int8, got {array.values.dtype}")
+    scale_shape = tuple(array.scales.shape)
+    ok = len(scale_shape) == len(shape) and scale_shape[array.axis] > 0
+    if ok:
+        block = shape[array.axis] // scale_shape[array.axis]
+        expected = list(shape)
+        expected[array.axis] = shape[array.axis] // max(block, 1)
+        ok = block * scale_shape[array.axis] == shape[array.axis] and tuple(expected) == scale_shape
+    if not ok:
+        raise ArgumentError(
+            f"{name}.scales has shape {scale_shape}: expected one per block along axis "
+            f"{array.axis} of the values' shape {shape}"
+        )
+    if array.mins is not None and tuple(array.mins.shape) != scale_shape:
+        raise ArgumentError(
+            f"{name}.mins has shape {tuple(array.mins.shape)}, expected the scales' {scale_shape}"
+        )
