@@ -20,9 +20,9 @@ from scanlab.decoder import (
     param_bytes,
     param_count,
     preset,
+    quant,
     quantize,
 )
-from scanlab.decoder import quant
 from scanlab.decoder.config import check_weights
 from scanlab.errors import ArgumentError, ArgumentTypeError
 

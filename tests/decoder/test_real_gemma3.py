@@ -144,3 +144,21 @@ def test_decoder_generate_continues_a_prompt(cli):
     )
     assert status == 0, err
     assert " ".join(out.split()).startswith("The capital of France is the capital of the country")
+
+
+def test_kept_blocks_decode_the_f32_tokens(scanlab_model, gemma3_path):
+    """Q8_0/Q5_0 and Q4_K/Q6_K layers brought to one layout per leaf, kept as int8: dequantized
+    they are the f32 weights, bit for bit, and greedy decoding past the window gives the f32
+    path's tokens."""
+    import jax
+
+    from scanlab.decoder import quant
+
+    config, params, tokenizer = scanlab_model
+    _, kept = load_gguf(gemma3_path, quantized=True)
+    dense = jax.tree.map(quant.as_dense, kept, is_leaf=quant.is_quantized)
+    jax.tree.map(np.testing.assert_array_equal, dense, params)
+    for kind in ("plain", "crosses-512"):
+        prompt = np.array([prompt_ids(tokenizer, kind)])
+        expected = generate(params, prompt, config, NEW_TOKENS).tokens
+        np.testing.assert_array_equal(generate(kept, prompt, config, NEW_TOKENS).tokens, expected)

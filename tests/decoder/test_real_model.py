@@ -233,3 +233,21 @@ def test_limits_from_the_model_s_config_are_checked_before_its_weights_load(
     model_flag = "--model" if command == "chat" else "--checkpoint"
     status, err, _ = cli([*command.split(), model_flag, str(smollm2_path), *flags])
     assert (status, err.strip()) == (2, f"error: {message}")
+
+
+def test_kept_blocks_decode_the_f32_tokens(scanlab_model, smollm2_path):
+    """The file's Q4_1/Q8_0 blocks kept as int8 (the default of load_model): dequantized they
+    are the f32 weights, bit for bit, and greedy decoding gives the f32 path's tokens (which
+    equal transformers', above)."""
+    import jax
+
+    from scanlab.decoder import quant
+
+    config, params, tokenizer = scanlab_model
+    _, kept = load_gguf(smollm2_path, quantized=True)
+    dense = jax.tree.map(quant.as_dense, kept, is_leaf=quant.is_quantized)
+    jax.tree.map(np.testing.assert_array_equal, dense, params)
+    for kind, ids in prompts(tokenizer).items():
+        prompt = np.array([ids])
+        expected = generate(params, prompt, config, NEW_TOKENS).tokens
+        np.testing.assert_array_equal(generate(kept, prompt, config, NEW_TOKENS).tokens, expected)
