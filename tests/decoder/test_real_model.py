@@ -247,7 +247,7 @@ def test_kept_blocks_decode_the_f32_tokens(scanlab_model, smollm2_path):
     _, kept = load_gguf(smollm2_path, quantized=True)
     dense = jax.tree.map(quant.as_dense, kept, is_leaf=quant.is_quantized)
     jax.tree.map(np.testing.assert_array_equal, dense, params)
-    for kind, ids in prompts(tokenizer).items():
+    for ids in prompts(tokenizer).values():
         prompt = np.array([ids])
         expected = generate(params, prompt, config, NEW_TOKENS).tokens
         np.testing.assert_array_equal(generate(kept, prompt, config, NEW_TOKENS).tokens, expected)

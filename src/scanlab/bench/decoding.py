@@ -20,7 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab.bench import env
-from scanlab.decoder import chat, forward, generate, load, stream
+from scanlab.decoder import (
+    chat,
+    forward,
+    generate,
+    load,
+    param_bytes,
+    param_count,
+    quantize,
+    stream,
+)
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.formats import pretrained
 from scanlab.timing import interleaved, seconds
@@ -42,6 +51,7 @@ SCANLAB_F32 = "scanlab f32 (while_loop)"
 SCANLAB_CHUNKED = f"scanlab f32 (scans of {STREAM_CHUNK})"
 SCANLAB_STREAMED = "scanlab f32 (streamed per token)"
 SCANLAB_BF16 = "scanlab bf16 (while_loop)"
+SCANLAB_KEPT = "scanlab GGUF blocks kept as int8 (while_loop)"
 TRANSFORMERS = "transformers f32"
 LLAMA_CPP = "llama.cpp (Q4_1 file)"
 
@@ -66,12 +76,16 @@ def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
     return 2 * n_bytes / statistics.median(times)
 
 
-def bytes_per_step(config: DecoderConfig, dtype_bytes: int, batch: int, context: int) -> int:
-    """Weights read once per decoding step, plus each row's KV cache up to `context` slots."""
-    from scanlab.decoder.spec import param_count
+# The bounds' weight forms: the bytes per cache entry and, for dense forms, per weight.
+KV_BYTES = {"f32": 4, "bf16": 2, "kept": 4}
 
+
+def bytes_per_step(
+    config: DecoderConfig, weight_bytes: int, kv_bytes: int, batch: int, context: int
+) -> int:
+    """Weights read once per decoding step, plus each row's KV cache up to `context` slots."""
     kv = 2 * config.n_layers * batch * context * config.n_kv_heads * config.head_dim
-    return (param_count(config) + kv) * dtype_bytes
+    return weight_bytes + kv * kv_bytes
 
 
 def prompts(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +97,13 @@ def prompts(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
     return chat.left_padded(ids[:batch], tokenizer.pad_id)
 
 
-def scanlab_contenders(model, model_bf16, tokens, mask, new_tokens) -> dict[str, Callable]:
-    config, params, _ = model
+def scanlab_contenders(models: dict, tokens, mask, new_tokens) -> dict[str, Callable]:
+    """scanlab's contenders on the f32, bf16 and kept-blocks models (`load_models`)."""
+    config, params, _ = models["float32"]
+
+    def whole(weights: str):
+        params = models[weights].params
+        return lambda: generate(params, tokens, config, new_tokens, attn_mask=mask).tokens
 
     def collect(chunk: int):
         return lambda: np.concatenate(
@@ -92,12 +111,11 @@ def scanlab_contenders(model, model_bf16, tokens, mask, new_tokens) -> dict[str,
         )
 
     return {
-        SCANLAB_F32: lambda: generate(params, tokens, config, new_tokens, attn_mask=mask).tokens,
+        SCANLAB_F32: whole("float32"),
         SCANLAB_CHUNKED: collect(STREAM_CHUNK),
         SCANLAB_STREAMED: collect(1),
-        SCANLAB_BF16: lambda: (
-            generate(model_bf16.params, tokens, config, new_tokens, attn_mask=mask).tokens
-        ),
+        SCANLAB_BF16: whole("bfloat16"),
+        SCANLAB_KEPT: whole("quantized"),
     }
 
 
@@ -178,10 +196,13 @@ def timed_contenders(
 
 
 def bandwidth_bound(
-    config: DecoderConfig, dtype: str, batch: int, context: int, bandwidth: float
+    config: DecoderConfig, dtype: str, batch: int, context: int, bandwidth: float, weight_bytes=None
 ) -> dict[str, Any]:
-    """The bound's row: batch × bandwidth ÷ the bytes a step reads in `dtype` ("f32", "bf16")."""
-    step_bytes = bytes_per_step(config, {"f32": 4, "bf16": 2}[dtype], batch, context)
+    """The bound's row: batch × bandwidth ÷ the bytes a step reads with `dtype`'s weights ("f32",
+    "bf16", or "kept" with the kept tree's `weight_bytes`)."""
+    if weight_bytes is None:
+        weight_bytes = param_count(config) * KV_BYTES[dtype]
+    step_bytes = bytes_per_step(config, weight_bytes, KV_BYTES[dtype], batch, context)
     return dict(
         batch=batch,
         dtype=dtype,
@@ -190,17 +211,33 @@ def bandwidth_bound(
     )
 
 
+def load_models(
+    path, forms=("quantized", "float32", "bfloat16")
+) -> tuple[dict[str, load.Model], dict[str, Any]]:
+    """The file loaded in each weight form, and the memory record: the file's bytes, each form's
+    resident bytes and load time (the file's metadata already read once)."""
+    load.load_config(path)
+    models, resident, load_s = {}, {}, {}
+    for weights in forms:
+        start = time.perf_counter()
+        models[weights] = load.load_model(path, weights)
+        load_s[weights] = time.perf_counter() - start
+        resident[weights] = param_bytes(models[weights].params)
+    return models, dict(file_bytes=path.stat().st_size, resident_bytes=resident, load_s=load_s)
+
+
 def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str, Any]:
-    """W7's figures: tokens/s per contender and batch, the bandwidth bound, bf16's accuracy."""
+    """W7's figures: tokens/s per contender and batch, the bandwidth bounds, memory, the
+    accuracy of bf16 and of int8 blocks quantized from f32."""
     path = pretrained.fetch(pretrained.SMOLLM2)
-    model = load.load_model(path)
-    model_bf16 = load.load_model(path, weights="bfloat16")
-    config, tokenizer = model.config, model.tokenizer
+    models, memory = load_models(path)
+    config, tokenizer = models["float32"].config, models["float32"].tokenizer
     bandwidth = copy_bandwidth()
     results = run_record(pretrained.SMOLLM2.name, new_tokens, bandwidth)
+    results["memory"] = memory
     for batch in batches:
         tokens, mask = prompts(tokenizer, batch)
-        fns = scanlab_contenders(model, model_bf16, tokens, mask, new_tokens)
+        fns = scanlab_contenders(models, tokens, mask, new_tokens)
         for name, fn in (
             (TRANSFORMERS, transformers_contender(path, tokens, mask, new_tokens)),
             (
@@ -214,21 +251,28 @@ def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str,
         context = tokens.shape[1] + new_tokens // 2  # the average cache length read per step
         for dtype in ("f32", "bf16"):
             results["bounds"].append(bandwidth_bound(config, dtype, batch, context, bandwidth))
-    results["bf16"] = bf16_accuracy(model, model_bf16, new_tokens)
+        kept_bytes = memory["resident_bytes"]["quantized"]
+        results["bounds"].append(
+            bandwidth_bound(config, "kept", batch, context, bandwidth, kept_bytes)
+        )
+    f32 = models["float32"]
+    results["bf16"] = accuracy(f32, models["bfloat16"].params, new_tokens)
+    results["q8"] = accuracy(f32, quantize(f32.params, config), new_tokens)
     return results
 
 
-def bf16_accuracy(model, model_bf16, new_tokens: int) -> dict[str, float]:
-    """Max |logit difference| bf16 vs f32 on a chat prompt, and greedy tokens in agreement."""
+def accuracy(model, other_params, new_tokens: int) -> dict[str, float]:
+    """Max |logit difference| of other weights vs the f32 model's on a chat prompt, and greedy
+    tokens in agreement."""
     config, params, tokenizer = model
     tokens, _ = prompts(tokenizer, 1)
     f32 = forward(params, tokens, config)
-    bf16 = forward(model_bf16.params, tokens, config)
+    other = forward(other_params, tokens, config)
     greedy = generate(params, tokens, config, new_tokens).tokens
-    greedy_bf16 = generate(model_bf16.params, tokens, config, new_tokens).tokens
-    same = np.asarray(greedy == greedy_bf16)[0, tokens.shape[1] :]
+    greedy_other = generate(other_params, tokens, config, new_tokens).tokens
+    same = np.asarray(greedy == greedy_other)[0, tokens.shape[1] :]
     return dict(
-        max_logit_diff=float(jnp.max(jnp.abs(f32 - bf16))),
+        max_logit_diff=float(jnp.max(jnp.abs(f32 - other))),
         max_logit=float(jnp.max(jnp.abs(f32))),
         tokens_agreeing_before_first_difference=int(np.argmin(same))
         if not same.all()

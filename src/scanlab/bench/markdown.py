@@ -238,7 +238,7 @@ def _decoding(results: dict) -> str:
     for c in decoding["contenders"]:
         theirs = contender(decoding, w7.TRANSFORMERS, c["batch"])
         versus = f"{c['tokens_per_s'] / theirs['tokens_per_s']:.2f}×" if theirs else "—"
-        dtype = "bf16" if "bf16" in c["name"] else "f32"
+        dtype = weight_form(c["name"])
         bounded = c["name"].startswith("scanlab") or c["name"] == w7.TRANSFORMERS
         of_bound = (
             f"{c['tokens_per_s'] / bound(decoding, dtype, c['batch']):.0%} ({dtype})"
@@ -264,7 +264,7 @@ def _decoding(results: dict) -> str:
         "s per run",
         "first call s",
         "vs transformers",
-        "of the f32 / bf16 bound",
+        "of its bound (weights)",
     )
     lines = [
         f"## W7 — decoding {decoding['model']}, {n} new tokens per row, greedy",
@@ -285,15 +285,46 @@ def _decoding(results: dict) -> str:
             f"token at batch 1 (per-token compiled scans vs one while_loop).",
         ]
     lines += _not_installed(decoding)
-    bf16 = decoding["bf16"]
-    lines += [
-        "",
-        f"bf16 against f32 on a chat prompt: max |logit difference| {bf16['max_logit_diff']:.2f} "
-        f"(logits up to {bf16['max_logit']:.1f}); {bf16['tokens_agreeing']} of "
-        f"{bf16['new_tokens']} greedy tokens agree, the first "
-        f"{bf16['tokens_agreeing_before_first_difference']} in a row.",
-    ]
+    if "memory" in decoding:  # runs before weights were kept quantized have none
+        lines += ["", *_memory(decoding["memory"])]
+    for key, what in (
+        ("bf16", "bf16"),
+        ("q8", "int8 blocks of 32 quantized from the f32 weights (`decoder.quantize`)"),
+    ):
+        figures = decoding.get(key)
+        if figures is None:
+            continue
+        lines += [
+            "",
+            f"{what} against f32 on a chat prompt: max |logit difference| "
+            f"{figures['max_logit_diff']:.2f} (logits up to {figures['max_logit']:.1f}); "
+            f"{figures['tokens_agreeing']} of {figures['new_tokens']} greedy tokens agree, the "
+            f"first {figures['tokens_agreeing_before_first_difference']} in a row.",
+        ]
     return "\n".join(lines)
+
+
+def weight_form(contender_name: str) -> str:
+    """The bound a scanlab contender is held to: "kept" (GGUF blocks), "bf16" or "f32"."""
+    if "kept" in contender_name:
+        return "kept"
+    return "bf16" if "bf16" in contender_name else "f32"
+
+
+def _memory(memory: dict) -> list[str]:
+    """Each weight form's resident bytes against the file's, and its load time."""
+    file_bytes = memory["file_bytes"]
+    rows = [
+        (
+            weights,
+            f"{resident / 1e6:.0f}",
+            f"{resident / file_bytes:.2f}×",
+            f"{memory['load_s'][weights]:.1f}",
+        )
+        for weights, resident in memory["resident_bytes"].items()
+    ]
+    header = ("weights", "resident MB", "vs the file", "load s")
+    return [f"The file: {file_bytes / 1e6:.0f} MB.", "", *table(header, rows)]
 
 
 def _bound_rows(decoding: dict) -> list[tuple[object, ...]]:
@@ -334,7 +365,8 @@ def _gemma3(results: dict) -> str:
                 f"{c['median_s']:.2f}",
                 f"{c['first_s']:.2f}",
                 f"{c['tokens_per_s'] / theirs['tokens_per_s']:.2f}×" if theirs else "—",
-                f"{c['tokens_per_s'] / bound(gemma3, 'f32', c['batch']):.0%}"
+                f"{c['tokens_per_s'] / bound(gemma3, weight_form(c['name']), c['batch']):.0%} "
+                f"({weight_form(c['name'])})"
                 if c["name"] != w13.LLAMA_CPP
                 else "—",
             )
@@ -347,7 +379,7 @@ def _gemma3(results: dict) -> str:
         "s per run",
         "first call s",
         "vs transformers",
-        "of the f32 bound",
+        "of its bound (weights)",
     )
     context_rows = []
     for ring in (p for p in gemma3["contexts"] if p["ring"]):
@@ -394,6 +426,8 @@ def _gemma3(results: dict) -> str:
         f"layers {compile_s['scan']:.1f} s, a Python loop over the 18 layers "
         f"{compile_s['loop']:.1f} s ({compile_s['scan'] / compile_s['loop']:.2f}×).",
     ]
+    if "memory" in gemma3:
+        lines += ["", *_memory(gemma3["memory"])]
     lines += _not_installed(gemma3)
     return "\n".join(lines)
 

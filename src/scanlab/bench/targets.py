@@ -14,6 +14,8 @@ W3_MAX_COMPILE_RATIO, W3_MAX_RUN_RATIO = 0.1, 1.1
 W4_MIN_SPEEDUP = 1.5
 W8_MAX_MASKED_RATIO = 1.2
 W7_MIN_VS_TRANSFORMERS, W7_MIN_BF16_BOUND_FRACTION, W7_MAX_COMPILE_S = 3.0, 0.6, 10.0
+# Weights kept quantized: twice f32's tokens/s at batch 1, resident within 1.3× the file's size.
+W7_MIN_KEPT_VS_F32, W7_MAX_KEPT_VS_FILE = 2.0, 1.3
 # Gemma 3's 3 full layers of 18 keep a sixth of the full-length bytes: the rings add little.
 W13_MAX_CACHE_FRACTION, W13_MIN_LONG_CONTEXT_SPEEDUP, W13_MAX_COMPILE_RATIO = 1.1 / 6, 2.0, 0.25
 
@@ -143,6 +145,26 @@ def _decoding(decoding: dict | None) -> list[Target]:
                     fraction >= W7_MIN_BF16_BOUND_FRACTION,
                 )
             )
+    kept, f32 = contender(decoding, w7.SCANLAB_KEPT, 1), contender(decoding, w7.SCANLAB_F32, 1)
+    if kept is not None and f32 is not None:
+        speedup = kept["tokens_per_s"] / f32["tokens_per_s"]
+        rows.append(
+            Target(
+                f"W7 decoding from kept blocks ≥ {W7_MIN_KEPT_VS_F32:.0f}× f32's tokens/s, batch 1",
+                f"{speedup:.2f}× ({kept['tokens_per_s']:.1f} tok/s)",
+                speedup >= W7_MIN_KEPT_VS_F32,
+            )
+        )
+    if "memory" in decoding:
+        memory = decoding["memory"]
+        ratio = memory["resident_bytes"]["quantized"] / memory["file_bytes"]
+        rows.append(
+            Target(
+                f"W7 kept blocks resident ≤ {W7_MAX_KEPT_VS_FILE}× the file's bytes",
+                f"{ratio:.2f}×",
+                ratio <= W7_MAX_KEPT_VS_FILE,
+            )
+        )
     first = contender(decoding, w7.SCANLAB_F32, 1)
     if first is not None:
         compile_s = first["first_s"] - first["median_s"]
