@@ -61,8 +61,9 @@ def test_every_remat_policy_gives_the_same_gradients(params, tokens, remat):
     key = jax.random.PRNGKey(5)
     plain = jax.jit(jax.grad(lambda p: loss(forward, p, tokens, key)))(params)
     policy = jax.jit(jax.grad(lambda p: loss(forward, p, tokens, key, remat=remat)))(params)
-    # Recomputation replays the same float32 ops; XLA may fuse them differently.
-    chex.assert_trees_all_close(plain, policy, rtol=1e-5, atol=1e-7)
+    # Recomputation replays the same float32 ops; XLA may fuse them differently: entries near
+    # zero differ by f32 rounding of sums of terms up to ~0.1 (1.2e-7 seen), so atol is 1e-6.
+    chex.assert_trees_all_close(plain, policy, rtol=1e-5, atol=1e-6)
 
 
 def test_the_loop_twin_takes_the_per_layer_policies_and_refuses_sqrt(params, tokens):

@@ -21,6 +21,7 @@ form XLA fuses into the dot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -154,10 +155,28 @@ def as_dense(weight: Weight, dtype=None) -> jax.Array:
 
 
 def project(equation: str, x: jax.Array, weight: Weight) -> jax.Array:
-    """`jnp.einsum(equation, x, weight)`, a quantized weight dequantized into the dot."""
+    """`jnp.einsum(equation, x, weight)`, a quantized weight dequantized into the dot.
+
+    The equation's output must be x's kept axes, then the weight's. The contraction runs over
+    the weight's axes in their stored order: `jnp.einsum` may list them in another, and XLA then
+    copies the weight transposed before its dot, every layer of every step.
+    """
     if isinstance(weight, QuantArray):
-        return jnp.einsum(equation, x, dequantize(weight, x.dtype))
-    return jnp.einsum(equation, x, weight)
+        weight = dequantize(weight, x.dtype)
+    return jax.lax.dot_general(x, weight, (_contraction(equation), ((), ())))
+
+
+@functools.cache
+def _contraction(equation: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """ "bsrkh,rkhd->bsd" -> ((2, 3, 4), (0, 1, 2)): the contracted axes of x and of the weight."""
+    inputs, out = equation.split("->")
+    x_axes, w_axes = inputs.split(",")
+    contracted = [axis for axis in w_axes if axis in x_axes and axis not in out]
+    kept = [axis for axis in x_axes if axis not in contracted]
+    kept += [axis for axis in w_axes if axis not in contracted]
+    if "".join(kept) != out:
+        raise ValueError(f"{equation}: the output must be x's kept axes, then the weight's")
+    return tuple(x_axes.index(a) for a in contracted), tuple(w_axes.index(a) for a in contracted)
 
 
 def embed_rows(embedding: Weight, tokens: jax.Array) -> jax.Array:
