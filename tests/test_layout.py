@@ -33,7 +33,7 @@ LAYERS = [
     # Model math knows nothing of files, loading or conversations.
     (
         "scanlab.decoder.params scanlab.decoder.families scanlab.decoder.config scanlab.decoder.spec "
-        "scanlab.decoder.layers scanlab.decoder.cache "
+        "scanlab.decoder.quant scanlab.decoder.layers scanlab.decoder.cache "
         "scanlab.decoder.stack scanlab.decoder.model scanlab.decoder.sampling "
         "scanlab.decoder.generation",
         ("scanlab.decoder.formats", "scanlab.decoder.load", "scanlab.decoder.chat"),
@@ -52,6 +52,8 @@ LAYERS = [
         "scanlab.decoder.formats.gguf_file",
         ("scanlab.decoder.formats.hf", "scanlab.decoder.formats.tokenizer"),
     ),
+    # GGUF's block formats are bytes to integers: no model, no other format.
+    ("scanlab.decoder.formats.gguf_blocks", ("scanlab.decoder", "scanlab.errors")),
     (
         "scanlab.decoder.formats.hf",
         ("scanlab.decoder.formats.gguf_file", "scanlab.decoder.formats.tokenizer"),

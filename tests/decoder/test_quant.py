@@ -228,3 +228,19 @@ def test_a_block_that_does_not_divide_an_input_width_is_named():
 def test_an_unknown_weights_name_is_refused():
     with pytest.raises(ArgumentError, match=r"weights must be one of \['quantized', 'float32'"):
         check_weights("q4_0")
+
+
+def test_what_takes_dense_weights_names_the_quantized_leaf(tmp_path):
+    from flax import nnx
+
+    from scanlab.decoder import save_checkpoint
+    from scanlab.nnx import NNXDecoder
+
+    config = CONFIGS["llama"]
+    params = quantize(init_params(config, jax.random.PRNGKey(0)), config)
+    message = r"takes dense weights, got params\.embed as a QuantArray: load with weights='float32'"
+    with pytest.raises(ArgumentTypeError, match="save_checkpoint " + message):
+        save_checkpoint(tmp_path / "ckpt", config, params)
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(ArgumentTypeError, match="NNXDecoder " + message):
+        NNXDecoder.from_params(params, config, nnx.Rngs(0))

@@ -154,16 +154,15 @@ def as_dense(weight: Weight, dtype=None) -> jax.Array:
     return weight if dtype is None else weight.astype(dtype)
 
 
-def project(equation: str, x: jax.Array, weight: Weight) -> jax.Array:
+def project(equation: str, x: jax.Array, weight: jax.Array | QuantArray) -> jax.Array:
     """`jnp.einsum(equation, x, weight)`, a quantized weight dequantized into the dot.
 
     The equation's output must be x's kept axes, then the weight's. The contraction runs over
     the weight's axes in their stored order: `jnp.einsum` may list them in another, and XLA then
     copies the weight transposed before its dot, every layer of every step.
     """
-    if isinstance(weight, QuantArray):
-        weight = dequantize(weight, x.dtype)
-    return jax.lax.dot_general(x, weight, (_contraction(equation), ((), ())))
+    dense = dequantize(weight, x.dtype) if isinstance(weight, QuantArray) else weight
+    return jax.lax.dot_general(x, dense, (_contraction(equation), ((), ())))
 
 
 @functools.cache

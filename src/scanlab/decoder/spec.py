@@ -185,6 +185,16 @@ def check_params(params: DecoderParams, config: DecoderConfig) -> None:
         raise ArgumentError(f"{extra} is not declared for this config (set to None), got an array")
 
 
+def check_dense(params: DecoderParams, what: str) -> None:
+    """Raises naming the first quantized leaf: `what` takes dense weights only."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quantized)[0]:
+        if quant.is_quantized(leaf):
+            raise ArgumentTypeError(
+                f"{what} takes dense weights, got params{jax.tree_util.keystr(path)} as a "
+                f"{type(leaf).__name__}: load with weights='float32' (or dequantize it)"
+            )
+
+
 def _check_quantized(array, leaf: Leaf, name: str, shape: tuple[int, ...]) -> None:
     if not leaf.quantizable:
         raise ArgumentTypeError(

@@ -24,7 +24,7 @@ from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.layers import LayerKind, decoder_block, layer_kinds, self_attend
 from scanlab.decoder.model import causal_mask, check_mask, check_tokens, embed, unembed
 from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
-from scanlab.decoder.spec import check_params, init_layer, init_outside_layers
+from scanlab.decoder.spec import check_dense, check_params, init_layer, init_outside_layers
 from scanlab.errors import ArgumentError
 
 
@@ -149,6 +149,7 @@ class NNXDecoder(nnx.Module):
             )
         if params is not None:
             check_params(params, config)
+            check_dense(params, "NNXDecoder")
         outside = init_outside_layers(config, rngs.params()) if params is None else params
         self.config = config
         self.layer_scan = layer_scan

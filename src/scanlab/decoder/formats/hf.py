@@ -316,6 +316,7 @@ def save_checkpoint(
     The directory is written under a temporary name next to `path` and renamed when complete.
     """
     spec.check_params(params, config)
+    spec.check_dense(params, "save_checkpoint")
     directory = Path(path)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise PathExistsError(f"path {directory} exists and is not empty; pass overwrite=True")
