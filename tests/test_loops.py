@@ -145,6 +145,27 @@ def test_masked_scan_rejects_bad_lengths(lengths, error, match):
         loops.masked_scan(rnn_body(W), init, xs, lengths)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_traced_lengths_beyond_t_are_clamped_to_t(reverse):
+    """Traced lengths cannot be checked up front; past T they run as T (in both directions)."""
+    W, xs, init, _ = padded_batch(1, 4, 3, 2)
+    jitted = jax.jit(
+        lambda lengths: loops.masked_scan(rnn_body(W), init, xs, lengths, reverse=reverse)
+    )
+    beyond, clamped = np.array([7, 4, -2]), np.array([4, 4, 0])
+    expected = reference.masked_scan(rnn_body(W), init, xs, clamped, reverse=reverse)
+    assert_trees_close(jitted(beyond), expected)
+
+
+def test_masked_scan_rejects_xs_of_another_batch_size():
+    W, xs, init, lengths = padded_batch(0, 4, 3, 2)
+    with pytest.raises(
+        ValueError,
+        match=r"xs must have init's batch size on axis 1 \(T, B, \.\.\.\): init has B=3, xs has 2",
+    ):
+        loops.masked_scan(rnn_body(W), init, jax.tree.map(lambda x: x[:, :2], xs), lengths)
+
+
 def test_masked_scan_rejects_rows_that_disagree():
     W, xs, init, lengths = padded_batch(0, 4, 3, 2)
     with pytest.raises(ValueError, match=r"xs leaves disagree on the size of axis 0"):
@@ -430,6 +451,12 @@ def test_linear_scan_auto_picks_the_measured_winner_on_this_backend():
 def test_linear_scan_rejects_bad_input(a, b, h0, match):
     with pytest.raises((ValueError, TypeError), match=match):
         loops.linear_scan(a, b, h0)
+
+
+def test_linear_scan_of_no_steps_has_no_states():
+    a = np.ones((0, 3), np.float32)
+    for method in ("scan", "associative"):
+        assert loops.linear_scan(a, a, np.zeros(3, np.float32), method=method).shape == (0, 3)
 
 
 def test_linear_scan_rejects_an_unknown_method():

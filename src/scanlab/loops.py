@@ -154,7 +154,8 @@ def masked_scan(
       f: one row's body, (carry, x) -> (carry, y), on unbatched values (it is vmapped).
       init: pytree of (B, ...) initial carries.
       xs: pytree of (T, B, ...) padded inputs, time first; or None with `length`.
-      lengths: (B,) ints in [0, T], the number of real steps of each row.
+      lengths: (B,) ints in [0, T], the number of real steps of each row (checked when
+        concrete; traced lengths outside [0, T] are clamped to it).
       length: T, needed when xs is None.
       reverse: run each row from its own last element down to index 0; ys stay in index order.
 
@@ -166,7 +167,15 @@ def masked_scan(
     B = _leading_size("init", init, 0)
     if B is None:
         raise ArgumentError("init must hold the batch's carries (B, ...), got no arrays")
+    xs_batch = _leading_size("xs", xs, 1)
+    if xs_batch not in (None, B):
+        raise ArgumentError(
+            f"xs must have init's batch size on axis 1 (T, B, ...): init has B={B}, xs has "
+            f"{xs_batch}"
+        )
     lengths = jnp.asarray(checks.lengths("lengths", lengths, (B,), T), jnp.int32)
+    # Traced lengths could not be checked: clamped, so a row never reads past its padding.
+    lengths = jnp.clip(lengths, 0, T)
     x_step = _step_slice(_step_slice(xs, 0), 0)
     _traced_scan_body_check("masked_scan", f, _step_slice(init, 0), x_step)
 
@@ -359,6 +368,9 @@ def linear_scan(
                 f"h0 must have shape a.shape[1:] = {a.shape[1:]} and dtype {a.dtype}, got "
                 f"{h0.dtype}{list(h0.shape)}"
             )
+    if not a.shape[0]:  # no steps, no states (as `lax.scan` of length 0)
+        return a
+    if h0 is not None:
         # The state before t = 0 enters as part of the first input: b_0 ← a_0 h0 + b_0.
         b = b.at[0].add(a[0] * h0)
     method = linear_method(method, a.shape[0])

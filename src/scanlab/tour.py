@@ -242,6 +242,13 @@ def _real_model(console: Console) -> None:
         f"scanned, width {config.d_model}, {config.n_heads} query / {config.n_kv_heads} key-value "
         f"heads, {render.count(decoder_spec.param_count(config))} parameters"
     )
+    file_bytes = pretrained.fetch(model).stat().st_size
+    console.print(
+        f"weights: the file's quantized blocks kept as int8, "
+        f"{render.mib(decoder_spec.param_bytes(loaded.params))} in memory for a "
+        f"{render.mib(file_bytes)} file ({render.mib(4 * decoder_spec.param_count(config))} "
+        "dequantized to f32)"
+    )
     chat = decoder_chat.Chat(loaded, max_new_tokens=64)
     console.print(f"[bold]you>[/bold] {TOUR_QUESTION}", highlight=False)
     console.print("model> ", end="")

@@ -170,7 +170,13 @@ def test_an_interrupt_during_a_chunk_s_dispatch_waits_for_its_output():
             signal.raise_signal(signal.SIGINT)
             assigned.append(True)  # what the held signal did not interrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        dispatch()
-    assert assigned == [True]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever the test process inherited (a worker may start with
+    # SIGINT ignored, and earlier tests in it may have set another).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dispatch()
+        assert assigned == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
