@@ -1,5 +1,8 @@
 """SmolLM2-135M-Instruct from its real GGUF file (Q4_1 and Q8_0 tensors): scanlab against
-transformers loading the same file, text in and text out."""
+transformers loading the same file, text in and text out.
+
+scanlab runs as users get it, `load_model`'s default: the file's blocks kept as int8 (the tour,
+the docs and these tests then share compiled programs); the f32 load is the twin they equal."""
 
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ import torch
 from tests.decoder.formats.gguf_files import oracle_reader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from scanlab.decoder import generate, load_gguf, load_tokenizer, stream
+from scanlab.decoder import generate, load_gguf, load_model, load_tokenizer, stream
 
 pytestmark = pytest.mark.slow  # the real SmolLM2 model: not in `make test-fast`
 
@@ -17,8 +20,12 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def scanlab_model(smollm2_path):
-    config, params = load_gguf(smollm2_path)
-    return config, params, load_tokenizer(smollm2_path)
+    return load_model(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def dense_params(smollm2_path):
+    return load_gguf(smollm2_path)[1]  # every tensor dequantized to f32
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +128,15 @@ def test_chat_answer_ends_at_end_of_turn_and_streams(scanlab_model):
     np.testing.assert_array_equal(np.concatenate(list(chunks), 1)[0], answer)
 
 
-def test_bfloat16_against_float32(scanlab_model):
+def test_bfloat16_against_float32(scanlab_model, dense_params):
     """bf16 weights and activations (norms, rotary phases, softmax in f32): logits near f32's."""
     import jax
     import jax.numpy as jnp
 
     from scanlab.decoder import forward
 
-    config, params, tokenizer = scanlab_model
+    config, _, tokenizer = scanlab_model
+    params = dense_params
     # What load_gguf(dtype="bfloat16") returns: the dequantized f32 weights cast (tests/test_gguf).
     params_bf16 = jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), params)
     prompt = np.array([prompts(tokenizer)["chat"]])
@@ -235,19 +243,18 @@ def test_limits_from_the_model_s_config_are_checked_before_its_weights_load(
     assert (status, err.strip()) == (2, f"error: {message}")
 
 
-def test_kept_blocks_decode_the_f32_tokens(scanlab_model, smollm2_path):
-    """The file's Q4_1/Q8_0 blocks kept as int8 (the default of load_model): dequantized they
-    are the f32 weights, bit for bit, and greedy decoding gives the f32 path's tokens (which
-    equal transformers', above)."""
+def test_kept_blocks_are_the_f32_weights_and_decode_its_tokens(scanlab_model, dense_params):
+    """The file's Q4_1/Q8_0 blocks kept as int8: dequantized they are the f32 weights, bit for
+    bit, and greedy decoding from them gives the f32 path's tokens."""
     import jax
 
     from scanlab.decoder import quant
 
-    config, params, tokenizer = scanlab_model
-    _, kept = load_gguf(smollm2_path, quantized=True)
+    config, kept, tokenizer = scanlab_model
     dense = jax.tree.map(quant.as_dense, kept, is_leaf=quant.is_quantized)
-    jax.tree.map(np.testing.assert_array_equal, dense, params)
-    for ids in prompts(tokenizer).values():
-        prompt = np.array([ids])
-        expected = generate(params, prompt, config, NEW_TOKENS).tokens
-        np.testing.assert_array_equal(generate(kept, prompt, config, NEW_TOKENS).tokens, expected)
+    jax.tree.map(np.testing.assert_array_equal, dense, dense_params)
+    prompt = np.array([prompts(tokenizer)["chat"]])
+    np.testing.assert_array_equal(
+        generate(kept, prompt, config, NEW_TOKENS).tokens,
+        generate(dense_params, prompt, config, NEW_TOKENS).tokens,
+    )

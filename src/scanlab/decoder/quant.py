@@ -73,10 +73,6 @@ class QuantArray:
     def block(self) -> int:
         return self.shape[self.axis] // np.shape(self.scales)[self.axis]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(leaf.nbytes for leaf in jax.tree.leaves(self))
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -102,16 +98,8 @@ class VocabChunks:
         return (self.vocab_size, d_model) if self.vocab_first else (d_model, self.vocab_size)
 
     @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
     def dtype(self):
         return self.chunks.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.chunks.nbytes
 
 
 Weight = jax.Array | QuantArray | VocabChunks
