@@ -151,8 +151,8 @@ def test_no_argument_list_gives_a_traceback(command, cli):
         ),
         (["decoder", "compare", "--seq", "0"], "error: --seq must be >= 1, got 0"),
         (
-            ["decoder", "compare", "--d-model", "30"],
-            "error: --d-model must be a multiple of 4 (4 heads), got 30",
+            ["decoder", "compare", "--d-model", "36"],
+            "error: --d-model must be a multiple of 8 (4 heads of even width), got 36",
         ),
         (  # the up-front estimate, not an out-of-memory crash after the first compile
             ["decoder", "compare", "--d-model", "400000"],

@@ -186,8 +186,10 @@ def decoder_compare(
         ("--batch", batch),
     ):
         checks.static_int(name, value, minimum=1)
-    if d_model % 4:  # the compared block has 4 heads
-        raise ArgumentError(f"--d-model must be a multiple of 4 (4 heads), got {d_model}")
+    if d_model % 8:  # the compared block has 4 heads, each of an even width (rotary pairs)
+        raise ArgumentError(
+            f"--d-model must be a multiple of 8 (4 heads of even width), got {d_model}"
+        )
     device_mesh = _mesh(mesh)  # first: it sets the host devices before JAX starts
     from scanlab.bench import layers as layer_bench
     from scanlab.decoder import spec

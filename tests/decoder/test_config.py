@@ -46,6 +46,7 @@ def test_unknown_preset():
         (dict(d_model=64.0), "d_model must be an int, got 64.0"),
         (dict(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\), got 1.0"),
         (dict(rope_theta=0.0), "rope_theta must be > 0, got 0.0"),
+        (dict(head_dim=15), r"head_dim must be even \(rotary embeddings rotate pairs\), got 15"),
     ],
 )
 def test_bad_config(changes, match):

@@ -112,6 +112,26 @@ def test_the_module_checks_its_fields_at_construction():
         NNXScanModule("4", 1, rngs=nnx.Rngs(0))
 
 
+def test_the_module_checks_its_fields_and_input_at_each_call():
+    """Fields set after construction are checked where they are used, as x is."""
+    module = NNXLaxScanModule(4, 3, rngs=nnx.Rngs(0))
+    module.T = -5
+    with pytest.raises(ValueError, match="T must be >= 0, got -5"):
+        module(jnp.ones(4))
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., hidden\) = \(\.\.\., 4\)"):
+        NNXScanModule(4, 3, rngs=nnx.Rngs(0))(jnp.ones(5))
+
+
+def test_rngs_and_linen_weights_are_checked():
+    with pytest.raises(TypeError, match=r"rngs must be an nnx.Rngs \(e.g. nnx.Rngs\(0\)\), got 0"):
+        NNXLaxScanModule(4, 3, rngs=0)
+    with pytest.raises(
+        ValueError,
+        match=r'variables\["params"\]\["W"\] must be a float \(H, H\) matrix, got float32\[4, 3\]',
+    ):
+        from_linen({"params": {"W": np.ones((4, 3), np.float32)}}, 3)
+
+
 def test_under_nnx_jit():
     module = NNXScanModule(8, 12, rngs=nnx.Rngs(1))
     np.testing.assert_allclose(

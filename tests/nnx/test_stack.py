@@ -115,6 +115,8 @@ def test_bad_arguments_are_named():
         match=r"layer_scan must be one of \['nnx.scan', 'split-lax.scan-merge'\], got 'python'",
     ):
         NNXDecoder(MHA, rngs=nnx.Rngs(0), layer_scan="python")
+    with pytest.raises(TypeError, match=r"rngs must be an nnx.Rngs \(e.g. nnx.Rngs\(0\)\), got 0"):
+        NNXDecoder(MHA, rngs=0)
     params = decoder.init_params(GQA_TIED, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="layers on its leading axis, expected n_layers=3"):
         NNXDecoder.from_params(params, MHA.replace(tie_embeddings=True))

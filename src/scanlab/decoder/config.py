@@ -72,6 +72,10 @@ class DecoderConfig:
                 f"n_heads must be a multiple of n_kv_heads, got n_heads={self.n_heads}, "
                 f"n_kv_heads={self.n_kv_heads}"
             )
+        if self.head_dim % 2:
+            raise ArgumentError(
+                f"head_dim must be even (rotary embeddings rotate pairs), got {self.head_dim}"
+            )
         for name in ("rope_theta", "norm_eps", "local_rope_theta"):
             if not getattr(self, name) > 0:
                 raise ArgumentError(f"{name} must be > 0, got {getattr(self, name)}")

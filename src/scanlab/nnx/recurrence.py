@@ -21,6 +21,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from scanlab import checks
+from scanlab.errors import ArgumentError, ArgumentTypeError
 from scanlab.recurrence import PARAM_DTYPE, check_call, common_dtype
 
 
@@ -41,6 +42,7 @@ class NNXLaxScanModule(nnx.Module):
 
     def __init__(self, hidden: int, T: int, *, trajectory: bool = False, rngs: nnx.Rngs):
         self.hidden, self.T = checks.recurrence_sizes(hidden, T)
+        check_rngs(rngs)
         self.trajectory = bool(trajectory)
         init = nnx.initializers.lecun_normal()
         self.W = nnx.Param(init(rngs.params(), (self.hidden, self.hidden), PARAM_DTYPE))
@@ -48,7 +50,7 @@ class NNXLaxScanModule(nnx.Module):
     def __call__(self, x: ArrayLike) -> jax.Array:
         """(..., H) -> final state (..., H), or all states (T + 1, ..., H) with `trajectory`."""
         # A plain array: the body closes over it, lax.scan sees a constant.
-        x, W = common_dtype(jnp.asarray(x), self.W[...])
+        x, W = common_dtype(self._checked(x), self.W[...])
         init_carry = jnp.tanh(x @ W)
 
         def body(carry, _):
@@ -57,6 +59,14 @@ class NNXLaxScanModule(nnx.Module):
 
         final, states = jax.lax.scan(body, init_carry, length=self.T)
         return _with_initial_state(init_carry, states) if self.trajectory else final
+
+    def _checked(self, x: ArrayLike) -> jax.Array:
+        """x as an array of shape (..., H), the fields checked again: they may be set after
+        construction (`module.T = -5` would otherwise run as 0 steps)."""
+        hidden, _ = checks.recurrence_sizes(self.hidden, self.T)
+        array = checks.numeric_array("x", x)
+        checks.last_axis("x", array, hidden, "hidden")
+        return jnp.asarray(array)
 
 
 class NNXScanModule(NNXLaxScanModule):
@@ -68,7 +78,7 @@ class NNXScanModule(NNXLaxScanModule):
     """
 
     def __call__(self, x: ArrayLike) -> jax.Array:
-        x, W = common_dtype(jnp.asarray(x), self.W[...])
+        x, W = common_dtype(self._checked(x), self.W[...])
         init_carry = jnp.tanh(x @ W)
 
         @nnx.scan(in_axes=(None, nnx.Carry), out_axes=(nnx.Carry, 0), length=self.T)
@@ -78,6 +88,12 @@ class NNXScanModule(NNXLaxScanModule):
 
         final, states = step(self, init_carry)
         return _with_initial_state(init_carry, states) if self.trajectory else final
+
+
+def check_rngs(rngs) -> None:
+    """An `nnx.Rngs`: anything else fails deep inside the first draw."""
+    if not isinstance(rngs, nnx.Rngs):
+        raise ArgumentTypeError(f"rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)), got {rngs!r}")
 
 
 def _with_initial_state(init_carry: jax.Array, states: jax.Array) -> jax.Array:
@@ -94,6 +110,10 @@ def from_linen(
 ) -> NNXLaxScanModule:
     """An NNX module holding the W of linen variables `{"params": {"W": (H, H)}}`."""
     W = jnp.asarray(variables["params"]["W"])
+    if W.ndim != 2 or W.shape[0] != W.shape[1] or W.dtype.kind != "f":
+        raise ArgumentError(
+            f'variables["params"]["W"] must be a float (H, H) matrix, got {W.dtype}{list(W.shape)}'
+        )
     module = nnx.eval_shape(lambda: cls(W.shape[0], T, trajectory=trajectory, rngs=nnx.Rngs(0)))
     module.W = nnx.Param(W)
     return module

@@ -26,6 +26,7 @@ from scanlab.decoder.model import causal_mask, check_mask, check_tokens, embed, 
 from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
 from scanlab.decoder.spec import check_dense, check_params, init_layer, init_outside_layers
 from scanlab.errors import ArgumentError
+from scanlab.nnx.recurrence import check_rngs
 
 
 def _values(tree):
@@ -143,6 +144,7 @@ class NNXDecoder(nnx.Module):
         layer_scan: Literal["nnx.scan", "split-lax.scan-merge"] = "nnx.scan",
         params: DecoderParams | None = None,
     ):
+        check_rngs(rngs)
         if layer_scan not in LAYER_SCANS:
             raise ArgumentError(
                 f"layer_scan must be one of {list(LAYER_SCANS)}, got {layer_scan!r}"

@@ -175,7 +175,8 @@ def test_shape_mismatch_is_named(tmp_path):
 def test_no_weights_and_no_config(tmp_path):
     with pytest.raises(CheckpointError, match=r"must contain config\.json"):
         load_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(hf_model().config.to_dict()))
+    config = hf_model(num_attention_heads=4).config  # head_dim 8 (the default 32 heads: 1)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     with pytest.raises(
         CheckpointError, match=r"must contain model\.safetensors or model\.safetensors\.index\.json"
     ):
