@@ -234,38 +234,6 @@ def _decoding(results: dict) -> str:
     if not decoding:
         return "## W7 — decoding a real model\n\nNot run in quick mode (it loads the real model)."
     n = decoding["new_tokens"]
-    rows: list[tuple[object, ...]] = []
-    for c in decoding["contenders"]:
-        theirs = contender(decoding, w7.TRANSFORMERS, c["batch"])
-        versus = f"{c['tokens_per_s'] / theirs['tokens_per_s']:.2f}×" if theirs else "—"
-        dtype = weight_form(c["name"])
-        bounded = c["name"].startswith("scanlab") or c["name"] == w7.TRANSFORMERS
-        of_bound = (
-            f"{c['tokens_per_s'] / bound(decoding, dtype, c['batch']):.0%} ({dtype})"
-            if bounded
-            else "—"
-        )
-        rows.append(
-            (
-                c["name"],
-                c["batch"],
-                f"{c['tokens_per_s']:.1f}",
-                f"{c['median_s']:.2f}",
-                f"{c['first_s']:.2f}",
-                versus,
-                of_bound,
-            )
-        )
-    rows += _bound_rows(decoding)
-    header = (
-        "contender",
-        "batch",
-        "tokens/s",
-        "s per run",
-        "first call s",
-        "vs transformers",
-        "of its bound (weights)",
-    )
     lines = [
         f"## W7 — decoding {decoding['model']}, {n} new tokens per row, greedy",
         "",
@@ -273,7 +241,7 @@ def _decoding(results: dict) -> str:
         f"{decoding['copy_bandwidth_gb_s']:.1f} GB/s. "
         "The bound is batch × bandwidth ÷ bytes read per step (every weight, plus the KV cache).",
         "",
-        *table(header, rows),
+        *_contender_table(decoding, w7.TRANSFORMERS),
     ]
     ours = contender(decoding, w7.SCANLAB_F32, 1)
     streamed = contender(decoding, w7.SCANLAB_STREAMED, 1)
@@ -304,6 +272,39 @@ def _decoding(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _contender_table(decoding: dict, transformers: str) -> list[str]:
+    """W7's and W13's table: each contender's figures, against transformers and, for scanlab's
+    and transformers', its bandwidth bound; then the bounds themselves."""
+    rows: list[tuple[object, ...]] = []
+    for c in decoding["contenders"]:
+        theirs = contender(decoding, transformers, c["batch"])
+        form = weight_form(c["name"])
+        bounded = c["name"].startswith("scanlab") or c["name"] == transformers
+        rows.append(
+            (
+                c["name"],
+                c["batch"],
+                f"{c['tokens_per_s']:.1f}",
+                f"{c['median_s']:.2f}",
+                f"{c['first_s']:.2f}",
+                f"{c['tokens_per_s'] / theirs['tokens_per_s']:.2f}×" if theirs else "—",
+                f"{c['tokens_per_s'] / bound(decoding, form, c['batch']):.0%} ({form})"
+                if bounded
+                else "—",
+            )
+        )
+    header = (
+        "contender",
+        "batch",
+        "tokens/s",
+        "s per run",
+        "first call s",
+        "vs transformers",
+        "of its bound (weights)",
+    )
+    return table(header, rows + _bound_rows(decoding))
+
+
 def weight_form(contender_name: str) -> str:
     """The bound a scanlab contender is held to: "kept" (GGUF blocks), "bf16" or "f32"."""
     if "kept" in contender_name:
@@ -328,7 +329,7 @@ def _memory(memory: dict) -> list[str]:
 
 
 def _bound_rows(decoding: dict) -> list[tuple[object, ...]]:
-    """W7's and W13's bandwidth bounds as rows of their contender tables."""
+    """The bandwidth bounds as rows of the contender table."""
     return [
         (
             f"bandwidth bound, {b['dtype']}",
@@ -354,33 +355,6 @@ def _gemma3(results: dict) -> str:
     gemma3 = results.get("gemma3")
     if not gemma3:
         return "## W13 — Gemma 3 270M\n\nNot run in quick mode (it loads the real model)."
-    rows: list[tuple[object, ...]] = []
-    for c in gemma3["contenders"]:
-        theirs = contender(gemma3, w13.TRANSFORMERS, c["batch"])
-        rows.append(
-            (
-                c["name"],
-                c["batch"],
-                f"{c['tokens_per_s']:.1f}",
-                f"{c['median_s']:.2f}",
-                f"{c['first_s']:.2f}",
-                f"{c['tokens_per_s'] / theirs['tokens_per_s']:.2f}×" if theirs else "—",
-                f"{c['tokens_per_s'] / bound(gemma3, weight_form(c['name']), c['batch']):.0%} "
-                f"({weight_form(c['name'])})"
-                if c["name"] != w13.LLAMA_CPP
-                else "—",
-            )
-        )
-    rows += _bound_rows(gemma3)
-    header = (
-        "contender",
-        "batch",
-        "tokens/s",
-        "s per run",
-        "first call s",
-        "vs transformers",
-        "of its bound (weights)",
-    )
     context_rows = []
     for ring in (p for p in gemma3["contexts"] if p["ring"]):
         full = next(
@@ -415,7 +389,7 @@ def _gemma3(results: dict) -> str:
         "per row, greedy, from plain-text prompts (a base model); the f32 weights are read "
         "every step, the tied 262,144-token embedding included.",
         "",
-        *table(header, rows),
+        *_contender_table(gemma3, w13.TRANSFORMERS),
         "",
         "Decoding steps at long contexts, batch 1, f32: the sliding layers' caches as 512-slot "
         "rings against full-length caches on every layer (the window only in the mask).",

@@ -283,13 +283,10 @@ def check_quant_array(array, name: str, shape: tuple[int, ...]) -> None:
     if array.values.dtype != jnp.int8:
         raise ArgumentTypeError(f"{name}.values must be int8, got {array.values.dtype}")
     scale_shape = tuple(array.scales.shape)
-    ok = len(scale_shape) == len(shape) and scale_shape[array.axis] > 0
-    if ok:
-        block = shape[array.axis] // scale_shape[array.axis]
-        expected = list(shape)
-        expected[array.axis] = shape[array.axis] // max(block, 1)
-        ok = block * scale_shape[array.axis] == shape[array.axis] and tuple(expected) == scale_shape
-    if not ok:
+    blocks = scale_shape[array.axis] if len(scale_shape) == len(shape) else 0
+    expected = list(shape)
+    expected[array.axis] = blocks
+    if not (blocks and shape[array.axis] % blocks == 0 and tuple(expected) == scale_shape):
         raise ArgumentError(
             f"{name}.scales has shape {scale_shape}: expected one per block along axis "
             f"{array.axis} of the values' shape {shape}"

@@ -215,15 +215,12 @@ def quantize(params: DecoderParams, config: DecoderConfig, block: int = 32) -> D
     """
     check_params(params, config)
     size = sizes(config)
-    for letter, field in FIELD_OF_LETTER.items():  # every blocked width, before any work
-        blocked = any(
-            leaf.quantizable and leaf.input_letter == letter
-            for leaf in jax.tree.leaves(declared(config), is_leaf=is_leaf)
-        )
-        if blocked and size[letter] % block:
+    for leaf in jax.tree.leaves(declared(config), is_leaf=is_leaf):  # before any work
+        if leaf.quantizable and size[leaf.input_letter] % block:
             raise ArgumentError(
-                f"block size {block} does not divide the input width {field}={size[letter]} "
-                f"of the weights blocked along it"
+                f"block size {block} does not divide the input width "
+                f"{FIELD_OF_LETTER[leaf.input_letter]}={size[leaf.input_letter]} of the weights "
+                f"blocked along it"
             )
 
     def quantized(leaf: Leaf, array):

@@ -85,23 +85,21 @@ def _k_factors(b):
 
 def _q4_k(b):
     scales, mins = _k_factors(b)
-    qs = b[:, 16:].reshape(-1, 4, 32)  # four 32-byte groups, each two sub-blocks
-    values = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (n, 4, 64): sub-blocks 2i, 2i+1
+    # Four 32-byte groups, each two sub-blocks: (n, 4, 64), sub-blocks 2i and 2i + 1.
+    values = _nibbles(b[:, 16:].reshape(-1, 4, 32))
     return values.reshape(-1, SUPER).astype(np.int8), scales, mins
 
 
 def _q5_k(b):
     scales, mins = _k_factors(b)
     qh = b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
-    ql = b[:, 48:].reshape(-1, 4, 32)
-    low = np.concatenate([ql & 0x0F, ql >> 4], axis=-1).reshape(-1, 8, 32)
+    low = _nibbles(b[:, 48:].reshape(-1, 4, 32)).reshape(-1, 8, 32)
     values = low | ((qh & 1) << 4)
     return values.reshape(-1, SUPER).astype(np.int8), scales, mins
 
 
 def _q6_k(b):
-    ql = b[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-    ql = (ql & 0x0F).reshape(-1, 8, 32)
+    ql = _nibbles(b[:, :128].reshape(-1, 2, 64)).reshape(-1, 8, 32)
     qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
     qh = (qh & 0x03).reshape(-1, 8, 32)
     values = (ql | (qh << 4)).astype(np.int8) - 32

@@ -189,9 +189,11 @@ def load_gguf(
         return array - leaf.gguf_offset if leaf.gguf_offset else array
 
     def read_kept(leaf: Leaf, in_blocks: bool) -> QuantArray | None:
+        if not (quantized and leaf.quantizable):
+            return None
         layers = range(config.n_layers) if in_blocks else [None]
         kept = [tensors[_name(leaf, layer)] for layer in layers]
-        if not (quantized and leaf.quantizable and _keepable(leaf, kept, config)):
+        if not _keepable(leaf, kept, config):
             return None
         parts = [_unpacked(tensor, leaf, config, path) for tensor in kept]
         array = _quant_array(leaf, gguf_blocks.common_layout(parts), config)
