@@ -46,7 +46,7 @@ def test_bad_arguments_print_one_line_not_a_traceback():
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: x must have shape (..., hidden) = (..., 3), got shape (2,)"
+        "error: --x must have shape (..., --hidden) = (..., 3), got shape (2,)"
     )
     assert "Traceback" not in result.stderr
 
@@ -84,7 +84,7 @@ def test_decoder_generate_from_a_checkpoint(tmp_path):
         [
             "decoder",
             "generate",
-            "--checkpoint",
+            "--model",
             str(tmp_path / "ckpt"),
             "--tokens",
             "5,6,7",
@@ -110,7 +110,7 @@ def test_decoder_generate_from_a_checkpoint(tmp_path):
         ["chat", "--weights", "float16"],
         ["train", "--learning-rate", "inf"],
         ["bench", "--devices", "0"],
-        ["generate", "--checkpoint", "typo_dir", "--n", "0"],
+        ["evaluate", "--checkpoint-dir", "typo_dir", "--n", "0"],
     ],
 )
 def test_help_and_flag_errors_answer_without_starting_jax(args):

@@ -7,19 +7,44 @@ import JAX: the CLI runs them before it loads anything heavy.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 import os
 import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
-from scanlab.errors import ArgumentError, ArgumentTypeError, OutOfMemoryError
+from scanlab.errors import ArgumentError, ArgumentTypeError, OutOfMemoryError, PathError
 
 if TYPE_CHECKING:
     import jax
 
 SEED_LIMIT = 2**32
+
+_SPELLING: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "scanlab_spelling", default=None
+)
+
+
+def shown(name: str) -> str:
+    """An argument's name as the caller spelled it: inside `spelled_as` (the CLI), its flag."""
+    return (_SPELLING.get() or {}).get(name, name)
+
+
+@contextlib.contextmanager
+def spelled_as(spelling: Mapping[str, str]) -> Iterator[None]:
+    """Messages name the arguments in `spelling` (Python name -> what the user typed, e.g.
+    "max_new_tokens" -> "--max-new-tokens") while the block runs."""
+    token = _SPELLING.set(spelling)
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
 
 
 def imported_jax():
@@ -60,6 +85,7 @@ def static_int(name: str, value: object, *, minimum: int, maximum: int = INT32_M
             f"it decides the compiled shape, so pass it as a static argument "
             f"(e.g. jax.jit(..., static_argnames={name!r}))"
         )
+    name = shown(name)
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
         raise ArgumentTypeError(
             f"{name} must be an int, got {value!r} of type {type(value).__name__}"
@@ -76,6 +102,7 @@ def finite_number(
     name: str, value: object, *, minimum: float | None = None, above: float | None = None
 ) -> float:
     """Returns `value` as a float if it is a finite real number (>= minimum, > above)."""
+    name = shown(name)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(
             f"{name} must be a number, got {value!r} of type {type(value).__name__}"
@@ -109,13 +136,13 @@ def sampling_options(
     if top_k is not None:
         top_k = static_int("top_k", top_k, minimum=1)
         if top_k > vocab_size:
-            raise ArgumentError(f"top_k must be <= vocab_size={vocab_size}, got {top_k}")
+            raise ArgumentError(f"{shown('top_k')} must be <= vocab_size={vocab_size}, got {top_k}")
     if not 0 < top_p <= 1:
-        raise ArgumentError(f"top_p must be in (0, 1], got {top_p}")
+        raise ArgumentError(f"{shown('top_p')} must be in (0, 1], got {top_p}")
     if min_p > 1:
-        raise ArgumentError(f"min_p must be in [0, 1], got {min_p}")
+        raise ArgumentError(f"{shown('min_p')} must be in [0, 1], got {min_p}")
     if penalty == 0:
-        raise ArgumentError("repetition_penalty must be > 0, got 0")
+        raise ArgumentError(f"{shown('repetition_penalty')} must be > 0, got 0")
     if temperature == 0:
         for name, value, neutral in (
             ("top_k", top_k, None),
@@ -124,8 +151,8 @@ def sampling_options(
         ):
             if value != neutral:
                 raise ArgumentError(
-                    f"{name} needs temperature > 0 (greedy takes the most likely token), "
-                    f"got {name}={value}"
+                    f"{shown(name)} needs {shown('temperature')} > 0 (greedy takes the most "
+                    f"likely token), got {shown(name)}={value}"
                 )
     return dict(
         temperature=temperature,
@@ -159,6 +186,29 @@ def fits_in_memory(what: str, nbytes: int) -> None:
         )
 
 
+def path_like(name: str, value: object) -> Path:
+    """`value` as a Path, if it is a str or os.PathLike."""
+    if not isinstance(value, str | os.PathLike):
+        raise ArgumentTypeError(
+            f"{shown(name)} must be a str or os.PathLike, got {type(value).__name__}"
+        )
+    return Path(value)
+
+
+def writable_dir(name: str, path: str | os.PathLike) -> Path:
+    """Creates the directory if needed and proves it writable, before any long work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise PathError(
+            f"{shown(name)} must be a writable directory, got {str(path)!r}: {error}"
+        ) from None
+    return path
+
+
 def seed_key(seed: object) -> np.ndarray:
     """Returns the raw key `jax.random.PRNGKey(seed)` builds, computed on the host.
 
@@ -172,10 +222,31 @@ def seed_key(seed: object) -> np.ndarray:
     if is_tracer(seed):
         raise ArgumentTypeError(f"seed must be a Python int, got a traced value {seed.aval}")
     if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral):
-        raise ArgumentTypeError(f"seed must be an int, got {seed!r} of type {type(seed).__name__}")
+        raise ArgumentTypeError(
+            f"{shown('seed')} must be an int, got {seed!r} of type {type(seed).__name__}"
+        )
     if not 0 <= int(seed) < SEED_LIMIT:
-        raise ArgumentError(f"seed must be in [0, 2**32), got {seed}")
+        raise ArgumentError(f"{shown('seed')} must be in [0, 2**32), got {seed}")
     return np.array([0, seed], dtype=np.uint32)
+
+
+def prng_key(name: str, key: object, *, optional: bool = False) -> None:
+    """A PRNG key: a typed key (`jax.random.key`) or a raw one (`PRNGKey`, (2,) uint32); None
+    too when `optional`."""
+    if key is None and optional:
+        return
+    jax = imported_jax()
+    dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
+    typed = (
+        jax is not None and dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    )
+    raw = dtype == np.uint32 and shape == (2,)
+    if not ((typed and shape == ()) or raw):
+        expected = "None or a PRNG key" if optional else "a PRNG key"
+        raise ArgumentTypeError(
+            f"{shown(name)} must be {expected} (jax.random.key(seed) or PRNGKey(seed)), got "
+            f"{type(key).__name__} of shape {shape} and dtype {dtype}"
+        )
 
 
 def recurrence_sizes(hidden: object, T: object) -> tuple[int, int]:
@@ -199,6 +270,7 @@ def numeric_array(name: str, value: object) -> np.ndarray | jax.Array:
     JAX arrays and tracers pass through untouched; lists and NumPy arrays become NumPy arrays.
     """
     array = value if is_jax_array(value) else np.asarray(value)
+    name = shown(name)
     if array.dtype.kind not in "iuf":
         raise ArgumentTypeError(
             f"{name} must hold real numbers (int or float dtype), got dtype {array.dtype}"
@@ -208,6 +280,7 @@ def numeric_array(name: str, value: object) -> np.ndarray | jax.Array:
 
 def last_axis(name: str, array: np.ndarray | jax.Array, size: int, size_name: str) -> None:
     """Checks that `array` has shape (..., size)."""
+    name, size_name = shown(name), shown(size_name)
     if array.ndim == 0:
         raise ArgumentError(
             f"{name} must have shape (..., {size_name}) = (..., {size}), got a 0-d value"
@@ -220,6 +293,7 @@ def last_axis(name: str, array: np.ndarray | jax.Array, size: int, size_name: st
 
 def all_finite(name: str, array: np.ndarray | jax.Array) -> None:
     """Checks that a concrete array holds no NaN or Inf."""
+    name = shown(name)
     if is_tracer(array):
         raise ArgumentTypeError(
             f"check_finite needs a concrete {name}, got a traced value {array.aval}"

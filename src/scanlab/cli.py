@@ -6,18 +6,20 @@ argument checks that need no model answer without importing JAX, Flax or the for
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
-import tempfile
+import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from scanlab.errors import ArgumentError, PathError, ScanlabError
+from scanlab.errors import ArgumentError, ScanlabError
 
 app = typer.Typer(
     help="Loops the JAX way: jax.lax.scan over time, layers, tokens and training steps.",
@@ -114,8 +116,10 @@ def bench(
     write a markdown report with plots."""
     from rich.table import Table
 
+    from scanlab import checks
+
     _check_device_count("--devices", devices)
-    _writable_dir("--out", out)  # before minutes of measuring
+    checks.writable_dir("--out", out)  # before minutes of measuring
     from scanlab import sharding
 
     sharding.host_devices(devices)  # before any JAX computation in this process
@@ -252,12 +256,12 @@ def _sampling(temperature, top_k, top_p, min_p, repetition_penalty) -> dict:
 
 @decoder_app.command("generate")
 def decoder_generate(
-    checkpoint: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     preset: Annotated[
-        str, typer.Option(help="Random weights of this preset, without --checkpoint.")
+        str, typer.Option(help="Random weights of this preset, without --model.")
     ] = "tiny",
     prompt: Annotated[
-        str | None, typer.Option(help="Text to continue (needs --checkpoint's tokenizer).")
+        str | None, typer.Option(help="Text to continue (needs --model's tokenizer).")
     ] = None,
     chat: Annotated[
         bool, typer.Option(help="Send --prompt as a user message, in the chat template.")
@@ -287,8 +291,8 @@ def decoder_generate(
         raise ArgumentError("pass one of --prompt (text) and --tokens (ids), got both")
     if chat and prompt is None:
         raise ArgumentError("--chat needs --prompt, the user's message")
-    if prompt is not None and checkpoint is None:
-        raise ArgumentError("--prompt needs --checkpoint, whose tokenizer turns text into ids")
+    if prompt is not None and model is None:
+        raise ArgumentError("--prompt needs --model, whose tokenizer turns text into ids")
     if prompt is None:
         token_ids = _parse_ints("--tokens", tokens or DEFAULT_TOKENS)[None]
     check_weights(weights)
@@ -301,13 +305,15 @@ def decoder_generate(
     from scanlab.decoder import load
 
     key = jax.numpy.asarray(raw_key)
-    if checkpoint is not None:  # the sampling flags against its vocabulary, before the weights
-        path = load.resolve(checkpoint, weights)
+    if model is not None:  # the sampling flags against its vocabulary, before the weights
+        path = load.resolve(model, weights, on_progress=_progress)
         checks.sampling_options(load.load_config(path).vocab_size, **settings)
-    if prompt is not None and checkpoint is not None:  # text in, text out
-        config, params, tokenizer = load.load_model(path, weights)
-    elif checkpoint is not None:  # ids in, ids out: the checkpoint's tokenizer is not needed
-        (config, params), tokenizer = load.load_weights(path, weights), None
+    if prompt is not None and model is not None:  # text in, text out
+        with _loading(model, weights):
+            config, params, tokenizer = load.load_model(path, weights)
+    elif model is not None:  # ids in, ids out: the model's tokenizer is not needed
+        with _loading(model, weights):
+            (config, params), tokenizer = load.load_weights(path, weights), None
     else:
         config = decoder.preset(preset)
         param_dtype = jax.numpy.dtype("float32" if weights in (None, "quantized") else weights)
@@ -350,6 +356,26 @@ def decoder_generate(
     _write("\n")
 
 
+def _progress(message: str) -> None:
+    """What scanlab is busy with, on stderr: standard output carries only the results."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _loading(model: str, weights: str | None) -> Iterator[None]:
+    """One line on stderr while a model's weights load (seconds), ended by the time taken."""
+    print(
+        f"loading {model} ({weights or 'default'} weights)...", end="", file=sys.stderr, flush=True
+    )
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(file=sys.stderr)
+        raise
+    print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -385,7 +411,7 @@ def chat_command(
     from scanlab.decoder import load
     from scanlab.decoder.formats import tokenizer as tokenizer_lib
 
-    path = load.resolve(model, weights)
+    path = load.resolve(model, weights, on_progress=_progress)
     tokenizer = tokenizer_lib.load_tokenizer(path)
     # Said before the weights load.
     if tokenizer.chat_template is None:
@@ -395,8 +421,10 @@ def chat_command(
         "--max-new-tokens", max_new_tokens, minimum=1, maximum=chat_lib.longest_answer(config)
     )
     checks.sampling_options(config.vocab_size, **settings)
+    with _loading(model, weights):
+        config, params = load.load_weights(path, weights)
     conversation = chat_lib.Chat(
-        load.Model(*load.load_weights(path, weights), tokenizer),
+        load.Model(config, params, tokenizer),
         system=system,
         max_new_tokens=max_new_tokens,
         sampling=settings,
@@ -426,7 +454,7 @@ def _typed_messages():
 @app.command("train")
 def train_command(
     # The run's settings default to None: "not given", so --resume can take the saved run's.
-    task: Annotated[str | None, typer.Option(help="reverse or add [reverse].")] = None,
+    task: Annotated[str | None, typer.Option(help="reverse or add \\[reverse].")] = None,
     steps: Annotated[
         int | None,
         typer.Option(help="Total optimizer steps (add: 6000 at --learning-rate 1e-3) [600]."),
@@ -446,6 +474,10 @@ def train_command(
         bool,
         typer.Option(help="Continue the run in --checkpoint-dir, with its saved settings."),
     ] = False,
+    resume_step: Annotated[
+        int | None,
+        typer.Option(help="With --resume: continue from this saved step, not the newest."),
+    ] = None,
     plot: Annotated[
         str | None,
         typer.Option(
@@ -475,18 +507,16 @@ def train_command(
     }
     if resume and checkpoint_dir is not None:
         # The saved run's settings; a flag given again must agree (train() says where not).
-        config = train.saved_config(checkpoint_dir).replace(**given)
+        config = train.saved_config(checkpoint_dir, resume_step).replace(**given)
     else:
         config = train.TrainConfig(**given)
     device_mesh = _mesh(mesh)
-    # Where results go is settled before training: a bad path must not cost the run.
-    if checkpoint_dir is not None and not resume:
-        _writable_dir("--checkpoint-dir", checkpoint_dir)
+    # Where results go is settled before training (train() checks --checkpoint-dir itself).
     default_plot = Path(checkpoint_dir or "results") / (
         "loss.png" if checkpoint_dir else "train-loss.png"
     )
     plot_path = Path(plot) if plot is not None else default_plot
-    _writable_dir("--plot's folder", plot_path.parent)
+    checks.writable_dir("--plot's folder", plot_path.parent)
     from scanlab import plots, render
 
     with render.training_progress(console, config) as on_chunk:
@@ -495,6 +525,7 @@ def train_command(
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             resume=resume,
+            resume_step=resume_step,
             mesh=device_mesh,
             on_chunk=on_chunk,
         )
@@ -504,18 +535,19 @@ def train_command(
     console.print(*render.evaluation(evaluation, int(result.state.step)), sep="\n")
 
 
-@app.command("generate")
-def generate_command(
-    checkpoint: Annotated[str, typer.Option(help="A `scanlab train` checkpoint directory.")],
+@app.command("evaluate")
+def evaluate_command(
+    checkpoint_dir: Annotated[str, typer.Option(help="A `scanlab train` checkpoint directory.")],
     n: Annotated[int, typer.Option(help="Held-out examples to render.")] = 8,
+    step: Annotated[int | None, typer.Option(help="A saved step; default: the newest.")] = None,
 ) -> None:
-    """Show held-out inputs and a trained model's generated answers."""
+    """A trained run's held-out accuracy, and its answers to held-out questions."""
     from scanlab import checks
 
     checks.static_int("--n", n, minimum=1)
     from scanlab import render, train
 
-    result = train.load(checkpoint)
+    result = train.load(checkpoint_dir, step=step)
     evaluation = train.evaluate(result.state.params, result.config, n)
     console.print(*render.evaluation(evaluation, int(result.state.step)), sep="\n")
 
@@ -545,20 +577,6 @@ MAX_HOST_DEVICES = 1024
 def _check_device_count(name: str, n: int) -> None:
     if not 1 <= n <= MAX_HOST_DEVICES:
         raise ArgumentError(f"{name} must ask for 1 to {MAX_HOST_DEVICES} devices, got {n}")
-
-
-def _writable_dir(name: str, path: str | Path) -> Path:
-    """Creates the directory if needed and proves it writable, before any long work starts."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise PathError(
-            f"{name} must be a writable directory, got {str(path)!r}: {error}"
-        ) from None
-    return path
 
 
 def _parse_floats(name: str, text: str):
@@ -601,10 +619,13 @@ def main() -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
+    from scanlab.checks import spelled_as
+
     try:
         # typer answers Ctrl-C inside a command by returning 130 when not standalone.
-        if app(standalone_mode=False) == INTERRUPTED:
-            _interrupted(received)
+        with spelled_as(_flags(sys.argv[1:])):
+            if app(standalone_mode=False) == INTERRUPTED:
+                _interrupted(received)
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C while typer itself waits (a prompt)
         _interrupted(received)
     except typer.exceptions.TyperException as error:  # parsing: unknown flag, bad value
@@ -620,6 +641,22 @@ def main() -> None:
         _report_bug()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    """The invoked command's parameters, Python name -> flag: library messages then name the
+    flags the user typed (`--max-new-tokens`, not `max_new_tokens`)."""
+    command = typer.main.get_command(app)
+    for word in argv:
+        subcommands = getattr(command, "commands", {})
+        if word not in subcommands:
+            break
+        command = subcommands[word]
+    return {
+        param.name: param.opts[0]
+        for param in command.params
+        if param.name is not None and param.opts[0].startswith("-")
+    }
 
 
 def _interrupted(received: list[int]) -> None:

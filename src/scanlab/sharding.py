@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 else:
     jax = lazy_loader.load("jax")
 
+from scanlab.checks import shown
 from scanlab.errors import ArgumentError
 
 DATA_AXIS, MODEL_AXIS = "data", "model"
@@ -58,11 +59,13 @@ def parse_mesh(spec: str) -> dict[str, int]:
         name, _, value = item.partition("=")
         if name not in sizes or not value.isdigit() or int(value) < 1:
             raise ArgumentError(
-                f"mesh must look like 'data=4,model=2' (axes data and model, sizes >= 1), "
-                f"got {spec!r}"
+                f"{shown('mesh')} must look like 'data=4,model=2' (axes data and model, sizes "
+                f">= 1), got {spec!r}"
             )
         if name in seen:
-            raise ArgumentError(f"mesh must name each axis once, got {name!r} twice in {spec!r}")
+            raise ArgumentError(
+                f"{shown('mesh')} must name each axis once, got {name!r} twice in {spec!r}"
+            )
         seen.add(name)
         sizes[name] = int(value)
     return sizes
@@ -74,8 +77,8 @@ def make_mesh(spec: str = "data=1") -> Mesh:
     needed, available = sizes[DATA_AXIS] * sizes[MODEL_AXIS], jax.device_count()
     if needed > available:
         raise ArgumentError(
-            f"mesh {spec!r} needs {needed} devices, got {available}; on a CPU, present more "
-            f"with scanlab.sharding.host_devices({needed}) before any computation"
+            f"{shown('mesh')} {spec!r} needs {needed} devices, got {available}; on a CPU, present "
+            f"more with scanlab.sharding.host_devices({needed}) before any computation"
         )
     devices = np.array(jax.devices()[:needed]).reshape(sizes[DATA_AXIS], sizes[MODEL_AXIS])
     return jax.sharding.Mesh(devices, (DATA_AXIS, MODEL_AXIS))

@@ -6,7 +6,7 @@ import dataclasses
 
 from scanlab import checks
 from scanlab.decoder.families import FAMILIES, SLIDING, Family
-from scanlab.errors import ArgumentError
+from scanlab.errors import ArgumentError, ArgumentTypeError
 
 DTYPES = ("float32", "bfloat16")  # what dense parameters are loaded in
 # How a model's weights are held: int8 blocks (`scanlab.decoder.quant`), or dense in a DTYPE.
@@ -182,8 +182,22 @@ def check_dtype(dtype: str) -> str:
 def check_weights(weights: str | None) -> str | None:
     """None (the source's default) or one of WEIGHTS."""
     if weights is not None and weights not in WEIGHTS:
-        raise ArgumentError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
+        raise ArgumentError(
+            f"{checks.shown('weights')} must be one of {list(WEIGHTS)}, got {weights!r}"
+        )
     return weights
+
+
+def check_config(config, swapped=None, order: str = "params, tokens, config (as in forward)"):
+    """`config` is a DecoderConfig; a DecoderConfig passed where `swapped` goes names the order.
+
+    Args:
+      swapped: (name, value) of the argument a caller may have swapped with config, or None.
+    """
+    if swapped is not None and isinstance(swapped[1], DecoderConfig):
+        raise ArgumentTypeError(f"{swapped[0]} is a DecoderConfig: the order is {order}")
+    if not isinstance(config, DecoderConfig):
+        raise ArgumentTypeError(f"config must be a DecoderConfig, got {type(config).__name__}")
 
 
 def preset(name: str) -> DecoderConfig:
@@ -191,4 +205,6 @@ def preset(name: str) -> DecoderConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ArgumentError(f"preset must be one of {sorted(PRESETS)}, got {name!r}") from None
+        raise ArgumentError(
+            f"{checks.shown('preset')} must be one of {sorted(PRESETS)}, got {name!r}"
+        ) from None

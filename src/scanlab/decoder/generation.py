@@ -24,8 +24,8 @@ import numpy as np
 from scanlab import checks
 from scanlab.decoder import sampling as sampling_lib
 from scanlab.decoder.cache import Cache, init_cache, step_masks
-from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.model import check_config, check_key, check_mask, check_tokens, embed, unembed
+from scanlab.decoder.config import DecoderConfig, check_config
+from scanlab.decoder.model import check_mask, check_tokens, embed, unembed
 from scanlab.decoder.params import DecoderParams
 from scanlab.decoder.sampling import Sampling
 from scanlab.decoder.spec import check_params
@@ -220,9 +220,9 @@ def _check(
     **sampling_options,
 ) -> _Checked:
     """Every argument of `generate`/`stream` checked, before anything is traced or run."""
-    check_config(config, tokens)
+    check_config(config, ("tokens", tokens))
     prompt_BxS = check_tokens("tokens", tokens, config)
-    check_key(key)
+    checks.prng_key("key", key, optional=True)
     checks.static_int("max_new_tokens", max_new_tokens, minimum=1)
     total = prompt_BxS.shape[1] + max_new_tokens
     if total > config.max_seq_len:

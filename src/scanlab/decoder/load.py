@@ -4,9 +4,12 @@ transformers directory -> its config, stacked parameters and tokenizer."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from scanlab import checks
+from scanlab.checks import shown
 from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig, check_weights
 from scanlab.decoder.formats import pretrained
@@ -60,15 +63,21 @@ def load_config(path: Path) -> DecoderConfig:
     return config_from_gguf(open_gguf(path), path)
 
 
-def resolve(source: str | os.PathLike, weights: str | None = None) -> Path:
-    """The path of the model (a known name is fetched, once, first); `weights` checked before."""
+def resolve(
+    source: str | os.PathLike,
+    weights: str | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> Path:
+    """The path of the model (a known name is fetched, once, first, telling `on_progress`);
+    `weights` checked before."""
     check_weights(weights)
+    checks.path_like("model", source)
     if str(source) in pretrained.MODELS:
-        return pretrained.fetch(pretrained.MODELS[str(source)])
+        return pretrained.fetch(pretrained.MODELS[str(source)], on_progress=on_progress)
     path = Path(source)
     if not path.exists():
         raise MissingPathError(
-            f"model must be a .gguf file, a checkpoint directory or one of "
+            f"{shown('model')} must be a .gguf file, a checkpoint directory or one of "
             f"{sorted(pretrained.MODELS)}, got {str(source)!r}"
         )
     return path

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scanlab import checks
 from scanlab.decoder import quant
-from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.config import DecoderConfig, check_config
 from scanlab.decoder.layers import rms_norm
 from scanlab.decoder.params import DecoderParams
 from scanlab.decoder.spec import check_params
@@ -94,37 +95,13 @@ def forward_loop(
 
 
 def _checked_forward(params, tokens, config, key, attn_mask, remat, loop):
-    check_config(config, tokens)
+    check_config(config, ("tokens", tokens))
     tokens_BxS = check_tokens("tokens", tokens, config)
-    check_key(key)
+    checks.prng_key("key", key, optional=True)
     check_params(params, config)
     check_remat(remat, loop)
     attn_mask_BxS = None if attn_mask is None else check_mask(attn_mask, tokens_BxS.shape)
     return _forward(params, tokens_BxS, key, attn_mask_BxS, config=config, remat=remat, loop=loop)
-
-
-def check_config(config, tokens=None) -> None:
-    """A DecoderConfig; tokens given where it goes name the argument order."""
-    if isinstance(tokens, DecoderConfig):
-        raise ArgumentTypeError(
-            "tokens is a DecoderConfig: the order is params, tokens, config (as in forward)"
-        )
-    if not isinstance(config, DecoderConfig):
-        raise ArgumentTypeError(f"config must be a DecoderConfig, got {type(config).__name__}")
-
-
-def check_key(key) -> None:
-    """None, or a PRNG key: a typed key (`jax.random.key`) or a raw one (`PRNGKey`, (2,) uint32)."""
-    if key is None:
-        return
-    dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    raw = dtype == np.uint32 and shape == (2,)
-    if not ((typed and shape == ()) or raw):
-        raise ArgumentTypeError(
-            f"key must be None or a PRNG key (jax.random.key(seed) or PRNGKey(seed)), got "
-            f"{type(key).__name__} of shape {shape} and dtype {dtype}"
-        )
 
 
 def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
@@ -134,15 +111,16 @@ def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
     An id outside the vocabulary would be clamped silently by the embedding gather.
     """
     array = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
+    shown = checks.shown(name)
     if array.ndim != 2 or not array.shape[0]:
         raise ArgumentError(
-            f"{name} must have shape (B, S) with B >= 1, got shape {tuple(array.shape)}"
+            f"{shown} must have shape (B, S) with B >= 1, got shape {tuple(array.shape)}"
         )
     if array.dtype.kind not in "iu":
-        raise ArgumentTypeError(f"{name} must be integer token ids, got dtype {array.dtype}")
+        raise ArgumentTypeError(f"{shown} must be integer token ids, got dtype {array.dtype}")
     if not 1 <= array.shape[1] <= config.max_seq_len:
         raise ArgumentError(
-            f"{name} must have 1 <= S <= max_seq_len={config.max_seq_len}, got S={array.shape[1]}"
+            f"{shown} must have 1 <= S <= max_seq_len={config.max_seq_len}, got S={array.shape[1]}"
         )
     if not isinstance(array, jax.core.Tracer) and array.size:
         values = np.asarray(array)
@@ -150,7 +128,7 @@ def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ArgumentError(
-                f"{name} must be ids in [0, vocab_size={config.vocab_size}), got "
+                f"{shown} must be ids in [0, vocab_size={config.vocab_size}), got "
                 f"{name}[{index[0]}, {index[1]}] = {int(values[index])}"
             )
     return jnp.asarray(array, jnp.int32)

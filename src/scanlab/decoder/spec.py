@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from scanlab import sharding
+from scanlab import checks, sharding
 from scanlab.decoder import quant
-from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.config import DecoderConfig, check_config
 from scanlab.decoder.families import Leaf
 from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
 from scanlab.errors import ArgumentError, ArgumentTypeError
@@ -129,6 +129,8 @@ def check_param_dtype(dtype) -> np.dtype:
 
 def init_params(config: DecoderConfig, key: jax.Array, dtype=jnp.float32) -> DecoderParams:
     """All parameters, initialised as declared (norms 1, biases 0, weights normal/√fan-in)."""
+    check_config(config, ("key", key), order="config, key (as in init_params)")
+    checks.prng_key("key", key)
     dtype = check_param_dtype(dtype)
     return _init_tree(declared(config), param_shapes(config), config, key, dtype)
 

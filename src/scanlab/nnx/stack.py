@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.config import DecoderConfig, check_config
 from scanlab.decoder.layers import LayerKind, decoder_block, layer_kinds, self_attend
 from scanlab.decoder.model import causal_mask, check_mask, check_tokens, embed, unembed
 from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
@@ -144,6 +144,7 @@ class NNXDecoder(nnx.Module):
         layer_scan: Literal["nnx.scan", "split-lax.scan-merge"] = "nnx.scan",
         params: DecoderParams | None = None,
     ):
+        check_config(config)
         check_rngs(rngs)
         if layer_scan not in LAYER_SCANS:
             raise ArgumentError(

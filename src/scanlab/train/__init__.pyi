@@ -1,12 +1,13 @@
 # The public names of scanlab.train, imported on first use (see __init__.py).
 from . import tasks as tasks
+from .checkpoints import CheckpointReadError as CheckpointReadError
+from .checkpoints import CheckpointWriteError as CheckpointWriteError
 from .config import TrainConfig as TrainConfig
 from .evaluation import Evaluation as Evaluation
 from .evaluation import Sample as Sample
 from .evaluation import accuracy as accuracy
 from .evaluation import evaluate as evaluate
 from .evaluation import samples as samples
-from .run import CheckpointReadError as CheckpointReadError
 from .run import ChunkReport as ChunkReport
 from .run import TrainResult as TrainResult
 from .run import load as load

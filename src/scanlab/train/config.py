@@ -46,7 +46,8 @@ class TrainConfig:
         checks.static_int("warmup_steps", self.warmup_steps, minimum=0)
         if self.warmup_steps >= self.steps:
             raise ArgumentError(
-                f"warmup_steps must be < steps={self.steps}, got {self.warmup_steps}"
+                f"{checks.shown('warmup_steps')} must be < {checks.shown('steps')}={self.steps}, "
+                f"got {self.warmup_steps}"
             )
         checks.seed_key(self.seed)
         checks.finite_number("learning_rate", self.learning_rate, above=0.0)

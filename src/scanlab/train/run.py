@@ -1,9 +1,8 @@
 """A long training run as a sequence of scanned chunks, checkpointed with orbax, resumable.
 
 Checkpoints hold the whole TrainState (params, optimizer state, key, step), the loss history and
-the TrainConfig. Orbax writes each one under a temporary name and renames it when complete, so a
-save killed half-way leaves a directory that `latest_step` ignores: resume uses the last complete
-checkpoint.
+the TrainConfig, each step with the checksums of its files (`scanlab.train.checkpoints`): a step
+is reported saved once it is complete on disk, and read only after it verifies.
 """
 
 from __future__ import annotations
@@ -17,12 +16,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from scanlab.errors import ArgumentError, DivergedError, MissingPathError, ScanlabError
+from scanlab import checks
+from scanlab.checks import shown
+from scanlab.errors import ArgumentError, DivergedError
+from scanlab.train import checkpoints
+from scanlab.train.checkpoints import CheckpointReadError
 from scanlab.train.config import TrainConfig
 from scanlab.train.step import TrainState, init_state, state_shardings, train_chunk
 
@@ -32,7 +34,7 @@ class ChunkReport(NamedTuple):
     total_steps: int
     mean_loss: float  # over the chunk's steps
     steps_per_s: float  # this chunk's steps over its wall time (the first includes compilation)
-    checkpointed: bool
+    checkpointed: bool  # this step is saved: complete on disk, with its checksums
 
 
 class TrainResult(NamedTuple):
@@ -47,6 +49,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 5,
     resume: bool = False,
+    resume_step: int | None = None,
     on_chunk: Callable[[ChunkReport], None] | None = None,
     mesh: Mesh | None = None,
 ) -> TrainResult:
@@ -54,26 +57,35 @@ def train(
 
     Args:
       config: the run.
-      checkpoint_dir: where orbax checkpoints go; None for no checkpoints.
-      checkpoint_every: save after every this many chunks, and after the last.
-      resume: continue from the last complete checkpoint in `checkpoint_dir`: the same config,
+      checkpoint_dir: where orbax checkpoints go; None for no checkpoints. It must be writable
+        (checked before training, on resume too).
+      checkpoint_every: save after every this many chunks, and after the last. A save that fails
+        stops the run with CheckpointWriteError; the steps saved before are kept.
+      resume: continue from the newest checkpoint in `checkpoint_dir`: the same config,
         except that `steps` may be raised to extend the run. The learning-rate schedule is then
         the one of the longer plan from the next step on (warm-up done, the cosine decay
-        stretched to the new end), so the rate steps up at the point of extension.
+        stretched to the new end), so the rate steps up at the point of extension. A checkpoint
+        that does not match its checksums is refused, naming the newest step that does.
+      resume_step: with `resume`, continue from this saved step instead of the newest (e.g. the
+        newest one that verifies); the steps after it are moved to `checkpoint_dir/abandoned/`.
       on_chunk: called after each chunk, e.g. to draw progress.
       mesh: run data- and tensor-parallel on this ("data", "model") mesh; checkpoints written
         on one mesh resume on another.
     """
     if checkpoint_every < 1:
-        raise ArgumentError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        raise ArgumentError(f"{shown('checkpoint_every')} must be >= 1, got {checkpoint_every}")
     if resume and checkpoint_dir is None:
-        raise ArgumentError("resume needs a checkpoint_dir, got None")
-    if resume and checkpoint_dir is not None:
-        _check_exists(checkpoint_dir)  # reading must not create what it fails to find
-    manager = _manager(checkpoint_dir) if checkpoint_dir is not None else None
+        raise ArgumentError(f"{shown('resume')} needs a {shown('checkpoint_dir')}, got None")
+    if resume_step is not None and not resume:
+        raise ArgumentError(f"{shown('resume_step')} needs {shown('resume')}")
+    if checkpoint_dir is not None:
+        if resume:
+            checkpoints.check_exists(checkpoint_dir)  # reading must not create what it lacks
+        checks.writable_dir("checkpoint_dir", checkpoint_dir)
+    manager = checkpoints.open_manager(checkpoint_dir) if checkpoint_dir is not None else None
     state, losses, history = None, None, list[float]()
     try:
-        state, history = _starting_point(config, manager, resume, mesh)
+        state, history = _starting_point(config, manager, resume, resume_step, mesh)
         step = int(state.step)
         while step < config.steps:
             n = min(config.chunk_steps, config.steps - step)
@@ -98,18 +110,15 @@ def train(
         raise
     finally:
         if manager is not None:
-            manager.wait_until_finished()
             manager.close()
     return TrainResult(config, state, np.asarray(history, np.float32))
 
 
-def saved_config(checkpoint_dir: str | Path) -> TrainConfig:
-    """The TrainConfig of the last complete checkpoint in `checkpoint_dir`."""
-    _check_exists(checkpoint_dir)
-    with _manager(checkpoint_dir) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise ArgumentError(f"checkpoint_dir {checkpoint_dir} holds no complete checkpoint")
+def saved_config(checkpoint_dir: str | Path, step: int | None = None) -> TrainConfig:
+    """The TrainConfig of the newest checkpoint in `checkpoint_dir` (or of `step`), verified."""
+    checkpoints.check_exists(checkpoint_dir)
+    with checkpoints.open_manager(checkpoint_dir) as manager:
+        step = checkpoints.verified_step(manager, step, "resume_step")
         return TrainConfig(**_saved_config(manager, step))
 
 
@@ -125,14 +134,14 @@ def _check_finite(losses: np.ndarray, step: int, manager) -> None:
         )
 
 
-def load(checkpoint_dir: str | Path, mesh: Mesh | None = None) -> TrainResult:
-    """The last complete checkpoint of a run (its config, state and loss history), placed on
-    `mesh` if one is given, whatever mesh it was written from."""
-    _check_exists(checkpoint_dir)
-    with _manager(checkpoint_dir) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise ArgumentError(f"checkpoint_dir {checkpoint_dir} holds no complete checkpoint")
+def load(
+    checkpoint_dir: str | Path, mesh: Mesh | None = None, step: int | None = None
+) -> TrainResult:
+    """The newest checkpoint of a run (or `step`), verified: its config, state and loss history,
+    placed on `mesh` if one is given, whatever mesh it was written from."""
+    checkpoints.check_exists(checkpoint_dir)
+    with checkpoints.open_manager(checkpoint_dir) as manager:
+        step = checkpoints.verified_step(manager, step, "step")
         config = TrainConfig(**_saved_config(manager, step))
         state, history = _restore(manager, step, config, mesh)
     return TrainResult(config, state, np.asarray(history, np.float32))
@@ -177,60 +186,36 @@ def _interrupts_held():
             signal.raise_signal(number)
 
 
-def _check_exists(checkpoint_dir: str | Path) -> None:
-    if not Path(checkpoint_dir).is_dir():
-        raise MissingPathError(f"checkpoint_dir {checkpoint_dir} does not exist")
-
-
-def _manager(checkpoint_dir: str | Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=3, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(Path(checkpoint_dir).absolute(), options=options)
-
-
-def _starting_point(config, manager, resume: bool, mesh) -> tuple[TrainState, list[float]]:
+def _starting_point(config, manager, resume: bool, resume_step, mesh):
+    """(state, loss history) to start from: fresh, or a verified checkpoint's."""
     latest = manager.latest_step() if manager is not None else None
     if not resume:
         if latest is not None:
             raise ArgumentError(
-                f"checkpoint_dir {manager.directory} already holds a run (latest step {latest}); "
-                "pass resume=True (--resume) to continue it, or choose another directory"
+                f"{shown('checkpoint_dir')} {manager.directory} already holds a run (latest step "
+                f"{latest}); pass resume=True (--resume) to continue it, or choose another "
+                "directory"
             )
         return init_state(config, mesh), []
     if latest is None:
         raise ArgumentError(
-            f"checkpoint_dir {manager.directory} holds no complete checkpoint to resume"
+            f"{shown('checkpoint_dir')} {manager.directory} holds no complete checkpoint to resume"
         )
-    _check_same_config(_saved_config(manager, latest), config, manager.directory)
-    if config.steps < latest:
+    step = checkpoints.verified_step(manager, resume_step, "resume_step")
+    _check_same_config(_saved_config(manager, step), config, manager.directory)
+    if config.steps < step:
         raise ArgumentError(
-            f"steps must be >= {latest} to resume checkpoint_dir {manager.directory} (the run "
-            f"has done {latest} steps), got {config.steps}"
+            f"{shown('steps')} must be >= {step} to resume {shown('checkpoint_dir')} "
+            f"{manager.directory} (the run has done {step} steps), got {config.steps}"
         )
-    return _restore(manager, latest, config, mesh)
-
-
-class CheckpointReadError(ScanlabError, ValueError):
-    """A checkpoint on disk is damaged or incomplete: which one, and what orbax said."""
-
-
-@contextlib.contextmanager
-def _reading(manager, step: int):
-    # Orbax and TensorStore raise bare Exceptions (or KeyError for a missing item) with pages of
-    # detail: name the checkpoint and keep the first sentence.
-    try:
-        yield
-    except Exception as error:
-        summary = str(error).splitlines()[0].split(" See full TensorStore details")[0]
-        raise CheckpointReadError(
-            f"checkpoint {Path(manager.directory) / str(step)} cannot be read "
-            f"({type(error).__name__}: {summary.strip()[:300]})"
-        ) from None
+    checkpoints.abandon_newer(manager, step)
+    return _restore(manager, step, config, mesh)
 
 
 def _saved_config(manager, step: int) -> dict:
     """The TrainConfig a checkpoint was written with, as a dict (read before the state, whose
     shapes it decides)."""
-    with _reading(manager, step):
+    with checkpoints.reading(manager, step):
         return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
@@ -242,7 +227,7 @@ def _restore(manager, step: int, config: TrainConfig, mesh) -> tuple[TrainState,
             target,
             state_shardings(config, mesh),
         )
-    with _reading(manager, step):
+    with checkpoints.reading(manager, step):
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
@@ -252,19 +237,27 @@ def _restore(manager, step: int, config: TrainConfig, mesh) -> tuple[TrainState,
         )
     # Orbax hands back plain containers in places: rebuild the exact NamedTuple structure.
     state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored.state))
+    _check_restored_finite(state, checkpoints.step_path(manager, step))
     return state, list(restored.history)
 
 
+def _check_restored_finite(state: TrainState, path: Path) -> None:
+    """A saved state is finite (a NaN loss stops a run before it saves): refuse one that is not,
+    rather than let a resumed run blame its learning rate."""
+    for where, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) and not np.isfinite(leaf).all():
+            raise CheckpointReadError(
+                f"checkpoint {path} holds NaN or Inf in state{jax.tree_util.keystr(where)}"
+            )
+
+
 def _save(manager, step: int, config: TrainConfig, state: TrainState, history: list[float]):
-    # A copy: the save runs asynchronously, and the next chunk donates (overwrites) `state`.
-    snapshot = jax.tree.map(jnp.copy, state)
-    manager.save(
+    checkpoints.save(
+        manager,
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(snapshot),
-            history=ocp.args.JsonSave(history),
-            config=ocp.args.JsonSave(config.to_dict()),
-        ),
+        state=ocp.args.StandardSave(state),
+        history=ocp.args.JsonSave(history),
+        config=ocp.args.JsonSave(config.to_dict()),
     )
 
 
@@ -279,6 +272,6 @@ def _check_same_config(saved: dict, config: TrainConfig, directory) -> None:
     ]
     if differences:
         raise ArgumentError(
-            f"checkpoint_dir {directory} was written by a different config: "
+            f"{shown('checkpoint_dir')} {directory} was written by a different config: "
             + "; ".join(differences)
         )

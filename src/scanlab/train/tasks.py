@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 else:
     jax = lazy_loader.load("jax")
 
+from scanlab.checks import shown
 from scanlab.errors import ArgumentError
 
 
@@ -115,4 +116,6 @@ def task_by_name(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ArgumentError(f"task must be one of {sorted(TASKS)}, got {name!r}") from None
+        raise ArgumentError(
+            f"{shown('task')} must be one of {sorted(TASKS)}, got {name!r}"
+        ) from None

