@@ -49,3 +49,16 @@ def test_all_finite_names_first_bad_index():
 def test_numeric_array_passes_jax_arrays_through():
     x = jnp.ones(3)
     assert checks.numeric_array("x", x) is x
+
+
+def test_messages_name_arguments_as_the_caller_spelled_them():
+    spelling = {"max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "temperature": "--temp"}
+    with checks.spelled_as(spelling):
+        with pytest.raises(ValueError, match=r"^--max-new-tokens must be >= 1, got 0$"):
+            checks.static_int("max_new_tokens", 0, minimum=1)
+        with pytest.raises(ValueError, match=r"^--top-k needs --temp > 0 .* got --top-k=3$"):
+            checks.sampling_options(10, top_k=3)
+        with pytest.raises(ValueError, match=r"^seed must be in"):  # not in the spelling: as is
+            checks.seed_key(-1)
+    with pytest.raises(ValueError, match=r"^max_new_tokens must be >= 1"):  # outside: Python's
+        checks.static_int("max_new_tokens", 0, minimum=1)

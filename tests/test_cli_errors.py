@@ -68,7 +68,10 @@ COMMANDS = {
         plot=["/proc/x/loss.png"],
     ),
     "decoder compare": options(
-        layers=INTS, **{"d-model": ["0", "36", "400000", "x"]}, seq=INTS, batch=INTS,
+        layers=INTS,
+        **{"d-model": ["0", "36", "400000", "x"]},
+        seq=INTS,
+        batch=INTS,
         mesh=["data=3", "data=0", "model=x"],
     ),
     "bench": options(devices=["-1", "0", "99999999999"], out=["/proc/x"]),
@@ -153,7 +156,10 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             ["chat", "--weights", "float16"],
             "error: --weights must be one of ['quantized', 'float32', 'bfloat16']",
         ),
-        (["chat", "--top-p", "2", "--temperature", "1"], "error: --top-p must be in (0, 1], got 2.0"),
+        (
+            ["chat", "--top-p", "2", "--temperature", "1"],
+            "error: --top-p must be in (0, 1], got 2.0",
+        ),
         (["chat", "--min-p", "0.1"], "error: --min-p needs --temperature > 0"),
         (
             ["decoder", "generate", "--temperature", "nan"],
@@ -186,7 +192,10 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             ["evaluate", "--checkpoint-dir", "typo_dir"],
             "error: --checkpoint-dir typo_dir does not exist",
         ),
-        (["evaluate", "--checkpoint-dir", "typo_dir", "--n", "0"], "error: --n must be >= 1, got 0"),
+        (
+            ["evaluate", "--checkpoint-dir", "typo_dir", "--n", "0"],
+            "error: --n must be >= 1, got 0",
+        ),
     ],
 )
 def test_each_reported_case_is_one_clear_line(args, message, cli):

@@ -31,7 +31,7 @@ def cli_lines() -> list[str]:
 
 def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
-    config = decoder.preset("tiny")  # the DIR of `decoder generate --checkpoint DIR`
+    config = decoder.preset("tiny")  # the DIR of `decoder generate --model DIR`
     decoder.save_checkpoint("DIR", config, decoder.init_params(config, jax.random.PRNGKey(0)))
     lines = cli_lines()
     assert len(lines) >= 10
@@ -53,7 +53,7 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
     # --resume takes the run's saved settings (already complete: the same result, no training).
     resumed = printed["train --checkpoint-dir runs/rev --resume"]
     assert "held-out exact-match accuracy after 200 steps" in resumed and "step " not in resumed
-    assert printed["generate --checkpoint runs/rev"].count("reverse ") == 8
+    assert printed["evaluate --checkpoint-dir runs/rev"].count("reverse ") == 8
     # A flag given again on resume must agree with the saved run.
     status, err, _ = cli(["train", "--checkpoint-dir", "runs/rev", "--resume", "--batch-size", "8"])
     assert status == 2 and "batch_size=64 there, 8 here" in err, err

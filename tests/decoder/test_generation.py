@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from tests.traces import traced
 
-from scanlab.decoder import forward, generate, init_params, preset
+from scanlab.decoder import forward, generate, init_params, load_model, preset
 
 CONFIG = preset("tiny")
 
@@ -218,8 +218,39 @@ def test_stream_checks_arguments_before_the_first_token(params, prompt):
             TypeError,
             r"dtype must be a floating dtype, got int8",
         ),
+        (
+            lambda p, t, c: init_params(jax.random.PRNGKey(0), c),
+            TypeError,
+            r"key is a DecoderConfig: the order is config, key \(as in init_params\)",
+        ),
+        (
+            lambda p, t, c: init_params({}, jax.random.PRNGKey(0)),
+            TypeError,
+            r"config must be a DecoderConfig, got dict",
+        ),
+        (
+            lambda p, t, c: init_params(c, 0),
+            TypeError,
+            r"key must be a PRNG key .* got int of shape \(\) and dtype None",
+        ),
+        (
+            lambda p, t, c: load_model(None),
+            TypeError,
+            r"model must be a str or os.PathLike, got NoneType",
+        ),
     ],
-    ids=["argument-order", "config", "batch-0", "key-int", "key-shape", "int8-params"],
+    ids=[
+        "argument-order",
+        "config",
+        "batch-0",
+        "key-int",
+        "key-shape",
+        "int8-params",
+        "init-order",
+        "init-config",
+        "init-key",
+        "load-none",
+    ],
 )
 def test_api_mistakes_name_the_argument(call, error, message):
     config = preset("tiny")

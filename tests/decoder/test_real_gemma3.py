@@ -142,7 +142,7 @@ def test_decoder_generate_continues_a_prompt(cli):
         [
             "decoder",
             "generate",
-            "--checkpoint",
+            "--model",
             "gemma3-270m",
             "--prompt",
             "The capital of France is",

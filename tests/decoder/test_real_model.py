@@ -4,6 +4,8 @@ transformers loading the same file, text in and text out.
 scanlab runs as users get it, `load_model`'s default: the file's blocks kept as int8 (the tour,
 the docs and these tests then share compiled programs); the f32 load is the twin they equal."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -205,11 +207,12 @@ def test_decoder_generate_continues_text_from_a_checkpoint_directory(transformer
     answer = out.tokens[0, ids.shape[1] : ids.shape[1] + int(out.lengths[0])]
     result = CliRunner().invoke(
         app,
-        ["decoder", "generate", "--checkpoint", str(tmp_path), "--prompt", prompt,
+        ["decoder", "generate", "--model", str(tmp_path), "--prompt", prompt,
          "--max-new-tokens", "6"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert result.output == prompt + tokenizer.decode(answer) + "\n"
+    assert result.stdout == prompt + tokenizer.decode(answer) + "\n"
+    assert re.fullmatch(rf"loading {tmp_path} \(default weights\)\.\.\. [0-9.]+ s\n", result.stderr)
 
 
 @pytest.mark.parametrize(
@@ -219,12 +222,12 @@ def test_decoder_generate_continues_text_from_a_checkpoint_directory(transformer
         (
             "chat",
             ["--top-k", "99999999", "--temperature", "0.7"],
-            "top_k must be <= vocab_size=49152, got 99999999",
+            "--top-k must be <= vocab_size=49152, got 99999999",
         ),
         (
             "decoder generate",
             ["--top-k", "49153", "--temperature", "0.7", "--tokens", "1,2"],
-            "top_k must be <= vocab_size=49152, got 49153",
+            "--top-k must be <= vocab_size=49152, got 49153",
         ),
     ],
 )
@@ -238,8 +241,7 @@ def test_limits_from_the_model_s_config_are_checked_before_its_weights_load(
 
     monkeypatch.setattr(load, "load_weights", no_weights)
     monkeypatch.setattr(load, "load_model", no_weights)
-    model_flag = "--model" if command == "chat" else "--checkpoint"
-    status, err, _ = cli([*command.split(), model_flag, str(smollm2_path), *flags])
+    status, err, _ = cli([*command.split(), "--model", str(smollm2_path), *flags])
     assert (status, err.strip()) == (2, f"error: {message}")
 
 

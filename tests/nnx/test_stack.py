@@ -117,6 +117,8 @@ def test_bad_arguments_are_named():
         NNXDecoder(MHA, rngs=nnx.Rngs(0), layer_scan="python")
     with pytest.raises(TypeError, match=r"rngs must be an nnx.Rngs \(e.g. nnx.Rngs\(0\)\), got 0"):
         NNXDecoder(MHA, rngs=0)
+    with pytest.raises(TypeError, match="config must be a DecoderConfig, got dict"):
+        NNXDecoder({}, rngs=nnx.Rngs(0))
     params = decoder.init_params(GQA_TIED, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="layers on its leading axis, expected n_layers=3"):
         NNXDecoder.from_params(params, MHA.replace(tie_embeddings=True))

@@ -84,37 +84,42 @@ def test_progress_reports_every_chunk():
     assert all(r.steps_per_s > 0 and np.isfinite(r.mean_loss) for r in reports)
 
 
-def test_a_damaged_checkpoint_is_named_not_a_tensorstore_traceback(tmp_path):
-    # In its own process: a failed TensorStore read leaves asyncio callbacks behind that would
-    # surface later, in whichever test this worker runs next.
+def test_a_damaged_checkpoint_is_named_before_orbax_reads_it(tmp_path):
+    """In its own process, to see its whole output: the checksums name the damage, so orbax's
+    readers never meet it (they used to leave pages of asyncio tracebacks behind)."""
     script = f"""
-import shutil
 from pathlib import Path
 from scanlab.train import TrainConfig, load, train
-from scanlab.train.run import CheckpointReadError
+from scanlab.train import checkpoints
 
 run = Path({str(tmp_path)!r})
 train(TrainConfig(steps=20, chunk_steps=10, warmup_steps=5), checkpoint_dir=run)
 data = sorted((run / "20" / "state").glob("ocdbt.process_0/d/*"), key=lambda f: f.stat().st_size)
 data[-1].write_bytes(data[-1].read_bytes()[: data[-1].stat().st_size // 2])
-for damage in ("truncated", "no history"):
-    if damage == "no history":
-        shutil.rmtree(run / "20" / "history")
+for damage in ("truncated", "truncated before its checksums were taken"):
+    if damage != "truncated":
+        checkpoints._write_manifest(run / "20")  # the sums now agree with the damaged file
     try:
         load(run)
-    except CheckpointReadError as error:
-        print(damage, "->", error)
+    except checkpoints.CheckpointReadError as error:
+        print(damage, "->", error, flush=True)
+    if damage == "truncated":
+        import sys
+        print("end of the first case", file=sys.stderr, flush=True)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(
-        f"truncated -> checkpoint {tmp_path}/20 cannot be read (Exception: Encountered error while reading"
-    ), lines
+    assert lines[0].startswith(f"truncated -> checkpoint {tmp_path}/20 is damaged: state/"), lines
+    assert lines[0].endswith("does not match its SHA-256; no older step verifies"), lines
+    first_case = result.stderr.split("end of the first case")[0]
+    assert "Traceback" not in first_case, first_case
+    # Damage the checksums cannot see (the file was bad when they were taken): orbax's error,
+    # named and cut to its first sentence.
     assert lines[1].startswith(
-        f"no history -> checkpoint {tmp_path}/20 cannot be read (KeyError:"
+        f"truncated before its checksums were taken -> checkpoint {tmp_path}/20 cannot be read "
+        "(Exception: Encountered error while reading"
     ), lines
-    assert 'Item "history" was not found' in lines[1]
 
 
 def test_raising_steps_on_resume_continues_under_the_longer_schedule(tmp_path):

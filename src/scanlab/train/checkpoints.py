@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -166,9 +168,17 @@ def reading(manager: ocp.CheckpointManager, step: int):
 
 
 def _summary(error: Exception) -> str:
+    """The operating system's reason where one is in the chain (TensorStore's messages hold it as
+    os_error_code, after a page of spec), else the first sentence."""
+    chain: Exception | None = error
+    while chain is not None:
+        if isinstance(chain, OSError) and chain.strerror:
+            return f"[Errno {chain.errno}] {chain.strerror}"
+        code = re.search(r"os_error_code='(\d+)'", str(chain))
+        if code:
+            return f"[Errno {code[1]}] {os.strerror(int(code[1]))}"
+        chain = chain.__cause__ or chain.__context__  # type: ignore[assignment]
     text = str(error) or repr(error)
-    if error.__cause__ is not None and not isinstance(error, OSError):
-        text = f"{text} {error.__cause__}"  # orbax's wrapper names the array, the cause says why
     return text.splitlines()[0].split(" See full TensorStore details")[0].strip()[:300]
 
 
