@@ -49,6 +49,7 @@ def test_half_written_checkpoint_is_ignored_on_resume(tmp_path):
     assert int(load(tmp_path).state.step) == 40
     resumed = train(CONFIG, checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
     assert int(resumed.state.step) == 60
+    assert not killed.exists()  # removed, not left behind for good
 
 
 def test_resume_with_another_config_is_refused_and_keeps_the_checkpoints(tmp_path):
