@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from scanlab import checks
 from scanlab.checks import shown
-from scanlab.decoder import spec
+from scanlab.decoder import qmatvec, spec
 from scanlab.decoder.config import DecoderConfig, check_weights
 from scanlab.decoder.formats import pretrained
 from scanlab.decoder.formats.gguf_file import config_from_gguf, load_gguf, open_gguf
@@ -26,34 +26,41 @@ class Model(NamedTuple):
     tokenizer: Tokenizer
 
 
-def load_model(source: str | os.PathLike, weights: str | None = None) -> Model:
+def load_model(
+    source: str | os.PathLike, weights: str | None = None, kernel: bool | None = None
+) -> Model:
     """A model and its tokenizer from a known model's name, a .gguf file or a transformers
     directory.
 
     `weights` is one of WEIGHTS: "quantized" (int8 blocks: a GGUF file's own, losslessly; a
     directory's quantized by `quant.quantize`), "float32" or "bfloat16". None means "quantized"
-    for GGUF files and known models, "float32" for directories.
+    for GGUF files and known models, "float32" for directories. `kernel`: quantized weights in
+    the CPU kernel's layout (`qmatvec`); None: where the kernel is available.
     """
     path = resolve(source, weights)
     tokenizer = load_tokenizer(path)  # first: a checkpoint without one fails before the weights
-    return Model(*_load_weights(path, weights), tokenizer)
+    return Model(*_load_weights(path, weights, kernel), tokenizer)
 
 
 def load_weights(
-    source: str | os.PathLike, weights: str | None = None
+    source: str | os.PathLike, weights: str | None = None, kernel: bool | None = None
 ) -> tuple[DecoderConfig, DecoderParams]:
     """(config, params) of a known model's name, a .gguf file or a transformers directory."""
-    return _load_weights(resolve(source, weights), weights)
+    return _load_weights(resolve(source, weights), weights, kernel)
 
 
-def _load_weights(path: Path, weights: str | None) -> tuple[DecoderConfig, DecoderParams]:
+def _load_weights(
+    path: Path, weights: str | None, kernel: bool | None
+) -> tuple[DecoderConfig, DecoderParams]:
+    kernel = qmatvec.available() if kernel is None else bool(kernel)
     if path.is_dir():
         if weights != "quantized":
             return load_checkpoint(path, dtype=weights or "float32")
         config, params = load_checkpoint(path, dtype="float32")
-        return config, spec.quantize(params, config)
+        return config, spec.quantize(params, config, kernel=kernel)
     quantized = weights in (None, "quantized")
-    return load_gguf(path, dtype="float32" if quantized else weights, quantized=quantized)
+    dtype = "float32" if quantized else weights
+    return load_gguf(path, dtype=dtype, quantized=quantized, kernel=quantized and kernel)
 
 
 def load_config(path: Path) -> DecoderConfig:

@@ -16,6 +16,11 @@ is several times slower), and, for the vocabulary-sized head, `VocabChunks`: the
 column chunks scanned one at a time, so no V x D f32 temporary is written (the benchmark report,
 W7, has the figures). Nothing here assumes a CPU: on a GPU the same dequantize-then-dot is the
 form XLA fuses into the dot.
+
+On a CPU, `for_kernel` lays the weights out for the jax.ffi kernel instead (`qmatvec`,
+`PackedArray`: per output row, blocks of 32, 4-bit values two per byte), which never writes a
+dequantized copy; `hold_stacked`/`at_layer` let the layer scan hand it the whole stack and a
+layer index rather than a copied slice.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scanlab.decoder.params import DecoderParams
+from scanlab.decoder import qmatvec
+from scanlab.decoder.params import DecoderBlock, DecoderParams
+from scanlab.decoder.qmatvec import PackedArray
 from scanlab.errors import ArgumentError, ArgumentTypeError
 
 # The activations' dtype of quantized weights: XLA:CPU converts bf16 slowly.
@@ -102,11 +109,11 @@ class VocabChunks:
         return self.chunks.dtype
 
 
-Weight = jax.Array | QuantArray | VocabChunks
+Weight = jax.Array | QuantArray | VocabChunks | PackedArray
 
 
 def is_quantized(node) -> bool:
-    return isinstance(node, QuantArray | VocabChunks)
+    return isinstance(node, QuantArray | VocabChunks | PackedArray)
 
 
 def dequantize(array: QuantArray, dtype=COMPUTE_DTYPE) -> jax.Array:
@@ -139,16 +146,21 @@ def as_dense(weight: Weight, dtype=None) -> jax.Array:
         return head_DxV.T if weight.vocab_first else head_DxV
     if isinstance(weight, QuantArray):
         return dequantize(weight, dtype or COMPUTE_DTYPE)
+    if isinstance(weight, PackedArray):
+        return qmatvec.unpack(weight).astype(dtype or COMPUTE_DTYPE)
     return weight if dtype is None else weight.astype(dtype)
 
 
-def project(equation: str, x: jax.Array, weight: jax.Array | QuantArray) -> jax.Array:
-    """`jnp.einsum(equation, x, weight)`, a quantized weight dequantized into the dot.
+def project(equation: str, x: jax.Array, weight: Weight) -> jax.Array:
+    """`jnp.einsum(equation, x, weight)`, a quantized weight dequantized into the dot (a
+    PackedArray: by the kernel).
 
     The equation's output must be x's kept axes, then the weight's. The contraction runs over
     the weight's axes in their stored order: `jnp.einsum` may list them in another, and XLA then
     copies the weight transposed before its dot, every layer of every step.
     """
+    if isinstance(weight, PackedArray):  # its inputs are the contracted axes, x's last ones
+        return qmatvec.matvec(x, weight).astype(x.dtype)
     dense = dequantize(weight, x.dtype) if isinstance(weight, QuantArray) else weight
     return jax.lax.dot_general(x, dense, (_contraction(equation), ((), ())))
 
@@ -179,6 +191,9 @@ def embed_rows(embedding: Weight, tokens: jax.Array) -> jax.Array:
             axis=-1,
         )
         return dequantize(taken)
+    if isinstance(embedding, PackedArray):  # an embedding: its rows are the tokens'
+        rows = (None if leaf is None else leaf[tokens] for leaf in _leaves(embedding))
+        return qmatvec.dense_rows(*rows)
     if isinstance(embedding, QuantArray):
         rows = jax.tree.map(lambda leaf: leaf[tokens], embedding)
         return dequantize(rows)
@@ -187,8 +202,8 @@ def embed_rows(embedding: Weight, tokens: jax.Array) -> jax.Array:
 
 def tied_head(embedding: Weight) -> Weight:
     """The (D, V) output head of a tied (V, D) embedding."""
-    if isinstance(embedding, VocabChunks):
-        return embedding  # the same chunks serve both
+    if isinstance(embedding, VocabChunks | PackedArray):
+        return embedding  # the same chunks (or rows) serve both
     return as_dense(embedding).T
 
 
@@ -197,6 +212,8 @@ def head_logits(x_BxSxD: jax.Array, head: Weight) -> jax.Array:
 
     A `VocabChunks` head is dequantized one column chunk per scan step.
     """
+    if isinstance(head, PackedArray):
+        return qmatvec.matvec(x_BxSxD, head)
     if not isinstance(head, VocabChunks):
         return jnp.matmul(x_BxSxD, as_dense(head), preferred_element_type=jnp.float32)
 
@@ -259,6 +276,86 @@ def vocab_chunks(params: DecoderParams) -> DecoderParams:
     if params.lm_head is None and isinstance(params.embed, QuantArray):
         return params._replace(embed=to_vocab_chunks(params.embed, vocab_first=True))
     return params
+
+
+def decoding_layout(params: DecoderParams, kernel: bool) -> DecoderParams:
+    """Quantized params laid out for decoding: for the kernel where `kernel` (what it cannot
+    take stays a QuantArray), the output head as VocabChunks unless the kernel took it."""
+    return vocab_chunks(for_kernel(params) if kernel else params)
+
+
+def for_kernel(params: DecoderParams) -> DecoderParams:
+    """The quantized weights the kernel can take (blocks of 32) as PackedArrays: projections,
+    the output head and a tied embedding; any other stays as it is."""
+
+    def packed(weight, stacked: bool):
+        return pack(weight, stacked) if isinstance(weight, QuantArray) else weight
+
+    blocks = jax.tree.map(lambda w: packed(w, True), params.blocks, is_leaf=is_quantized)
+    packed_params = params._replace(blocks=blocks, lm_head=packed(params.lm_head, False))
+    if params.lm_head is None and isinstance(params.embed, QuantArray):
+        packed_params = packed_params._replace(embed=_pack_embedding(params.embed))
+    return packed_params
+
+
+def pack(array: QuantArray, stacked: bool) -> QuantArray | PackedArray:
+    """A projection ([L,] inputs..., outputs...) blocked along its last input axis, in the
+    kernel's layout; as it is where its blocks are not 32 wide."""
+    if array.block != qmatvec.BLOCK:
+        return array
+    lead = 1 if stacked else 0
+    at = array.ndim + array.axis
+    in_shape, out_shape = array.shape[lead : at + 1], array.shape[at + 1 :]
+    outputs = math.prod(out_shape)
+
+    def rows(leaf):  # ([L,] inputs..., outputs...) -> ([L,] N, K)
+        if leaf is None:
+            return None
+        leaf = np.asarray(leaf)
+        width = leaf.size // (math.prod(leaf.shape[:lead]) * outputs)
+        return np.swapaxes(leaf.reshape(*leaf.shape[:lead], width, outputs), -1, -2)
+
+    return qmatvec.pack_rows(
+        rows(array.values), rows(array.scales), rows(array.mins), in_shape, out_shape
+    )
+
+
+def _pack_embedding(embed: QuantArray) -> QuantArray | PackedArray:
+    """A (V, D) embedding blocked along D: its rows are already the head's output rows."""
+    if embed.block != qmatvec.BLOCK or embed.axis != -1:
+        return embed
+    vocab, width = embed.shape
+    return qmatvec.pack_rows(
+        embed.values, embed.scales, embed.mins, (width,), (vocab,), transposed=True
+    )
+
+
+def _leaves(array: PackedArray):
+    return array.quants, array.scales, array.mins
+
+
+def hold_stacked(blocks: DecoderBlock) -> tuple[DecoderBlock, DecoderBlock]:
+    """(blocks without their PackedArrays, the PackedArrays alone): the layer scan slices the
+    first and gives the second whole to `at_layer`, so the kernel reads each layer in place."""
+    held = jax.tree.map(
+        lambda w: w if isinstance(w, PackedArray) else None, blocks, is_leaf=is_quantized
+    )
+    scanned = jax.tree.map(
+        lambda w: None if isinstance(w, PackedArray) else w, blocks, is_leaf=is_quantized
+    )
+    return scanned, held
+
+
+def at_layer(scanned: DecoderBlock, held: DecoderBlock | None, layer: jax.Array) -> DecoderBlock:
+    """One layer's block: its scanned slice, with the held PackedArrays pointed at `layer`."""
+    if held is None:
+        return scanned
+    return jax.tree.map(
+        lambda hold, part: part if hold is None else dataclasses.replace(hold, layer=layer),
+        held,
+        scanned,
+        is_leaf=lambda node: node is None or isinstance(node, PackedArray),
+    )
 
 
 def check_block(shape: tuple[int, ...], axis: int, block: int, name: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from scanlab import checks, sharding
-from scanlab.decoder import quant
+from scanlab.decoder import qmatvec, quant
 from scanlab.decoder.config import DecoderConfig, check_config
 from scanlab.decoder.families import Leaf
 from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
@@ -204,16 +204,21 @@ def _check_quantized(array, leaf: Leaf, name: str, shape: tuple[int, ...]) -> No
         )
     if isinstance(array, quant.VocabChunks):
         quant.check_quant_array(array.chunks, name + ".chunks", tuple(array.chunks.shape))
+    elif isinstance(array, quant.PackedArray):
+        qmatvec.check_packed(array, name)
     else:
         quant.check_quant_array(array, name, shape)
 
 
-def quantize(params: DecoderParams, config: DecoderConfig, block: int = 32) -> DecoderParams:
+def quantize(
+    params: DecoderParams, config: DecoderConfig, block: int = 32, *, kernel: bool = False
+) -> DecoderParams:
     """Weight-only int8 quantization of every dense weight matrix, blocked along its input axis.
 
     Each block of `block` inputs gets Q8_0's symmetric int8 values and float16 scale
     (`quant.quantize_blocks`); the output head becomes `VocabChunks`. Norms and biases stay
-    dense; leaves already quantized are kept.
+    dense; leaves already quantized are kept. `kernel`: lay them out for the CPU kernel
+    (`quant.decoding_layout`).
     """
     check_params(params, config)
     size = sizes(config)
@@ -233,7 +238,7 @@ def quantize(params: DecoderParams, config: DecoderConfig, block: int = 32) -> D
     tree = jax.tree.map(
         quantized, declared(config), params, is_leaf=lambda node: node is None or is_leaf(node)
     )
-    return quant.vocab_chunks(tree)
+    return quant.decoding_layout(tree, kernel)
 
 
 def param_bytes(params: DecoderParams) -> int:
@@ -269,6 +274,11 @@ def shard_params(params: DecoderParams, config: DecoderConfig, mesh: Mesh) -> De
     specs = param_specs(config, mesh)
 
     def placed(spec: PartitionSpec, array):
+        if isinstance(array, quant.PackedArray):
+            raise ArgumentTypeError(
+                "shard_params takes dense or QuantArray weights, got the kernel's PackedArray "
+                "(one device): load with kernel=False to shard a quantized model"
+            )
         if isinstance(array, quant.VocabChunks):
             return jax.tree.map(lambda _: PartitionSpec(), array)
         if isinstance(array, quant.QuantArray):

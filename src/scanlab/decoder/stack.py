@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from scanlab import loops
+from scanlab.decoder import quant
 from scanlab.decoder.cache import Cache, StepMasks, cache_slots, cached_attend
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.layers import LayerKind, decoder_block, layer_kinds, self_attend
@@ -55,13 +56,15 @@ def check_remat(remat: str, loop: bool = False) -> tuple[str, int | Literal["sqr
     return REMAT[remat]
 
 
-def _layer_step(config: DecoderConfig, positions_BxS: jax.Array, attend_of):
-    """The scan body over ((key, seq), (block, kind, extra)): `attend_of(kind, extra)` is the
-    layer's `Attend`; the body returns what it updated."""
+def _layer_step(config: DecoderConfig, positions_BxS: jax.Array, attend_of, held=None):
+    """The scan body over ((key, seq), ((block, layer), kind, extra)): `attend_of(kind, extra)`
+    is the layer's `Attend`, `held` the stacked weights the scan does not slice
+    (`quant.hold_stacked`); the body returns what it updated."""
 
     def step(state, layer_inputs):
         key, seq = state
-        block, kind, extra = layer_inputs
+        (scanned, layer), kind, extra = layer_inputs
+        block = quant.at_layer(scanned, held, layer)
         key, subkey = split_key_nullable(key)
         seq, aux = decoder_block(
             block,
@@ -111,18 +114,21 @@ def run_layers(
     policy, segments = check_remat(remat, loop)
     if positions_BxS is None:
         positions_BxS = _default_positions(seq_BxSxD)
+    scanned, held = quant.hold_stacked(blocks)
     step = _layer_step(
         config,
         positions_BxS,
         lambda kind, _: self_attend(attn_mask_BxSxS, positions_BxS, kind, config),
+        held,
     )
     kinds = layer_kinds(config)
     with jax.named_scope("layers"):
         if loop:
-            (_, seq_BxSxD), _ = _python_loop(step, (key, seq_BxSxD), blocks, kinds, policy)
+            (_, seq_BxSxD), _ = _python_loop(step, (key, seq_BxSxD), scanned, kinds, policy)
         else:
+            layers = (scanned, jnp.arange(config.n_layers, dtype=jnp.int32))
             (_, seq_BxSxD), _ = loops.remat_scan(
-                step, (key, seq_BxSxD), (blocks, kinds, None), policy=policy, segments=segments
+                step, (key, seq_BxSxD), (layers, kinds, None), policy=policy, segments=segments
             )
     return seq_BxSxD
 
@@ -155,7 +161,8 @@ def run_cached_layers(
         cache, slot = layer_inputs
         return cached_attend(cache, slot, kind, masks, positions_BxS, config)
 
-    step = _layer_step(config, positions_BxS, attend_of)
+    scanned, held = quant.hold_stacked(blocks)
+    step = _layer_step(config, positions_BxS, attend_of, held)
 
     def cached_step(state, layer_inputs):
         # The whole cache rides in the carry, updated in place: as a scan input and output XLA
@@ -169,7 +176,11 @@ def run_cached_layers(
         (_, seq_BxSxD, cache), _ = jax.lax.scan(
             cached_step,
             (None, seq_BxSxD, cache),
-            (blocks, layer_kinds(config), jax.tree.map(jnp.asarray, slots)),
+            (
+                (scanned, jnp.arange(config.n_layers, dtype=jnp.int32)),
+                layer_kinds(config),
+                jax.tree.map(jnp.asarray, slots),
+            ),
         )
     return seq_BxSxD, cache
 
@@ -180,5 +191,5 @@ def _python_loop(step, state, blocks: DecoderBlock, kinds: LayerKind, policy: st
         step = jax.checkpoint(step, policy=loops.REMAT_POLICIES[policy])
     for i, block in enumerate(unstack_layers(blocks)):
         kind = LayerKind(*(leaf[i] for leaf in kinds))
-        state, _ = step(state, (block, kind, None))
+        state, _ = step(state, ((block, jnp.int32(i)), kind, None))
     return state, None

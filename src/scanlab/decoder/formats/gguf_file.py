@@ -155,7 +155,7 @@ def check_layer_pattern(pattern, config: DecoderConfig, path) -> None:
 
 
 def load_gguf(
-    path: str | os.PathLike, dtype=jnp.float32, *, quantized: bool = False
+    path: str | os.PathLike, dtype=jnp.float32, *, quantized: bool = False, kernel: bool = False
 ) -> tuple[DecoderConfig, DecoderParams]:
     """Reads a GGUF file of a known family (Llama, Qwen2, Gemma 3) into stacked DecoderParams.
 
@@ -165,6 +165,8 @@ def load_gguf(
       quantized: keep the weight matrices the file quantizes as `QuantArray`s, their blocks
         unpacked losslessly (`gguf_blocks`; dequantized, they equal the dense load exactly), the
         output head as `VocabChunks`; norms, biases and float tensors load dense in `dtype`.
+      kernel: with `quantized`, the weights the CPU kernel takes in its layout instead
+        (`quant.for_kernel`: PackedArrays).
 
     Every declared tensor's presence is checked before any is dequantized.
     """
@@ -199,7 +201,7 @@ def load_gguf(
         return array if in_blocks else jax.tree.map(lambda part: part[0], array)
 
     params = assemble(config, read, dtype, read_kept)
-    return config, quant.vocab_chunks(params) if quantized else params
+    return config, quant.decoding_layout(params, kernel) if quantized else params
 
 
 def _name(leaf: Leaf, layer: int | None) -> str:

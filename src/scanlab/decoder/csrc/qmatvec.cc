@@ -1,0 +1,310 @@
+// y = x @ W for a weight matrix kept in blocks of 32 integers, inside XLA:CPU through jax.ffi.
+//
+// Written by hand: no library offers a CPU matmul of GGUF-style blocks callable from XLA. The
+// arithmetic is llama.cpp's (ggml-cpu): each row of x is quantized once per call to 8-bit blocks
+// of 32 (scale = max|x| / 127), and each weight block meets the activation block in an integer
+// dot product on 1-byte lanes, scaled afterwards; nothing dequantized is ever written.
+//
+// Weights, per output row n and block b of 32 inputs (W[k, n] = scale * q + min):
+//   q8: quants int8 (L, N, K)        two's-complement values, any range of int8
+//   q4: quants uint8 (L, N, K / 2)   values 0..15, byte j of a block holding value j in its low
+//                                    nibble and value j + 16 in its high one (llama.cpp's order)
+//   scales, mins: float16 or float32 (L, N, K / 32); mins optional (an empty operand)
+// The stacked weights come whole with a layer index: a layer scan then reads its layer in place
+// instead of copying a slice of the stack first.
+//
+// Output rows are split over XLA's intra-op thread pool. AVX2 is used where the CPU has it
+// (checked at run time); elsewhere a portable loop computes the same integers.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+// Output rows per task: enough work to pay for the scheduling.
+constexpr int64_t kRowsPerTask = 64;
+
+struct ActivationBlocks {
+  std::vector<int8_t> quants;  // (M, K)
+  std::vector<float> scales;   // (M, K / 32)
+  std::vector<int32_t> sums;   // (M, K / 32): sum of each block's quants (for the mins)
+};
+
+ActivationBlocks QuantizeRows(const float* x, int64_t rows, int64_t width) {
+  const int64_t blocks = width / kBlock;
+  ActivationBlocks out{std::vector<int8_t>(rows * width), std::vector<float>(rows * blocks),
+                       std::vector<int32_t>(rows * blocks)};
+  for (int64_t i = 0; i < rows * blocks; ++i) {
+    const float* from = x + i * kBlock;
+    float amax = 0.f;
+    for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(from[j]));
+    const float scale = amax / 127.f;
+    const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const int8_t q = static_cast<int8_t>(std::nearbyint(from[j] * inverse));
+      out.quants[i * kBlock + j] = q;
+      sum += q;
+    }
+    out.scales[i] = scale;
+    out.sums[i] = sum;
+  }
+  return out;
+}
+
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  int32_t exponent = (h >> 10) & 0x1f;
+  uint32_t mantissa = h & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000 | (mantissa << 13);
+  } else if (exponent == 0) {
+    if (mantissa == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      exponent = 1;
+      while (!(mantissa & 0x400)) {
+        mantissa <<= 1;
+        --exponent;
+      }
+      mantissa &= 0x3ff;
+      bits = sign | static_cast<uint32_t>(exponent + 112) << 23 | (mantissa << 13);
+    }
+  } else {
+    bits = sign | static_cast<uint32_t>(exponent + 112) << 23 | (mantissa << 13);
+  }
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+template <typename Scale>
+float ScaleAt(const Scale* scales, int64_t i) {
+  if constexpr (std::is_same_v<Scale, float>) {
+    return scales[i];
+  } else {
+    return HalfToFloat(scales[i]);
+  }
+}
+
+// The integer dot of one weight block with one activation block, portable.
+template <bool kNibbles>
+int32_t BlockDotPortable(const uint8_t* weights, const int8_t* x) {
+  int32_t sum = 0;
+  if constexpr (kNibbles) {
+    for (int64_t j = 0; j < kBlock / 2; ++j) {
+      sum += static_cast<int32_t>(weights[j] & 0x0f) * x[j];
+      sum += static_cast<int32_t>(weights[j] >> 4) * x[j + kBlock / 2];
+    }
+  } else {
+    const int8_t* w = reinterpret_cast<const int8_t*>(weights);
+    for (int64_t j = 0; j < kBlock; ++j) sum += static_cast<int32_t>(w[j]) * x[j];
+  }
+  return sum;
+}
+
+__attribute__((target("avx2,fma"))) inline __m256i BlockDotAvx2(const uint8_t* weights,
+                                                                 const int8_t* x,
+                                                                 bool nibbles) {
+  const __m256i activations = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (nibbles) {  // unsigned 0..15 against signed bytes: maddubs takes them as they are
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weights));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m256i values = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask),
+                                            _mm_and_si128(packed, mask));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(values, activations), ones);
+  }
+  // signed x signed: |w| (unsigned) against x carrying w's sign, as llama.cpp does.
+  const __m256i values = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weights));
+  const __m256i magnitudes = _mm256_sign_epi8(values, values);
+  const __m256i signed_x = _mm256_sign_epi8(activations, values);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, signed_x), ones);
+}
+
+__attribute__((target("avx2,fma"))) inline float HorizontalSum(__m256 v) {
+  const __m128 pairs = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 twos = _mm_add_ps(pairs, _mm_movehl_ps(pairs, pairs));
+  return _mm_cvtss_f32(_mm_add_ss(twos, _mm_shuffle_ps(twos, twos, 1)));
+}
+
+struct Problem {
+  const uint8_t* quants;  // this layer's (N, row_bytes)
+  const void* scales;     // this layer's (N, K / 32)
+  const void* mins;       // or nullptr
+  const ActivationBlocks* x;
+  float* y;  // (M, N)
+  int64_t rows, width, outputs;
+  bool nibbles;
+};
+
+// Output rows [first, last) of y, for every row of x.
+template <typename Scale>
+void RowsPortable(const Problem& p, int64_t first, int64_t last) {
+  const int64_t blocks = p.width / kBlock;
+  const int64_t block_bytes = p.nibbles ? kBlock / 2 : kBlock;
+  const auto* scales = static_cast<const Scale*>(p.scales);
+  const auto* mins = static_cast<const Scale*>(p.mins);
+  for (int64_t n = first; n < last; ++n) {
+    const uint8_t* row = p.quants + n * blocks * block_bytes;
+    for (int64_t m = 0; m < p.rows; ++m) {
+      const int8_t* xq = p.x->quants.data() + m * p.width;
+      const float* xd = p.x->scales.data() + m * blocks;
+      float acc = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int32_t dot = p.nibbles ? BlockDotPortable<true>(row + b * block_bytes, xq + b * kBlock)
+                                      : BlockDotPortable<false>(row + b * block_bytes, xq + b * kBlock);
+        float term = ScaleAt(scales, n * blocks + b) * static_cast<float>(dot);
+        if (mins != nullptr) {
+          term += ScaleAt(mins, n * blocks + b) * static_cast<float>(p.x->sums[m * blocks + b]);
+        }
+        acc += xd[b] * term;
+      }
+      p.y[m * p.outputs + n] = acc;
+    }
+  }
+}
+
+template <typename Scale>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 ScaleVector(const Scale* scales) {
+  if constexpr (std::is_same_v<Scale, float>) {
+    return _mm256_set1_ps(*scales);
+  } else {
+    return _mm256_set1_ps(_cvtsh_ss(*scales));
+  }
+}
+
+template <typename Scale>
+__attribute__((target("avx2,fma,f16c"))) void RowsAvx2(const Problem& p, int64_t first,
+                                                         int64_t last) {
+  const int64_t blocks = p.width / kBlock;
+  const int64_t block_bytes = p.nibbles ? kBlock / 2 : kBlock;
+  const auto* scales = static_cast<const Scale*>(p.scales);
+  const auto* mins = static_cast<const Scale*>(p.mins);
+  for (int64_t n = first; n < last; ++n) {
+    const uint8_t* row = p.quants + n * blocks * block_bytes;
+    for (int64_t m = 0; m < p.rows; ++m) {
+      const int8_t* xq = p.x->quants.data() + m * p.width;
+      const float* xd = p.x->scales.data() + m * blocks;
+      __m256 acc = _mm256_setzero_ps();
+      float min_acc = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const __m256i dot = BlockDotAvx2(row + b * block_bytes, xq + b * kBlock, p.nibbles);
+        const __m256 scale =
+            _mm256_mul_ps(ScaleVector(scales + n * blocks + b), _mm256_set1_ps(xd[b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
+        if (mins != nullptr) {
+          min_acc += ScaleAt(mins, n * blocks + b) * xd[b] *
+                     static_cast<float>(p.x->sums[m * blocks + b]);
+        }
+      }
+      p.y[m * p.outputs + n] = HorizontalSum(acc) + min_acc;
+    }
+  }
+}
+
+std::atomic<bool> force_portable(false);  // for tests: the portable path on any CPU
+
+bool HasAvx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has && !force_portable.load(std::memory_order_relaxed);
+}
+
+template <typename Scale>
+void Rows(const Problem& p, int64_t first, int64_t last) {
+  if (HasAvx2()) {
+    RowsAvx2<Scale>(p, first, last);
+  } else {
+    RowsPortable<Scale>(p, first, last);
+  }
+}
+
+// Splits the output rows into tasks: this thread takes the first, the pool the rest.
+template <typename Scale>
+void RunSplit(const Problem& p, ffi::ThreadPool* pool) {
+  const int64_t tasks = std::max<int64_t>(
+      1, std::min<int64_t>(pool != nullptr ? pool->num_threads() + 1 : 1,
+                           (p.outputs + kRowsPerTask - 1) / kRowsPerTask));
+  const int64_t per_task = (p.outputs + tasks - 1) / tasks;
+  std::atomic<int64_t> pending(tasks - 1);
+  for (int64_t t = 1; t < tasks; ++t) {
+    pool->Schedule([&p, &pending, t, per_task] {
+      Rows<Scale>(p, t * per_task, std::min(p.outputs, (t + 1) * per_task));
+      pending.fetch_sub(1, std::memory_order_release);
+    });
+  }
+  Rows<Scale>(p, 0, std::min(p.outputs, per_task));
+  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+}
+
+ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer quants,
+                  ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  const auto x_dims = x.dimensions();
+  const auto w_dims = quants.dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 3) {
+    return ffi::Error::InvalidArgument("qmatvec: x must be (M, K) and quants (L, N, bytes)");
+  }
+  const int64_t rows = x_dims[0], width = x_dims[1];
+  const int64_t layers = w_dims[0], outputs = w_dims[1];
+  const bool nibbles = quants.element_type() == ffi::U8;
+  if (width % kBlock != 0 || w_dims[2] != (nibbles ? width / 2 : width)) {
+    return ffi::Error::InvalidArgument("qmatvec: K must be a multiple of 32 matching the quants");
+  }
+  const int32_t index = *layer.typed_data();
+  if (index < 0 || index >= layers) {
+    return ffi::Error::InvalidArgument("qmatvec: layer index out of range");
+  }
+  const int64_t scale_size = ffi::ByteWidth(scales.element_type());
+  const int64_t per_layer_scales = outputs * (width / kBlock);
+  const bool has_mins = mins.element_count() != 0;
+  const ActivationBlocks activations = QuantizeRows(x.typed_data(), rows, width);
+  const Problem problem{
+      static_cast<const uint8_t*>(quants.untyped_data()) + index * outputs * w_dims[2],
+      static_cast<const uint8_t*>(scales.untyped_data()) + index * per_layer_scales * scale_size,
+      has_mins ? static_cast<const uint8_t*>(mins.untyped_data()) +
+                     index * per_layer_scales * scale_size
+               : nullptr,
+      &activations,
+      y->typed_data(),
+      rows,
+      width,
+      outputs,
+      nibbles};
+  if (scales.element_type() == ffi::F32) {
+    RunSplit<float>(problem, &pool);
+  } else {
+    RunSplit<uint16_t>(problem, &pool);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ScanlabQMatVec, MatVec,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// Which path `Rows` takes on this CPU, for scanlab to report; and a switch to the portable one.
+extern "C" int scanlab_qmatvec_uses_avx2() { return HasAvx2() ? 1 : 0; }
+extern "C" void scanlab_qmatvec_force_portable(int on) { force_portable.store(on != 0); }

@@ -1,0 +1,263 @@
+"""The quantized matmul kernel (`csrc/qmatvec.cc`) through jax.ffi, and the weights it reads.
+
+A `PackedArray` is a weight matrix in the kernel's layout: per output row, blocks of 32 inputs,
+as int8 (`q8`) or as two 4-bit values per byte (`q4`), with a scale (and optionally a min) per
+block. `matvec(x, w)` quantizes x's rows to 8-bit blocks and takes integer dot products (the
+arithmetic of llama.cpp's CPU path), never writing a dequantized copy of the weights.
+
+The kernel is C++ compiled on first use with the machine's C++ compiler against the headers
+jaxlib ships (`jax.ffi.include_dir()`; nothing is linked against jaxlib), cached under the model
+cache keyed by the source's and the headers' hash, and registered with XLA:CPU. Where it cannot
+be built (no compiler), where the backend is not a CPU, or with SCANLAB_KERNEL=off, `available()`
+is False and the decoder keeps its pure-JAX quantized path; `describe()` says which path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scanlab.errors import ArgumentError
+
+SOURCE = Path(__file__).parent / "csrc" / "qmatvec.cc"
+TARGET = "scanlab_qmatvec"
+KERNEL_ENV = "SCANLAB_KERNEL"  # "off": the pure-JAX path, whatever the machine offers
+BLOCK = 32
+COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedArray:
+    """A weight matrix (in_shape..., out_shape...) in the kernel's layout, optionally stacked.
+
+    Attributes:
+      quants: int8 ([L,] N, K) or, two values 0..15 per byte, uint8 ([L,] N, K / 2); N and K
+        are the products of out_shape and in_shape.
+      scales: float16 or float32 ([L,] N, K / 32).
+      mins: like scales, or None (dense = quants * scale + min).
+      layer: int32 scalar, which of the stacked L matrices this is (set by the layer scan, which
+        then hands the kernel the whole stack), or None for an unstacked or sliced one.
+      in_shape, out_shape: the dense matrix's input and output axes.
+      transposed: the dense layout is (out_shape..., in_shape...) instead (an embedding (V, D),
+        whose rows the kernel reads as the output head's).
+    """
+
+    quants: jax.Array
+    scales: jax.Array
+    mins: jax.Array | None
+    layer: jax.Array | None
+    in_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    out_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    transposed: bool = dataclasses.field(default=False, metadata={"static": True})
+
+    @property
+    def nibbles(self) -> bool:
+        return self.quants.dtype == jnp.uint8
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dense shape, with the stacking axis when stacked and not yet indexed."""
+        stacked = self.quants.ndim == 3 and self.layer is None
+        axes = (
+            (*self.out_shape, *self.in_shape)
+            if self.transposed
+            else (*self.in_shape, *self.out_shape)
+        )
+        return (*self.quants.shape[:1], *axes)[0 if stacked else 1 :]
+
+    @property
+    def dtype(self):
+        return jnp.dtype(jnp.float32)
+
+
+def unpack(array: PackedArray) -> jax.Array:
+    """The dense f32 matrix in its layout (`PackedArray.shape`)."""
+    leaves = (array.quants, array.scales, array.mins)
+    if array.layer is not None:
+        leaves = tuple(None if leaf is None else leaf[array.layer] for leaf in leaves)
+    n_k = dense_rows(*leaves)  # ([L,] N, K)
+    lead = n_k.shape[:-2]
+    if array.transposed:
+        return n_k.reshape(*lead, *array.out_shape, *array.in_shape)
+    return jnp.swapaxes(n_k, -1, -2).reshape(*lead, *array.in_shape, *array.out_shape)
+
+
+def dense_rows(quants: jax.Array, scales: jax.Array, mins: jax.Array | None) -> jax.Array:
+    """Rows (..., bytes) of a PackedArray's leaves -> their f32 values (..., K)."""
+    if quants.dtype == jnp.uint8:  # byte j of a block: value j low, value j + 16 high
+        split = quants.reshape(*quants.shape[:-1], -1, BLOCK // 2)
+        values = jnp.concatenate([split & 0x0F, split >> 4], axis=-1).astype(jnp.float32)
+    else:
+        values = quants.reshape(*quants.shape[:-1], -1, BLOCK).astype(jnp.float32)
+    dense = values * scales.astype(jnp.float32)[..., None]
+    if mins is not None:
+        dense = dense + mins.astype(jnp.float32)[..., None]
+    return dense.reshape(*dense.shape[:-2], -1)
+
+
+def pack_rows(values, scales, mins, in_shape, out_shape, transposed=False) -> PackedArray:
+    """A PackedArray from integer rows ([L,] N, K) (int8), their scales and mins ([L,] N, K/32).
+
+    Values within 0..15 with mins, or within -8..7 without (shifted by 8, the min then -8 x
+    scale: exact, a power of two), are packed two per byte; others stay int8.
+    """
+    values, scales = np.asarray(values), np.asarray(scales)
+    mins = None if mins is None else np.asarray(mins)
+    if mins is None and values.size and values.min() >= -8 and values.max() <= 7:
+        values, mins = values + 8, (scales.astype(np.float32) * -8).astype(scales.dtype)
+    if mins is not None and values.size and values.min() >= 0 and values.max() <= 15:
+        blocks = values.astype(np.uint8).reshape(*values.shape[:-1], -1, BLOCK)
+        quants = (blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2 :] << 4)).reshape(
+            *values.shape[:-1], -1
+        )
+    else:
+        quants = values.astype(np.int8)
+    return PackedArray(
+        jnp.asarray(quants),
+        jnp.asarray(scales),
+        None if mins is None else jnp.asarray(mins),
+        None,
+        in_shape=tuple(in_shape),
+        out_shape=tuple(out_shape),
+        transposed=transposed,
+    )
+
+
+def check_packed(array: PackedArray, name: str) -> None:
+    """Its scales and mins one per block of 32 of each row, the quants' width K or K / 2."""
+    inputs = int(np.prod(array.in_shape))
+    rows = tuple(array.quants.shape[:-1])
+    width = inputs // 2 if array.nibbles else inputs
+    if inputs % BLOCK or array.quants.shape[-1] != width:
+        raise ArgumentError(
+            f"{name}.quants has shape {tuple(array.quants.shape)}: expected rows of {width} "
+            f"bytes for inputs {array.in_shape} (a multiple of {BLOCK})"
+        )
+    for part in ("scales", "mins"):
+        leaf = getattr(array, part)
+        if leaf is not None and tuple(leaf.shape) != (*rows, inputs // BLOCK):
+            raise ArgumentError(
+                f"{name}.{part} has shape {tuple(leaf.shape)}, expected {(*rows, inputs // BLOCK)}"
+            )
+
+
+def matvec(x: jax.Array, weight: PackedArray) -> jax.Array:
+    """x (..., in_shape...) @ weight -> (..., out_shape...) f32, by the kernel.
+
+    Inference only: differentiating it raises.
+    """
+    inputs, outputs = int(np.prod(weight.in_shape)), int(np.prod(weight.out_shape))
+    lead = x.shape[: x.ndim - len(weight.in_shape)]
+    x_MxK = x.reshape(-1, inputs).astype(jnp.float32)
+    quants, scales, mins = weight.quants, weight.scales, weight.mins
+    layer = weight.layer
+    if quants.ndim == 2:  # one matrix: a stack of one
+        quants, scales = quants[None], scales[None]
+        mins = None if mins is None else mins[None]
+        layer = None
+    layer = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
+    empty = jnp.zeros((0,), scales.dtype)
+    y_MxN = _kernel(x_MxK, quants, scales, empty if mins is None else mins, layer, outputs)
+    return y_MxN.reshape(*lead, *weight.out_shape)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _kernel(x_MxK, quants, scales, mins, layer, outputs):
+    _register()
+    return jax.ffi.ffi_call(
+        TARGET,
+        jax.ShapeDtypeStruct((x_MxK.shape[0], outputs), jnp.float32),
+        vmap_method="sequential",
+    )(x_MxK, quants, scales, mins, layer)
+
+
+@_kernel.defjvp
+def _no_derivative(outputs, primals, tangents):
+    raise ArgumentError(
+        "the quantized matmul kernel is for inference only: to differentiate, load the model "
+        "with weights='float32' (or kernel=False to keep the pure-JAX quantized path)"
+    )
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None where it cannot be."""
+    if os.environ.get(KERNEL_ENV, "").lower() == "off" or jax.default_backend() != "cpu":
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        return None
+    path = _build(compiler)
+    return None if path is None else ctypes.CDLL(str(path))
+
+
+def _build(compiler: str) -> Path | None:
+    """Compiles the kernel into the cache (once per source and header version); None on failure."""
+    from scanlab.decoder.formats.pretrained import default_cache
+
+    include = Path(jax.ffi.include_dir())
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update((include / "xla" / "ffi" / "api" / "c_api.h").read_bytes())
+    digest.update(compiler.encode())
+    target = default_cache() / "kernels" / f"qmatvec-{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as staging:
+            built = Path(staging) / target.name
+            done = subprocess.run(
+                [compiler, *COMPILE_FLAGS, f"-I{include}", "-o", str(built), str(SOURCE)],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode:
+                return None
+            os.replace(built, target)  # whole or not at all: another process may race us
+    except OSError:
+        return None
+    return target
+
+
+@functools.cache
+def _register() -> None:
+    library = _library()
+    if library is None:
+        raise ArgumentError("the quantized matmul kernel is not available here: " + describe())
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScanlabQMatVec), platform="cpu")
+
+
+def available() -> bool:
+    """Whether the kernel runs here (built, on a CPU backend, not switched off)."""
+    return _library() is not None
+
+
+def describe() -> str:
+    """Which quantized path runs, in a few words (for `--verbose` and the benchmark record)."""
+    if os.environ.get(KERNEL_ENV, "").lower() == "off":
+        return f"pure JAX ({KERNEL_ENV}=off)"
+    if jax.default_backend() != "cpu":
+        return f"pure JAX (the kernel is for CPUs; the backend is {jax.default_backend()})"
+    library = _library()
+    if library is None:
+        return "pure JAX (no C++ compiler could build the kernel)"
+    return "jax.ffi kernel, " + ("AVX2" if library.scanlab_qmatvec_uses_avx2() else "portable")
+
+
+def force_portable(on: bool) -> None:
+    """Runs the kernel's portable loop even on an AVX2 CPU (for tests)."""
+    library = _library()
+    if library is not None:
+        library.scanlab_qmatvec_force_portable(int(on))
