@@ -233,6 +233,9 @@ TopK = Annotated[int | None, typer.Option(help="Sample among the k most likely."
 TopP = Annotated[float, typer.Option(help="Sample among the top_p most likely.")]
 MinP = Annotated[float, typer.Option(help="Drop tokens below min_p x the top one.")]
 RepetitionPenalty = Annotated[float, typer.Option(help="> 1 discourages repeats.")]
+Verbose = Annotated[
+    bool, typer.Option(help="Say how the weights are held and which matmul path runs.")
+]
 Weights = Annotated[
     str | None,
     typer.Option(
@@ -278,6 +281,7 @@ def decoder_generate(
     weights: Weights = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling and random weights.")] = 0,
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
+    verbose: Verbose = False,
 ) -> None:
     """Generate from a prompt: text (streamed, ending at the end-of-sequence token) or ids."""
     import numpy as np
@@ -324,6 +328,8 @@ def decoder_generate(
         params, tokenizer = decoder.init_params(config, key, param_dtype), None
         if weights == "quantized":
             params = decoder.quantize(params, config)
+    if verbose:
+        _describe_weights(params)
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
         params = decoder.shard_params(params, config, device_mesh)
     if tokenizer is None or prompt is None:
@@ -354,6 +360,21 @@ def decoder_generate(
     for piece in decode_stream(tokenizer, chunks):
         _write(piece)
     _write("\n")
+
+
+def _describe_weights(params) -> None:
+    """What the weights are held as, their bytes, and which quantized matmul path runs."""
+    import jax
+
+    from scanlab.decoder import param_bytes, qmatvec, quant
+
+    kinds = sorted(
+        {type(leaf).__name__ for leaf in jax.tree.leaves(params, is_leaf=quant.is_quantized)}
+    )
+    path = qmatvec.describe() if any(kind != "ArrayImpl" for kind in kinds) else "none (dense)"
+    _progress(
+        f"weights: {', '.join(kinds)}, {param_bytes(params) / 1e6:.0f} MB; quantized path: {path}"
+    )
 
 
 def _progress(message: str) -> None:
@@ -397,6 +418,7 @@ def chat_command(
     repetition_penalty: RepetitionPenalty = 1.0,
     weights: Weights = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    verbose: Verbose = False,
 ) -> None:
     """Chat with a model, answers streamed as they are generated. Empty line or Ctrl-D ends."""
     from scanlab import checks
@@ -423,6 +445,8 @@ def chat_command(
     checks.sampling_options(config.vocab_size, **settings)
     with _loading(model, weights):
         config, params = load.load_weights(path, weights)
+    if verbose:
+        _describe_weights(params)
     conversation = chat_lib.Chat(
         load.Model(config, params, tokenizer),
         system=system,

@@ -27,6 +27,7 @@ from scanlab.decoder import (
     load,
     param_bytes,
     param_count,
+    qmatvec,
     quantize,
     stream,
 )
@@ -52,6 +53,7 @@ SCANLAB_CHUNKED = f"scanlab f32 (scans of {STREAM_CHUNK})"
 SCANLAB_STREAMED = "scanlab f32 (streamed per token)"
 SCANLAB_BF16 = "scanlab bf16 (while_loop)"
 SCANLAB_KEPT = "scanlab GGUF blocks kept as int8 (while_loop)"
+SCANLAB_KERNEL = "scanlab GGUF blocks, jax.ffi kernel (while_loop)"
 TRANSFORMERS = "transformers f32"
 LLAMA_CPP = "llama.cpp (Q4_1 file)"
 
@@ -77,7 +79,15 @@ def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
 
 
 # The bounds' weight forms: the bytes per cache entry and, for dense forms, per weight.
-KV_BYTES = {"f32": 4, "bf16": 2, "kept": 4}
+KV_BYTES = {"f32": 4, "bf16": 2, "kept": 4, "kernel": 4}
+
+# The weight forms the contenders load: name -> (load_model's weights, its kernel flag).
+FORMS = {
+    "kernel": ("quantized", True),
+    "quantized": ("quantized", False),
+    "float32": ("float32", False),
+    "bfloat16": ("bfloat16", False),
+}
 
 
 def bytes_per_step(
@@ -98,7 +108,7 @@ def prompts(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scanlab_contenders(models: dict, tokens, mask, new_tokens) -> dict[str, Callable]:
-    """scanlab's contenders on the f32, bf16 and kept-blocks models (`load_models`)."""
+    """scanlab's contenders on the f32, bf16, kept-blocks and kernel models (`load_models`)."""
     config, params, _ = models["float32"]
 
     def whole(weights: str):
@@ -110,13 +120,16 @@ def scanlab_contenders(models: dict, tokens, mask, new_tokens) -> dict[str, Call
             list(stream(params, tokens, config, new_tokens, chunk=chunk, attn_mask=mask)), 1
         )
 
-    return {
+    contenders = {
         SCANLAB_F32: whole("float32"),
         SCANLAB_CHUNKED: collect(STREAM_CHUNK),
         SCANLAB_STREAMED: collect(1),
         SCANLAB_BF16: whole("bfloat16"),
         SCANLAB_KEPT: whole("quantized"),
     }
+    if "kernel" in models:
+        contenders[SCANLAB_KERNEL] = whole("kernel")
+    return contenders
 
 
 def transformers_contender(path, tokens, mask, new_tokens) -> Callable | None:
@@ -211,18 +224,20 @@ def bandwidth_bound(
     )
 
 
-def load_models(
-    path, forms=("quantized", "float32", "bfloat16")
-) -> tuple[dict[str, load.Model], dict[str, Any]]:
-    """The file loaded in each weight form, and the memory record: the file's bytes, each form's
-    resident bytes and load time (the file's metadata already read once)."""
+def load_models(path, forms=tuple(FORMS)) -> tuple[dict[str, load.Model], dict[str, Any]]:
+    """The file loaded in each weight form of `FORMS` (the kernel's where it is available), and
+    the memory record: the file's bytes, each form's resident bytes and load time (the file's
+    metadata already read once)."""
     load.load_config(path)
     models, resident, load_s = {}, {}, {}
-    for weights in forms:
+    for form in forms:
+        weights, kernel = FORMS[form]
+        if kernel and not qmatvec.available():
+            continue
         start = time.perf_counter()
-        models[weights] = load.load_model(path, weights)
-        load_s[weights] = time.perf_counter() - start
-        resident[weights] = param_bytes(models[weights].params)
+        models[form] = load.load_model(path, weights, kernel=kernel)
+        load_s[form] = time.perf_counter() - start
+        resident[form] = param_bytes(models[form].params)
     return models, dict(file_bytes=path.stat().st_size, resident_bytes=resident, load_s=load_s)
 
 
@@ -235,6 +250,9 @@ def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str,
     bandwidth = copy_bandwidth()
     results = run_record(pretrained.SMOLLM2.name, new_tokens, bandwidth)
     results["memory"] = memory
+    results["quantized_path"] = qmatvec.describe()
+    if "kernel" in models:
+        results["kernel_call"] = kernel_call_overhead()
     for batch in batches:
         tokens, mask = prompts(tokenizer, batch)
         fns = scanlab_contenders(models, tokens, mask, new_tokens)
@@ -251,32 +269,70 @@ def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str,
         context = tokens.shape[1] + new_tokens // 2  # the average cache length read per step
         for dtype in ("f32", "bf16"):
             results["bounds"].append(bandwidth_bound(config, dtype, batch, context, bandwidth))
-        kept_bytes = memory["resident_bytes"]["quantized"]
-        results["bounds"].append(
-            bandwidth_bound(config, "kept", batch, context, bandwidth, kept_bytes)
-        )
+        for form, name in (("kept", "quantized"), ("kernel", "kernel")):
+            if name in models:
+                kept_bytes = memory["resident_bytes"][name]
+                results["bounds"].append(
+                    bandwidth_bound(config, form, batch, context, bandwidth, kept_bytes)
+                )
     f32 = models["float32"]
     results["bf16"] = accuracy(f32, models["bfloat16"].params, new_tokens)
     results["q8"] = accuracy(f32, quantize(f32.params, config), new_tokens)
+    if "kernel" in models:
+        results["kernel"] = accuracy(f32, models["kernel"].params, new_tokens, batch=8)
     return results
 
 
-def accuracy(model, other_params, new_tokens: int) -> dict[str, float]:
-    """Max |logit difference| of other weights vs the f32 model's on a chat prompt, and greedy
-    tokens in agreement."""
+def kernel_call_overhead(calls: int = 2000, rounds: int = 5) -> dict[str, float]:
+    """The cost of one kernel call beyond its work: a (1, 32) x (32, 1) product `calls` times in
+    one scan, per call, against XLA's own dot of the same shape in the same scan."""
+    import jax
+
+    x = jnp.ones((1, 32), jnp.float32)
+    weight = qmatvec.pack_rows(
+        np.ones((1, 32), np.int8), np.ones((1, 1), np.float16), None, (32,), (1,)
+    )
+    dense = jnp.ones((32, 1), jnp.float32)
+
+    def repeated(product):
+        def run(x):
+            def body(carry, _):
+                return carry + product(x + carry[0, 0]), None
+
+            return jax.lax.scan(body, jnp.zeros((1, 1)), None, length=calls)[0]
+
+        return jax.jit(run)
+
+    kernel, xla = repeated(lambda x: qmatvec.matvec(x, weight)), repeated(lambda x: x @ dense)
+    fns = {
+        "kernel": lambda: kernel(x).block_until_ready(),
+        "xla": lambda: xla(x).block_until_ready(),
+    }
+    for fn in fns.values():
+        fn()
+    medians = {name: statistics.median(runs) for name, runs in interleaved(fns, rounds).items()}
+    return {f"{name}_us": 1e6 * median / calls for name, median in medians.items()}
+
+
+def accuracy(model, other_params, new_tokens: int, batch: int = 1) -> dict[str, Any]:
+    """Max |logit difference| of other weights vs the f32 model's on the first `batch` chat
+    prompts, and greedy tokens in agreement (per prompt: in all and before the first
+    difference)."""
     config, params, tokenizer = model
-    tokens, _ = prompts(tokenizer, 1)
-    f32 = forward(params, tokens, config)
-    other = forward(other_params, tokens, config)
-    greedy = generate(params, tokens, config, new_tokens).tokens
-    greedy_other = generate(other_params, tokens, config, new_tokens).tokens
-    same = np.asarray(greedy == greedy_other)[0, tokens.shape[1] :]
+    tokens, mask = prompts(tokenizer, batch)
+    f32 = forward(params, tokens, config, attn_mask=mask)
+    other = forward(other_params, tokens, config, attn_mask=mask)
+    greedy = generate(params, tokens, config, new_tokens, attn_mask=mask).tokens
+    greedy_other = generate(other_params, tokens, config, new_tokens, attn_mask=mask).tokens
+    same = np.asarray(greedy == greedy_other)[:, tokens.shape[1] :]
+    before = [int(np.argmin(row)) if not row.all() else len(row) for row in same]
+    real = np.asarray(mask)[..., None]
     return dict(
-        max_logit_diff=float(jnp.max(jnp.abs(f32 - other))),
-        max_logit=float(jnp.max(jnp.abs(f32))),
-        tokens_agreeing_before_first_difference=int(np.argmin(same))
-        if not same.all()
-        else len(same),
+        max_logit_diff=float(jnp.max(jnp.where(real, jnp.abs(f32 - other), 0))),
+        max_logit=float(jnp.max(jnp.where(real, jnp.abs(f32), 0))),
+        tokens_agreeing_before_first_difference=min(before),
         tokens_agreeing=int(same.sum()),
-        new_tokens=new_tokens,
+        new_tokens=new_tokens * batch,
+        prompts=batch,
+        agreeing_before_first_difference_per_prompt=before,
     )

@@ -13,7 +13,9 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
 
 
 def describe() -> dict:
-    """Versions, device, cores, CPU model and date."""
+    """Versions, device, cores, CPU model, date, and which quantized matmul path runs."""
+    from scanlab.decoder import qmatvec
+
     versions = {}
     for name in PACKAGES:
         try:
@@ -30,6 +32,7 @@ def describe() -> dict:
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "versions": versions,
+        "quantized_path": qmatvec.describe(),
     }
 
 

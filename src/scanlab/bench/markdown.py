@@ -258,18 +258,52 @@ def _decoding(results: dict) -> str:
     for key, what in (
         ("bf16", "bf16"),
         ("q8", "int8 blocks of 32 quantized from the f32 weights (`decoder.quantize`)"),
+        ("kernel", "The kernel (activations quantized to 8-bit blocks, as llama.cpp does)"),
     ):
         figures = decoding.get(key)
         if figures is None:
             continue
+        prompts = figures.get("prompts", 1)
+        on = "a chat prompt" if prompts == 1 else f"the {prompts} chat prompts"
         lines += [
             "",
-            f"{what} against f32 on a chat prompt: max |logit difference| "
+            f"{what} against f32 on {on}: max |logit difference| "
             f"{figures['max_logit_diff']:.2f} (logits up to {figures['max_logit']:.1f}); "
-            f"{figures['tokens_agreeing']} of {figures['new_tokens']} greedy tokens agree, the "
-            f"first {figures['tokens_agreeing_before_first_difference']} in a row.",
+            f"{figures['tokens_agreeing']} of {figures['new_tokens']} greedy tokens agree, "
+            + (
+                f"the first {figures['tokens_agreeing_before_first_difference']} in a row."
+                if prompts == 1
+                else "in a row per prompt before the first difference: "
+                + ", ".join(map(str, figures["agreeing_before_first_difference_per_prompt"]))
+                + "."
+            ),
         ]
+    lines += _kernel_lines(decoding)
     return "\n".join(lines)
+
+
+def _kernel_lines(decoding: dict) -> list[str]:
+    """Which quantized path ran, the kernel's per-call cost and the bandwidth it reaches."""
+    if "quantized_path" not in decoding:  # runs before the kernel have none
+        return []
+    lines = ["", f"Quantized path in this run: {decoding['quantized_path']}."]
+    call = decoding.get("kernel_call")
+    if call:
+        lines[-1] += (
+            f" One kernel call on a (1, 32) × (32, 1) product costs {call['kernel_us']:.1f} µs "
+            f"inside a scan (XLA's own dot of that shape: {call['xla_us']:.1f} µs)."
+        )
+    for batch in (1, 8):
+        kernel = contender(decoding, w7.SCANLAB_KERNEL, batch)
+        if kernel is None:
+            continue
+        step = next(b for b in decoding["bounds"] if b["dtype"] == "kernel" and b["batch"] == batch)
+        reached = kernel["tokens_per_s"] / batch * step["bytes_per_step"] / 1e9
+        lines.append(
+            f"At batch {batch} the kernel reads {step['bytes_per_step'] / 1e6:.0f} MB per step: "
+            f"{reached:.1f} GB/s of the {decoding['copy_bandwidth_gb_s']:.1f} GB/s copy bandwidth."
+        )
+    return lines
 
 
 def _contender_table(decoding: dict, transformers: str) -> list[str]:
@@ -306,7 +340,10 @@ def _contender_table(decoding: dict, transformers: str) -> list[str]:
 
 
 def weight_form(contender_name: str) -> str:
-    """The bound a scanlab contender is held to: "kept" (GGUF blocks), "bf16" or "f32"."""
+    """The bound a scanlab contender is held to: "kernel" (GGUF blocks in the kernel's layout),
+    "kept" (GGUF blocks as int8), "bf16" or "f32"."""
+    if "kernel" in contender_name:
+        return "kernel"
     if "kept" in contender_name:
         return "kept"
     return "bf16" if "bf16" in contender_name else "f32"

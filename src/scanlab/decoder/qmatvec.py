@@ -2,8 +2,11 @@
 
 A `PackedArray` is a weight matrix in the kernel's layout: per output row, blocks of 32 inputs,
 as int8 (`q8`) or as two 4-bit values per byte (`q4`), with a scale (and optionally a min) per
-block. `matvec(x, w)` quantizes x's rows to 8-bit blocks and takes integer dot products (the
-arithmetic of llama.cpp's CPU path), never writing a dequantized copy of the weights.
+block. `matvec(x, w)` never writes a dequantized copy of the weights; its arithmetic is the
+array's `activations`: "f32" (the default) widens each weight block to f32 in registers, the
+pure-JAX path's numbers up to the order of the sums; "int8" quantizes x's rows to 8-bit blocks
+and takes integer dot products, llama.cpp's CPU arithmetic (fewer instructions; the rounding of
+x moves the logits, and near-tied tokens flip as they do in llama.cpp).
 
 The kernel is C++ compiled on first use with the machine's C++ compiler against the headers
 jaxlib ships (`jax.ffi.include_dir()`; nothing is linked against jaxlib), cached under the model
@@ -18,6 +21,7 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -34,6 +38,7 @@ SOURCE = Path(__file__).parent / "csrc" / "qmatvec.cc"
 TARGET = "scanlab_qmatvec"
 KERNEL_ENV = "SCANLAB_KERNEL"  # "off": the pure-JAX path, whatever the machine offers
 BLOCK = 32
+ACTIVATIONS = ("f32", "int8")
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
 
 
@@ -52,6 +57,7 @@ class PackedArray:
       in_shape, out_shape: the dense matrix's input and output axes.
       transposed: the dense layout is (out_shape..., in_shape...) instead (an embedding (V, D),
         whose rows the kernel reads as the output head's).
+      activations: the kernel's arithmetic, one of ACTIVATIONS.
     """
 
     quants: jax.Array
@@ -61,6 +67,7 @@ class PackedArray:
     in_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     out_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     transposed: bool = dataclasses.field(default=False, metadata={"static": True})
+    activations: str = dataclasses.field(default="f32", metadata={"static": True})
 
     @property
     def nibbles(self) -> bool:
@@ -153,6 +160,16 @@ def check_packed(array: PackedArray, name: str) -> None:
             )
 
 
+# Rows of x beyond which XLA's own matmul of the dequantized weights is faster (a prefill): the
+# kernel streams each weight block once per group of rows, XLA's GEMM reuses it from cache.
+MAX_KERNEL_ROWS = 8
+
+
+def takes(x: jax.Array, weight: PackedArray) -> bool:
+    """Whether `matvec` is the faster way to multiply x (..., in_shape...) by the weight."""
+    return math.prod(x.shape[: x.ndim - len(weight.in_shape)]) <= MAX_KERNEL_ROWS
+
+
 def matvec(x: jax.Array, weight: PackedArray) -> jax.Array:
     """x (..., in_shape...) @ weight -> (..., out_shape...) f32, by the kernel.
 
@@ -169,22 +186,24 @@ def matvec(x: jax.Array, weight: PackedArray) -> jax.Array:
         layer = None
     layer = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
     empty = jnp.zeros((0,), scales.dtype)
-    y_MxN = _kernel(x_MxK, quants, scales, empty if mins is None else mins, layer, outputs)
+    mins = empty if mins is None else mins
+    int8 = weight.activations == "int8"
+    y_MxN = _kernel(x_MxK, quants, scales, mins, layer, outputs, int8)
     return y_MxN.reshape(*lead, *weight.out_shape)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-def _kernel(x_MxK, quants, scales, mins, layer, outputs):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _kernel(x_MxK, quants, scales, mins, layer, outputs, int8_activations):
     _register()
     return jax.ffi.ffi_call(
         TARGET,
         jax.ShapeDtypeStruct((x_MxK.shape[0], outputs), jnp.float32),
         vmap_method="sequential",
-    )(x_MxK, quants, scales, mins, layer)
+    )(x_MxK, quants, scales, mins, layer, int8_activations=int8_activations)
 
 
 @_kernel.defjvp
-def _no_derivative(outputs, primals, tangents):
+def _no_derivative(outputs, int8_activations, primals, tangents):
     raise ArgumentError(
         "the quantized matmul kernel is for inference only: to differentiate, load the model "
         "with weights='float32' (or kernel=False to keep the pure-JAX quantized path)"

@@ -160,7 +160,9 @@ def project(equation: str, x: jax.Array, weight: Weight) -> jax.Array:
     copies the weight transposed before its dot, every layer of every step.
     """
     if isinstance(weight, PackedArray):  # its inputs are the contracted axes, x's last ones
-        return qmatvec.matvec(x, weight).astype(x.dtype)
+        if qmatvec.takes(x, weight):
+            return qmatvec.matvec(x, weight).astype(x.dtype)
+        weight = qmatvec.unpack(weight).astype(x.dtype)
     dense = dequantize(weight, x.dtype) if isinstance(weight, QuantArray) else weight
     return jax.lax.dot_general(x, dense, (_contraction(equation), ((), ())))
 
@@ -213,7 +215,11 @@ def head_logits(x_BxSxD: jax.Array, head: Weight) -> jax.Array:
     A `VocabChunks` head is dequantized one column chunk per scan step.
     """
     if isinstance(head, PackedArray):
-        return qmatvec.matvec(x_BxSxD, head)
+        if qmatvec.takes(x_BxSxD, head):
+            return qmatvec.matvec(x_BxSxD, head)
+        dense = qmatvec.unpack(head)
+        head_DxV = dense.T if head.transposed else dense
+        return jnp.matmul(x_BxSxD, head_DxV, preferred_element_type=jnp.float32)
     if not isinstance(head, VocabChunks):
         return jnp.matmul(x_BxSxD, as_dense(head), preferred_element_type=jnp.float32)
 
@@ -332,6 +338,22 @@ def _pack_embedding(embed: QuantArray) -> QuantArray | PackedArray:
 
 def _leaves(array: PackedArray):
     return array.quants, array.scales, array.mins
+
+
+def with_activations(params: DecoderParams, activations: str) -> DecoderParams:
+    """The params with every PackedArray's kernel arithmetic set to `activations` (one of
+    `qmatvec.ACTIVATIONS`: "f32", exact; "int8", llama.cpp's)."""
+    if activations not in qmatvec.ACTIVATIONS:
+        raise ArgumentError(
+            f"activations must be one of {list(qmatvec.ACTIVATIONS)}, got {activations!r}"
+        )
+    return jax.tree.map(
+        lambda w: (
+            dataclasses.replace(w, activations=activations) if isinstance(w, PackedArray) else w
+        ),
+        params,
+        is_leaf=is_quantized,
+    )
 
 
 def hold_stacked(blocks: DecoderBlock) -> tuple[DecoderBlock, DecoderBlock]:

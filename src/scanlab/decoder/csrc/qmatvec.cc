@@ -1,9 +1,13 @@
 // y = x @ W for a weight matrix kept in blocks of 32 integers, inside XLA:CPU through jax.ffi.
 //
-// Written by hand: no library offers a CPU matmul of GGUF-style blocks callable from XLA. The
-// arithmetic is llama.cpp's (ggml-cpu): each row of x is quantized once per call to 8-bit blocks
-// of 32 (scale = max|x| / 127), and each weight block meets the activation block in an integer
-// dot product on 1-byte lanes, scaled afterwards; nothing dequantized is ever written.
+// Written by hand: no library offers a CPU matmul of GGUF-style blocks callable from XLA. Two
+// arithmetics, neither writing a dequantized copy of the weights:
+//   exact (the default): each weight block is widened to f32 in registers and meets x in f32
+//     FMAs, scaled per block: the pure-JAX path's numbers up to the order of the sums;
+//   int8 activations (llama.cpp's, ggml-cpu): each row of x is quantized once per call to 8-bit
+//     blocks of 32 (scale = max|x| / 127), and each weight block meets the activation block in an
+//     integer dot product on 1-byte lanes, scaled afterwards — fewer instructions, but the
+//     rounding of x moves the logits (near-ties flip, as they do in llama.cpp).
 //
 // Weights, per output row n and block b of 32 inputs (W[k, n] = scale * q + min):
 //   q8: quants int8 (L, N, K)        two's-complement values, any range of int8
@@ -179,6 +183,127 @@ void RowsPortable(const Problem& p, int64_t first, int64_t last) {
 }
 
 template <typename Scale>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 ScaleVector(const Scale* scales);
+
+template <typename Scale>
+__attribute__((target("avx2,fma,f16c"))) inline float ScaleAtF16c(const Scale* scales, int64_t i) {
+  if constexpr (std::is_same_v<Scale, float>) {
+    return scales[i];
+  } else {
+    return _cvtsh_ss(scales[i]);
+  }
+}
+
+// The exact arithmetic. Per row of x: each block's sum, for the mins.
+std::vector<float> BlockSums(const float* x, int64_t rows, int64_t width) {
+  std::vector<float> sums(rows * (width / kBlock), 0.f);
+  for (int64_t i = 0; i < static_cast<int64_t>(sums.size()); ++i) {
+    for (int64_t j = 0; j < kBlock; ++j) sums[i] += x[i * kBlock + j];
+  }
+  return sums;
+}
+
+struct ExactProblem {
+  const uint8_t* quants;
+  const void* scales;
+  const void* mins;
+  const float* x;           // (M, K)
+  const float* block_sums;  // (M, K / 32)
+  float* y;
+  int64_t rows, width, outputs;
+  bool nibbles;
+};
+
+template <typename Scale>
+void ExactRowsPortable(const ExactProblem& p, int64_t first, int64_t last) {
+  const int64_t blocks = p.width / kBlock;
+  const int64_t block_bytes = p.nibbles ? kBlock / 2 : kBlock;
+  const auto* scales = static_cast<const Scale*>(p.scales);
+  const auto* mins = static_cast<const Scale*>(p.mins);
+  float values[kBlock];
+  for (int64_t n = first; n < last; ++n) {
+    for (int64_t m = 0; m < p.rows; ++m) p.y[m * p.outputs + n] = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* block = p.quants + (n * blocks + b) * block_bytes;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        values[j] = p.nibbles ? static_cast<float>(j < kBlock / 2 ? block[j] & 0x0f
+                                                                   : block[j - kBlock / 2] >> 4)
+                              : static_cast<float>(reinterpret_cast<const int8_t*>(block)[j]);
+      }
+      const float scale = ScaleAt(scales, n * blocks + b);
+      const float min = mins != nullptr ? ScaleAt(mins, n * blocks + b) : 0.f;
+      for (int64_t m = 0; m < p.rows; ++m) {
+        const float* x = p.x + m * p.width + b * kBlock;
+        float dot = 0.f;
+        for (int64_t j = 0; j < kBlock; ++j) dot += values[j] * x[j];
+        p.y[m * p.outputs + n] += scale * dot + min * p.block_sums[m * blocks + b];
+      }
+    }
+  }
+}
+
+// One block of 32 weights as four vectors of 8 floats.
+__attribute__((target("avx2,fma"))) inline void WidenBlock(const uint8_t* block, bool nibbles,
+                                                           __m256 out[4]) {
+  __m128i low, high;  // values 0..15 and 16..31 of the block, as bytes
+  if (nibbles) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    low = _mm_and_si128(packed, mask);
+    high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(low, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)));
+    return;
+  }
+  low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
+  high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16));
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(low));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8)));
+  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high));
+  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)));
+}
+
+// Rows of x in groups of this many: each widened weight block serves the whole group.
+constexpr int64_t kRowGroup = 8;
+
+template <typename Scale>
+__attribute__((target("avx2,fma,f16c"))) void ExactRowsAvx2(const ExactProblem& p,
+                                                              int64_t first, int64_t last) {
+  const int64_t blocks = p.width / kBlock;
+  const int64_t block_bytes = p.nibbles ? kBlock / 2 : kBlock;
+  const auto* scales = static_cast<const Scale*>(p.scales);
+  const auto* mins = static_cast<const Scale*>(p.mins);
+  for (int64_t group = 0; group < p.rows; group += kRowGroup) {
+    const int64_t count = std::min(kRowGroup, p.rows - group);
+    for (int64_t n = first; n < last; ++n) {
+      __m256 totals[kRowGroup];
+      float min_terms[kRowGroup] = {};
+      for (int64_t r = 0; r < count; ++r) totals[r] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m256 w[4];
+        WidenBlock(p.quants + (n * blocks + b) * block_bytes, p.nibbles, w);
+        const __m256 scale = ScaleVector(scales + n * blocks + b);
+        const float min = mins != nullptr ? ScaleAtF16c(mins, n * blocks + b) : 0.f;
+        for (int64_t r = 0; r < count; ++r) {
+          const float* x = p.x + (group + r) * p.width + b * kBlock;
+          __m256 dot = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+          dot = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), dot);
+          dot = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), dot);
+          dot = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), dot);
+          totals[r] = _mm256_fmadd_ps(dot, scale, totals[r]);
+          min_terms[r] += min * p.block_sums[(group + r) * blocks + b];
+        }
+      }
+      for (int64_t r = 0; r < count; ++r) {
+        p.y[(group + r) * p.outputs + n] = HorizontalSum(totals[r]) + min_terms[r];
+      }
+    }
+  }
+}
+
+template <typename Scale>
 __attribute__((target("avx2,fma,f16c"))) inline __m256 ScaleVector(const Scale* scales) {
   if constexpr (std::is_same_v<Scale, float>) {
     return _mm256_set1_ps(*scales);
@@ -207,7 +332,7 @@ __attribute__((target("avx2,fma,f16c"))) void RowsAvx2(const Problem& p, int64_t
             _mm256_mul_ps(ScaleVector(scales + n * blocks + b), _mm256_set1_ps(xd[b]));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
         if (mins != nullptr) {
-          min_acc += ScaleAt(mins, n * blocks + b) * xd[b] *
+          min_acc += ScaleAtF16c(mins, n * blocks + b) * xd[b] *
                      static_cast<float>(p.x->sums[m * blocks + b]);
         }
       }
@@ -233,11 +358,20 @@ void Rows(const Problem& p, int64_t first, int64_t last) {
   }
 }
 
-// Splits the output rows into tasks: this thread takes the first, the pool the rest.
 template <typename Scale>
-void RunSplit(const Problem& p, ffi::ThreadPool* pool) {
+void Rows(const ExactProblem& p, int64_t first, int64_t last) {
+  if (HasAvx2()) {
+    ExactRowsAvx2<Scale>(p, first, last);
+  } else {
+    ExactRowsPortable<Scale>(p, first, last);
+  }
+}
+
+// Splits the output rows into tasks: this thread takes the first, the pool the rest.
+template <typename Scale, typename AnyProblem>
+void RunSplit(const AnyProblem& p, ffi::ThreadPool* pool) {
   const int64_t tasks = std::max<int64_t>(
-      1, std::min<int64_t>(pool != nullptr ? pool->num_threads() + 1 : 1,
+      1, std::min<int64_t>(pool != nullptr ? pool->num_threads() : 1,
                            (p.outputs + kRowsPerTask - 1) / kRowsPerTask));
   const int64_t per_task = (p.outputs + tasks - 1) / tasks;
   std::atomic<int64_t> pending(tasks - 1);
@@ -253,7 +387,7 @@ void RunSplit(const Problem& p, ffi::ThreadPool* pool) {
 
 ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer quants,
                   ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer,
-                  ffi::ResultBuffer<ffi::F32> y) {
+                  ffi::ResultBuffer<ffi::F32> y, bool int8_activations) {
   const auto x_dims = x.dimensions();
   const auto w_dims = quants.dimensions();
   if (x_dims.size() != 2 || w_dims.size() != 3) {
@@ -272,23 +406,26 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
   const int64_t scale_size = ffi::ByteWidth(scales.element_type());
   const int64_t per_layer_scales = outputs * (width / kBlock);
   const bool has_mins = mins.element_count() != 0;
-  const ActivationBlocks activations = QuantizeRows(x.typed_data(), rows, width);
-  const Problem problem{
-      static_cast<const uint8_t*>(quants.untyped_data()) + index * outputs * w_dims[2],
-      static_cast<const uint8_t*>(scales.untyped_data()) + index * per_layer_scales * scale_size,
-      has_mins ? static_cast<const uint8_t*>(mins.untyped_data()) +
-                     index * per_layer_scales * scale_size
-               : nullptr,
-      &activations,
-      y->typed_data(),
-      rows,
-      width,
-      outputs,
-      nibbles};
-  if (scales.element_type() == ffi::F32) {
-    RunSplit<float>(problem, &pool);
+  const uint8_t* layer_quants =
+      static_cast<const uint8_t*>(quants.untyped_data()) + index * outputs * w_dims[2];
+  const uint8_t* layer_scales =
+      static_cast<const uint8_t*>(scales.untyped_data()) + index * per_layer_scales * scale_size;
+  const uint8_t* layer_mins = has_mins ? static_cast<const uint8_t*>(mins.untyped_data()) +
+                                             index * per_layer_scales * scale_size
+                                       : nullptr;
+  const bool f32_scales = scales.element_type() == ffi::F32;
+  if (int8_activations) {
+    const ActivationBlocks activations = QuantizeRows(x.typed_data(), rows, width);
+    const Problem problem{layer_quants,    layer_scales, layer_mins, &activations,
+                          y->typed_data(), rows,         width,      outputs,
+                          nibbles};
+    f32_scales ? RunSplit<float>(problem, &pool) : RunSplit<uint16_t>(problem, &pool);
   } else {
-    RunSplit<uint16_t>(problem, &pool);
+    const std::vector<float> sums = BlockSums(x.typed_data(), rows, width);
+    const ExactProblem problem{layer_quants, layer_scales,    layer_mins, x.typed_data(),
+                               sums.data(),  y->typed_data(), rows,       width,
+                               outputs,      nibbles};
+    f32_scales ? RunSplit<float>(problem, &pool) : RunSplit<uint16_t>(problem, &pool);
   }
   return ffi::Error::Success();
 }
@@ -303,7 +440,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ScanlabQMatVec, MatVec,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("int8_activations"));
 
 // Which path `Rows` takes on this CPU, for scanlab to report; and a switch to the portable one.
 extern "C" int scanlab_qmatvec_uses_avx2() { return HasAvx2() ? 1 : 0; }
