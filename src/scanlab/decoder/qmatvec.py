@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab.errors import ArgumentError
+from scanlab.storage import default_cache
 
 SOURCE = Path(__file__).parent / "csrc" / "qmatvec.cc"
 TARGET = "scanlab_qmatvec"
@@ -91,10 +92,11 @@ class PackedArray:
 
 def unpack(array: PackedArray) -> jax.Array:
     """The dense f32 matrix in its layout (`PackedArray.shape`)."""
-    leaves = (array.quants, array.scales, array.mins)
-    if array.layer is not None:
-        leaves = tuple(None if leaf is None else leaf[array.layer] for leaf in leaves)
-    n_k = dense_rows(*leaves)  # ([L,] N, K)
+    if array.layer is None:
+        n_k = dense_rows(array.quants, array.scales, array.mins)  # ([L,] N, K)
+    else:
+        mins = None if array.mins is None else array.mins[array.layer]
+        n_k = dense_rows(array.quants[array.layer], array.scales[array.layer], mins)
     lead = n_k.shape[:-2]
     if array.transposed:
         return n_k.reshape(*lead, *array.out_shape, *array.in_shape)
@@ -224,8 +226,6 @@ def _library() -> ctypes.CDLL | None:
 
 def _build(compiler: str) -> Path | None:
     """Compiles the kernel into the cache (once per source and header version); None on failure."""
-    from scanlab.decoder.formats.pretrained import default_cache
-
     include = Path(jax.ffi.include_dir())
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update((include / "xla" / "ffi" / "api" / "c_api.h").read_bytes())

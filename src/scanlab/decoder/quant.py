@@ -151,7 +151,7 @@ def as_dense(weight: Weight, dtype=None) -> jax.Array:
     return weight if dtype is None else weight.astype(dtype)
 
 
-def project(equation: str, x: jax.Array, weight: Weight) -> jax.Array:
+def project(equation: str, x: jax.Array, weight: jax.Array | QuantArray | PackedArray) -> jax.Array:
     """`jnp.einsum(equation, x, weight)`, a quantized weight dequantized into the dot (a
     PackedArray: by the kernel).
 
@@ -194,8 +194,8 @@ def embed_rows(embedding: Weight, tokens: jax.Array) -> jax.Array:
         )
         return dequantize(taken)
     if isinstance(embedding, PackedArray):  # an embedding: its rows are the tokens'
-        rows = (None if leaf is None else leaf[tokens] for leaf in _leaves(embedding))
-        return qmatvec.dense_rows(*rows)
+        mins = None if embedding.mins is None else embedding.mins[tokens]
+        return qmatvec.dense_rows(embedding.quants[tokens], embedding.scales[tokens], mins)
     if isinstance(embedding, QuantArray):
         rows = jax.tree.map(lambda leaf: leaf[tokens], embedding)
         return dequantize(rows)
@@ -334,10 +334,6 @@ def _pack_embedding(embed: QuantArray) -> QuantArray | PackedArray:
     return qmatvec.pack_rows(
         embed.values, embed.scales, embed.mins, (width,), (vocab,), transposed=True
     )
-
-
-def _leaves(array: PackedArray):
-    return array.quants, array.scales, array.mins
 
 
 def with_activations(params: DecoderParams, activations: str) -> DecoderParams:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from scanlab.errors import PathError
+from scanlab.storage import CACHE_ENV, default_cache
 
 
 class FetchError(PathError):
@@ -96,13 +97,6 @@ GEMMA3_270M = Pretrained(
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
 )
 MODELS = {model.name: model for model in (SMOLLM2, GEMMA3_270M)}
-
-CACHE_ENV = "SCANLAB_CACHE"
-
-
-def default_cache() -> Path:
-    """$SCANLAB_CACHE, else ~/.cache/scanlab."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "scanlab")
 
 
 def fetch(
