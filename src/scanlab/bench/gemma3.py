@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab.bench import decoding as w7
-from scanlab.decoder import chat, forward, forward_loop, generate
+from scanlab.decoder import chat, forward, forward_loop, generate, qmatvec
 from scanlab.decoder.cache import cache_bytes, init_cache
 from scanlab.decoder.formats import pretrained
 from scanlab.decoder.generation import cached_logits
@@ -39,6 +39,7 @@ CONTEXTS = (1024, 8192, 32768)
 SCANLAB_RING = "scanlab f32 (ring caches)"
 SCANLAB_FULL = "scanlab f32 (full-length caches)"
 SCANLAB_KEPT = "scanlab GGUF blocks kept as int8 (ring caches)"
+SCANLAB_KERNEL = "scanlab GGUF blocks, jax.ffi kernel (ring caches)"
 TRANSFORMERS = "transformers f32"
 LLAMA_CPP = "llama.cpp (Q4_K_M file)"
 
@@ -52,12 +53,13 @@ def measure(new_tokens: int = 64, batches=(1, 8), rounds: int = 3) -> dict[str, 
     """W13's figures: tokens/s per contender and batch, the bandwidth bound, decoding steps at
     long contexts (ring vs full-length caches), compile times (scan vs loop)."""
     path = pretrained.fetch(pretrained.GEMMA3_270M)
-    models, memory = w7.load_models(path, forms=("quantized", "float32"))
+    models, memory = w7.load_models(path, forms=("kernel", "quantized", "float32"))
     config, params, tokenizer = models["float32"]
     kept = models["quantized"].params
     bandwidth = w7.copy_bandwidth()
     results = w7.run_record(pretrained.GEMMA3_270M.name, new_tokens, bandwidth)
     results["memory"] = memory
+    results["quantized_path"] = qmatvec.describe()
     for batch in batches:
         tokens, mask = prompts(tokenizer, batch)
         fns = {
@@ -65,6 +67,11 @@ def measure(new_tokens: int = 64, batches=(1, 8), rounds: int = 3) -> dict[str, 
             SCANLAB_FULL: _generating(params, tokens, mask, config, new_tokens, ring=False),
             SCANLAB_KEPT: _generating(kept, tokens, mask, config, new_tokens, ring=True),
         }
+        if "kernel" in models:
+            on_kernel = models["kernel"].params
+            fns[SCANLAB_KERNEL] = _generating(
+                on_kernel, tokens, mask, config, new_tokens, ring=True
+            )
         for name, fn in (
             (TRANSFORMERS, w7.transformers_contender(path, tokens, mask, new_tokens)),
             (LLAMA_CPP, w7.llama_cpp_contender(path, tokens, new_tokens) if batch == 1 else None),
@@ -74,11 +81,12 @@ def measure(new_tokens: int = 64, batches=(1, 8), rounds: int = 3) -> dict[str, 
         results["contenders"] += w7.timed_contenders(fns, batch, new_tokens, rounds)
         context = tokens.shape[1] + new_tokens // 2  # the average cache length read per step
         results["bounds"].append(w7.bandwidth_bound(config, "f32", batch, context, bandwidth))
-        results["bounds"].append(
-            w7.bandwidth_bound(
-                config, "kept", batch, context, bandwidth, memory["resident_bytes"]["quantized"]
-            )
-        )
+        for form, name in (("kept", "quantized"), ("kernel", "kernel")):
+            if name in models:
+                kept_bytes = memory["resident_bytes"][name]
+                results["bounds"].append(
+                    w7.bandwidth_bound(config, form, batch, context, bandwidth, kept_bytes)
+                )
     results["contexts"] = [
         context_point(config, params, context, ring)
         for context in CONTEXTS

@@ -278,11 +278,11 @@ def _decoding(results: dict) -> str:
                 + "."
             ),
         ]
-    lines += _kernel_lines(decoding)
+    lines += _kernel_lines(decoding, w7.SCANLAB_KERNEL)
     return "\n".join(lines)
 
 
-def _kernel_lines(decoding: dict) -> list[str]:
+def _kernel_lines(decoding: dict, kernel_name: str) -> list[str]:
     """Which quantized path ran, the kernel's per-call cost and the bandwidth it reaches."""
     if "quantized_path" not in decoding:  # runs before the kernel have none
         return []
@@ -294,7 +294,7 @@ def _kernel_lines(decoding: dict) -> list[str]:
             f"inside a scan (XLA's own dot of that shape: {call['xla_us']:.1f} µs)."
         )
     for batch in (1, 8):
-        kernel = contender(decoding, w7.SCANLAB_KERNEL, batch)
+        kernel = contender(decoding, kernel_name, batch)
         if kernel is None:
             continue
         step = next(b for b in decoding["bounds"] if b["dtype"] == "kernel" and b["batch"] == batch)
@@ -439,6 +439,7 @@ def _gemma3(results: dict) -> str:
     ]
     if "memory" in gemma3:
         lines += ["", *_memory(gemma3["memory"])]
+    lines += _kernel_lines(gemma3, w13.SCANLAB_KERNEL)
     lines += _not_installed(gemma3)
     return "\n".join(lines)
 
