@@ -32,6 +32,18 @@ def test_w7_is_rendered_and_judged_from_the_canonical_figures(tmp_path):
     resident = memory["resident_bytes"]["quantized"] / memory["file_bytes"]
     assert judged["W7 kept blocks resident ≤ 1.3× the file's bytes"] == (resident <= 1.3)
     assert "| quantized | 150 | 1.52× |" in text
+    # The kernel: its fastest form against llama.cpp at batch 1, against both peers at batch 8.
+    llama_cpp = results_lib.contender(decoding, w7.LLAMA_CPP, 1)["tokens_per_s"]
+    for batch, peers in ((1, [llama_cpp]), (8, [llama_cpp])):
+        rates = [
+            results_lib.contender(decoding, name, batch)["tokens_per_s"]
+            for name in w7.KERNEL_CONTENDERS
+        ]
+        if batch == 8:
+            peers.append(results_lib.contender(decoding, w7.TRANSFORMERS, 8)["tokens_per_s"])
+        name = next(n for n in judged if n.startswith(f"W7 kernel decoding, batch {batch},"))
+        assert judged[name] == (max(rates) >= max(peers))
+    assert "1024 of 1024 greedy tokens agree" in text  # the f32 arithmetic: the f32 path's tokens
     figures.decoding(decoding, tmp_path / "decoding.png")
     pixels = matplotlib.image.imread(tmp_path / "decoding.png")
     assert pixels[..., :3].std() > 0.05

@@ -28,6 +28,7 @@ from scanlab.decoder import (
     param_bytes,
     param_count,
     qmatvec,
+    quant,
     quantize,
     stream,
 )
@@ -54,6 +55,8 @@ SCANLAB_STREAMED = "scanlab f32 (streamed per token)"
 SCANLAB_BF16 = "scanlab bf16 (while_loop)"
 SCANLAB_KEPT = "scanlab GGUF blocks kept as int8 (while_loop)"
 SCANLAB_KERNEL = "scanlab GGUF blocks, jax.ffi kernel (while_loop)"
+SCANLAB_KERNEL_INT8 = "scanlab GGUF blocks, jax.ffi kernel, int8 activations (while_loop)"
+KERNEL_CONTENDERS = (SCANLAB_KERNEL, SCANLAB_KERNEL_INT8)
 TRANSFORMERS = "transformers f32"
 LLAMA_CPP = "llama.cpp (Q4_1 file)"
 
@@ -129,6 +132,10 @@ def scanlab_contenders(models: dict, tokens, mask, new_tokens) -> dict[str, Call
     }
     if "kernel" in models:
         contenders[SCANLAB_KERNEL] = whole("kernel")
+        int8 = quant.with_activations(models["kernel"].params, "int8")
+        contenders[SCANLAB_KERNEL_INT8] = lambda: (
+            generate(int8, tokens, config, new_tokens, attn_mask=mask).tokens
+        )
     return contenders
 
 
@@ -279,25 +286,29 @@ def measure(new_tokens: int = 128, batches=(1, 8), rounds: int = 3) -> dict[str,
     results["bf16"] = accuracy(f32, models["bfloat16"].params, new_tokens)
     results["q8"] = accuracy(f32, quantize(f32.params, config), new_tokens)
     if "kernel" in models:
-        results["kernel"] = accuracy(f32, models["kernel"].params, new_tokens, batch=8)
+        kernel = models["kernel"].params
+        results["kernel"] = accuracy(f32, kernel, new_tokens, batch=8)
+        int8 = quant.with_activations(kernel, "int8")
+        results["kernel_int8"] = accuracy(f32, int8, new_tokens, batch=8)
     return results
 
 
 def kernel_call_overhead(calls: int = 2000, rounds: int = 5) -> dict[str, float]:
-    """The cost of one kernel call beyond its work: a (1, 32) x (32, 1) product `calls` times in
-    one scan, per call, against XLA's own dot of the same shape in the same scan."""
+    """The cost of one kernel call beyond its work: a (1, 32) x (32, N) product `calls` times in
+    one scan, per call, against XLA's own dot of the same shape in the same scan; N = 128 is
+    two tasks of 64 rows, so the thread pool's hand-off is in it."""
     import jax
 
     x = jnp.ones((1, 32), jnp.float32)
     weight = qmatvec.pack_rows(
-        np.ones((1, 32), np.int8), np.ones((1, 1), np.float16), None, (32,), (1,)
+        np.ones((128, 32), np.int8), np.ones((128, 1), np.float16), None, (32,), (128,)
     )
-    dense = jnp.ones((32, 1), jnp.float32)
+    dense = jnp.ones((32, 128), jnp.float32)
 
     def repeated(product):
         def run(x):
             def body(carry, _):
-                return carry + product(x + carry[0, 0]), None
+                return carry + product(x + carry[0, 0])[:, :1], None
 
             return jax.lax.scan(body, jnp.zeros((1, 1)), None, length=calls)[0]
 

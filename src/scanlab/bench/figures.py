@@ -85,7 +85,7 @@ def decoding(decoding: dict, path: Path) -> None:
         contenders = [c for c in decoding["contenders"] if c["batch"] == batch]
         ax.barh([c["name"] for c in contenders], [c["tokens_per_s"] for c in contenders])
         dtypes = {b["dtype"] for b in decoding["bounds"]}
-        for dtype, style in (("f32", "--"), ("bf16", ":")):
+        for dtype, style in (("f32", "--"), ("bf16", ":"), ("kernel", "-.")):
             if dtype not in dtypes:
                 continue
             ax.axvline(bound(decoding, dtype, batch), color="k", ls=style, label=f"{dtype} bound")
