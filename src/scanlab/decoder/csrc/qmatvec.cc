@@ -149,31 +149,47 @@ struct Problem {
   const uint8_t* quants;  // this layer's (N, row_bytes)
   const void* scales;     // this layer's (N, K / 32)
   const void* mins;       // or nullptr
-  const ActivationBlocks* x;
-  float* y;  // (M, N)
+  const float* x;         // (M, K)
+  const float* block_sums;           // exact arithmetic: (M, K / 32), each block's sum of x
+  const ActivationBlocks* x_blocks;  // int8 arithmetic: x quantized, or nullptr
+  float* y;                          // (M, N)
   int64_t rows, width, outputs;
   bool nibbles;
+};
+
+// A problem's weights as one arithmetic reads them.
+template <typename Scale>
+struct Weights {
+  explicit Weights(const Problem& p)
+      : blocks(p.width / kBlock),
+        block_bytes(p.nibbles ? kBlock / 2 : kBlock),
+        scales(static_cast<const Scale*>(p.scales)),
+        mins(static_cast<const Scale*>(p.mins)) {}
+  const uint8_t* block(const Problem& p, int64_t n, int64_t b) const {
+    return p.quants + (n * blocks + b) * block_bytes;
+  }
+  int64_t blocks, block_bytes;
+  const Scale* scales;
+  const Scale* mins;
 };
 
 // Output rows [first, last) of y, for every row of x.
 template <typename Scale>
 void RowsPortable(const Problem& p, int64_t first, int64_t last) {
-  const int64_t blocks = p.width / kBlock;
-  const int64_t block_bytes = p.nibbles ? kBlock / 2 : kBlock;
-  const auto* scales = static_cast<const Scale*>(p.scales);
-  const auto* mins = static_cast<const Scale*>(p.mins);
+  const Weights<Scale> w(p);
   for (int64_t n = first; n < last; ++n) {
-    const uint8_t* row = p.quants + n * blocks * block_bytes;
     for (int64_t m = 0; m < p.rows; ++m) {
-      const int8_t* xq = p.x->quants.data() + m * p.width;
-      const float* xd = p.x->scales.data() + m * blocks;
+      const int8_t* xq = p.x_blocks->quants.data() + m * p.width;
+      const float* xd = p.x_blocks->scales.data() + m * w.blocks;
       float acc = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int32_t dot = p.nibbles ? BlockDotPortable<true>(row + b * block_bytes, xq + b * kBlock)
-                                      : BlockDotPortable<false>(row + b * block_bytes, xq + b * kBlock);
-        float term = ScaleAt(scales, n * blocks + b) * static_cast<float>(dot);
-        if (mins != nullptr) {
-          term += ScaleAt(mins, n * blocks + b) * static_cast<float>(p.x->sums[m * blocks + b]);
+      for (int64_t b = 0; b < w.blocks; ++b) {
+        const uint8_t* block = w.block(p, n, b);
+        const int32_t dot = p.nibbles ? BlockDotPortable<true>(block, xq + b * kBlock)
+                                      : BlockDotPortable<false>(block, xq + b * kBlock);
+        float term = ScaleAt(w.scales, n * w.blocks + b) * static_cast<float>(dot);
+        if (w.mins != nullptr) {
+          term += ScaleAt(w.mins, n * w.blocks + b) *
+                  static_cast<float>(p.x_blocks->sums[m * w.blocks + b]);
         }
         acc += xd[b] * term;
       }
@@ -203,40 +219,26 @@ std::vector<float> BlockSums(const float* x, int64_t rows, int64_t width) {
   return sums;
 }
 
-struct ExactProblem {
-  const uint8_t* quants;
-  const void* scales;
-  const void* mins;
-  const float* x;           // (M, K)
-  const float* block_sums;  // (M, K / 32)
-  float* y;
-  int64_t rows, width, outputs;
-  bool nibbles;
-};
-
 template <typename Scale>
-void ExactRowsPortable(const ExactProblem& p, int64_t first, int64_t last) {
-  const int64_t blocks = p.width / kBlock;
-  const int64_t block_bytes = p.nibbles ? kBlock / 2 : kBlock;
-  const auto* scales = static_cast<const Scale*>(p.scales);
-  const auto* mins = static_cast<const Scale*>(p.mins);
+void ExactRowsPortable(const Problem& p, int64_t first, int64_t last) {
+  const Weights<Scale> w(p);
   float values[kBlock];
   for (int64_t n = first; n < last; ++n) {
     for (int64_t m = 0; m < p.rows; ++m) p.y[m * p.outputs + n] = 0.f;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* block = p.quants + (n * blocks + b) * block_bytes;
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      const uint8_t* block = w.block(p, n, b);
       for (int64_t j = 0; j < kBlock; ++j) {
         values[j] = p.nibbles ? static_cast<float>(j < kBlock / 2 ? block[j] & 0x0f
                                                                    : block[j - kBlock / 2] >> 4)
                               : static_cast<float>(reinterpret_cast<const int8_t*>(block)[j]);
       }
-      const float scale = ScaleAt(scales, n * blocks + b);
-      const float min = mins != nullptr ? ScaleAt(mins, n * blocks + b) : 0.f;
+      const float scale = ScaleAt(w.scales, n * w.blocks + b);
+      const float min = w.mins != nullptr ? ScaleAt(w.mins, n * w.blocks + b) : 0.f;
       for (int64_t m = 0; m < p.rows; ++m) {
         const float* x = p.x + m * p.width + b * kBlock;
         float dot = 0.f;
         for (int64_t j = 0; j < kBlock; ++j) dot += values[j] * x[j];
-        p.y[m * p.outputs + n] += scale * dot + min * p.block_sums[m * blocks + b];
+        p.y[m * p.outputs + n] += scale * dot + min * p.block_sums[m * w.blocks + b];
       }
     }
   }
@@ -269,23 +271,21 @@ __attribute__((target("avx2,fma"))) inline void WidenBlock(const uint8_t* block,
 constexpr int64_t kRowGroup = 8;
 
 template <typename Scale>
-__attribute__((target("avx2,fma,f16c"))) void ExactRowsAvx2(const ExactProblem& p,
-                                                              int64_t first, int64_t last) {
-  const int64_t blocks = p.width / kBlock;
-  const int64_t block_bytes = p.nibbles ? kBlock / 2 : kBlock;
-  const auto* scales = static_cast<const Scale*>(p.scales);
-  const auto* mins = static_cast<const Scale*>(p.mins);
+__attribute__((target("avx2,fma,f16c"))) void ExactRowsAvx2(const Problem& p, int64_t first,
+                                                              int64_t last) {
+  const Weights<Scale> weights(p);
   for (int64_t group = 0; group < p.rows; group += kRowGroup) {
     const int64_t count = std::min(kRowGroup, p.rows - group);
     for (int64_t n = first; n < last; ++n) {
       __m256 totals[kRowGroup];
       float min_terms[kRowGroup] = {};
       for (int64_t r = 0; r < count; ++r) totals[r] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t b = 0; b < weights.blocks; ++b) {
         __m256 w[4];
-        WidenBlock(p.quants + (n * blocks + b) * block_bytes, p.nibbles, w);
-        const __m256 scale = ScaleVector(scales + n * blocks + b);
-        const float min = mins != nullptr ? ScaleAtF16c(mins, n * blocks + b) : 0.f;
+        WidenBlock(weights.block(p, n, b), p.nibbles, w);
+        const int64_t at = n * weights.blocks + b;
+        const __m256 scale = ScaleVector(weights.scales + at);
+        const float min = weights.mins != nullptr ? ScaleAtF16c(weights.mins, at) : 0.f;
         for (int64_t r = 0; r < count; ++r) {
           const float* x = p.x + (group + r) * p.width + b * kBlock;
           __m256 dot = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
@@ -293,7 +293,7 @@ __attribute__((target("avx2,fma,f16c"))) void ExactRowsAvx2(const ExactProblem& 
           dot = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), dot);
           dot = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), dot);
           totals[r] = _mm256_fmadd_ps(dot, scale, totals[r]);
-          min_terms[r] += min * p.block_sums[(group + r) * blocks + b];
+          min_terms[r] += min * p.block_sums[(group + r) * weights.blocks + b];
         }
       }
       for (int64_t r = 0; r < count; ++r) {
@@ -315,25 +315,21 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 ScaleVector(const Scale* 
 template <typename Scale>
 __attribute__((target("avx2,fma,f16c"))) void RowsAvx2(const Problem& p, int64_t first,
                                                          int64_t last) {
-  const int64_t blocks = p.width / kBlock;
-  const int64_t block_bytes = p.nibbles ? kBlock / 2 : kBlock;
-  const auto* scales = static_cast<const Scale*>(p.scales);
-  const auto* mins = static_cast<const Scale*>(p.mins);
+  const Weights<Scale> w(p);
   for (int64_t n = first; n < last; ++n) {
-    const uint8_t* row = p.quants + n * blocks * block_bytes;
     for (int64_t m = 0; m < p.rows; ++m) {
-      const int8_t* xq = p.x->quants.data() + m * p.width;
-      const float* xd = p.x->scales.data() + m * blocks;
+      const int8_t* xq = p.x_blocks->quants.data() + m * p.width;
+      const float* xd = p.x_blocks->scales.data() + m * w.blocks;
       __m256 acc = _mm256_setzero_ps();
       float min_acc = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const __m256i dot = BlockDotAvx2(row + b * block_bytes, xq + b * kBlock, p.nibbles);
-        const __m256 scale =
-            _mm256_mul_ps(ScaleVector(scales + n * blocks + b), _mm256_set1_ps(xd[b]));
+      for (int64_t b = 0; b < w.blocks; ++b) {
+        const __m256i dot = BlockDotAvx2(w.block(p, n, b), xq + b * kBlock, p.nibbles);
+        const int64_t at = n * w.blocks + b;
+        const __m256 scale = _mm256_mul_ps(ScaleVector(w.scales + at), _mm256_set1_ps(xd[b]));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
-        if (mins != nullptr) {
-          min_acc += ScaleAtF16c(mins, n * blocks + b) * xd[b] *
-                     static_cast<float>(p.x->sums[m * blocks + b]);
+        if (w.mins != nullptr) {
+          min_acc += ScaleAtF16c(w.mins, at) * xd[b] *
+                     static_cast<float>(p.x_blocks->sums[m * w.blocks + b]);
         }
       }
       p.y[m * p.outputs + n] = HorizontalSum(acc) + min_acc;
@@ -349,27 +345,20 @@ bool HasAvx2() {
   return has && !force_portable.load(std::memory_order_relaxed);
 }
 
+// Output rows [first, last) of y, by the problem's arithmetic on this CPU.
 template <typename Scale>
 void Rows(const Problem& p, int64_t first, int64_t last) {
+  const bool int8 = p.x_blocks != nullptr;
   if (HasAvx2()) {
-    RowsAvx2<Scale>(p, first, last);
+    int8 ? RowsAvx2<Scale>(p, first, last) : ExactRowsAvx2<Scale>(p, first, last);
   } else {
-    RowsPortable<Scale>(p, first, last);
-  }
-}
-
-template <typename Scale>
-void Rows(const ExactProblem& p, int64_t first, int64_t last) {
-  if (HasAvx2()) {
-    ExactRowsAvx2<Scale>(p, first, last);
-  } else {
-    ExactRowsPortable<Scale>(p, first, last);
+    int8 ? RowsPortable<Scale>(p, first, last) : ExactRowsPortable<Scale>(p, first, last);
   }
 }
 
 // Splits the output rows into tasks: this thread takes the first, the pool the rest.
-template <typename Scale, typename AnyProblem>
-void RunSplit(const AnyProblem& p, ffi::ThreadPool* pool) {
+template <typename Scale>
+void RunSplit(const Problem& p, ffi::ThreadPool* pool) {
   const int64_t tasks = std::max<int64_t>(
       1, std::min<int64_t>(pool != nullptr ? pool->num_threads() : 1,
                            (p.outputs + kRowsPerTask - 1) / kRowsPerTask));
@@ -413,19 +402,26 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
   const uint8_t* layer_mins = has_mins ? static_cast<const uint8_t*>(mins.untyped_data()) +
                                              index * per_layer_scales * scale_size
                                        : nullptr;
-  const bool f32_scales = scales.element_type() == ffi::F32;
-  if (int8_activations) {
-    const ActivationBlocks activations = QuantizeRows(x.typed_data(), rows, width);
-    const Problem problem{layer_quants,    layer_scales, layer_mins, &activations,
-                          y->typed_data(), rows,         width,      outputs,
-                          nibbles};
-    f32_scales ? RunSplit<float>(problem, &pool) : RunSplit<uint16_t>(problem, &pool);
+  // The exact arithmetic needs each block's sum of x (for the mins), the int8 one x quantized.
+  const std::vector<float> sums =
+      int8_activations ? std::vector<float>() : BlockSums(x.typed_data(), rows, width);
+  const ActivationBlocks activations =
+      int8_activations ? QuantizeRows(x.typed_data(), rows, width) : ActivationBlocks();
+  const Problem problem{layer_quants,
+                        layer_scales,
+                        layer_mins,
+                        x.typed_data(),
+                        sums.data(),
+                        int8_activations ? &activations : nullptr,
+                        y->typed_data(),
+                        rows,
+                        width,
+                        outputs,
+                        nibbles};
+  if (scales.element_type() == ffi::F32) {
+    RunSplit<float>(problem, &pool);
   } else {
-    const std::vector<float> sums = BlockSums(x.typed_data(), rows, width);
-    const ExactProblem problem{layer_quants, layer_scales,    layer_mins, x.typed_data(),
-                               sums.data(),  y->typed_data(), rows,       width,
-                               outputs,      nibbles};
-    f32_scales ? RunSplit<float>(problem, &pool) : RunSplit<uint16_t>(problem, &pool);
+    RunSplit<uint16_t>(problem, &pool);
   }
   return ffi::Error::Success();
 }
