@@ -243,3 +243,16 @@ print(qmatvec.available(), qmatvec.describe(), type(params.blocks.gate_proj).__n
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False pure JAX (SCANLAB_KERNEL=off) QuantArray"
+
+
+def test_without_a_compiler_the_pure_jax_path_runs_and_says_so(tmp_path):
+    """A fresh cache (no kernel built yet) and no C++ compiler: nothing to build it with."""
+    script = "from scanlab.decoder import qmatvec; print(qmatvec.available(), qmatvec.describe())"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"CXX": str(tmp_path / "no-such-c++"), "SCANLAB_CACHE": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False pure JAX (no C++ compiler could build the kernel)"
