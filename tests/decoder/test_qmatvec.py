@@ -245,14 +245,21 @@ print(qmatvec.available(), qmatvec.describe(), type(params.blocks.gate_proj).__n
     assert result.stdout.strip() == "False pure JAX (SCANLAB_KERNEL=off) QuantArray"
 
 
-def test_without_a_compiler_the_pure_jax_path_runs_and_says_so(tmp_path):
-    """A fresh cache (no kernel built yet) and no C++ compiler: nothing to build it with."""
+@pytest.mark.parametrize(
+    ("compiler", "reason"),
+    [
+        ("no-such-c++", "no C++ compiler found ($CXX, else c++)"),
+        ("/bin/false", "/bin/false could not compile the kernel: no message"),
+    ],
+)
+def test_without_a_working_compiler_the_pure_jax_path_runs_and_says_why(tmp_path, compiler, reason):
+    """A fresh cache (no kernel built yet) and nothing that builds it."""
     script = "from scanlab.decoder import qmatvec; print(qmatvec.available(), qmatvec.describe())"
     result = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,
-        env=os.environ | {"CXX": str(tmp_path / "no-such-c++"), "SCANLAB_CACHE": str(tmp_path)},
+        env=os.environ | {"CXX": compiler, "SCANLAB_CACHE": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "False pure JAX (no C++ compiler could build the kernel)"
+    assert result.stdout.strip() == f"False pure JAX ({reason})"

@@ -213,26 +213,29 @@ def _no_derivative(outputs, int8_activations, primals, tangents):
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use; None where it cannot be."""
-    if os.environ.get(KERNEL_ENV, "").lower() == "off" or jax.default_backend() != "cpu":
-        return None
+def _loaded() -> tuple[ctypes.CDLL | None, str]:
+    """(the compiled kernel, built on first use, or None; why not, when None)."""
+    if os.environ.get(KERNEL_ENV, "").lower() == "off":
+        return None, f"{KERNEL_ENV}=off"
+    if jax.default_backend() != "cpu":
+        return None, f"the kernel is for CPUs; the backend is {jax.default_backend()}"
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
-        return None
-    path = _build(compiler)
-    return None if path is None else ctypes.CDLL(str(path))
+        return None, "no C++ compiler found ($CXX, else c++)"
+    path, failure = _build(compiler)
+    return (None, failure) if path is None else (ctypes.CDLL(str(path)), "")
 
 
-def _build(compiler: str) -> Path | None:
-    """Compiles the kernel into the cache (once per source and header version); None on failure."""
+def _build(compiler: str) -> tuple[Path | None, str]:
+    """Compiles the kernel into the cache (once per source, header and compiler): (its path, or
+    None and why)."""
     include = Path(jax.ffi.include_dir())
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update((include / "xla" / "ffi" / "api" / "c_api.h").read_bytes())
     digest.update(compiler.encode())
     target = default_cache() / "kernels" / f"qmatvec-{digest.hexdigest()[:16]}.so"
     if target.is_file():
-        return target
+        return target, ""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as staging:
@@ -243,16 +246,17 @@ def _build(compiler: str) -> Path | None:
                 text=True,
             )
             if done.returncode:
-                return None
+                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                return None, f"{compiler} could not compile the kernel: {last[:200]}"
             os.replace(built, target)  # whole or not at all: another process may race us
-    except OSError:
-        return None
-    return target
+    except OSError as error:
+        return None, f"the kernel cannot be written to {target.parent}: {error}"
+    return target, ""
 
 
 @functools.cache
 def _register() -> None:
-    library = _library()
+    library, _ = _loaded()
     if library is None:
         raise ArgumentError("the quantized matmul kernel is not available here: " + describe())
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScanlabQMatVec), platform="cpu")
@@ -260,23 +264,19 @@ def _register() -> None:
 
 def available() -> bool:
     """Whether the kernel runs here (built, on a CPU backend, not switched off)."""
-    return _library() is not None
+    return _loaded()[0] is not None
 
 
 def describe() -> str:
     """Which quantized path runs, in a few words (for `--verbose` and the benchmark record)."""
-    if os.environ.get(KERNEL_ENV, "").lower() == "off":
-        return f"pure JAX ({KERNEL_ENV}=off)"
-    if jax.default_backend() != "cpu":
-        return f"pure JAX (the kernel is for CPUs; the backend is {jax.default_backend()})"
-    library = _library()
+    library, why_not = _loaded()
     if library is None:
-        return "pure JAX (no C++ compiler could build the kernel)"
+        return f"pure JAX ({why_not})"
     return "jax.ffi kernel, " + ("AVX2" if library.scanlab_qmatvec_uses_avx2() else "portable")
 
 
 def force_portable(on: bool) -> None:
     """Runs the kernel's portable loop even on an AVX2 CPU (for tests)."""
-    library = _library()
+    library, _ = _loaded()
     if library is not None:
         library.scanlab_qmatvec_force_portable(int(on))
