@@ -368,10 +368,10 @@ def _describe_weights(params) -> None:
 
     from scanlab.decoder import param_bytes, qmatvec, quant
 
-    kinds = sorted(
-        {type(leaf).__name__ for leaf in jax.tree.leaves(params, is_leaf=quant.is_quantized)}
-    )
-    path = qmatvec.describe() if any(kind != "ArrayImpl" for kind in kinds) else "none (dense)"
+    leaves = jax.tree.leaves(params, is_leaf=quant.is_quantized)
+    kinds = sorted({type(leaf).__name__ for leaf in leaves})
+    quantized = any(quant.is_quantized(leaf) for leaf in leaves)
+    path = qmatvec.describe() if quantized else "none (dense)"
     _progress(
         f"weights: {', '.join(kinds)}, {param_bytes(params) / 1e6:.0f} MB; quantized path: {path}"
     )

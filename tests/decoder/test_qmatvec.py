@@ -200,10 +200,18 @@ def test_the_arithmetic_is_named_and_checked():
         quant.with_activations(params, "int4")
 
 
+def test_a_stack_without_its_layer_index_is_refused_not_read_as_layer_0():
+    rng = np.random.default_rng(4)
+    quants, scales, _ = random_packed(rng, 3, 8, 32, False, np.float32, False)
+    stack = PackedArray(jnp.asarray(quants), jnp.asarray(scales), None, None, (32,), (8,))
+    with pytest.raises(ArgumentError, match=r"stacked PackedArray \(3 layers\) needs its layer"):
+        qmatvec.matvec(jnp.ones((1, 32)), stack)
+
+
 def test_differentiating_it_is_refused_with_the_way_out():
     rng = np.random.default_rng(3)
     quants, scales, _ = random_packed(rng, 1, 8, 32, False, np.float32, False)
-    weight = PackedArray(jnp.asarray(quants), jnp.asarray(scales), None, None, (32,), (8,))
+    weight = PackedArray(jnp.asarray(quants[0]), jnp.asarray(scales[0]), None, None, (32,), (8,))
     with pytest.raises(ArgumentError, match=r"kernel is for inference only.*weights='float32'"):
         jax.grad(lambda x: qmatvec.matvec(x, weight).sum())(jnp.ones((1, 32)))
 

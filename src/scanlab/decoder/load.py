@@ -52,15 +52,17 @@ def load_weights(
 def _load_weights(
     path: Path, weights: str | None, kernel: bool | None
 ) -> tuple[DecoderConfig, DecoderParams]:
-    kernel = qmatvec.available() if kernel is None else bool(kernel)
+    def on_kernel() -> bool:  # asked only for quantized weights: it may build the kernel
+        return qmatvec.available() if kernel is None else bool(kernel)
+
     if path.is_dir():
         if weights != "quantized":
             return load_checkpoint(path, dtype=weights or "float32")
         config, params = load_checkpoint(path, dtype="float32")
-        return config, spec.quantize(params, config, kernel=kernel)
-    quantized = weights in (None, "quantized")
-    dtype = "float32" if quantized else weights
-    return load_gguf(path, dtype=dtype, quantized=quantized, kernel=quantized and kernel)
+        return config, spec.quantize(params, config, kernel=on_kernel())
+    if weights not in (None, "quantized"):
+        return load_gguf(path, dtype=weights)
+    return load_gguf(path, dtype="float32", quantized=True, kernel=on_kernel())
 
 
 def load_config(path: Path) -> DecoderConfig:

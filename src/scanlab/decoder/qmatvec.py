@@ -182,6 +182,11 @@ def matvec(x: jax.Array, weight: PackedArray) -> jax.Array:
     x_MxK = x.reshape(-1, inputs).astype(jnp.float32)
     quants, scales, mins = weight.quants, weight.scales, weight.mins
     layer = weight.layer
+    if quants.ndim == 3 and layer is None:
+        raise ArgumentError(
+            f"a stacked PackedArray ({quants.shape[0]} layers) needs its layer index to multiply "
+            "by: the layer scan sets it (quant.at_layer), or index one layer's leaves"
+        )
     if quants.ndim == 2:  # one matrix: a stack of one
         quants, scales = quants[None], scales[None]
         mins = None if mins is None else mins[None]
