@@ -40,11 +40,19 @@ class CheckpointWriteError(ScanlabError, OSError):
 
 def open_manager(directory: str | Path) -> ocp.CheckpointManager:
     """An orbax manager over `directory`: synchronous saves (a save returns once it is on disk),
-    the newest `MAX_TO_KEEP` steps kept, temporary directories of killed saves removed."""
+    the newest `MAX_TO_KEEP` steps kept."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=MAX_TO_KEEP, enable_async_checkpointing=False, cleanup_tmp_directories=True
+        max_to_keep=MAX_TO_KEEP, enable_async_checkpointing=False
     )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def remove_partial_saves(directory: str | Path, step: int | None = None) -> None:
+    """Removes orbax's temporary directories of saves that never completed (of `step`, or all),
+    here rather than by orbax's own clean-up, which runs in a thread a quick exit cuts short."""
+    pattern = f"{'*' if step is None else step}.orbax-checkpoint-tmp*"
+    for partial in Path(directory).glob(pattern):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def check_exists(directory: str | Path, name: str = "checkpoint_dir") -> None:
@@ -69,8 +77,7 @@ def save(manager: ocp.CheckpointManager, step: int, **items: ocp.args.Checkpoint
         manager.save(step, args=ocp.args.Composite(**items), force=True)
         _write_manifest(path)
     except Exception as error:  # OSError, or orbax/TensorStore's bare Exceptions wrapping one
-        for partial in Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        remove_partial_saves(manager.directory, step)
         shutil.rmtree(path, ignore_errors=True)
         manager.reload()
         raise _write_error(manager, step, _summary(error)) from None

@@ -82,6 +82,7 @@ def train(
         if resume:
             checkpoints.check_exists(checkpoint_dir)  # reading must not create what it lacks
         checks.writable_dir("checkpoint_dir", checkpoint_dir)
+        checkpoints.remove_partial_saves(checkpoint_dir)  # killed saves' leftovers
     manager = checkpoints.open_manager(checkpoint_dir) if checkpoint_dir is not None else None
     state, losses, history = None, None, list[float]()
     try:
