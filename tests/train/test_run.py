@@ -167,7 +167,7 @@ def test_an_interrupt_during_a_chunk_s_dispatch_waits_for_its_output():
     """The chunk donates its input: Ctrl-C is held until the output is assigned, then raised."""
     import signal
 
-    from scanlab.train.run import _interrupts_held
+    from scanlab.train.loop import _interrupts_held
 
     assigned = []
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab.decoder import qmatvec
+from scanlab.decoder.lora import Adapted, low_rank_update
 from scanlab.decoder.params import DecoderBlock, DecoderParams
 from scanlab.decoder.qmatvec import PackedArray
 from scanlab.errors import ArgumentError, ArgumentTypeError
@@ -151,14 +152,19 @@ def as_dense(weight: Weight, dtype=None) -> jax.Array:
     return weight if dtype is None else weight.astype(dtype)
 
 
-def project(equation: str, x: jax.Array, weight: jax.Array | QuantArray | PackedArray) -> jax.Array:
+def project(
+    equation: str, x: jax.Array, weight: jax.Array | QuantArray | PackedArray | Adapted
+) -> jax.Array:
     """`jnp.einsum(equation, x, weight)`, a quantized weight dequantized into the dot (a
-    PackedArray: by the kernel).
+    PackedArray: by the kernel), an `Adapted` one's low-rank update added.
 
     The equation's output must be x's kept axes, then the weight's. The contraction runs over
     the weight's axes in their stored order: `jnp.einsum` may list them in another, and XLA then
     copies the weight transposed before its dot, every layer of every step.
     """
+    if isinstance(weight, Adapted):
+        update = low_rank_update(x, weight, _contraction(equation)[0])
+        return project(equation, x, weight.base) + update
     if isinstance(weight, PackedArray):  # its inputs are the contracted axes, x's last ones
         if qmatvec.takes(x, weight):
             return qmatvec.matvec(x, weight).astype(x.dtype)

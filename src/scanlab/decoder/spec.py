@@ -22,6 +22,7 @@ from scanlab import checks, sharding
 from scanlab.decoder import qmatvec, quant
 from scanlab.decoder.config import DecoderConfig, check_config
 from scanlab.decoder.families import Leaf
+from scanlab.decoder.lora import Adapted
 from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
 from scanlab.errors import ArgumentError, ArgumentTypeError
 
@@ -165,12 +166,15 @@ def check_params(params: DecoderParams, config: DecoderConfig) -> None:
         raise ArgumentTypeError(f"params must be a DecoderParams, got {type(params).__name__}")
     expected = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=is_shape)[0]
     leaves = dict(jax.tree_util.tree_flatten_with_path(declared(config), is_leaf=is_leaf)[0])
-    got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quantized)[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_weight)[0])
     for path, shape in expected:
         name = "params" + jax.tree_util.keystr(path)
         leaf = got.pop(path, None)
         if leaf is None:
             raise ArgumentError(f"{name} is missing: this config declares it with shape {shape}")
+        if isinstance(leaf, Adapted):
+            _check_adapted(leaf, leaves[path], name, shape)
+            leaf = leaf.base
         leaf_shape = tuple(np.shape(leaf))
         if leaf_shape != shape:
             if ".blocks" in name and leaf_shape[:1] != shape[:1]:
@@ -185,6 +189,25 @@ def check_params(params: DecoderParams, config: DecoderConfig) -> None:
     if got:
         extra = "params" + jax.tree_util.keystr(next(iter(got)))
         raise ArgumentError(f"{extra} is not declared for this config (set to None), got an array")
+
+
+def _is_weight(node: Any) -> bool:
+    return quant.is_quantized(node) or isinstance(node, Adapted)
+
+
+def _check_adapted(adapted: Adapted, leaf: Leaf, name: str, shape: tuple[int, ...]) -> None:
+    """An adapted weight matrix's a is ([L,] inputs..., r) and b ([L,] r, outputs...)."""
+    if not leaf.quantizable:
+        raise ArgumentTypeError(f"{name} is adapted, but only weight matrices may be")
+    split = len(shape) - len(leaf.shape.split()) + len(leaf.fan_in.split())
+    rank = adapted.rank
+    for part, expected in (
+        ("a", (*shape[:split], rank)),
+        ("b", (*shape[: len(shape) - len(leaf.shape.split())], rank, *shape[split:])),
+    ):
+        got = tuple(np.shape(getattr(adapted, part)))
+        if got != expected:
+            raise ArgumentError(f"{name}.{part} has shape {got}, expected {expected}")
 
 
 def check_dense(params: DecoderParams, what: str) -> None:

@@ -8,7 +8,7 @@ from .evaluation import Sample as Sample
 from .evaluation import accuracy as accuracy
 from .evaluation import evaluate as evaluate
 from .evaluation import samples as samples
-from .run import ChunkReport as ChunkReport
+from .loop import ChunkReport as ChunkReport
 from .run import TrainResult as TrainResult
 from .run import load as load
 from .run import saved_config as saved_config

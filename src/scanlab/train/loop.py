@@ -1,0 +1,251 @@
+"""The chunked loop every training run shares: K steps per compiled call, a NaN stop, verified
+orbax saves, Ctrl-C saving the newest whole state, and the resume rules.
+
+A run's checkpoint holds three items: `state` (any pytree of arrays with an int32 `step`), the
+per-step loss `history` and the run's `config` as a dict; `scanlab.train.run` (from-scratch
+runs) and `scanlab.finetune.run` (pretrained models) each bring their state and config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from scanlab import checks
+from scanlab.checks import shown
+from scanlab.errors import ArgumentError, DivergedError
+from scanlab.train import checkpoints
+from scanlab.train.checkpoints import CheckpointReadError
+
+
+class ChunkReport(NamedTuple):
+    step: int  # steps done after this chunk
+    total_steps: int
+    mean_loss: float  # over the chunk's steps
+    steps_per_s: float  # this chunk's steps over its wall time (the first includes compilation)
+    checkpointed: bool  # this step is saved: complete on disk, with its checksums
+    tokens_per_s: float | None = None  # trained tokens over the chunk's wall time (fine-tuning)
+    eval_loss: float | None = None  # on the held-out examples after the chunk (fine-tuning)
+
+
+# (state, steps) -> (state after them, their losses (steps,)); the state is donated.
+RunChunk = Callable[[Any, int], tuple[Any, jax.Array]]
+
+
+def run_chunks(
+    state,
+    history: list[float],
+    *,
+    total_steps: int,
+    chunk_steps: int,
+    run_chunk: RunChunk,
+    manager,
+    config: dict,
+    checkpoint_every: int,
+    on_chunk: Callable[[ChunkReport], None] | None,
+    describe: Callable[[Any, int, float], dict] | None = None,
+):
+    """Runs chunks from `state.step` to `total_steps`; returns (state, history).
+
+    Saves (when `manager` is not None) after every `checkpoint_every` chunks and after the last;
+    a chunk whose losses are not finite stops the run before anything of it is saved; Ctrl-C
+    saves the newest whole state, then propagates. `describe(state, steps, seconds)` adds
+    fields to each ChunkReport.
+    """
+    losses = None
+    try:
+        step = int(state.step)
+        while step < total_steps:
+            n = min(chunk_steps, total_steps - step)
+            start = time.perf_counter()
+            with _interrupts_held():
+                state, losses = run_chunk(state, n)
+            losses = np.asarray(losses)  # waits for the chunk
+            elapsed = time.perf_counter() - start
+            _check_finite(losses, step, manager)
+            step += n
+            history.extend(losses.tolist())
+            save = manager is not None and (
+                step == total_steps or (step // chunk_steps) % checkpoint_every == 0
+            )
+            if save:
+                save_run(manager, step, state, history, config)
+            if on_chunk is not None:
+                extra = describe(state, n, elapsed) if describe is not None else {}
+                report = ChunkReport(step, total_steps, float(losses.mean()), n / elapsed, save)
+                on_chunk(report._replace(**extra))
+    except KeyboardInterrupt:
+        if manager is not None:
+            _save_interrupted(manager, config, state, losses, history)
+        raise
+    return state, history
+
+
+def _check_finite(losses: np.ndarray, step: int, manager) -> None:
+    """Stops a run whose loss became NaN or Inf, before anything of the bad chunk is saved."""
+    bad = ~np.isfinite(losses)
+    if bad.any():
+        kept = manager.latest_step() if manager is not None else None
+        where = f"; the last good checkpoint (step {kept}) is kept" if kept is not None else ""
+        raise DivergedError(
+            f"the loss became {losses[bad][0]} at step {step + int(np.argmax(bad)) + 1}: "
+            f"training stopped{where}. Lower learning_rate or clip_norm."
+        )
+
+
+def _save_interrupted(manager, config: dict, state, losses, history: list[float]) -> None:
+    """On Ctrl-C, saves the newest state that is whole, so at most the chunk in flight is lost.
+
+    Each chunk donates its input state, so the newest whole state is the last chunk's output:
+    saved with the history up to it (its losses included when that chunk had not yet been
+    counted). A state already handed to the next chunk (deleted) cannot be saved.
+    """
+    if state is None or any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
+        return
+    step = int(state.step)  # waits for the chunk that produced it
+    if step != len(history) and losses is not None and step == len(history) + len(losses):
+        history = history + np.asarray(losses).tolist()
+    if step == len(history) and step > (manager.latest_step() or 0):
+        save_run(manager, step, state, history, config)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Holds Ctrl-C and SIGTERM back while a chunk is dispatched, then delivers them.
+
+    The chunk donates its input state: an interrupt between the donation and the output's
+    return would leave no whole state to save. Held signals are raised again once the output
+    is assigned, to whatever handlers were there (only the main thread can set handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda number, _: held.append(number)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for number in held:
+            signal.raise_signal(number)
+
+
+# --- a run's checkpoint -----------------------------------------------------------------------
+
+
+def open_run(checkpoint_dir, resume: bool, resume_step: int | None, checkpoint_every: int):
+    """The orbax manager of a run's checkpoint directory (None without one), the arguments
+    checked first: the directory writable (on resume too), killed saves' leftovers removed."""
+    if checkpoint_every < 1:
+        raise ArgumentError(f"{shown('checkpoint_every')} must be >= 1, got {checkpoint_every}")
+    if resume and checkpoint_dir is None:
+        raise ArgumentError(f"{shown('resume')} needs a {shown('checkpoint_dir')}, got None")
+    if resume_step is not None and not resume:
+        raise ArgumentError(f"{shown('resume_step')} needs {shown('resume')}")
+    if checkpoint_dir is None:
+        return None
+    if resume:
+        checkpoints.check_exists(checkpoint_dir)  # reading must not create what it lacks
+    checks.writable_dir("checkpoint_dir", checkpoint_dir)
+    checkpoints.remove_partial_saves(checkpoint_dir)
+    return checkpoints.open_manager(checkpoint_dir)
+
+
+def resumed_step(manager, resume: bool, resume_step: int | None, config: dict) -> int | None:
+    """The verified step a run continues from (None: a fresh start), by the resume rules.
+
+    A directory holding a run is not started afresh; the saved config must match `config`
+    except for `steps`, which may only grow; the steps after the one resumed are moved to
+    `abandoned/`.
+    """
+    latest = manager.latest_step() if manager is not None else None
+    if not resume:
+        if latest is not None:
+            raise ArgumentError(
+                f"{shown('checkpoint_dir')} {manager.directory} already holds a run (latest step "
+                f"{latest}); pass resume=True (--resume) to continue it, or choose another "
+                "directory"
+            )
+        return None
+    if latest is None:
+        raise ArgumentError(
+            f"{shown('checkpoint_dir')} {manager.directory} holds no complete checkpoint to resume"
+        )
+    step = checkpoints.verified_step(manager, resume_step, "resume_step")
+    _check_same_config(saved_config(manager, step), config, manager.directory)
+    if config["steps"] < step:
+        raise ArgumentError(
+            f"{shown('steps')} must be >= {step} to resume {shown('checkpoint_dir')} "
+            f"{manager.directory} (the run has done {step} steps), got {config['steps']}"
+        )
+    checkpoints.abandon_newer(manager, step)
+    return step
+
+
+def saved_config(manager, step: int) -> dict:
+    """The config a checkpoint was written with (read before the state, whose shapes it
+    decides)."""
+    with checkpoints.reading(manager, step):
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def restore_run(manager, step: int, target) -> tuple[Any, list[float]]:
+    """(state, history) of a verified step, the state restored into `target`'s structure and
+    shardings (a tree of ShapeDtypeStructs)."""
+    with checkpoints.reading(manager, step):
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                history=ocp.args.JsonRestore(),
+            ),
+        )
+    # Orbax hands back plain containers in places: rebuild the exact structure.
+    state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored.state))
+    _check_restored_finite(state, checkpoints.step_path(manager, step))
+    return state, list(restored.history)
+
+
+def _check_restored_finite(state, path: Path) -> None:
+    """A saved state is finite (a NaN loss stops a run before it saves): refuse one that is not,
+    rather than let a resumed run blame its learning rate."""
+    for where, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) and not np.isfinite(leaf).all():
+            raise CheckpointReadError(
+                f"checkpoint {path} holds NaN or Inf in state{jax.tree_util.keystr(where)}"
+            )
+
+
+def save_run(manager, step: int, state, history: list[float], config: dict) -> None:
+    checkpoints.save(
+        manager,
+        step,
+        state=ocp.args.StandardSave(state),
+        history=ocp.args.JsonSave(history),
+        config=ocp.args.JsonSave(config),
+    )
+
+
+def _check_same_config(saved: dict, config: dict, directory) -> None:
+    """Everything but `steps` must match: a run may be extended."""
+    differences = [
+        f"{name}={saved.get(name)!r} there, {value!r} here"
+        for name, value in config.items()
+        if name != "steps" and saved.get(name) != value
+    ]
+    if differences:
+        raise ArgumentError(
+            f"{shown('checkpoint_dir')} {directory} was written by a different config: "
+            + "; ".join(differences)
+        )
