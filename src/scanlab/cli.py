@@ -418,6 +418,10 @@ def chat_command(
     repetition_penalty: RepetitionPenalty = 1.0,
     weights: Weights = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="A `scanlab finetune` checkpoint directory: chat with what it trained."),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Chat with a model, answers streamed as they are generated. Empty line or Ctrl-D ends."""
@@ -443,12 +447,21 @@ def chat_command(
         "--max-new-tokens", max_new_tokens, minimum=1, maximum=chat_lib.longest_answer(config)
     )
     checks.sampling_options(config.vocab_size, **settings)
+    if adapter is not None:
+        from scanlab.train import checkpoints
+
+        checkpoints.check_exists(adapter, "adapter")
     with _loading(model, weights):
         config, params = load.load_weights(path, weights)
+    tuned = load.Model(config, params, tokenizer)
+    if adapter is not None:
+        from scanlab import finetune
+
+        tuned = finetune.with_trained(tuned, adapter)
     if verbose:
-        _describe_weights(params)
+        _describe_weights(tuned.params)
     conversation = chat_lib.Chat(
-        load.Model(config, params, tokenizer),
+        tuned,
         system=system,
         max_new_tokens=max_new_tokens,
         sampling=settings,
@@ -543,7 +556,7 @@ def train_command(
     checks.writable_dir("--plot's folder", plot_path.parent)
     from scanlab import plots, render
 
-    with render.training_progress(console, config) as on_chunk:
+    with render.training_progress(console, f"train {config.task}", config.steps) as on_chunk:
         result = train.train(
             config,
             checkpoint_dir=checkpoint_dir,
@@ -557,6 +570,178 @@ def train_command(
     console.print(f"loss curve: {path}")
     evaluation = train.evaluate(result.state.params, result.config)
     console.print(*render.evaluation(evaluation, int(result.state.step)), sep="\n")
+
+
+@app.command("finetune")
+def finetune_command(
+    data_file: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help='A JSONL file, one example per line: {"messages": [...]} conversations (the '
+            'loss on the answers) or {"text": "..."} texts.',
+        ),
+    ],
+    # The run's settings default to None: "not given", so --resume can take the saved run's.
+    model: Annotated[
+        str | None, typer.Option(help=MODEL_HELP + " \\[smollm2-135m-instruct]")
+    ] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA's rank r [8].")] = None,
+    lora_alpha: Annotated[
+        float | None, typer.Option(help="LoRA's alpha: updates scaled by alpha / r [16].")
+    ] = None,
+    lora_dropout: Annotated[
+        float | None, typer.Option(help="Dropout on the adapted inputs [0].")
+    ] = None,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(help="Adapted projections, comma-separated [all: q,k,v,o,gate,up,down]."),
+    ] = None,
+    full: Annotated[
+        bool, typer.Option(help="Train every weight (float32) instead of LoRA adapters.")
+    ] = False,
+    steps: Annotated[int | None, typer.Option(help="Total optimizer steps [100].")] = None,
+    chunk_steps: Annotated[
+        int | None, typer.Option(help="Steps per compiled lax.scan call [10].")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per step [8].")] = None,
+    accumulate: Annotated[
+        int | None, typer.Option(help="Micro-batches per step, gradients summed [1].")
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Row length in tokens [the longest example's].")
+    ] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Peak AdamW learning rate [0.0002].")
+    ] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps [10].")] = None,
+    eval_fraction: Annotated[
+        float | None, typer.Option(help="Share of examples held out for the eval loss [0.1].")
+    ] = None,
+    remat: Annotated[
+        str | None, typer.Option(help="Backward-pass recomputation: none, full, dots [full].")
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="The frozen base: quantized (int8) or float32 [quantized; --full: float32]."
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="The run's seed [0].")] = None,
+    checkpoint_dir: Annotated[str | None, typer.Option(help="Save orbax checkpoints here.")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Save every this many chunks.")] = 5,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the run in --checkpoint-dir, with its saved settings."),
+    ] = False,
+    resume_step: Annotated[
+        int | None,
+        typer.Option(help="With --resume: continue from this saved step, not the newest."),
+    ] = None,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            help="Loss curve PNG; default: loss.png beside the checkpoints, else results/."
+        ),
+    ] = None,
+    merge_to: Annotated[
+        str | None,
+        typer.Option(help="Also write the merged model here, as a transformers directory."),
+    ] = None,
+) -> None:
+    """Fine-tune a pretrained model on your examples, K optimizer steps per lax.scan call."""
+    from scanlab import checks
+
+    checks.static_int("--checkpoint-every", checkpoint_every, minimum=1)
+    lora_given: dict[str, Any] = {
+        name: value
+        for name, value in dict(
+            rank=lora_rank,
+            alpha=lora_alpha,
+            dropout=lora_dropout,
+            targets=None if lora_targets is None else tuple(lora_targets.split(",")),
+        ).items()
+        if value is not None
+    }
+    if full and lora_given:
+        raise ArgumentError(f"--full trains every weight: drop --lora-{next(iter(lora_given))}")
+    given: dict[str, Any] = {
+        name: value
+        for name, value in dict(
+            steps=steps,
+            chunk_steps=chunk_steps,
+            batch_size=batch_size,
+            accumulate=accumulate,
+            seq_len=seq_len,
+            learning_rate=learning_rate,
+            warmup_steps=warmup_steps,
+            eval_fraction=eval_fraction,
+            remat=remat,
+            weights=weights,
+            seed=seed,
+        ).items()
+        if value is not None
+    }
+    import dataclasses
+
+    from scanlab import finetune
+
+    if resume and checkpoint_dir is not None:
+        # The saved run's settings; a flag given again must agree (finetune() says where not).
+        saved, saved_model = finetune.saved_run(checkpoint_dir, resume_step)
+        model = model or saved_model
+    else:
+        saved, model = finetune.FinetuneConfig(), model or "smollm2-135m-instruct"
+    if full:
+        given = {"weights": "float32", **given, "lora": None}
+    elif lora_given or saved.lora is not None:
+        given["lora"] = dataclasses.replace(saved.lora or finetune.LoraConfig(), **lora_given)
+    config = saved.replace(**given)
+    default_plot = Path(checkpoint_dir or "results") / (
+        "loss.png" if checkpoint_dir else "finetune-loss.png"
+    )
+    plot_path = Path(plot) if plot is not None else default_plot
+    checks.writable_dir("--plot's folder", plot_path.parent)
+    if merge_to is not None:
+        _check_new_dir("--merge-to", Path(merge_to))
+    from scanlab import plots, render
+
+    with render.training_progress(
+        console, f"finetune {Path(model).name}", config.steps
+    ) as on_chunk:
+        result = finetune.finetune(
+            model,
+            data_file,
+            config,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            resume_step=resume_step,
+            on_chunk=on_chunk,
+            on_loading=lambda what: _progress(f"loading {what} ({config.weights} weights)"),
+        )
+    path = plots.loss_curve(result.losses, plot_path, f"fine-tuning {Path(model).name}: loss")
+    console.print(f"loss curve: {path}")
+    if result.eval_loss is not None:
+        console.print(f"held-out loss: {result.eval_loss:.4f}")
+    if merge_to is not None:
+        console.print(f"merged model: {finetune.save_merged(merge_to, result.tuned)}")
+    if checkpoint_dir is not None:
+        console.print(
+            f"chat with it: scanlab chat --model {model} --adapter {checkpoint_dir}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _check_new_dir(flag: str, path: Path) -> None:
+    """A directory about to be written must not hold anything yet, and its parent must take it."""
+    from scanlab import checks
+    from scanlab.errors import PathExistsError
+
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise PathExistsError(f"{flag} {path} exists and is not empty: choose a new directory")
+    checks.writable_dir(f"{flag}'s folder", path.parent)
 
 
 @app.command("evaluate")

@@ -19,7 +19,7 @@ from rich.table import Table
 if TYPE_CHECKING:  # types only: rendering runs no model and no benchmark
     from scanlab.bench.layers import LayerPoint
     from scanlab.reference import Step
-    from scanlab.train import ChunkReport, TrainConfig
+    from scanlab.train import ChunkReport
     from scanlab.train.evaluation import Evaluation
 
 
@@ -105,7 +105,7 @@ def layer_table(point: LayerPoint) -> Table:
 
 @contextlib.contextmanager
 def training_progress(
-    console: Console, config: TrainConfig
+    console: Console, description: str, total_steps: int
 ) -> Iterator[Callable[[ChunkReport], None]]:
     """A progress bar for a training run; yields the `on_chunk` callback that advances it.
 
@@ -115,11 +115,11 @@ def training_progress(
     if not console.is_terminal:
 
         def log_line(report: ChunkReport) -> None:
-            saved = ", checkpoint saved" if report.checkpointed else ""
             console.print(
-                f"train {config.task}: step {report.step}/{report.total_steps}, "
-                f"loss {report.mean_loss:.4f}, {report.steps_per_s:.0f} steps/s{saved}",
+                f"{description}: step {report.step}/{report.total_steps}, "
+                f"loss {report.mean_loss:.4f}, {_speed(report)}{_extra(report)}",
                 highlight=False,
+                soft_wrap=True,
             )
 
         yield log_line
@@ -133,17 +133,29 @@ def training_progress(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        bar = progress.add_task(f"train {config.task}", total=config.steps, loss="-", speed="")
+        bar = progress.add_task(description, total=total_steps, loss="-", speed="")
 
         def on_chunk(report: ChunkReport) -> None:
+            held_out = "" if report.eval_loss is None else f", held-out {report.eval_loss:.4f}"
             progress.update(
                 bar,
                 completed=report.step,
-                loss=f"{report.mean_loss:.4f}",
-                speed=f"{report.steps_per_s:.0f} steps/s",
+                loss=f"{report.mean_loss:.4f}{held_out}",
+                speed=_speed(report),
             )
 
         yield on_chunk
+
+
+def _speed(report: ChunkReport) -> str:
+    if report.tokens_per_s is not None:
+        return f"{report.steps_per_s:.2f} steps/s, {report.tokens_per_s:.0f} tokens/s"
+    return f"{report.steps_per_s:.0f} steps/s"
+
+
+def _extra(report: ChunkReport) -> str:
+    held_out = "" if report.eval_loss is None else f", held-out loss {report.eval_loss:.4f}"
+    return held_out + (", checkpoint saved" if report.checkpointed else "")
 
 
 def evaluation(evaluation: Evaluation, step: int) -> tuple[str, Table]:

@@ -110,7 +110,7 @@ def _training(console: Console) -> None:
         f"task: reverse {train.tasks.REVERSE_LENGTH} digits; {config.steps} AdamW steps, "
         f"{config.chunk_steps} per compiled lax.scan call"
     )
-    with render.training_progress(console, config) as on_chunk:
+    with render.training_progress(console, f"train {config.task}", config.steps) as on_chunk:
         result = train.train(config, on_chunk=on_chunk)
     evaluation = train.evaluate(result.state.params, config, n_samples=4)
     console.print(*render.evaluation(evaluation, int(result.state.step)), sep="\n")

@@ -166,7 +166,7 @@ def check_params(params: DecoderParams, config: DecoderConfig) -> None:
         raise ArgumentTypeError(f"params must be a DecoderParams, got {type(params).__name__}")
     expected = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=is_shape)[0]
     leaves = dict(jax.tree_util.tree_flatten_with_path(declared(config), is_leaf=is_leaf)[0])
-    got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_weight)[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight)[0])
     for path, shape in expected:
         name = "params" + jax.tree_util.keystr(path)
         leaf = got.pop(path, None)
@@ -191,7 +191,8 @@ def check_params(params: DecoderParams, config: DecoderConfig) -> None:
         raise ArgumentError(f"{extra} is not declared for this config (set to None), got an array")
 
 
-def _is_weight(node: Any) -> bool:
+def is_weight(node: Any) -> bool:
+    """A weight matrix's node: a dense leaf is one by itself; these are pytrees of several."""
     return quant.is_quantized(node) or isinstance(node, Adapted)
 
 

@@ -21,7 +21,7 @@ from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import Leaf
 from scanlab.decoder.lora import Adapted
 from scanlab.decoder.params import DecoderBlock, DecoderParams
-from scanlab.decoder.spec import sizes
+from scanlab.decoder.spec import is_weight, sizes
 from scanlab.errors import ArgumentError
 
 # PEFT's (transformers') projection names -> where the weight sits in a DecoderBlock.
@@ -134,25 +134,21 @@ def adapt(
     return params._replace(blocks=blocks)
 
 
-def merge(params: DecoderParams, adapters: Adapters, lora: LoraConfig) -> DecoderParams:
-    """Dense float32 params with each update added into its weight: W + scaling * A B.
+def merged(params: DecoderParams) -> DecoderParams:
+    """Dense float32 params with each `Adapted` weight's update added into it: W + scaling A B.
 
-    Quantized weights are dequantized first (the merged weight is no longer on their grid).
+    Quantized weights are dequantized (a merged weight is no longer on their grid).
     """
-    dense = jax.tree.map(
-        lambda w: quant.as_dense(w, jnp.float32) if quant.is_quantized(w) else w,
-        params,
-        is_leaf=quant.is_quantized,
-    )
-    blocks = dense.blocks
-    for target in lora.targets:
-        path = TARGETS[target]
-        weight, pair = _at(blocks, path), adapters[target]
-        layers, rank = pair["a"].shape[0], pair["a"].shape[-1]
-        a, b = pair["a"].reshape(layers, -1, rank), pair["b"].reshape(layers, rank, -1)
-        update = jnp.matmul(a, b)
-        blocks = _replaced(blocks, path, weight + lora.scaling * update.reshape(weight.shape))
-    return dense._replace(blocks=blocks)
+
+    def dense(weight):
+        if isinstance(weight, Adapted):
+            base, layers, rank = dense(weight.base), weight.a.shape[0], weight.rank
+            a = weight.a.reshape(layers, -1, rank).astype(jnp.float32)
+            b = weight.b.reshape(layers, rank, -1).astype(jnp.float32)
+            return base + weight.scaling * jnp.matmul(a, b).reshape(base.shape)
+        return quant.as_dense(weight, jnp.float32) if quant.is_quantized(weight) else weight
+
+    return jax.tree.map(dense, params, is_leaf=is_weight)
 
 
 def check_adapters(adapters: Adapters, config: DecoderConfig, lora: LoraConfig) -> None:

@@ -71,9 +71,11 @@ def read_jsonl(path: str | Path) -> tuple[str, list[tuple[int, dict]]]:
 
     Blank lines are skipped. Raises DataError naming the file and line of the first bad one.
     """
-    path = checks.path_like("data", path)
+    path = checks.path_like("data_file", path)
     if not path.is_file():
-        raise MissingPathError(f"{checks.shown('data')} must be a JSONL file, got {str(path)!r}")
+        raise MissingPathError(
+            f"{checks.shown('data_file')} must be a JSONL file, got {str(path)!r}"
+        )
     records, kind = [], None
     for number, line in _lines(path):
         try:

@@ -132,6 +132,22 @@ def finetune(
     return FinetuneResult(config, base, state, np.asarray(history, np.float32), held_out(state))
 
 
+def saved_run(checkpoint_dir: str | Path, step: int | None = None) -> tuple[FinetuneConfig, str]:
+    """(config, model source) of a fine-tuning checkpoint's newest step (or `step`), verified:
+    what `--resume` continues with."""
+    checkpoints.check_exists(checkpoint_dir)
+    with checkpoints.open_manager(checkpoint_dir) as manager:
+        step = checkpoints.verified_step(manager, step, "resume_step")
+        recorded = loop.saved_config(manager, step)
+    return _config_of(recorded), recorded["model"]
+
+
+def _config_of(recorded: dict) -> FinetuneConfig:
+    return FinetuneConfig.from_dict(
+        {k: v for k, v in recorded.items() if k not in ("model", "data_sha256")}
+    )
+
+
 def _prepare(model, config: FinetuneConfig):
     """(tokenizer, model config, the model's path or None), read without the weights."""
     if isinstance(model, Model):
@@ -196,9 +212,7 @@ def with_trained(model: Model, checkpoint_dir: str | Path, step: int | None = No
     with checkpoints.open_manager(checkpoint_dir) as manager:
         step = checkpoints.verified_step(manager, step, "step")
         recorded = loop.saved_config(manager, step)
-        config = FinetuneConfig.from_dict(
-            {k: v for k, v in recorded.items() if k not in ("model", "data_sha256")}
-        )
+        config = _config_of(recorded)
         weights = (
             model.params
             if config.lora is not None

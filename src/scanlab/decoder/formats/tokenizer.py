@@ -12,6 +12,7 @@ merges Gemma files leave out (`tokenizer.ggml.model` "llama").
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -272,6 +273,24 @@ def _from_directory(directory: Path) -> Tokenizer:
         eos_token=eos_token or backend.id_to_token(eos_ids[0]) or "",
         pad_id=_pad_id(backend, pad, eos_ids[0]),
     )
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
+    """Writes the tokenizer as a transformers directory holds it (what `_from_directory` and
+    transformers' AutoTokenizer read): tokenizer.json, its special tokens, the chat template."""
+    directory = Path(directory)
+    tokenizer.backend.save(str(directory / "tokenizer.json"))
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokenizer.bos_token or None,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.backend.id_to_token(tokenizer.pad_id),
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+    generation = {"eos_token_id": list(tokenizer.eos_ids)}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if tokenizer.chat_template is not None:
+        (directory / "chat_template.jinja").write_text(tokenizer.chat_template)
 
 
 def _pad_id(backend: tokenizers.Tokenizer, pad: str | None, eos_id: int) -> int:
