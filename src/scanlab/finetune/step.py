@@ -36,10 +36,11 @@ class FinetuneState(NamedTuple):
 def init_state(
     config: FinetuneConfig, model_config: DecoderConfig, params: DecoderParams
 ) -> FinetuneState:
-    """The state at step 0: fresh adapters (PEFT's start) or, for full fine-tuning, `params`."""
+    """The state at step 0: fresh adapters (PEFT's start) or, for full fine-tuning, a copy of
+    `params` (the chunks donate the state: the caller's arrays stay theirs)."""
     adapter_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
     if config.lora is None:
-        trainable = params
+        trainable = jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), params)
     else:
         trainable = adapters.init_adapters(model_config, config.lora, adapter_key)
     state_opt = optimizer(config).init(trainable)

@@ -1,0 +1,531 @@
+"""Fine-tuning on a tiny random decoder with the real SmolLM2 tokenizer: adapters through the
+seam against their merged weights, the rows a file becomes, the step's accumulation and scan
+twins, resume, the merged export (read back by scanlab and by transformers), every bad input."""
+
+import dataclasses
+import json
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scanlab.decoder import (
+    DecoderConfig,
+    Model,
+    forward,
+    generate,
+    init_params,
+    load_model,
+    load_tokenizer,
+    quantize,
+)
+from scanlab.decoder.spec import check_params
+from scanlab.errors import ArgumentError, ArgumentTypeError, MissingPathError, PathExistsError
+from scanlab.finetune import (
+    DataError,
+    FinetuneConfig,
+    LoraConfig,
+    adapt,
+    finetune,
+    finetune_chunk,
+    finetune_loop,
+    init_adapters,
+    merged,
+    save_merged,
+    with_trained,
+)
+from scanlab.finetune import data as data_lib
+from scanlab.finetune.step import init_state
+from scanlab.train.checkpoints import CheckpointReadError
+
+CONFIG = DecoderConfig(
+    vocab_size=49152,
+    n_layers=2,
+    d_model=64,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=32,
+    mlp_dim=64,
+    max_seq_len=64,
+)
+LORA = LoraConfig(rank=4, alpha=8.0)
+TOKENS = jnp.array([[1, 5, 9, 200, 3000, 7], [4, 4, 8, 16, 23, 42]])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    return load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return Model(CONFIG, init_params(CONFIG, jax.random.PRNGKey(0)), tokenizer)
+
+
+def random_adapters(lora=LORA, seed=1):
+    """Adapters with b nonzero, so the update shows."""
+    fresh = init_adapters(CONFIG, lora, jax.random.PRNGKey(seed))
+    return {
+        target: {
+            "a": pair["a"],
+            "b": 0.1 * jax.random.normal(jax.random.PRNGKey(i), pair["b"].shape),
+        }
+        for i, (target, pair) in enumerate(fresh.items())
+    }
+
+
+def chat_line(question, answer, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return json.dumps({"messages": messages})
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(
+        "\n".join(chat_line(f"What is {i} + {i}?", f"{2 * i}.") for i in range(8)) + "\n"
+    )
+    return path
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+def test_fresh_adapters_leave_the_model_equal_to_its_base(tiny):
+    adapted = adapt(tiny.params, init_adapters(CONFIG, LORA, jax.random.PRNGKey(1)), LORA)
+    np.testing.assert_array_equal(
+        forward(adapted, TOKENS, CONFIG), forward(tiny.params, TOKENS, CONFIG)
+    )
+
+
+@pytest.mark.parametrize("base", ["dense", "quantized"])
+def test_an_adapted_model_equals_its_merged_weights(tiny, base):
+    """W x + s B A x against (W + s A B) x, within 1e-5; a quantized base dequantized."""
+    params = tiny.params if base == "dense" else quantize(tiny.params, CONFIG)
+    adapted = adapt(params, random_adapters(), LORA)
+    ours = forward(adapted, TOKENS, CONFIG)
+    assert np.abs(ours - forward(params, TOKENS, CONFIG)).max() > 1e-2  # the update shows
+    np.testing.assert_allclose(ours, forward(merged(adapted), TOKENS, CONFIG), atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_over_the_kernel_layout_generate_what_they_do_over_int8_blocks(tiny):
+    """Inference over the kernel's PackedArrays (`chat --adapter`) equals the QuantArray base."""
+    from scanlab.decoder import qmatvec
+
+    if not qmatvec.available():
+        pytest.skip(f"no kernel here: {qmatvec.describe()}")
+    adapters = random_adapters()
+    runs = [
+        generate(
+            adapt(quantize(tiny.params, CONFIG, kernel=kernel), adapters, LORA), TOKENS, CONFIG, 8
+        ).tokens
+        for kernel in (False, True)
+    ]
+    np.testing.assert_array_equal(*runs)
+
+
+def test_only_the_targets_are_adapted(tiny):
+    lora = LoraConfig(rank=2, targets=("q_proj", "down_proj"))
+    adapted = adapt(tiny.params, init_adapters(CONFIG, lora, jax.random.PRNGKey(0)), lora)
+    assert type(adapted.blocks.attention.q_proj).__name__ == "Adapted"
+    assert type(adapted.blocks.down_proj).__name__ == "Adapted"
+    assert adapted.blocks.attention.k_proj is tiny.params.blocks.attention.k_proj
+    assert adapted.blocks.up_proj is tiny.params.blocks.up_proj
+
+
+def test_dropout_draws_from_its_key_and_is_off_without_one(tiny):
+    lora = dataclasses.replace(LORA, dropout=0.5)
+    adapters = random_adapters(lora)
+    without = forward(adapt(tiny.params, adapters, lora), TOKENS, CONFIG)
+    np.testing.assert_array_equal(
+        without, forward(adapt(tiny.params, adapters, LORA), TOKENS, CONFIG)
+    )
+    dropped = [
+        forward(adapt(tiny.params, adapters, lora, jax.random.PRNGKey(k)), TOKENS, CONFIG)
+        for k in (0, 0, 1)
+    ]
+    np.testing.assert_array_equal(dropped[0], dropped[1])
+    assert (
+        np.abs(dropped[0] - dropped[2]).max() > 1e-3 and np.abs(dropped[0] - without).max() > 1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rank": 0}, "lora_rank must be >= 1, got 0"),
+        ({"alpha": 0.0}, "lora_alpha must be > 0"),
+        ({"dropout": 1.0}, "lora_dropout must be < 1, got 1.0"),
+        ({"targets": ("q_proj", "attn")}, "lora_targets must be distinct names from ['q_proj'"),
+        ({"targets": ("q_proj", "q_proj")}, "lora_targets must be distinct names"),
+        ({"targets": ()}, "lora_targets must be distinct names"),
+    ],
+)
+def test_bad_lora_settings_are_refused(changes, message):
+    with pytest.raises(ArgumentError) as error:
+        LoraConfig(**changes)
+    assert message in str(error.value)
+
+
+def test_adapters_of_the_wrong_shape_are_refused_naming_the_leaf(tiny):
+    adapters = random_adapters()
+    adapters["v_proj"]["b"] = adapters["v_proj"]["b"][:, :2]
+    with pytest.raises(
+        ArgumentError,
+        match=r"params\.blocks\.attention\.v_proj\.b has shape \(2, 2, 1, 32\), expected \(2, 4, 1, 32\)",
+    ):
+        check_params(adapt(tiny.params, adapters, LORA), CONFIG)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def test_text_rows_train_every_token_and_end_with_end_of_text(tmp_path, tokenizer):
+    path = tmp_path / "text.jsonl"
+    path.write_text(
+        json.dumps({"text": "Scan the layers."})
+        + "\n\n"
+        + json.dumps({"text": "Twice over."})
+        + "\n"
+    )
+    kind, examples = data_lib.encode_file(path, tokenizer)
+    rows = data_lib.to_rows(examples, tokenizer.pad_id, 65, None, path)
+    ids = [*tokenizer.encode("Scan the layers."), tokenizer.eos_ids[0]]
+    assert kind == "text" and [e.line for e in examples] == [1, 3]
+    assert rows.seq_len == data_lib.LENGTH_MULTIPLE
+    np.testing.assert_array_equal(rows.tokens[0, : len(ids)], ids)
+    expected_targets = (np.arange(16) < len(ids)) & (np.arange(16) > 0)
+    np.testing.assert_array_equal(rows.targets[0], expected_targets)
+    np.testing.assert_array_equal(rows.mask[0], np.arange(16) < len(ids))
+
+
+def test_chat_rows_train_every_answer_and_nothing_else(tmp_path, tokenizer):
+    path = tmp_path / "chat.jsonl"
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "One?"},
+        {"role": "assistant", "content": "Uno."},
+        {"role": "user", "content": "Two?"},
+        {"role": "assistant", "content": "Dos."},
+    ]
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    rows = data_lib.to_rows(
+        data_lib.encode_file(path, tokenizer)[1], tokenizer.pad_id, 65, None, path
+    )
+    whole = tokenizer.encode(
+        tokenizer.chat(messages, add_generation_prompt=False), add_special_tokens=False
+    )
+    np.testing.assert_array_equal(rows.tokens[0, : len(whole)], whole)
+    trained = tokenizer.backend.decode(
+        rows.tokens[0][rows.targets[0]].tolist(), skip_special_tokens=False
+    )
+    assert trained == "Uno.<|im_end|>\nDos.<|im_end|>\n"
+
+
+def test_a_split_holds_out_rows_by_the_seed(tokenizer, chat_file):
+    rows = data_lib.to_rows(
+        data_lib.encode_file(chat_file, tokenizer)[1], tokenizer.pad_id, 65, None, chat_file
+    )
+    train, held = data_lib.split(rows, 0.25, seed=0)
+    assert (len(train), len(held)) == (6, 2)
+    again = data_lib.split(rows, 0.25, seed=0)
+    np.testing.assert_array_equal(again[1].tokens, held.tokens)
+    assert data_lib.split(rows, 0.0, seed=0)[1] is None
+
+
+BAD_FILES = [
+    ("{not json\n", "bad.jsonl:1: not JSON"),
+    (
+        '["a list"]\n',
+        'bad.jsonl:1: an example must be {"messages": [...]} or {"text": "..."}, got list',
+    ),
+    (
+        '{"prompt": "x", "completion": "y"}\n',
+        'bad.jsonl:1: an example must be {"messages": [...]} or {"text": "..."}, got [\'completion\', \'prompt\']',
+    ),
+    ("\n\n", "bad.jsonl: no examples"),
+    ('{"text": ""}\n', "bad.jsonl:1: text must be a non-empty string"),
+    ('{"messages": []}\n', "bad.jsonl:1: messages must be a non-empty list"),
+    ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "bad.jsonl:1: messages[0] must be"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "bad.jsonl:1: no assistant message"),
+    (
+        '{"text": "a"}\n' + chat_line("q", "a") + "\n",
+        "bad.jsonl:2: a chat example in a file of text examples (line 1)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_FILES)
+def test_a_bad_file_is_one_error_naming_its_file_and_line(tmp_path, tokenizer, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as error:
+        data_lib.encode_file(path, tokenizer)
+    assert message in str(error.value)
+
+
+def test_data_errors_are_raised_before_the_model_loads(tmp_path, tokenizer, tiny):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=re.escape("bad.jsonl: not UTF-8 text")):
+        data_lib.encode_file(path, tokenizer)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"text": "word " * 100}) + "\n")
+    with pytest.raises(
+        DataError, match=r"long.jsonl:1: 102 tokens, longer than the model's context \(65\)"
+    ):
+        finetune(tiny, long, FinetuneConfig(steps=2, warmup_steps=0, batch_size=1, eval_fraction=0))
+    with pytest.raises(DataError, match=r"long.jsonl:1: 102 tokens, longer than seq_len=32"):
+        finetune(
+            tiny,
+            long,
+            FinetuneConfig(steps=2, warmup_steps=0, batch_size=1, eval_fraction=0, seq_len=32),
+        )
+    with pytest.raises(
+        MissingPathError, match=re.escape("data_file must be a JSONL file, got 'nowhere.jsonl'")
+    ):
+        finetune(tiny, "nowhere.jsonl")
+
+
+def test_chat_data_for_a_model_without_a_chat_template_is_refused(chat_file, tokenizer):
+    base_tokenizer = dataclasses.replace(tokenizer, chat_template=None)
+    with pytest.raises(
+        DataError, match=re.escape("chat.jsonl: chat examples, but this model has no chat template")
+    ):
+        data_lib.encode_file(chat_file, base_tokenizer)
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"batch_size": 6, "accumulate": 4}, "accumulate must divide batch_size=6, got 4"),
+        ({"lora": None}, "full fine-tuning trains float32 weights: pass weights='float32'"),
+        ({"warmup_steps": 100}, "warmup_steps must be < steps=100, got 100"),
+        ({"remat": "some"}, "remat must be one of ['none', 'full', 'dots', 'sqrt'], got 'some'"),
+        ({"eval_fraction": 1.0}, "eval_fraction must be < 1, got 1.0"),
+        ({"weights": "bfloat16"}, "weights must be 'quantized' or 'float32', got 'bfloat16'"),
+        ({"seq_len": 1}, "seq_len must be >= 2"),
+    ],
+)
+def test_bad_settings_are_refused(changes, message):
+    with pytest.raises(ArgumentError) as error:
+        FinetuneConfig(**changes)
+    assert message in str(error.value)
+
+
+def test_a_config_round_trips_through_its_dict():
+    config = FinetuneConfig(lora=LoraConfig(rank=2, targets=("v_proj",)), steps=7, warmup_steps=1)
+    assert FinetuneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+# --- the step ---------------------------------------------------------------------------------
+
+
+def rows_of(path, tokenizer):
+    rows = data_lib.to_rows(
+        data_lib.encode_file(path, tokenizer)[1], tokenizer.pad_id, 65, None, path
+    )
+    return jax.tree.map(jnp.asarray, rows)
+
+
+def test_accumulated_micro_batches_take_the_step_the_whole_batch_takes(tiny, chat_file):
+    data = rows_of(chat_file, tiny.tokenizer)
+    states = []
+    for accumulate in (1, 4):
+        config = FinetuneConfig(
+            lora=LORA,
+            steps=3,
+            warmup_steps=0,
+            batch_size=4,
+            accumulate=accumulate,
+            learning_rate=1e-2,
+        )
+        state = init_state(config, CONFIG, tiny.params)
+        states.append(
+            finetune_chunk(state, tiny.params, data, config=config, model_config=CONFIG, steps=3)
+        )
+    (one, losses_one), (four, losses_four) = states
+    np.testing.assert_allclose(losses_one, losses_four, rtol=1e-5)
+    chex.assert_trees_all_close(one.trainable, four.trainable, atol=1e-6)
+
+
+def test_the_scanned_chunk_equals_its_python_loop_twin(tiny, chat_file):
+    data = rows_of(chat_file, tiny.tokenizer)
+    config = FinetuneConfig(
+        lora=dataclasses.replace(LORA, dropout=0.1),
+        steps=4,
+        warmup_steps=1,
+        batch_size=2,
+        learning_rate=1e-2,
+    )
+    runs = [
+        run(
+            init_state(config, CONFIG, tiny.params),
+            tiny.params,
+            data,
+            config=config,
+            model_config=CONFIG,
+            steps=4,
+        )
+        for run in (finetune_chunk, finetune_loop)
+    ]
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5)
+    chex.assert_trees_all_close(runs[0][0].trainable, runs[1][0].trainable, atol=1e-6)
+
+
+def test_the_base_stays_frozen_and_the_loss_falls(tiny, chat_file):
+    config = FinetuneConfig(
+        lora=LORA,
+        steps=12,
+        chunk_steps=6,
+        warmup_steps=1,
+        batch_size=4,
+        learning_rate=1e-2,
+        eval_fraction=0.25,
+    )
+    reports = []
+    result = finetune(tiny, chat_file, config, on_chunk=reports.append)
+    assert (
+        result.losses[-1] < result.losses[0] and result.config.seq_len == 48
+    )  # SmolLM2's template adds a system prompt
+    assert result.model.params is tiny.params
+    assert [r.step for r in reports] == [6, 12] and all(
+        r.eval_loss > 0 and r.tokens_per_s > 0 for r in reports
+    )
+    assert result.eval_loss == pytest.approx(reports[-1].eval_loss)
+    assert set(result.state.trainable) == set(LORA.targets)
+
+
+def test_full_fine_tuning_trains_every_weight(tiny, chat_file):
+    config = FinetuneConfig(
+        lora=None,
+        weights="float32",
+        steps=4,
+        chunk_steps=4,
+        warmup_steps=1,
+        batch_size=4,
+        learning_rate=1e-3,
+        eval_fraction=0,
+    )
+    result = finetune(tiny, chat_file, config)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), result.state.trainable, tiny.params)
+    assert all(jax.tree.leaves(changed))
+    assert result.tuned.params is result.state.trainable
+
+
+def test_a_base_the_backward_pass_cannot_run_through_is_refused(tiny, chat_file):
+    from scanlab.decoder import qmatvec
+
+    if not qmatvec.available():
+        pytest.skip(f"no kernel here: {qmatvec.describe()}")
+    kernel_model = tiny._replace(params=quantize(tiny.params, CONFIG, kernel=True))
+    with pytest.raises(
+        ArgumentTypeError,
+        match="inference kernel's layout, which has no gradients: load the model with kernel=False",
+    ):
+        finetune(kernel_model, chat_file, FinetuneConfig(steps=2, warmup_steps=0, batch_size=2))
+    quantized = tiny._replace(params=quantize(tiny.params, CONFIG))
+    with pytest.raises(
+        ArgumentTypeError,
+        match=re.escape("full fine-tuning trains every weight, got params.embed quantized"),
+    ):
+        finetune(
+            quantized,
+            chat_file,
+            FinetuneConfig(lora=None, weights="float32", steps=2, warmup_steps=0, batch_size=2),
+        )
+
+
+def test_a_batch_larger_than_the_training_rows_is_refused(tiny, chat_file):
+    with pytest.raises(ArgumentError, match="batch_size must be <= 7, got 8"):
+        finetune(
+            tiny,
+            chat_file,
+            FinetuneConfig(steps=2, warmup_steps=0, batch_size=8, eval_fraction=0.1),
+        )
+
+
+# --- checkpoints and resume -------------------------------------------------------------------
+
+RUN = FinetuneConfig(
+    lora=LORA,
+    steps=8,
+    chunk_steps=2,
+    warmup_steps=1,
+    batch_size=2,
+    learning_rate=1e-2,
+    eval_fraction=0,
+)
+
+
+def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tiny, chat_file, tmp_path):
+    whole = finetune(tiny, chat_file, RUN, checkpoint_dir=tmp_path / "whole", checkpoint_every=1)
+    # Continue from the middle (the steps after it set aside), as after a crash at step 4.
+    resumed = finetune(
+        tiny, chat_file, RUN, checkpoint_dir=tmp_path / "whole", resume=True, resume_step=4
+    )
+    chex.assert_trees_all_equal(resumed.state, whole.state)
+    np.testing.assert_array_equal(resumed.losses, whole.losses)
+    # The checkpoint holds the adapters and their optimizer state only: no frozen weights.
+    saved = sum(f.stat().st_size for f in (tmp_path / "whole" / "8").rglob("*") if f.is_file())
+    assert saved < 4 * 1024 * 1024
+
+
+def test_resuming_on_other_data_or_settings_is_refused(tiny, chat_file, tmp_path):
+    finetune(tiny, chat_file, RUN.replace(steps=2), checkpoint_dir=tmp_path / "run")
+    other = tmp_path / "other.jsonl"
+    other.write_text(chat_line("Who?", "Me.") * 1 + "\n" + chat_line("Why?", "So.") + "\n")
+    with pytest.raises(ArgumentError, match="was written by a different config: data_sha256="):
+        finetune(tiny, other, RUN, checkpoint_dir=tmp_path / "run", resume=True)
+    with pytest.raises(ArgumentError, match="different config: lora="):
+        finetune(
+            tiny,
+            chat_file,
+            RUN.replace(lora=LoraConfig(rank=2)),
+            checkpoint_dir=tmp_path / "run",
+            resume=True,
+        )
+    with pytest.raises(ArgumentError, match="already holds a run"):
+        finetune(tiny, chat_file, RUN, checkpoint_dir=tmp_path / "run")
+
+
+def test_with_trained_puts_a_checkpoint_s_adapters_over_the_base(tiny, chat_file, tmp_path):
+    result = finetune(tiny, chat_file, RUN.replace(steps=2), checkpoint_dir=tmp_path / "run")
+    restored = with_trained(tiny, tmp_path / "run")
+    np.testing.assert_array_equal(
+        forward(restored.params, TOKENS, CONFIG), forward(result.tuned.params, TOKENS, CONFIG)
+    )
+    with pytest.raises(
+        CheckpointReadError, match=r"step must be a saved step of .*run, one of \[2\], got 5"
+    ):
+        with_trained(tiny, tmp_path / "run", step=5)
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def test_the_merged_export_loads_in_scanlab_and_transformers(tiny, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapted = tiny._replace(params=adapt(quantize(tiny.params, CONFIG), random_adapters(), LORA))
+    path = save_merged(tmp_path / "merged", adapted)
+    ours = forward(adapted.params, TOKENS, CONFIG)
+    loaded = load_model(path)
+    np.testing.assert_allclose(forward(loaded.params, TOKENS, CONFIG), ours, atol=1e-5, rtol=1e-5)
+    assert loaded.tokenizer.chat_template == tiny.tokenizer.chat_template
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(np.asarray(TOKENS))).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+    text = "Scan the layers, then the tokens."
+    assert AutoTokenizer.from_pretrained(path).encode(text) == tiny.tokenizer.encode(text)
+    with pytest.raises(PathExistsError, match="exists and is not empty"):
+        save_merged(path, adapted)
