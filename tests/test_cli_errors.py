@@ -75,6 +75,16 @@ COMMANDS = {
         mesh=["data=3", "data=0", "model=x"],
     ),
     "bench": options(devices=["-1", "0", "99999999999"], out=["/proc/x"]),
+    "finetune": options(
+        steps=INTS,
+        **{"chunk-steps": INTS, "batch-size": INTS, "accumulate": INTS, "seq-len": INTS},
+        **{"learning-rate": FLOATS, "warmup-steps": INTS, "resume-step": INTS},
+        **{"lora-rank": INTS, "lora-alpha": FLOATS, "lora-dropout": ["-1", "0.5", "1", "nan"]},
+        **{"lora-targets": ["q_proj", "nope", "", "q_proj,q_proj"], "remat": ["none", "x"]},
+        **{"eval-fraction": ["0", "0.5", "1", "-1"], "weights": ["float32", "int8"]},
+        model=["/nonexistent", "nope"],
+        seed=["-1", "1099511627776"],
+    ),
 }
 
 
@@ -92,6 +102,8 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             args = [*args, "--plot", "/proc/x/loss.png"]
         if command == "decoder compare":
             args = [*args, "--mesh", "data=0"]
+        if command == "finetune":
+            args = [*args, "--data", "/nonexistent.jsonl"]
         status, err, _ = cli([*command.split(), *args])
         assert "Traceback" not in err, (args, err)
         assert status in (0, 2), (args, status, err)
@@ -195,6 +207,31 @@ def test_no_argument_list_gives_a_traceback(command, cli):
         (
             ["evaluate", "--checkpoint-dir", "typo_dir", "--n", "0"],
             "error: --n must be >= 1, got 0",
+        ),
+        (
+            ["finetune", "--data", "typo.jsonl"],
+            "error: --data must be a JSONL file, got 'typo.jsonl'",
+        ),
+        (
+            ["finetune", "--data", "x.jsonl", "--full", "--lora-rank", "4"],
+            "error: --full trains every weight: drop --lora-rank",
+        ),
+        (
+            ["finetune", "--data", "x.jsonl", "--accumulate", "3"],
+            "error: --accumulate must divide --batch-size=8, got 3",
+        ),
+        (
+            ["finetune", "--data", "x.jsonl", "--lora-targets", "q,v"],
+            "error: --lora-targets must be distinct names from ['q_proj', 'k_proj', 'v_proj', "
+            "'o_proj', 'gate_proj', 'up_proj', 'down_proj'], got ['q', 'v']",
+        ),
+        (
+            ["finetune", "--data", "x.jsonl", "--full", "--weights", "quantized"],
+            "error: full fine-tuning trains float32 weights: pass --weights='float32'",
+        ),
+        (
+            ["chat", "--adapter", "typo_dir"],
+            "error: --adapter typo_dir does not exist",
         ),
     ],
 )

@@ -25,15 +25,19 @@ MODULES = sorted(
 LAYERS = [
     # The library never reaches up into its front ends or its benchmarks.
     ("scanlab", ("scanlab.cli", "scanlab.tour")),
-    ("scanlab.decoder", ("scanlab.train", "scanlab.bench", "scanlab.nnx", "scanlab.render")),
-    ("scanlab.train", ("scanlab.bench", "scanlab.render")),
+    (
+        "scanlab.decoder",
+        ("scanlab.train", "scanlab.finetune", "scanlab.bench", "scanlab.nnx", "scanlab.render"),
+    ),
+    ("scanlab.train", ("scanlab.finetune", "scanlab.bench", "scanlab.render")),
+    ("scanlab.finetune", ("scanlab.bench", "scanlab.render")),
     ("scanlab.bench", ("scanlab.render",)),
     # The display layer formats what it is handed: it runs no model and no benchmark.
-    ("scanlab.render", ("scanlab.train", "scanlab.bench", "scanlab.decoder")),
+    ("scanlab.render", ("scanlab.train", "scanlab.finetune", "scanlab.bench", "scanlab.decoder")),
     # Model math knows nothing of files, loading or conversations.
     (
         "scanlab.decoder.params scanlab.decoder.families scanlab.decoder.config scanlab.decoder.spec "
-        "scanlab.decoder.qmatvec scanlab.decoder.quant scanlab.decoder.layers "
+        "scanlab.decoder.qmatvec scanlab.decoder.lora scanlab.decoder.quant scanlab.decoder.layers "
         "scanlab.decoder.cache "
         "scanlab.decoder.stack scanlab.decoder.model scanlab.decoder.sampling "
         "scanlab.decoder.generation",
@@ -106,7 +110,7 @@ def test_lower_layers_never_import_higher_ones(modules, forbidden):
 
 
 def test_the_lazy_namespaces_resolve_every_listed_name():
-    for package in ("scanlab", "scanlab.decoder", "scanlab.train"):
+    for package in ("scanlab", "scanlab.decoder", "scanlab.train", "scanlab.finetune"):
         namespace = importlib.import_module(package)
         for name in namespace.__all__:
             assert getattr(namespace, name) is not None, f"{package}.{name}"

@@ -697,6 +697,7 @@ def finetune_command(
     elif lora_given or saved.lora is not None:
         given["lora"] = dataclasses.replace(saved.lora or finetune.LoraConfig(), **lora_given)
     config = saved.replace(**given)
+    finetune.data.read_jsonl(data_file)  # a bad file is said before anything is made
     default_plot = Path(checkpoint_dir or "results") / (
         "loss.png" if checkpoint_dir else "finetune-loss.png"
     )

@@ -1,4 +1,5 @@
 # The public names of scanlab.finetune, imported on first use (see __init__.py).
+from . import data as data
 from .adapters import TARGETS as TARGETS
 from .adapters import LoraConfig as LoraConfig
 from .adapters import adapt as adapt

@@ -180,8 +180,13 @@ def encode_text(text: str, tokenizer: Tokenizer) -> Example:
 
 
 def encode_file(path: str | Path, tokenizer: Tokenizer) -> tuple[str, list[Example]]:
-    """(kind, examples) of a JSONL file, tokenized; a chat file needs a chat template."""
+    """(kind, examples) of a JSONL file, tokenized (`read_jsonl`, then `encode`)."""
     kind, records = read_jsonl(path)
+    return kind, encode(kind, records, tokenizer, path)
+
+
+def encode(kind: str, records: list[tuple[int, dict]], tokenizer: Tokenizer, path) -> list[Example]:
+    """The examples `read_jsonl` read, tokenized; chat examples need a chat template."""
     if kind == "chat" and tokenizer.chat_template is None:
         raise DataError(f"{path}: chat examples, but {NO_CHAT_TEMPLATE}")
     examples = []
@@ -191,7 +196,7 @@ def encode_file(path: str | Path, tokenizer: Tokenizer) -> tuple[str, list[Examp
         else:
             example = encode_text(record["text"], tokenizer)
         examples.append(example._replace(line=number))
-    return kind, examples
+    return examples
 
 
 def to_rows(examples: list[Example], pad_id: int, max_len: int, seq_len: int | None, path) -> Rows:

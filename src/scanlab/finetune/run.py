@@ -76,12 +76,13 @@ def finetune(
         filled in).
       on_loading: told what is being loaded (the weights), e.g. to show a line.
     """
-    checks.path_like("data_file", data_file)
     config = FinetuneConfig() if config is None else config
+    kind, records = data.read_jsonl(data_file)  # a bad file is said before any model is read
     manager = loop.open_run(checkpoint_dir, resume, resume_step, checkpoint_every)
     try:
         tokenizer, model_config, path = _prepare(model, config)
-        train_rows, eval_rows = _rows(data_file, tokenizer, model_config, config)
+        examples = data.encode(kind, records, tokenizer, data_file)
+        train_rows, eval_rows = _rows(examples, data_file, tokenizer, model_config, config)
         config = config.replace(seq_len=train_rows.seq_len)
         identity = _identity(model, data_file, config)
         step = loop.resumed_step(manager, resume, resume_step, identity)  # before the weights
@@ -157,9 +158,8 @@ def _prepare(model, config: FinetuneConfig):
     return load_tokenizer(path), load_config(path), path
 
 
-def _rows(data_file, tokenizer, model_config: DecoderConfig, config: FinetuneConfig):
-    """(training rows, held-out rows or None) of the file, tokenized."""
-    _, examples = data.encode_file(data_file, tokenizer)
+def _rows(examples, data_file, tokenizer, model_config: DecoderConfig, config: FinetuneConfig):
+    """(training rows, held-out rows or None) of the tokenized examples."""
     # S tokens feed S-1 positions, each predicting the next one.
     rows = data.to_rows(
         examples, tokenizer.pad_id, model_config.max_seq_len + 1, config.seq_len, data_file

@@ -39,7 +39,6 @@ from scanlab.decoder.formats.base import (
     read_json,
     to_hf,
 )
-from scanlab.decoder.formats.tokenizer import Tokenizer, save_tokenizer
 from scanlab.decoder.params import DecoderParams, outside_layers
 from scanlab.errors import PathExistsError, ScanlabError
 
@@ -311,14 +310,9 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
 
 
 def save_checkpoint(
-    path: str | os.PathLike,
-    config: DecoderConfig,
-    params: DecoderParams,
-    overwrite: bool = False,
-    tokenizer: Tokenizer | None = None,
+    path: str | os.PathLike, config: DecoderConfig, params: DecoderParams, overwrite: bool = False
 ) -> Path:
-    """Writes params as a sharded transformers checkpoint (one shard per layer, plus one), and
-    the tokenizer's files if one is given.
+    """Writes params as a sharded transformers checkpoint (one shard per layer, plus one).
 
     The directory is written under a temporary name next to `path` and renamed when complete.
     """
@@ -331,8 +325,6 @@ def save_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         _write_shards(staging, config, params)
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, staging)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)

@@ -1,0 +1,83 @@
+"""`scanlab finetune` end to end on a tiny decoder saved as a transformers directory (with the
+real SmolLM2 tokenizer): train, merge, resume with the saved settings, chat with the adapters
+and with the merged model; bad input is one line before any work."""
+
+import json
+
+import jax
+import pytest
+
+from scanlab.decoder import DecoderConfig, Model, init_params, load_tokenizer
+from scanlab.finetune import save_merged
+
+pytestmark = pytest.mark.slow  # whole runs of the command
+
+CONFIG = DecoderConfig(
+    vocab_size=49152,
+    n_layers=2,
+    d_model=64,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=32,
+    mlp_dim=64,
+    max_seq_len=128,  # chat keeps a 64-token prompt bucket
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(smollm2_path, tmp_path_factory):
+    model = Model(CONFIG, init_params(CONFIG, jax.random.PRNGKey(0)), load_tokenizer(smollm2_path))
+    return save_merged(tmp_path_factory.mktemp("tiny") / "model", model)  # no adapters: as is
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Say {i}."},
+                    {"role": "assistant", "content": f"{i}."},
+                ]
+            }
+        )
+        for i in range(8)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_finetune_merge_resume_and_chat(cli, model_dir, chat_file, tmp_path):
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    common = ["--data", str(chat_file), "--checkpoint-dir", str(run)]
+    settings = "--steps 4 --chunk-steps 2 --batch-size 2 --warmup-steps 1 --eval-fraction 0.25"
+    settings += f" --lora-rank 2 --merge-to {merged}"
+    status, err, out = cli(["finetune", "--model", str(model_dir), *common, *settings.split()])
+    assert status == 0, err
+    assert "step 4/4" in out and "held-out loss" in out and (run / "loss.png").is_file()
+    assert f"chat with it: scanlab chat --model {model_dir} --adapter {run}" in out
+    assert (merged / "tokenizer.json").is_file() and (merged / "config.json").is_file()
+    # --resume takes the saved settings (the model, rank 2, batch 2...): only --steps grows.
+    status, err, out = cli(["finetune", *common, "--resume", "--steps", "6"])
+    assert status == 0, err
+    assert "step 6/6" in out
+    for model in (["--model", str(model_dir), "--adapter", str(run)], ["--model", str(merged)]):
+        status, err, out = cli(["chat", *model, "--message", "Say 3.", "--max-new-tokens", "3"])
+        assert status == 0 and "model> " in out, err
+
+
+def test_a_bad_file_or_a_used_output_is_said_before_any_work(cli, model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
+    status, err, _ = cli(["finetune", "--model", str(model_dir), "--data", str(bad)])
+    assert status == 2 and err == f"error: {bad}:2: text must be a non-empty string\n"
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "fine"}\n')
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "file").write_text("x")
+    status, err, _ = cli(
+        ["finetune", "--model", str(model_dir), "--data", str(good), "--merge-to", str(used)]
+    )
+    assert status == 2 and err.startswith(f"error: --merge-to {used} exists and is not empty")
