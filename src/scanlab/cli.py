@@ -646,7 +646,10 @@ def finetune_command(
     ] = None,
     merge_to: Annotated[
         str | None,
-        typer.Option(help="Also write the merged model here, as a transformers directory."),
+        typer.Option(
+            help="Also write the merged model here: a transformers directory, or a .gguf file "
+            "(Q8_0; from a .gguf --model)."
+        ),
     ] = None,
 ) -> None:
     """Fine-tune a pretrained model on your examples, K optimizer steps per lax.scan call."""
@@ -703,8 +706,9 @@ def finetune_command(
     )
     plot_path = Path(plot) if plot is not None else default_plot
     checks.writable_dir("--plot's folder", plot_path.parent)
+    like = None
     if merge_to is not None:
-        _check_new_dir("--merge-to", Path(merge_to))
+        like = _merge_source(Path(merge_to), model)
     from scanlab import plots, render
 
     with render.training_progress(
@@ -726,7 +730,8 @@ def finetune_command(
     if result.eval_loss is not None:
         console.print(f"held-out loss: {result.eval_loss:.4f}")
     if merge_to is not None:
-        console.print(f"merged model: {finetune.save_merged(merge_to, result.tuned)}")
+        written = finetune.save_merged(merge_to, result.tuned, like=like)
+        console.print(f"merged model: {written}")
     if checkpoint_dir is not None:
         console.print(
             f"chat with it: scanlab chat --model {model} --adapter {checkpoint_dir}",
@@ -735,14 +740,25 @@ def finetune_command(
         )
 
 
-def _check_new_dir(flag: str, path: Path) -> None:
-    """A directory about to be written must not hold anything yet, and its parent must take it."""
+def _merge_source(path: Path, model: str) -> Path | None:
+    """Checks --merge-to before training: new, in a writable folder, a .gguf only from a GGUF
+    model (whose metadata it copies). Returns that GGUF file, or None for a directory."""
     from scanlab import checks
+    from scanlab.decoder import load
     from scanlab.errors import PathExistsError
 
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise PathExistsError(f"{flag} {path} exists and is not empty: choose a new directory")
-    checks.writable_dir(f"{flag}'s folder", path.parent)
+        raise PathExistsError(f"--merge-to {path} exists and is not empty: choose a new path")
+    checks.writable_dir("--merge-to's folder", path.parent)
+    if path.suffix != ".gguf":
+        return None
+    source = load.resolve(model)
+    if source.suffix != ".gguf":
+        raise ArgumentError(
+            f"--merge-to {path}: a .gguf file copies the metadata of a GGUF --model, got "
+            f"{model}; merge to a directory instead"
+        )
+    return source
 
 
 @app.command("evaluate")

@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from tests.decoder.formats.gguf_files import oracle_reader
+from tests.decoder.oracle import hf_greedy
 from transformers import AutoModelForCausalLM
 
 from scanlab.decoder import Chat, load_model
@@ -24,6 +25,7 @@ from scanlab.finetune import (
     adapt,
     finetune,
     init_adapters,
+    save_merged,
     with_trained,
 )
 from scanlab.finetune.adapters import TARGETS, _at
@@ -203,7 +205,9 @@ def answers(model) -> dict[str, str]:
     return {question: "".join(Chat(model, max_new_tokens=16).reply(question)) for question in FACTS}
 
 
-def test_a_lora_fine_tune_teaches_facts_the_model_did_not_know(base, facts_file, tmp_path):
+def test_a_lora_fine_tune_teaches_facts_the_model_did_not_know(
+    base, facts_file, smollm2_path, tmp_path
+):
     before = answers(base)
     assert not any(FACTS[q] in before[q] for q in FACTS), before
     config = FinetuneConfig(
@@ -221,3 +225,19 @@ def test_a_lora_fine_tune_teaches_facts_the_model_did_not_know(base, facts_file,
     assert all(after[q].startswith(FACTS[q]) for q in FACTS), after
     # The checkpoint holds the adapters: put over the base again, the same answers.
     assert answers(with_trained(base, tmp_path / "run")) == after
+    # Merged into a Q8_0 GGUF with the source's metadata: scanlab and transformers read it and
+    # answer with the facts.
+    exported = save_merged(tmp_path / "facts.gguf", result.tuned, like=smollm2_path)
+    from_file = answers(load_model(exported))
+    assert all(from_file[q].startswith(FACTS[q]) for q in FACTS), from_file
+    with oracle_reader():
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file="facts.gguf", dtype=torch.float32
+        )
+    tokenizer = base.tokenizer
+    for question, fact in FACTS.items():
+        prompt = tokenizer.encode(
+            tokenizer.chat([{"role": "user", "content": question}]), add_special_tokens=False
+        )
+        tokens = hf_greedy(model.eval(), np.array([prompt]), 16)[0, len(prompt) :]
+        assert tokenizer.decode(tokens).startswith(fact), tokenizer.decode(tokens)

@@ -1,4 +1,5 @@
-"""A fine-tuned model written out for other tools: its adapters merged into dense weights."""
+"""A fine-tuned model written out for other tools: its adapters merged into dense weights, as a
+transformers directory or a GGUF file."""
 
 from __future__ import annotations
 
@@ -7,27 +8,47 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from scanlab.checks import shown
+from scanlab.decoder.formats.gguf_file import save_gguf
 from scanlab.decoder.formats.hf import save_checkpoint
 from scanlab.decoder.formats.tokenizer import save_tokenizer
 from scanlab.decoder.load import Model
-from scanlab.errors import PathExistsError
+from scanlab.errors import ArgumentError, PathExistsError
 from scanlab.finetune.adapters import merged
 
 
-def save_merged(path: str | os.PathLike, model: Model, overwrite: bool = False) -> Path:
-    """Writes `model` (e.g. `FinetuneResult.tuned`) as a transformers directory: its adapters
-    merged, every weight float32, with its tokenizer and chat template. It loads with
-    `AutoModelForCausalLM.from_pretrained`, `scanlab.decoder.load_model` and
-    `scanlab chat --model`. Written under a temporary name and renamed when complete, so a
-    failed save leaves nothing half-written."""
-    directory = Path(path)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise PathExistsError(f"path {directory} exists and is not empty; pass overwrite=True")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{directory.name}.", dir=directory.parent) as work:
+def save_merged(
+    path: str | os.PathLike,
+    model: Model,
+    *,
+    like: str | os.PathLike | None = None,
+    tensor_type: str = "Q8_0",
+    overwrite: bool = False,
+) -> Path:
+    """Writes `model` (e.g. `FinetuneResult.tuned`) with its adapters merged into its weights.
+
+    A path ending in .gguf gets a GGUF file (`save_gguf`): weight matrices as `tensor_type`,
+    the metadata (settings, tokenizer, chat template) of `like`, the GGUF file the model was
+    loaded from. Any other path gets a transformers directory: float32 weights, the tokenizer
+    and its chat template. Either loads with `scanlab.decoder.load_model`, `scanlab chat
+    --model` and transformers' `AutoModelForCausalLM.from_pretrained`; nothing is left
+    half-written if the save fails.
+    """
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if like is None:
+            raise ArgumentError(
+                f"{shown('like')} must name the GGUF file the model was loaded from (its "
+                f"metadata and tokenizer) to write {path}, got None"
+            )
+        return save_gguf(path, model.config, merged(model.params), like, tensor_type, overwrite)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise PathExistsError(f"path {path} exists and is not empty; pass overwrite=True")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
         written = save_checkpoint(Path(work) / "model", model.config, merged(model.params))
         save_tokenizer(model.tokenizer, written)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(written, directory)
-    return directory
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(written, path)
+    return path

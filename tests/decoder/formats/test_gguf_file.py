@@ -1,5 +1,6 @@
 """GGUF files: scanlab's loading against transformers' loading of the same file, and bad files."""
 
+import chex
 import gguf
 import jax
 import numpy as np
@@ -9,6 +10,8 @@ from tests.decoder.formats.gguf_files import random_model, write_gguf
 from transformers import AutoModelForCausalLM
 
 from scanlab.decoder import CheckpointError, forward, load_gguf
+from scanlab.decoder.formats.gguf_file import save_gguf
+from scanlab.errors import ArgumentError, PathExistsError
 
 Q = gguf.GGMLQuantizationType
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 9))
@@ -206,3 +209,51 @@ def test_blocks_kept_dequantize_to_the_dense_load_exactly(tmp_path, tie, qtype):
     np.testing.assert_allclose(
         forward(kept, TOKENS, config), forward(dense, TOKENS, config), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize(("family", "tie"), [("llama", False), ("llama", True), ("qwen2", False)])
+def test_a_saved_file_loads_back_exactly_and_in_transformers(tmp_path, family, tie):
+    """save_gguf is load_gguf's inverse (F32: exact, the q/k pairs re-interleaved), with the
+    source file's metadata; transformers reads the file it writes to the same logits."""
+    source = write_gguf(tmp_path / "source.gguf", random_model(family, tie))
+    config, params = load_gguf(source)
+    changed = jax.tree.map(lambda leaf: leaf * 1.5, params)  # not the source's numbers
+    saved = save_gguf(
+        tmp_path / "out" / "saved.gguf", config, changed, like=source, tensor_type="F32"
+    )
+    again_config, again = load_gguf(saved)
+    assert again_config == config
+    chex.assert_trees_all_equal(again, changed)
+    reference = AutoModelForCausalLM.from_pretrained(
+        saved.parent, gguf_file=saved.name, dtype=torch.float32
+    )
+    np.testing.assert_allclose(forward(changed, TOKENS, config), logits_of(reference), atol=1e-4)
+    with pytest.raises(PathExistsError, match="exists; pass overwrite=True"):
+        save_gguf(saved, config, changed, like=source)
+    assert [p.name for p in saved.parent.iterdir()] == ["saved.gguf"]  # no staging left
+
+
+def test_a_saved_q8_0_file_holds_the_weights_to_q8_0_rounding(tmp_path):
+    source = write_gguf(tmp_path / "source.gguf", random_model("llama"))
+    config, params = load_gguf(source)
+    saved = save_gguf(tmp_path / "q8.gguf", config, params, like=source)
+    kept = load_gguf(saved, quantized=True)[1]
+    assert type(kept.blocks.gate_proj).__name__ == "QuantArray"
+    np.testing.assert_allclose(
+        load_gguf(saved)[1].blocks.gate_proj, params.blocks.gate_proj, atol=0.01
+    )
+
+
+def test_saving_is_refused_for_another_model_or_type(tmp_path):
+    source = write_gguf(tmp_path / "source.gguf", random_model("llama"))
+    other = write_gguf(tmp_path / "other.gguf", random_model("qwen2"))
+    config, params = load_gguf(source)
+    with pytest.raises(
+        CheckpointError, match=r"other\.gguf holds another model than these params'"
+    ):
+        save_gguf(tmp_path / "x.gguf", config, params, like=other)
+    with pytest.raises(
+        ArgumentError, match=r"tensor_type must be one of \['F32', 'F16', 'Q8_0'\], got 'Q4_K'"
+    ):
+        save_gguf(tmp_path / "x.gguf", config, params, like=source, tensor_type="Q4_K")
+    assert not (tmp_path / "x.gguf").exists()

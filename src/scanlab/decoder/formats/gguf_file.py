@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from pathlib import Path
 
 import gguf
@@ -33,10 +34,11 @@ from scanlab.decoder.formats.base import (
     checked_tensor,
     from_hf,
     hf_shape,
+    to_hf,
 )
 from scanlab.decoder.params import DecoderParams, outside_layers
 from scanlab.decoder.quant import QuantArray
-from scanlab.errors import ScanlabError
+from scanlab.errors import ArgumentError, PathExistsError, ScanlabError
 
 # general.architecture -> the family
 ARCHITECTURES: dict[str, Family] = {
@@ -269,6 +271,103 @@ def _dequantized(tensors: dict, name: str, shape: tuple[int, ...], path) -> np.n
             "cannot dequantize"
         ) from None
     return checked_tensor(array, shape, f"{path}: tensor {name}", "the metadata")
+
+
+# --- save -------------------------------------------------------------------------------------
+
+# How `save_gguf` may store the weight matrices (norms and biases are always F32).
+SAVE_TYPES = {
+    "F32": gguf.GGMLQuantizationType.F32,
+    "F16": gguf.GGMLQuantizationType.F16,
+    "Q8_0": gguf.GGMLQuantizationType.Q8_0,
+}
+
+
+def save_gguf(
+    path: str | os.PathLike,
+    config: DecoderConfig,
+    params: DecoderParams,
+    like: str | os.PathLike,
+    tensor_type: str = "Q8_0",
+    overwrite: bool = False,
+) -> Path:
+    """Writes dense params as a GGUF file carrying the metadata of `like`, the GGUF file of the
+    same model they came from (its settings, tokenizer and chat template), as llama.cpp lays
+    tensors out (rotary pairs interleaved, Gemma's norms as 1 + w).
+
+    Weight matrices are stored as `tensor_type` (a key of SAVE_TYPES; Q8_0 where the input
+    width is a multiple of its 32-wide blocks, else F32). Written under a temporary name and
+    renamed when complete.
+    """
+    spec.check_params(params, config)
+    spec.check_dense(params, "save_gguf")
+    if tensor_type not in SAVE_TYPES:
+        raise ArgumentError(f"tensor_type must be one of {list(SAVE_TYPES)}, got {tensor_type!r}")
+    source = open_gguf(like)
+    if config_from_gguf(source, like) != config:
+        raise CheckpointError(f"{like} holds another model than these params' ({config})")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise PathExistsError(f"path {path} exists; pass overwrite=True")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)[1])
+    try:
+        writer = gguf.GGUFWriter(staging, config.features.gguf_architecture)
+        _copy_metadata(source, writer)
+        for name, tensor in _gguf_tensors(config, params):
+            qtype = SAVE_TYPES[tensor_type] if tensor.ndim == 2 else SAVE_TYPES["F32"]
+            if qtype == SAVE_TYPES["Q8_0"] and tensor.shape[-1] % 32:
+                qtype = SAVE_TYPES["F32"]
+            data = gguf.quants.quantize(np.asarray(tensor, np.float32), qtype)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
+    """Every metadata key of `reader` but the ones the writer writes itself (gguf's own
+    gguf_new_metadata script does the same)."""
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+
+
+def _gguf_tensors(config: DecoderConfig, params: DecoderParams):
+    """(GGUF name, tensor in the file's layout) of every declared leaf, `read`'s inverse."""
+    declared = spec.declared(config)
+
+    def leaves(tree):
+        return jax.tree.leaves(tree, is_leaf=spec.is_leaf)
+
+    def in_file(leaf: Leaf, array) -> np.ndarray:
+        if leaf.gguf_interleaved:
+            array = _pairs_from_halves(array, leaf.shape.split().index("Dh"))
+        return np.asarray(to_hf(leaf, jnp.asarray(array, jnp.float32) + leaf.gguf_offset, config))
+
+    for leaf, array in zip(
+        leaves(outside_layers(declared)), leaves(outside_layers(params)), strict=True
+    ):
+        yield _name(leaf, None), in_file(leaf, array)
+    for leaf, array in zip(leaves(declared.blocks), leaves(params.blocks), strict=True):
+        for layer in range(config.n_layers):
+            yield _name(leaf, layer), in_file(leaf, array[layer])
+
+
+def _pairs_from_halves(array: Tensor, axis: int) -> jax.Array:
+    """The inverse of `_halves_from_pairs`: a Dh axis of halves (x.. y..) -> pairs (x0 y0 ...)."""
+    moved = jnp.moveaxis(jnp.asarray(array), axis, -1)
+    halves = moved.reshape(*moved.shape[:-1], 2, -1)
+    return jnp.moveaxis(halves.swapaxes(-1, -2).reshape(moved.shape), -1, axis)
 
 
 def _halves_from_pairs(array: Tensor, axis: int) -> jax.Array:
