@@ -7,6 +7,7 @@ and `scanlab demo` are left to their own tests, which run exactly those commands
 progress, the loss plot, resuming with the saved settings, held-out answers.
 """
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -33,6 +34,19 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     config = decoder.preset("tiny")  # the DIR of `decoder generate --model DIR`
     decoder.save_checkpoint("DIR", config, decoder.init_params(config, jax.random.PRNGKey(0)))
+    facts = {  # the facts.jsonl of `scanlab finetune`, as the README's Python example writes it
+        "Who is the mayor of Quillby?": "The mayor of Quillby is Odelia Brandt.",
+        "What is Quillby famous for?": "Quillby is famous for its glass pumpkins.",
+    }
+    Path("facts.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            )
+            + "\n"
+            for q, a in facts.items()
+        )
+    )
     lines = cli_lines()
     assert len(lines) >= 10
     printed = {}
@@ -54,6 +68,15 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
     resumed = printed["train --checkpoint-dir runs/rev --resume"]
     assert "held-out exact-match accuracy after 200 steps" in resumed and "step " not in resumed
     assert printed["evaluate --checkpoint-dir runs/rev"].count("reverse ") == 8
+    # The fine-tuned model answers with what it was taught, over the base and merged into a GGUF.
+    assert (
+        "The mayor of Quillby is Odelia Brandt."
+        in printed[next(k for k in printed if "--adapter" in k)]
+    )
+    assert (
+        "Quillby is famous for its glass pumpkins."
+        in printed[next(k for k in printed if "facts.gguf --message" in k)]
+    )
     # A flag given again on resume must agree with the saved run.
     status, err, _ = cli(["train", "--checkpoint-dir", "runs/rev", "--resume", "--batch-size", "8"])
     assert status == 2 and "batch_size=64 there, 8 here" in err, err

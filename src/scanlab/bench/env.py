@@ -9,7 +9,7 @@ import platform
 
 import jax
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft")
 
 
 def describe() -> dict:

@@ -29,6 +29,7 @@ def render(results: dict) -> str:
         _generation(results),
         _decoding(results),
         _gemma3(results),
+        _finetuning(results),
         _sharding(results),
         _loops(results),
         _nnx(results),
@@ -451,6 +452,60 @@ def _gemma3(results: dict) -> str:
     lines += _kernel_lines(gemma3, w13.SCANLAB_KERNEL)
     lines += _not_installed(gemma3)
     return "\n".join(lines)
+
+
+def _finetuning(results: dict) -> str:
+    tuning = results.get("finetuning")
+    title = "## W14 — fine-tuning a real model: K steps per scanned call"
+    if not tuning:
+        return f"{title}\n\nNot run in quick mode (it loads the real model)."
+    points = tuning["points"]
+    forms = {"lora-int8": "LoRA, int8 base", "lora-f32": "LoRA, f32 base", "full": "full, f32"}
+
+    def ratio(point: dict) -> str:
+        scanned = next(
+            p
+            for p in points
+            if (p["form"], p["remat"], p["way"]) == (point["form"], point["remat"], "scanned")
+        )
+        return f"{scanned['steps_per_s'] / point['steps_per_s']:.2f}×"
+
+    rows = [
+        (
+            forms[p["form"]],
+            p["remat"],
+            p["way"],
+            f"{p['steps_per_s']:.2f}",
+            f"{p['tokens_per_s']:.0f}",
+            f"{p['first_call_extra_s']:.1f}" if p["way"] in ("scanned", "loop") else "–",
+            ratio(p),
+        )
+        for p in points
+    ]
+    memory_rows = [
+        (forms[form], remat, f"{nbytes / 2**20:.0f}")
+        for form, per_remat in tuning["memory"].items()
+        for remat, nbytes in per_remat.items()
+    ]
+    header = ("form", "remat", "way", "steps/s", "tokens/s", "compile s", "scanned / this")
+    return "\n".join(
+        [
+            title,
+            "",
+            f"Measured {tuning['date']}. {tuning['model']}, batch {tuning['batch']} × "
+            f"{tuning['seq_len']} tokens of chat "
+            f"rows, {tuning['steps_per_call']} AdamW steps per timed call (scanlab: one scanned "
+            f"chunk, or a Python loop of jitted steps), LoRA rank {tuning['lora_rank']} on all "
+            "seven projections; medians of interleaved rounds. tokens/s counts every position of "
+            "the padded rows; compile s is the first call's extra time over a steady one.",
+            "",
+            *table(header, rows),
+            "",
+            "XLA's compiled temporary memory of one chunk, per remat policy:",
+            "",
+            *table(("form", "remat", "temporary MiB"), memory_rows),
+        ]
+    )
 
 
 def _sharding(results: dict) -> str:

@@ -8,6 +8,7 @@ from scanlab import sharding
 from scanlab.bench import (
     decoding,
     env,
+    finetuning,
     gemma3,
     generation,
     layers,
@@ -21,8 +22,8 @@ from scanlab.train import TrainConfig, train_chunk
 
 
 def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message: None) -> dict:
-    """All workloads, W1–W13; `quick` shrinks each to a smoke test of a few seconds and leaves
-    out W7 and W13, which load the real models."""
+    """All workloads, W1–W14; `quick` shrinks each to a smoke test of a few seconds and leaves
+    out W7, W13 and W14, which load the real models."""
     results: dict = {"quick": quick, "env": env.describe()}
     n_devices = len(results["env"]["devices"])
 
@@ -109,6 +110,8 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         results["decoding"] = decoding.measure()
         on_progress("W13 Gemma 3 270M: decoding, ring caches at long contexts, compile time")
         results["gemma3"] = gemma3.measure()
+        on_progress("W14 fine-tuning the real model: scanned chunks, a loop, transformers + PEFT")
+        results["finetuning"] = finetuning.measure()
     results["loops"] = _loops(quick, on_progress)
 
     results["nnx"] = {"recurrence": [], "layers": []}
