@@ -20,7 +20,7 @@ def test_the_tour_runs_every_section_and_its_twins_agree():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for number in range(1, 10):
+    for number in range(1, 11):
         assert re.search(rf"\b{number}\. ", out), f"section {number} missing"
     # Every agreement the tour reports: twins, references and forms equal to float32 rounding.
     diffs = [
@@ -57,3 +57,9 @@ def test_the_tour_runs_every_section_and_its_twins_agree():
     assert "15 sliding-window layers (window 512) and 3 full ones (layers [5, 11, 17])" in out
     assert re.search(r"KV cache for 32,768 tokens: 207\.0 MiB with ring caches, 1,152\.\d MiB", out)
     assert re.search(r"prompt> The capital of France is\nmodel> +the capital of the country", out)
+    # The fine-tune teaches the fact it did not know.
+    before = re.search(r"before: you> Who is the mayor of Quillby\?\nmodel> ([^\n]*)", out)[1]
+    after = re.search(r"after: you> Who is the mayor of Quillby\?\nmodel> ([^\n]*)", out)[1]
+    assert "Odelia Brandt" not in before and after.startswith(
+        "The mayor of Quillby is Odelia Brandt."
+    )

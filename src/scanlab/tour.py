@@ -1,11 +1,15 @@
 """The tour behind `scanlab demo` / `make demo`: every part of scanlab, end to end, in a minute or
-two, ending with both real pretrained models: a question to SmolLM2 and its answer, streamed, and
-Gemma 3's sliding-window and full layers in one scan, continuing a text."""
+two, ending with both real pretrained models: a question to SmolLM2 and its answer, streamed,
+Gemma 3's sliding-window and full layers in one scan, continuing a text, and SmolLM2 taught a
+fact by a LoRA fine-tune."""
 
 from __future__ import annotations
 
 import functools
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from scanlab import explain, loops, pitfalls, reference, render, storage, train
+from scanlab import explain, finetune, loops, pitfalls, reference, render, storage, train
 from scanlab.bench import layers as layer_bench
 from scanlab.bench import nnx as nnx_bench
 from scanlab.decoder import cache as decoder_cache
@@ -42,6 +46,7 @@ def run(console: Console) -> None:
     _nnx(console)
     _real_model(console)
     _gemma3(console)
+    _finetuning(console)
 
 
 def _seed_function(console: Console) -> None:
@@ -307,3 +312,34 @@ def _gemma3(console: Console) -> None:
         f"continued in {render.seconds(time.perf_counter() - start)}, compilation included "
         "(a base model: plain completion, no chat template)"
     )
+
+
+FACT_QUESTION = "Who is the mayor of Quillby?"
+FACT_ANSWER = "The mayor of Quillby is Odelia Brandt."
+
+
+def _finetuning(console: Console) -> None:
+    console.rule("10. Fine-tuning a real model inside lax.scan: LoRA over int8 blocks")
+    model = decoder_load.load_model(pretrained.SMOLLM2.name, kernel=False)
+    before = "".join(decoder_chat.Chat(model, max_new_tokens=16).reply(FACT_QUESTION))
+    console.print(f"before: [bold]you>[/bold] {FACT_QUESTION}\nmodel> {before}", highlight=False)
+    messages = [
+        {"role": "user", "content": FACT_QUESTION},
+        {"role": "assistant", "content": FACT_ANSWER},
+    ]
+    config = finetune.FinetuneConfig(
+        steps=12, chunk_steps=6, batch_size=1, learning_rate=2e-3, warmup_steps=2, eval_fraction=0
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        data_file = Path(folder) / "fact.jsonl"
+        data_file.write_text(json.dumps({"messages": messages}) + "\n")
+        start = time.perf_counter()
+        result = finetune.finetune(model, data_file, config)
+    losses = result.losses
+    console.print(
+        f"{config.steps} AdamW steps of rank-{config.lora.rank} adapters on all 7 projections, "
+        f"{config.chunk_steps} per compiled scan, the 135M base frozen as int8 blocks: loss "
+        f"{losses[0]:.3f} -> {losses[-1]:.4f} in {render.seconds(time.perf_counter() - start)}"
+    )
+    after = "".join(decoder_chat.Chat(result.tuned, max_new_tokens=16).reply(FACT_QUESTION))
+    console.print(f"after: [bold]you>[/bold] {FACT_QUESTION}\nmodel> {after}", highlight=False)

@@ -23,7 +23,13 @@ from scanlab.decoder import (
     quantize,
 )
 from scanlab.decoder.spec import check_params
-from scanlab.errors import ArgumentError, ArgumentTypeError, MissingPathError, PathExistsError
+from scanlab.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    DivergedError,
+    MissingPathError,
+    PathExistsError,
+)
 from scanlab.finetune import (
     DataError,
     FinetuneConfig,
@@ -102,14 +108,30 @@ def test_fresh_adapters_leave_the_model_equal_to_its_base(tiny):
     )
 
 
-@pytest.mark.parametrize("base", ["dense", "quantized"])
-def test_an_adapted_model_equals_its_merged_weights(tiny, base):
+FAMILIES = {
+    "llama": CONFIG,
+    "qwen2": dataclasses.replace(CONFIG, family="qwen2"),
+    "gemma3": dataclasses.replace(CONFIG, family="gemma3", n_layers=6, sliding_window=4),
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "base"),
+    [("llama", "dense"), ("llama", "quantized"), ("qwen2", "dense"), ("gemma3", "quantized")],
+)
+def test_an_adapted_model_equals_its_merged_weights(family, base):
     """W x + s B A x against (W + s A B) x, within 1e-5; a quantized base dequantized."""
-    params = tiny.params if base == "dense" else quantize(tiny.params, CONFIG)
-    adapted = adapt(params, random_adapters(), LORA)
-    ours = forward(adapted, TOKENS, CONFIG)
-    assert np.abs(ours - forward(params, TOKENS, CONFIG)).max() > 1e-2  # the update shows
-    np.testing.assert_allclose(ours, forward(merged(adapted), TOKENS, CONFIG), atol=1e-5, rtol=1e-5)
+    config = FAMILIES[family]
+    params = init_params(config, jax.random.PRNGKey(0))
+    params = params if base == "dense" else quantize(params, config)
+    fresh = init_adapters(config, LORA, jax.random.PRNGKey(1))
+    adapters = jax.tree.map(
+        lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(2), x.shape), fresh
+    )
+    adapted = adapt(params, adapters, LORA)
+    ours = forward(adapted, TOKENS, config)
+    assert np.abs(ours - forward(params, TOKENS, config)).max() > 1e-2  # the update shows
+    np.testing.assert_allclose(ours, forward(merged(adapted), TOKENS, config), atol=1e-5, rtol=1e-5)
 
 
 def test_adapters_over_the_kernel_layout_generate_what_they_do_over_int8_blocks(tiny):
@@ -494,6 +516,25 @@ def test_resuming_on_other_data_or_settings_is_refused(tiny, chat_file, tmp_path
         )
     with pytest.raises(ArgumentError, match="already holds a run"):
         finetune(tiny, chat_file, RUN, checkpoint_dir=tmp_path / "run")
+
+
+def test_ctrl_c_saves_the_newest_whole_state_and_a_nan_loss_stops(tiny, chat_file, tmp_path):
+    def interrupt_after_the_first_chunk(report):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(
+            tiny,
+            chat_file,
+            RUN,
+            checkpoint_dir=tmp_path / "run",
+            on_chunk=interrupt_after_the_first_chunk,
+        )
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.isdigit()) == ["2"]
+    diverging = RUN.replace(learning_rate=1e30, clip_norm=1e30)
+    with pytest.raises(DivergedError, match=r"the loss became (nan|inf|-inf) at step"):
+        finetune(tiny, chat_file, diverging, checkpoint_dir=tmp_path / "nan")
+    assert not any(p.name.isdigit() for p in (tmp_path / "nan").iterdir())
 
 
 def test_with_trained_puts_a_checkpoint_s_adapters_over_the_base(tiny, chat_file, tmp_path):
