@@ -327,8 +327,15 @@ def _finetuning(console: Console) -> None:
         {"role": "user", "content": FACT_QUESTION},
         {"role": "assistant", "content": FACT_ANSWER},
     ]
+    lora = finetune.LoraConfig(rank=8)
     config = finetune.FinetuneConfig(
-        steps=12, chunk_steps=6, batch_size=1, learning_rate=2e-3, warmup_steps=2, eval_fraction=0
+        lora=lora,
+        steps=12,
+        chunk_steps=6,
+        batch_size=1,
+        learning_rate=2e-3,
+        warmup_steps=2,
+        eval_fraction=0,
     )
     with tempfile.TemporaryDirectory() as folder:
         data_file = Path(folder) / "fact.jsonl"
@@ -337,7 +344,7 @@ def _finetuning(console: Console) -> None:
         result = finetune.finetune(model, data_file, config)
     losses = result.losses
     console.print(
-        f"{config.steps} AdamW steps of rank-{config.lora.rank} adapters on all 7 projections, "
+        f"{config.steps} AdamW steps of rank-{lora.rank} adapters on all 7 projections, "
         f"{config.chunk_steps} per compiled scan, the 135M base frozen as int8 blocks: loss "
         f"{losses[0]:.3f} -> {losses[-1]:.4f} in {render.seconds(time.perf_counter() - start)}"
     )

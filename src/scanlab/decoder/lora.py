@@ -10,6 +10,7 @@ it scans with the block like every other leaf. Making, training and merging adap
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ class Adapted:
       dropout: the rate of that dropout.
     """
 
-    base: object
+    base: Any  # a quant.Weight (dense, QuantArray, PackedArray)
     a: jax.Array
     b: jax.Array
     key: jax.Array | None

@@ -159,7 +159,8 @@ def check_adapters(adapters: Adapters, config: DecoderConfig, lora: LoraConfig) 
         raise ArgumentError(f"adapters must hold the targets {sorted(expected)}, got {got}")
     for target, parts in expected.items():
         for part, shape in parts.items():
-            got_shape = tuple(jnp.shape(adapters[target].get(part)))
+            leaf = adapters[target].get(part)
+            got_shape = None if leaf is None else tuple(jnp.shape(leaf))
             if got_shape != shape:
                 raise ArgumentError(
                     f"adapters[{target!r}][{part!r}] has shape {got_shape}, expected {shape}"

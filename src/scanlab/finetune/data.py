@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -66,7 +67,7 @@ class Rows(NamedTuple):
         return Rows(self.tokens[rows], self.targets[rows], self.mask[rows])
 
 
-def read_jsonl(path: str | Path) -> tuple[str, list[tuple[int, dict]]]:
+def read_jsonl(path: str | os.PathLike) -> tuple[str, list[tuple[int, dict]]]:
     """(kind, [(line number, record)]) of a JSONL file of examples, all of one kind (`KINDS`).
 
     Blank lines are skipped. Raises DataError naming the file and line of the first bad one.
@@ -76,14 +77,15 @@ def read_jsonl(path: str | Path) -> tuple[str, list[tuple[int, dict]]]:
         raise MissingPathError(
             f"{checks.shown('data_file')} must be a JSONL file, got {str(path)!r}"
         )
-    records, kind = [], None
+    records: list[tuple[int, dict]] = []
+    kind = ""
     for number, line in _lines(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
         this_kind = _kind(record, path, number)
-        if kind is not None and this_kind != kind:
+        if kind and this_kind != kind:
             raise DataError(
                 f"{path}:{number}: a {this_kind} example in a file of {kind} examples (line "
                 f"{records[0][0]}): one kind per file"

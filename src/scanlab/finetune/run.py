@@ -92,8 +92,9 @@ def finetune(
         _check_trainable(params, config)
         base = Model(model_config, params, tokenizer)
         frozen = None if config.lora is None else params
+        history: list[float] = []
         if step is None:
-            state, history = init_state(config, model_config, params), []
+            state = init_state(config, model_config, params)
         else:
             target = jax.eval_shape(lambda: init_state(config, model_config, params))
             state, history = loop.restore_run(manager, step, target)
@@ -109,7 +110,7 @@ def finetune(
                 )
             )
 
-        tokens_per_step = config.batch_size * (config.seq_len - 1)
+        tokens_per_step = config.batch_size * (train_rows.seq_len - 1)
         state, history = loop.run_chunks(
             state,
             history,

@@ -18,6 +18,7 @@ import optax
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.model import forward
 from scanlab.decoder.params import DecoderParams
+from scanlab.errors import ArgumentError
 from scanlab.finetune import adapters
 from scanlab.finetune.config import FinetuneConfig
 from scanlab.finetune.data import Rows
@@ -51,6 +52,8 @@ def model_params(trainable, frozen: DecoderParams | None, config: FinetuneConfig
     """The DecoderParams the forward pass runs: the base with the adapters, or `trainable`."""
     if config.lora is None:
         return trainable
+    if frozen is None:
+        raise ArgumentError("LoRA adapters need the frozen base params, got None")
     return adapters.adapt(frozen, trainable, config.lora, key)
 
 

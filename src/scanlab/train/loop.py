@@ -61,15 +61,15 @@ def run_chunks(
     saves the newest whole state, then propagates. `describe(state, steps, seconds)` adds
     fields to each ChunkReport.
     """
-    losses = None
+    losses: np.ndarray | None = None
     try:
         step = int(state.step)
         while step < total_steps:
             n = min(chunk_steps, total_steps - step)
             start = time.perf_counter()
             with _interrupts_held():
-                state, losses = run_chunk(state, n)
-            losses = np.asarray(losses)  # waits for the chunk
+                state, chunk_losses = run_chunk(state, n)
+            losses = np.asarray(chunk_losses)  # waits for the chunk
             elapsed = time.perf_counter() - start
             _check_finite(losses, step, manager)
             step += n

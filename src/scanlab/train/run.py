@@ -60,8 +60,9 @@ def train(
     manager = loop.open_run(checkpoint_dir, resume, resume_step, checkpoint_every)
     try:
         step = loop.resumed_step(manager, resume, resume_step, config.to_dict())
+        history: list[float] = []
         if step is None:
-            state, history = init_state(config, mesh), []
+            state = init_state(config, mesh)
         else:
             state, history = _restore(manager, step, config, mesh)
         state, history = loop.run_chunks(

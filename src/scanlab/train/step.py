@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Generic, NamedTuple, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,22 @@ class TrainState(NamedTuple, Generic[T]):
     step: T  # int32, steps taken
 
 
-def learning_rate(config: TrainConfig) -> optax.Schedule:
+class OptimizerSettings(Protocol):
+    """What the schedule and the optimizer read: a TrainConfig's or a FinetuneConfig's."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def clip_norm(self) -> float: ...
+
+
+def learning_rate(config: OptimizerSettings) -> optax.Schedule:
     """Linear warm-up to `learning_rate`, then cosine decay to 10% of it at `steps`."""
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -38,7 +53,7 @@ def learning_rate(config: TrainConfig) -> optax.Schedule:
     )
 
 
-def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def optimizer(config: OptimizerSettings) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
         optax.adamw(learning_rate(config), weight_decay=config.weight_decay),
