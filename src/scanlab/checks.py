@@ -164,10 +164,10 @@ def sampling_options(
 
 
 def available_bytes() -> int | None:
-    """Memory the default device can hold: its reported limit, else the host's physical RAM."""
+    """Memory this process's first device can hold: its reported limit, else the host's RAM."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     try:

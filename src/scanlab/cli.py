@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -31,6 +31,44 @@ decoder_app = typer.Typer(
 )
 app.add_typer(decoder_app, name="decoder")
 console = Console()
+
+
+@app.callback()
+def join_run(
+    coordinator: Annotated[
+        str | None,
+        typer.Option(
+            help="Join a multi-process run: process 0's host:port "
+            "[$JAX_COORDINATOR_ADDRESS]. `scanlab launch` sets it for local runs."
+        ),
+    ] = None,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(help="With --coordinator: processes in the run [$JAX_NUM_PROCESSES]."),
+    ] = None,
+    process_id: Annotated[
+        int | None, typer.Option(help="With --coordinator: this process's id [$JAX_PROCESS_ID].")
+    ] = None,
+) -> None:
+    """Joins a multi-process run (jax.distributed) before any command does JAX work."""
+    from scanlab import distributed
+
+    if coordinator is None and (num_processes is not None or process_id is not None):
+        raise ArgumentError("--num-processes and --process-id need --coordinator")
+    settings = distributed.from_env()
+    if coordinator is not None:
+        if num_processes is None or process_id is None:
+            raise ArgumentError("--coordinator needs --num-processes and --process-id")
+        settings = distributed.checked(distributed.Settings(coordinator, num_processes, process_id))
+    if settings is None:
+        return
+    from scanlab import sharding
+
+    if devices := os.environ.get(distributed.HOST_DEVICES_ENV):
+        sharding.host_devices(int(devices))
+    distributed.initialize(settings)
+    if not distributed.is_primary():
+        console.quiet = True  # the first process speaks for the run
 
 
 @app.command()
@@ -379,7 +417,8 @@ def _describe_weights(params) -> None:
 
 def _progress(message: str) -> None:
     """What scanlab is busy with, on stderr: standard output carries only the results."""
-    print(message, file=sys.stderr, flush=True)
+    if not console.quiet:
+        print(message, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -398,6 +437,8 @@ def _loading(model: str, weights: str | None) -> Iterator[None]:
 
 
 def _write(text: str) -> None:
+    if console.quiet:  # a process of a multi-process run other than the first
+        return
     sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -566,8 +607,9 @@ def train_command(
             mesh=device_mesh,
             on_chunk=on_chunk,
         )
-    path = plots.loss_curve(result.losses, plot_path, f"{config.task}: loss per step")
-    console.print(f"loss curve: {path}")
+    if not console.quiet:  # the first process of a multi-process run writes it
+        path = plots.loss_curve(result.losses, plot_path, f"{config.task}: loss per step")
+        console.print(f"loss curve: {path}")
     evaluation = train.evaluate(result.state.params, result.config)
     console.print(*render.evaluation(evaluation, int(result.state.step)), sep="\n")
 
@@ -761,6 +803,26 @@ def _merge_source(path: Path, model: str) -> Path | None:
     return source
 
 
+@app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch_command(
+    ctx: typer.Context,
+    processes: Annotated[int, typer.Option(help="Processes to start on this machine.")] = 2,
+    devices_per_process: Annotated[
+        int, typer.Option(help="CPU devices each process presents.")
+    ] = 1,
+    all_output: Annotated[
+        bool, typer.Option(help="Show every process's output, not only process 0's.")
+    ] = False,
+) -> None:
+    """Run a scanlab command as local processes of one JAX program (jax.distributed over
+    localhost), e.g. scanlab launch --processes 2 -- train --mesh data=2."""
+    from scanlab import launch
+
+    status = launch.launch(ctx.args, processes, devices_per_process, all_output)
+    if status:
+        raise typer.Exit(status)
+
+
 @app.command("evaluate")
 def evaluate_command(
     checkpoint_dir: Annotated[str, typer.Option(help="A `scanlab train` checkpoint directory.")],
@@ -792,7 +854,9 @@ def _mesh(spec: str | None):
     try:
         sharding.host_devices(sizes[sharding.DATA_AXIS] * sizes[sharding.MODEL_AXIS])
     except RuntimeError:
-        pass  # JAX already runs (e.g. called from Python): make_mesh checks the devices it has
+        # JAX already runs (called from Python, or a process of a multi-process run, whose
+        # devices are set as it joins): make_mesh checks the devices it has.
+        pass
     return sharding.make_mesh(spec)
 
 
@@ -850,8 +914,11 @@ def main() -> None:
     try:
         # typer answers Ctrl-C inside a command by returning 130 when not standalone.
         with spelled_as(_flags(sys.argv[1:])):
-            if app(standalone_mode=False) == INTERRUPTED:
-                _interrupted(received)
+            status = app(standalone_mode=False)
+        if status == INTERRUPTED:
+            _interrupted(received)
+        if isinstance(status, int) and status:  # a command's own status (launch: its run's)
+            _exit(status)
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C while typer itself waits (a prompt)
         _interrupted(received)
     except typer.exceptions.TyperException as error:  # parsing: unknown flag, bad value
@@ -870,17 +937,25 @@ def main() -> None:
 
 
 def _flags(argv: list[str]) -> dict[str, str]:
-    """The invoked command's parameters, Python name -> flag: library messages then name the
-    flags the user typed (`--max-new-tokens`, not `max_new_tokens`)."""
+    """The invoked command's parameters (and the run-joining ones before it), Python name ->
+    flag: library messages then name the flags the user typed (`--max-new-tokens`, not
+    `max_new_tokens`)."""
     command = typer.main.get_command(app)
-    for word in argv:
+    params = list(command.params)
+    words = iter(argv)
+    for word in words:
+        if word.startswith("--"):  # an option of the group before the command, and its value
+            if "=" not in word:
+                next(words, None)
+            continue
         subcommands = getattr(command, "commands", {})
         if word not in subcommands:
             break
         command = subcommands[word]
+        params += command.params
     return {
         param.name: param.opts[0]
-        for param in command.params
+        for param in params
         if param.name is not None and param.opts[0].startswith("-")
     }
 
@@ -889,7 +964,7 @@ def _interrupted(received: list[int]) -> None:
     """Exit as the shell reports a signal's end: 128 + its number, with one line saying which."""
     terminated = signal.SIGTERM in received
     print(f"error: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-    sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+    _exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
 
 
 def _device_out_of_memory(error: Exception) -> bool:
@@ -906,7 +981,7 @@ def _device_out_of_memory(error: Exception) -> bool:
 
 def _fail(message: str) -> None:
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
 
 
 def _report_bug() -> None:
@@ -915,4 +990,16 @@ def _report_bug() -> None:
         "scanlab hit a bug (the traceback above): please report it with the command you ran.",
         file=sys.stderr,
     )
-    sys.exit(1)
+    _exit(1)
+
+
+def _exit(status: int) -> NoReturn:
+    """Ends the process with `status`. A failing process of a multi-process run leaves at once:
+    JAX's exit would first wait in a shutdown barrier for its peers, which wait for it."""
+    from scanlab import distributed
+
+    if status and distributed.joined() is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 else:
     jax = lazy_loader.load("jax")
 
+from scanlab import distributed
 from scanlab.checks import shown
 from scanlab.errors import ArgumentError
 
@@ -72,7 +73,11 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 def make_mesh(spec: str = "data=1") -> Mesh:
-    """A ("data", "model") mesh from a spec like "data=4,model=2", on the first devices."""
+    """A ("data", "model") mesh from a spec like "data=4,model=2", on the first devices.
+
+    Across processes (`scanlab.distributed`) the devices are every process's, and the mesh must
+    hold some of each process's.
+    """
     sizes = parse_mesh(spec)
     needed, available = sizes[DATA_AXIS] * sizes[MODEL_AXIS], jax.device_count()
     if needed > available:
@@ -81,6 +86,7 @@ def make_mesh(spec: str = "data=1") -> Mesh:
             f"more with scanlab.sharding.host_devices({needed}) before any computation"
         )
     devices = np.array(jax.devices()[:needed]).reshape(sizes[DATA_AXIS], sizes[MODEL_AXIS])
+    distributed.check_mesh_covers_processes(devices)
     return jax.sharding.Mesh(devices, (DATA_AXIS, MODEL_AXIS))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from scanlab import distributed
 from scanlab.checks import shown
 from scanlab.errors import MissingPathError, ScanlabError
 
@@ -47,9 +48,16 @@ def open_manager(directory: str | Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def remove_partial_saves(directory: str | Path, step: int | None = None) -> None:
-    """Removes orbax's temporary directories of saves that never completed (of `step`, or all),
-    here rather than by orbax's own clean-up, which runs in a thread a quick exit cuts short."""
+def remove_partial_saves(directory: str | Path) -> None:
+    """Removes orbax's temporary directories of saves that never completed, here rather than by
+    orbax's own clean-up, which runs in a thread a quick exit cuts short (across processes: the
+    first does it, the others wait)."""
+    if distributed.is_primary():
+        _remove_partials(directory, None)
+    distributed.barrier(f"scanlab-cleaned-{directory}")
+
+
+def _remove_partials(directory: str | Path, step: int | None) -> None:
     pattern = f"{'*' if step is None else step}.orbax-checkpoint-tmp*"
     for partial in Path(directory).glob(pattern):
         shutil.rmtree(partial, ignore_errors=True)
@@ -75,9 +83,9 @@ def save(manager: ocp.CheckpointManager, step: int, **items: ocp.args.Checkpoint
     _check_space(manager, step, items)
     try:
         manager.save(step, args=ocp.args.Composite(**items), force=True)
-        _write_manifest(path)
+        _write_manifest(path)  # by the first process, once every process's shards are written
     except Exception as error:  # OSError, or orbax/TensorStore's bare Exceptions wrapping one
-        remove_partial_saves(manager.directory, step)
+        _remove_partials(manager.directory, step)  # no barrier: a peer may not have failed
         shutil.rmtree(path, ignore_errors=True)
         manager.reload()
         raise _write_error(manager, step, _summary(error)) from None
@@ -149,7 +157,7 @@ def abandon_newer(manager: ocp.CheckpointManager, step: int) -> list[int]:
     """Moves the steps after `step` into ABANDONED/ (a run resumed from `step` writes its own);
     returns them."""
     newer = sorted(s for s in manager.all_steps() if s > step)
-    for later in newer:
+    for later in newer if distributed.is_primary() else ():
         destination = Path(manager.directory) / ABANDONED / str(later)
         suffix = 1
         while destination.exists():
@@ -157,6 +165,7 @@ def abandon_newer(manager: ocp.CheckpointManager, step: int) -> list[int]:
             suffix += 1
         destination.parent.mkdir(exist_ok=True)
         step_path(manager, later).rename(destination)
+    distributed.barrier(f"scanlab-abandoned-{manager.directory}-{step}")
     manager.reload()
     return newer
 
@@ -203,11 +212,15 @@ def _sha256(file: Path) -> str:
 
 
 def _write_manifest(path: Path) -> None:
-    """The step's checksums, written under a temporary name and renamed: all or nothing."""
-    digests = {name: _sha256(file) for name, file in _files(path).items()}
-    partial = path / f".{MANIFEST}.partial"
-    partial.write_text(json.dumps(digests, indent=1, sort_keys=True))
-    partial.rename(path / MANIFEST)
+    """The step's checksums, written under a temporary name and renamed: all or nothing. Across
+    processes the first writes them, between barriers: after every shard, before any read."""
+    distributed.barrier(f"scanlab-save-{path}")
+    if distributed.is_primary():
+        digests = {name: _sha256(file) for name, file in _files(path).items()}
+        partial = path / f".{MANIFEST}.partial"
+        partial.write_text(json.dumps(digests, indent=1, sort_keys=True))
+        partial.rename(path / MANIFEST)
+    distributed.barrier(f"scanlab-saved-{path}")
 
 
 def _damage(path: Path) -> str | None:

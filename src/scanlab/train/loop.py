@@ -202,7 +202,17 @@ def saved_config(manager, step: int) -> dict:
 
 def restore_run(manager, step: int, target) -> tuple[Any, list[float]]:
     """(state, history) of a verified step, the state restored into `target`'s structure and
-    shardings (a tree of ShapeDtypeStructs)."""
+    shardings (a tree of ShapeDtypeStructs; a leaf without one goes to this process's first
+    device, whatever mesh or processes wrote it)."""
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda leaf: (
+            leaf
+            if leaf.sharding is not None
+            else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here)
+        ),
+        target,
+    )
     with checkpoints.reading(manager, step):
         restored = manager.restore(
             step,

@@ -1,0 +1,164 @@
+"""Several processes as one JAX program, on JAX's own distributed runtime.
+
+Each process calls `initialize` before any JAX computation; from then on `jax.devices()` lists
+every process's devices and a mesh over them is one global mesh: the same `train`, `forward` and
+`generate` calls run across processes, XLA's collectives carried by gloo on CPUs (jaxlib's
+default) or by the accelerators' own links. On one machine `scanlab launch` starts the processes
+(`scanlab.launch`); on a cluster the scheduler does, and each process reads the standard
+settings from its environment (`from_env`) or its command line.
+
+Only the first process prints and writes plots; orbax coordinates checkpoint writes itself, and
+the checksums scanlab adds are written by the first process between two barriers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
+
+import lazy_loader
+import numpy as np
+
+from scanlab.checks import shown
+from scanlab.errors import ArgumentError
+
+if TYPE_CHECKING:
+    import jax
+else:
+    jax = lazy_loader.load("jax")
+
+# The standard settings' environment variables (JAX reads the first itself).
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
+# The CPU devices each process presents (`sharding.host_devices`), set by `scanlab launch`.
+HOST_DEVICES_ENV = "SCANLAB_HOST_DEVICES"
+
+# A process that stops sending heartbeats for this long is dead to the others (JAX's default,
+# 100 s, leaves a run hanging on a lost peer for minutes).
+HEARTBEAT_TIMEOUT_S = 10
+
+
+class Settings(NamedTuple):
+    coordinator: str  # host:port of process 0's coordination service
+    num_processes: int
+    process_id: int
+
+
+_joined: list[Settings] = []  # the run this process joined, if any
+
+
+def joined() -> Settings | None:
+    """The settings of the run this process joined (`initialize`), or None."""
+    return _joined[0] if _joined else None
+
+
+def from_env(environ: Mapping[str, str] = os.environ) -> Settings | None:
+    """The settings in the environment, or None when it names no coordinator (one process)."""
+    coordinator = environ.get(COORDINATOR_ENV)
+    if not coordinator:
+        return None
+    values = {}
+    for name in (PROCESSES_ENV, PROCESS_ID_ENV):
+        text = environ.get(name, "")
+        if not text.isdigit():
+            raise ArgumentError(
+                f"{COORDINATOR_ENV}={coordinator} needs {name} set to a non-negative integer, "
+                f"got {text!r}"
+            )
+        values[name] = int(text)
+    return checked(Settings(coordinator, values[PROCESSES_ENV], values[PROCESS_ID_ENV]))
+
+
+def checked(settings: Settings) -> Settings:
+    """The settings, refused with a one-line error when they cannot describe a run."""
+    host, _, port = settings.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ArgumentError(
+            f"{shown('coordinator')} must be host:port, got {settings.coordinator!r}"
+        )
+    if settings.num_processes < 1:
+        raise ArgumentError(f"{shown('num_processes')} must be >= 1, got {settings.num_processes}")
+    if not 0 <= settings.process_id < settings.num_processes:
+        raise ArgumentError(
+            f"{shown('process_id')} must be in [0, {settings.num_processes}), got "
+            f"{settings.process_id}"
+        )
+    return settings
+
+
+def initialize(settings: Settings, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
+    """Joins the run: `jax.distributed.initialize`, before any JAX computation.
+
+    Process 0 binds the coordinator's port: a port already in use is refused before JAX starts.
+    """
+    settings = checked(settings)
+    if settings.process_id == 0:
+        check_port_free(settings.coordinator)
+    jax.distributed.initialize(
+        settings.coordinator,
+        settings.num_processes,
+        settings.process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
+        initialization_timeout=60,
+    )
+    _joined.append(settings)
+
+
+def check_port_free(coordinator: str) -> None:
+    host, _, port = coordinator.rpartition(":")
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, int(port)))
+        except OSError as error:
+            raise ArgumentError(
+                f"{shown('coordinator')} {coordinator}: the port cannot be bound "
+                f"({error.strerror}); pick a free one"
+            ) from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS's pick)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def is_primary() -> bool:
+    """Whether this is the process that prints and writes (process 0, or the only one)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier of this name (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def fetched(array) -> np.ndarray:
+    """A global array's whole value on this host, gathered from the processes holding its
+    shards where it is not all here."""
+    if getattr(array, "is_fully_addressable", True) or array.is_fully_replicated:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def check_mesh_covers_processes(devices: np.ndarray) -> None:
+    """Every process must hold part of the mesh: a process without devices in it could not read
+    the results (nor would its devices work)."""
+    if jax.process_count() == 1:
+        return
+    covered = {device.process_index for device in devices.flat}
+    missing = sorted(set(range(jax.process_count())) - covered)
+    if missing:
+        raise ArgumentError(
+            f"{shown('mesh')} of {devices.size} device(s) leaves process(es) {missing} of "
+            f"{jax.process_count()} without devices: use a multiple of the "
+            f"{jax.local_device_count()} device(s) each process has"
+        )

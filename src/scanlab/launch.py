@@ -1,0 +1,142 @@
+"""`scanlab launch`: N local processes of one JAX program, the way a cluster scheduler starts them.
+
+Each process is `python -m scanlab COMMAND...` with the standard settings in its environment
+(`scanlab.distributed`: the coordinator on a free localhost port, the process count, its id, the
+CPU devices it presents); the CLI joins the run before any JAX work. Their output is streamed
+line by line with a `[rank]` prefix (process 0's only, unless all are asked for); the launcher
+exits with the first failure's status, ending the other processes at once (by their process
+ids), so a dead peer stops the run within a second rather than at JAX's heartbeat timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from scanlab import distributed
+from scanlab.errors import ArgumentError
+
+# How long the processes get to end on Ctrl-C (a training run saves its state, all together)
+# before SIGKILL; after a peer's failure the others cannot finish a collective, and get less.
+GRACE_S, AFTER_FAILURE_S = 10.0, 2.0
+
+
+def environments(processes: int, devices_per_process: int) -> list[dict[str, str]]:
+    """Each process's environment: this one's, plus the run's settings."""
+    coordinator = f"127.0.0.1:{distributed.free_port()}"
+    return [
+        os.environ
+        | {
+            distributed.COORDINATOR_ENV: coordinator,
+            distributed.PROCESSES_ENV: str(processes),
+            distributed.PROCESS_ID_ENV: str(rank),
+            distributed.HOST_DEVICES_ENV: str(devices_per_process),
+        }
+        for rank in range(processes)
+    ]
+
+
+def launch(
+    command: Sequence[str],
+    processes: int,
+    devices_per_process: int = 1,
+    all_output: bool = False,
+    write: Callable[[str], None] = lambda line: print(line, flush=True),
+    report: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> int:
+    """Runs `scanlab COMMAND...` as `processes` processes; returns the run's exit status.
+
+    0 when every process ends with 0; else the status of the first process to fail (128 + the
+    signal for one killed by a signal), after one line to `report` naming it and its last
+    error line. Output lines go to `write`.
+    """
+    if not command:
+        raise ArgumentError("launch needs a scanlab command after --, e.g. -- train --mesh data=2")
+    if processes < 1:
+        raise ArgumentError(f"--processes must be >= 1, got {processes}")
+    if devices_per_process < 1:
+        raise ArgumentError(f"--devices-per-process must be >= 1, got {devices_per_process}")
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "scanlab", *command],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # Ctrl-C reaches them through the launcher, once
+        )
+        for env in environments(processes, devices_per_process)
+    ]
+    last_lines = [""] * processes
+    readers = [
+        threading.Thread(
+            target=_stream,
+            args=(child, rank, all_output or rank == 0, write, last_lines),
+            daemon=True,
+        )
+        for rank, child in enumerate(children)
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        failed = _first_failure(children)
+    except KeyboardInterrupt:
+        _end(children, signal.SIGINT, GRACE_S)
+        raise
+    for reader in readers:
+        reader.join(timeout=GRACE_S)
+    if failed is None:
+        return 0
+    rank, code = failed
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    detail = f": {last_lines[rank]}" if last_lines[rank] else ""
+    report(f"error: process {rank} of {processes} {how}{detail}")
+    return 128 - code if code < 0 else code
+
+
+def _first_failure(children: list[subprocess.Popen]) -> tuple[int, int] | None:
+    """Waits for every process; at the first failure ends the others and returns (its rank, its
+    return code: negative for a signal); None when all succeed."""
+    while True:
+        codes = [child.poll() for child in children]
+        failed = next(((rank, c) for rank, c in enumerate(codes) if c not in (None, 0)), None)
+        if failed is not None:
+            _end(children, signal.SIGTERM, AFTER_FAILURE_S)
+            return failed
+        if all(code == 0 for code in codes):
+            return None
+        time.sleep(0.05)
+
+
+def _end(children: list[subprocess.Popen], how: int, grace_s: float) -> None:
+    """Sends `how` to every process still running, then SIGKILL to any left after `grace_s`."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(how)
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _stream(child, rank: int, shown: bool, write, last_lines: list[str]) -> None:
+    """Copies a process's output line by line (prefixed), remembering its last error line."""
+    for line in child.stdout:
+        line = line.rstrip("\n")
+        if line.startswith("error: "):
+            last_lines[rank] = line.removeprefix("error: ")
+        if shown and not _is_gloo_chatter(line):
+            write(f"[{rank}] {line}")
+
+
+def _is_gloo_chatter(line: str) -> bool:
+    """gloo announces each connection on stdout; it says nothing about the run."""
+    return line.startswith("[Gloo] ")
