@@ -931,6 +931,8 @@ def main() -> None:
     except Exception as error:
         if _device_out_of_memory(error):
             _fail(f"out of memory: {str(error).splitlines()[0]}")
+        if _peer_lost(error):
+            _fail(f"a process of this multi-process run was lost: {str(error).splitlines()[0]}")
         _report_bug()
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -976,6 +978,19 @@ def _device_out_of_memory(error: Exception) -> bool:
         jax is not None
         and isinstance(error, jax.errors.JaxRuntimeError)
         and ("out of memory" in str(error).lower() or "RESOURCE_EXHAUSTED" in str(error))
+    )
+
+
+def _peer_lost(error: Exception) -> bool:
+    """Whether `error` is a collective or the coordination service failing on a lost peer."""
+    from scanlab import checks, distributed
+
+    jax = checks.imported_jax()
+    return (
+        distributed.joined() is not None
+        and jax is not None
+        and isinstance(error, jax.errors.JaxRuntimeError)
+        and any(sign in str(error) for sign in ("Gloo", "peer", "CoordinationService", "heartbeat"))
     )
 
 

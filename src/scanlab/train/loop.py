@@ -231,7 +231,9 @@ def _check_restored_finite(state, path: Path) -> None:
     """A saved state is finite (a NaN loss stops a run before it saves): refuse one that is not,
     rather than let a resumed run blame its learning rate."""
     for where, leaf in jax.tree_util.tree_leaves_with_path(state):
-        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) and not np.isfinite(leaf).all():
+        # On the devices: a leaf sharded across processes is not all in this one's memory.
+        floating = jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+        if floating and not bool(jax.numpy.isfinite(leaf).all()):
             raise CheckpointReadError(
                 f"checkpoint {path} holds NaN or Inf in state{jax.tree_util.keystr(where)}"
             )
