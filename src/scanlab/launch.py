@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 from scanlab import distributed
 from scanlab.errors import ArgumentError
 
+# What each process runs, before the command's words: the scanlab CLI.
+SCANLAB = (sys.executable, "-m", "scanlab")
+
 # How long the processes get to end on Ctrl-C (a training run saves its state, all together)
 # before SIGKILL; after a peer's failure the others cannot finish a collective, and get less.
 GRACE_S, AFTER_FAILURE_S = 10.0, 2.0
@@ -48,8 +51,10 @@ def launch(
     all_output: bool = False,
     write: Callable[[str], None] = lambda line: print(line, flush=True),
     report: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    program: Sequence[str] = SCANLAB,
 ) -> int:
-    """Runs `scanlab COMMAND...` as `processes` processes; returns the run's exit status.
+    """Runs `scanlab COMMAND...` (`program` + `command`) as `processes` processes; returns the
+    run's exit status.
 
     0 when every process ends with 0; else the status of the first process to fail (128 + the
     signal for one killed by a signal), after one line to `report` naming it and its last
@@ -63,7 +68,7 @@ def launch(
         raise ArgumentError(f"--devices-per-process must be >= 1, got {devices_per_process}")
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "scanlab", *command],
+            [*program, *command],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -39,6 +39,7 @@ def test_quick_run_writes_the_report_plots_and_figures(tmp_path):
         "sharding",
         "loops",
         "nnx",
+        "processes",
         "env",
     } <= set(figures)
     assert any(
@@ -48,6 +49,7 @@ def test_quick_run_writes_the_report_plots_and_figures(tmp_path):
     assert "quick mode" in text and "## Targets" in text and "## W5" in text
     assert "## W8–W11" in text and "W8 masked_scan ≤ 1.2×" in text and "## W12" in text
     assert len(figures["nnx"]["recurrence"]) == 6 and len(figures["nnx"]["layers"]) == 4
+    assert "## W15" in text and len(figures["processes"]["points"]) == 4  # 1 and 2, both ways
     loops = figures["loops"]
     assert {(p["policy"], p["segments"]) for p in loops["remat"] if p["T"] == 400} == {
         ("none", 1),

@@ -31,6 +31,7 @@ def render(results: dict) -> str:
         _gemma3(results),
         _finetuning(results),
         _sharding(results),
+        _processes(results),
         _loops(results),
         _nnx(results),
     ]
@@ -504,6 +505,49 @@ def _finetuning(results: dict) -> str:
             "XLA's compiled temporary memory of one chunk, per remat policy:",
             "",
             *table(("form", "remat", "temporary MiB"), memory_rows),
+        ]
+    )
+
+
+def _processes(results: dict) -> str:
+    title = "## W15 — one training run as several processes (jax.distributed)"
+    runs = results.get("processes")
+    if not runs:
+        return f"{title}\n\nNot measured in this run."
+    by = {(p["devices"], p["way"]): p for p in runs["points"]}
+    rows = []
+    for n in sorted({p["devices"] for p in runs["points"]}):
+        apart, together = by[(n, "processes")], by[(n, "one process")]
+        rows.append(
+            (
+                n,
+                f"{apart['steps_per_s']:.1f}",
+                f"{together['steps_per_s']:.1f}",
+                f"{apart['steps_per_s'] / together['steps_per_s']:.2f}×",
+                f"{apart['compile_s']:.1f}",
+                f"{together['compile_s']:.1f}",
+            )
+        )
+    header = (
+        "devices",
+        "N processes, steps/s",
+        "1 process, N devices, steps/s",
+        "processes / one",
+        "compile s (processes)",
+        "compile s (one)",
+    )
+    return "\n".join(
+        [
+            title,
+            "",
+            f"The default training run (tiny decoder, global batch {runs['global_batch']}, mesh "
+            f"data=N, {runs['steps_per_call']} steps per scanned call), as N processes of one "
+            "device each on this machine (gloo collectives over loopback, every process "
+            "compiling on its own) against one process presenting N host devices; steady "
+            "steps/s and the first call's extra time. On a real cluster the collectives run "
+            "over the network (or the accelerators' links) and each process has its own cores.",
+            "",
+            *table(header, rows),
         ]
     )
 

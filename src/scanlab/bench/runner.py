@@ -14,6 +14,7 @@ from scanlab.bench import (
     layers,
     loops,
     nnx,
+    processes,
     recurrence,
     training,
 )
@@ -22,7 +23,7 @@ from scanlab.train import TrainConfig, train_chunk
 
 
 def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message: None) -> dict:
-    """All workloads, W1–W14; `quick` shrinks each to a smoke test of a few seconds and leaves
+    """All workloads, W1–W15; `quick` shrinks each to a smoke test of a few seconds and leaves
     out W7, W13 and W14, which load the real models."""
     results: dict = {"quick": quick, "env": env.describe()}
     n_devices = len(results["env"]["devices"])
@@ -113,6 +114,10 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         on_progress("W14 fine-tuning the real model: scanned chunks, a loop, transformers + PEFT")
         results["finetuning"] = finetuning.measure()
     results["loops"] = _loops(quick, on_progress)
+    on_progress("W15 one training run as 1, 2 and 4 processes (jax.distributed, gloo)")
+    results["processes"] = (
+        processes.measure(sizes=(1, 2), steps=5, rounds=1) if quick else processes.measure()
+    )
 
     results["nnx"] = {"recurrence": [], "layers": []}
     for B, H, T in ((1, 16, 50),) if quick else ((1, 64, 1000), (64, 256, 1000)):
