@@ -6,6 +6,7 @@ Each process is a fresh interpreter; every run is bounded by a timeout, and the 
 ends its processes by their ids and checks that none is left.
 """
 
+import json
 import math
 import os
 import re
@@ -248,3 +249,35 @@ print(result.losses[-1])
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert math.isfinite(float(result.stdout.split()[-1]))
+
+
+RECURRENCE = """
+import json, os, sys
+import numpy as np
+from scanlab import distributed, sharding
+from scanlab.recurrence import lax_scan_in_module
+settings = distributed.from_env()
+if settings is not None:
+    sharding.host_devices(int(os.environ[distributed.HOST_DEVICES_ENV]))
+    distributed.initialize(settings)
+x = np.linspace(-1, 1, 4 * 8, dtype=np.float32).reshape(4, 8)
+mesh = sharding.batch_mesh() if settings is not None else None
+h = distributed.fetched(lax_scan_in_module(0, x, 8, 50, mesh=mesh))  # rows split over processes
+if distributed.is_primary():
+    print(json.dumps(h.tolist()))
+"""
+
+
+def test_the_recurrence_splits_its_batch_over_processes():
+    from scanlab import launch
+
+    lines = []
+    status = launch.launch([], 2, write=lines.append, program=(sys.executable, "-c", RECURRENCE))
+    alone = subprocess.run(
+        [sys.executable, "-c", RECURRENCE], capture_output=True, text=True, env=clean_env()
+    )
+    assert status == 0 and alone.returncode == 0, (lines, alone.stderr[-2000:])
+    together = next(line for line in lines if line.startswith("[0] ["))[4:]
+    np.testing.assert_array_equal(
+        np.array(json.loads(together)), np.array(json.loads(alone.stdout))
+    )

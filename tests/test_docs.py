@@ -2,8 +2,9 @@
 
 Every ```python block runs in a namespace of its own, so a block copied alone into a file runs:
 the blocks share one fresh process (JAX is imported once), each block starting from empty globals.
-A block that sets the host's device count (`sharding.host_devices`) must run before JAX's first
-computation, so it gets a process of its own. A statement commented "# raises:" must raise the
+A block that sets the host's device count (`sharding.host_devices`) or joins a multi-process run
+(`distributed.initialize`) must run before JAX's first computation, so it gets a process of its
+own. A statement commented "# raises:" must raise the
 error written on the next comment line ("# ValueError: <the message's start>").
 """
 
@@ -49,7 +50,8 @@ def process_groups() -> list:
         for page in PAGES
         for i, block in enumerate(python_blocks(page), start=1)
     ]
-    alone = [item for item in named if "host_devices(" in item[1]]
+    # Both fix the process's devices before JAX's first computation.
+    alone = [item for item in named if "host_devices(" in item[1] or "initialize(" in item[1]]
     shared = [item for item in named if item not in alone]
     return [pytest.param(shared, id="shared process")] + [
         pytest.param([item], id=item[0]) for item in alone

@@ -77,6 +77,10 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
         "Quillby is famous for its glass pumpkins."
         in printed[next(k for k in printed if "facts.gguf --message" in k)]
     )
+    # Two processes, one run: process 0's lines, prefixed; its plot and checkpoint.
+    two = printed[next(k for k in printed if k.startswith("launch --processes 2"))]
+    assert "[0] train reverse: step 100/100, loss " in two and "[1]" not in two
+    assert Path("runs/two/loss.png").is_file() and Path("runs/two/100").is_dir()
     # A flag given again on resume must agree with the saved run.
     status, err, _ = cli(["train", "--checkpoint-dir", "runs/rev", "--resume", "--batch-size", "8"])
     assert status == 2 and "batch_size=64 there, 8 here" in err, err

@@ -816,6 +816,8 @@ def launch_command(
 ) -> None:
     """Run a scanlab command as local processes of one JAX program (jax.distributed over
     localhost), e.g. scanlab launch --processes 2 -- train --mesh data=2."""
+    if not ctx.args:
+        raise ArgumentError("launch needs a scanlab command after --, e.g. -- train --mesh data=2")
     from scanlab import launch
 
     status = launch.launch(ctx.args, processes, devices_per_process, all_output)

@@ -60,8 +60,6 @@ def launch(
     signal for one killed by a signal), after one line to `report` naming it and its last
     error line. Output lines go to `write`.
     """
-    if not command:
-        raise ArgumentError("launch needs a scanlab command after --, e.g. -- train --mesh data=2")
     if processes < 1:
         raise ArgumentError(f"--processes must be >= 1, got {processes}")
     if devices_per_process < 1:
@@ -93,8 +91,13 @@ def launch(
     except KeyboardInterrupt:
         _end(children, signal.SIGINT, GRACE_S)
         raise
-    for reader in readers:
-        reader.join(timeout=GRACE_S)
+    finally:
+        for reader in readers:
+            reader.join(timeout=GRACE_S)
+        for child in children:
+            child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
     if failed is None:
         return 0
     rank, code = failed

@@ -540,6 +540,7 @@ def _processes(results: dict) -> str:
         [
             title,
             "",
+            f"{'Measured ' + runs['date'] + '. ' if 'date' in runs else ''}"
             f"The default training run (tiny decoder, global batch {runs['global_batch']}, mesh "
             f"data=N, {runs['steps_per_call']} steps per scanned call), as N processes of one "
             "device each on this machine (gloo collectives over loopback, every process "

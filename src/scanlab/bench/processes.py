@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from scanlab import distributed, launch, sharding
+from scanlab.bench import env
 
 SIZES = (1, 2, 4)
 STEPS, ROUNDS = 50, 3
@@ -28,7 +29,12 @@ def measure(sizes=SIZES, steps: int = STEPS, rounds: int = ROUNDS) -> dict[str, 
             ("one process", _run_plain(n, steps, rounds)),
         ):
             points.append(dict(devices=n, way=way, **figures))
-    return {"steps_per_call": steps, "global_batch": _config(steps).batch_size, "points": points}
+    return {
+        "date": env.describe()["date"],
+        "steps_per_call": steps,
+        "global_batch": _config(steps).batch_size,
+        "points": points,
+    }
 
 
 def _config(steps: int):
