@@ -233,6 +233,16 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             ["chat", "--adapter", "typo_dir"],
             "error: --adapter typo_dir does not exist",
         ),
+        (["launch", "--processes", "0", "--", "train"], "error: --processes must be >= 1, got 0"),
+        (["launch", "--processes", "2"], "error: launch needs a scanlab command after --"),
+        (
+            ["--num-processes", "2", "train"],
+            "error: --num-processes and --process-id need --coordinator",
+        ),
+        (
+            ["--coordinator", "127.0.0.1:1", "train"],
+            "error: --coordinator needs --num-processes and --process-id",
+        ),
     ],
 )
 def test_each_reported_case_is_one_clear_line(args, message, cli):
