@@ -281,3 +281,33 @@ def test_the_recurrence_splits_its_batch_over_processes():
     np.testing.assert_array_equal(
         np.array(json.loads(together)), np.array(json.loads(alone.stdout))
     )
+
+
+def test_ctrl_c_saves_every_process_s_newest_state_and_the_nan_stop_stops_all(tmp_path):
+    """Ctrl-C to the launcher reaches every process; they agree on the chunk to stop after,
+    save it together (orbax's save is collective) and exit; the run resumes from it."""
+    run = tmp_path / "run"
+    command = f"train --steps 100000 --chunk-steps 20 --mesh data=2 --checkpoint-dir {run}"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "scanlab", "launch", "--processes", "2", "--", *command.split()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    try:
+        for line in launcher.stdout:
+            if line.startswith("[0] train reverse: step 40/"):
+                break  # two chunks in: training, not compiling
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
+    saved = train.load(run)  # verified: complete, with its checksums
+    assert int(saved.state.step) >= 40 and len(saved.losses) == int(saved.state.step)
+    diverging = launched(2, 1, *TRAIN[:-2], "--mesh", "data=2", "--learning-rate", "1e30")
+    assert diverging.returncode == 2
+    assert re.search(
+        r"error: process [01] of 2 exited with status 2: the loss became", diverging.stderr
+    )

@@ -139,6 +139,16 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is True on any process (a collective: every process must ask)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array(flag, np.int32))
+    return bool(np.asarray(flags).any())
+
+
 def fetched(array) -> np.ndarray:
     """A global array's whole value on this host, gathered from the processes holding its
     shards where it is not all here."""

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from scanlab import checks
+from scanlab import checks, distributed
 from scanlab.checks import shown
 from scanlab.errors import ArgumentError, DivergedError
 from scanlab.train import checkpoints
@@ -67,18 +67,18 @@ def run_chunks(
         while step < total_steps:
             n = min(chunk_steps, total_steps - step)
             start = time.perf_counter()
-            with _interrupts_held():
+            with _interrupts_held():  # until the chunk is counted (and saved) on every process
                 state, chunk_losses = run_chunk(state, n)
-            losses = np.asarray(chunk_losses)  # waits for the chunk
-            elapsed = time.perf_counter() - start
-            _check_finite(losses, step, manager)
-            step += n
-            history.extend(losses.tolist())
-            save = manager is not None and (
-                step == total_steps or (step // chunk_steps) % checkpoint_every == 0
-            )
-            if save:
-                save_run(manager, step, state, history, config)
+                losses = np.asarray(chunk_losses)  # waits for the chunk
+                elapsed = time.perf_counter() - start
+                _check_finite(losses, step, manager)
+                step += n
+                history.extend(losses.tolist())
+                save = manager is not None and (
+                    step == total_steps or (step // chunk_steps) % checkpoint_every == 0
+                )
+                if save:
+                    save_run(manager, step, state, history, config)
             if on_chunk is not None:
                 extra = describe(state, n, elapsed) if describe is not None else {}
                 report = ChunkReport(step, total_steps, float(losses.mean()), n / elapsed, save)
@@ -120,11 +120,13 @@ def _save_interrupted(manager, config: dict, state, losses, history: list[float]
 
 @contextlib.contextmanager
 def _interrupts_held():
-    """Holds Ctrl-C and SIGTERM back while a chunk is dispatched, then delivers them.
+    """Holds Ctrl-C and SIGTERM back while a chunk runs and is counted, then delivers them.
 
     The chunk donates its input state: an interrupt between the donation and the output's
     return would leave no whole state to save. Held signals are raised again once the output
     is assigned, to whatever handlers were there (only the main thread can set handlers).
+    Across processes every one learns whether any was signalled, so all stop after the same
+    chunk: the save on the way out is collective, and needs them all.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -137,6 +139,8 @@ def _interrupts_held():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if distributed.any_process(bool(held)) and not held:
+            held.append(signal.SIGINT)  # a peer was interrupted: stop with it
         for number in held:
             signal.raise_signal(number)
 
