@@ -284,6 +284,22 @@ Weights = Annotated[
 ]
 
 
+# The run flags of `train` and `finetune`, declared once.
+RunSeed = Annotated[int | None, typer.Option(help="The run's seed [0].")]
+CheckpointDir = Annotated[str | None, typer.Option(help="Save orbax checkpoints here.")]
+CheckpointEvery = Annotated[int, typer.Option(help="Save every this many chunks.")]
+Resume = Annotated[
+    bool, typer.Option(help="Continue the run in --checkpoint-dir, with its saved settings.")
+]
+ResumeStep = Annotated[
+    int | None, typer.Option(help="With --resume: continue from this saved step, not the newest.")
+]
+Plot = Annotated[
+    str | None,
+    typer.Option(help="Loss curve PNG; default: loss.png beside the checkpoints, else results/."),
+]
+
+
 def _sampling(temperature, top_k, top_p, min_p, repetition_penalty) -> dict:
     """generate's sampling keywords from the shared flags."""
     return dict(
@@ -545,23 +561,12 @@ def train_command(
         float | None, typer.Option(help="Peak AdamW learning rate [0.003].")
     ] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps [100].")] = None,
-    seed: Annotated[int | None, typer.Option(help="The run's seed [0].")] = None,
-    checkpoint_dir: Annotated[str | None, typer.Option(help="Save orbax checkpoints here.")] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Save every this many chunks.")] = 5,
-    resume: Annotated[
-        bool,
-        typer.Option(help="Continue the run in --checkpoint-dir, with its saved settings."),
-    ] = False,
-    resume_step: Annotated[
-        int | None,
-        typer.Option(help="With --resume: continue from this saved step, not the newest."),
-    ] = None,
-    plot: Annotated[
-        str | None,
-        typer.Option(
-            help="Loss curve PNG; default: loss.png beside the checkpoints, else results/."
-        ),
-    ] = None,
+    seed: RunSeed = None,
+    checkpoint_dir: CheckpointDir = None,
+    checkpoint_every: CheckpointEvery = 5,
+    resume: Resume = False,
+    resume_step: ResumeStep = None,
+    plot: Plot = None,
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
 ) -> None:
     """Train a small decoder with the whole loop inside lax.scan; report accuracy and samples."""
@@ -669,23 +674,12 @@ def finetune_command(
             help="The frozen base: quantized (int8) or float32 [quantized; --full: float32]."
         ),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="The run's seed [0].")] = None,
-    checkpoint_dir: Annotated[str | None, typer.Option(help="Save orbax checkpoints here.")] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Save every this many chunks.")] = 5,
-    resume: Annotated[
-        bool,
-        typer.Option(help="Continue the run in --checkpoint-dir, with its saved settings."),
-    ] = False,
-    resume_step: Annotated[
-        int | None,
-        typer.Option(help="With --resume: continue from this saved step, not the newest."),
-    ] = None,
-    plot: Annotated[
-        str | None,
-        typer.Option(
-            help="Loss curve PNG; default: loss.png beside the checkpoints, else results/."
-        ),
-    ] = None,
+    seed: RunSeed = None,
+    checkpoint_dir: CheckpointDir = None,
+    checkpoint_every: CheckpointEvery = 5,
+    resume: Resume = False,
+    resume_step: ResumeStep = None,
+    plot: Plot = None,
     merge_to: Annotated[
         str | None,
         typer.Option(

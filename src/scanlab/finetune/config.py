@@ -9,6 +9,7 @@ from scanlab import checks
 from scanlab.decoder.stack import REMAT
 from scanlab.errors import ArgumentError
 from scanlab.finetune.adapters import LoraConfig
+from scanlab.train.config import check_run
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,9 +47,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
-        checks.static_int("steps", self.steps, minimum=1)
-        checks.static_int("chunk_steps", self.chunk_steps, minimum=1)
-        checks.static_int("batch_size", self.batch_size, minimum=1)
+        check_run(self)
         checks.static_int("accumulate", self.accumulate, minimum=1)
         if self.batch_size % self.accumulate:
             raise ArgumentError(
@@ -57,15 +56,6 @@ class FinetuneConfig:
             )
         if self.seq_len is not None:
             checks.static_int("seq_len", self.seq_len, minimum=2)
-        checks.static_int("warmup_steps", self.warmup_steps, minimum=0)
-        if self.warmup_steps >= self.steps:
-            raise ArgumentError(
-                f"{checks.shown('warmup_steps')} must be < {checks.shown('steps')}={self.steps}, "
-                f"got {self.warmup_steps}"
-            )
-        checks.finite_number("learning_rate", self.learning_rate, above=0.0)
-        checks.finite_number("weight_decay", self.weight_decay, minimum=0.0)
-        checks.finite_number("clip_norm", self.clip_norm, above=0.0)
         checks.finite_number("eval_fraction", self.eval_fraction, minimum=0.0)
         if self.eval_fraction >= 1.0:
             raise ArgumentError(
@@ -84,7 +74,6 @@ class FinetuneConfig:
                 f"full fine-tuning trains float32 weights: pass {checks.shown('weights')}="
                 f"'float32' (got {self.weights!r}), or train LoRA adapters"
             )
-        checks.seed_key(self.seed)
 
     @property
     def micro_batch(self) -> int:

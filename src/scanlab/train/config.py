@@ -10,6 +10,24 @@ from scanlab.errors import ArgumentError
 from scanlab.train.tasks import task_by_name
 
 
+def check_run(config) -> None:
+    """The settings every chunked run has (a TrainConfig's, a FinetuneConfig's): the step counts,
+    the batch, the schedule and AdamW's, the seed."""
+    checks.static_int("steps", config.steps, minimum=1)
+    checks.static_int("chunk_steps", config.chunk_steps, minimum=1)
+    checks.static_int("batch_size", config.batch_size, minimum=1)
+    checks.static_int("warmup_steps", config.warmup_steps, minimum=0)
+    if config.warmup_steps >= config.steps:
+        raise ArgumentError(
+            f"{checks.shown('warmup_steps')} must be < {checks.shown('steps')}={config.steps}, "
+            f"got {config.warmup_steps}"
+        )
+    checks.seed_key(config.seed)
+    checks.finite_number("learning_rate", config.learning_rate, above=0.0)
+    checks.finite_number("weight_decay", config.weight_decay, minimum=0.0)
+    checks.finite_number("clip_norm", config.clip_norm, above=0.0)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Attributes:
@@ -40,19 +58,7 @@ class TrainConfig:
 
     def __post_init__(self):
         task_by_name(self.task)
-        checks.static_int("steps", self.steps, minimum=1)
-        checks.static_int("chunk_steps", self.chunk_steps, minimum=1)
-        checks.static_int("batch_size", self.batch_size, minimum=1)
-        checks.static_int("warmup_steps", self.warmup_steps, minimum=0)
-        if self.warmup_steps >= self.steps:
-            raise ArgumentError(
-                f"{checks.shown('warmup_steps')} must be < {checks.shown('steps')}={self.steps}, "
-                f"got {self.warmup_steps}"
-            )
-        checks.seed_key(self.seed)
-        checks.finite_number("learning_rate", self.learning_rate, above=0.0)
-        checks.finite_number("weight_decay", self.weight_decay, minimum=0.0)
-        checks.finite_number("clip_norm", self.clip_norm, above=0.0)
+        check_run(self)
         if self.d_model % self.n_heads:
             raise ArgumentError(
                 f"d_model must be a multiple of n_heads={self.n_heads} (head_dim = d_model / "
