@@ -16,10 +16,8 @@ import numpy as np
 from scanlab import checks
 from scanlab.decoder import quant, spec
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.formats.gguf_file import load_gguf
-from scanlab.decoder.formats.hf import load_checkpoint
 from scanlab.decoder.formats.tokenizer import load_tokenizer
-from scanlab.decoder.load import Model, load_config, resolve
+from scanlab.decoder.load import Model, load_config, load_weights, resolve
 from scanlab.decoder.params import DecoderParams
 from scanlab.errors import ArgumentError, ArgumentTypeError
 from scanlab.finetune import data
@@ -88,7 +86,13 @@ def finetune(
         step = loop.resumed_step(manager, resume, resume_step, identity)  # before the weights
         if on_loading is not None:
             on_loading(str(path) if path is not None else "the given model")
-        params = model.params if isinstance(model, Model) else _load(path, config)
+        # The weights in the config's form, never in the inference kernel's layout (which has no
+        # gradients): int8 blocks for a frozen LoRA base (the GGUF's own), else float32.
+        params = (
+            model.params
+            if isinstance(model, Model)
+            else load_weights(path, config.weights, kernel=False)[1]
+        )
         _check_trainable(params, config)
         base = Model(model_config, params, tokenizer)
         frozen = None if config.lora is None else params
@@ -175,18 +179,6 @@ def _identity(model, data_file, config: FinetuneConfig) -> dict:
     model's source and the data file's digest."""
     source = f"{model.config.family} model given in memory" if isinstance(model, Model) else model
     return {**config.to_dict(), "model": str(source), "data_sha256": data.digest(data_file)}
-
-
-def _load(path: Path, config: FinetuneConfig) -> DecoderParams:
-    """The weights in the config's form: int8 blocks (a GGUF's own, or quantized) for a frozen
-    LoRA base, float32 otherwise; never the inference kernel's layout, which has no gradients."""
-    quantized = config.weights == "quantized"
-    if path.is_dir():
-        model_config, params = load_checkpoint(path, dtype="float32")
-        return spec.quantize(params, model_config) if quantized else params
-    if quantized:
-        return load_gguf(path, dtype="float32", quantized=True, kernel=False)[1]
-    return load_gguf(path, dtype="float32")[1]
 
 
 def _check_trainable(params: DecoderParams, config: FinetuneConfig) -> None:
