@@ -150,7 +150,7 @@ def bench(
         int, typer.Option(help="CPU devices to present (for the sharded peer); default: cores.")
     ] = os.cpu_count() or 1,
 ) -> None:
-    """Run the benchmarks W1–W14 (--quick leaves out W7, W13 and W14: they load real models);
+    """Run the benchmarks W1–W15 (--quick leaves out W7, W13 and W14: they load real models);
     write a markdown report with plots."""
     from rich.table import Table
 
