@@ -145,26 +145,26 @@ def children_of_run(marker: str) -> dict[int, int]:
 def test_a_dead_peer_ends_the_run_within_seconds_naming_it(tmp_path):
     marker = str(tmp_path / "run")
     command = ["train", "--steps", "100000", "--mesh", "data=2", "--checkpoint-dir", marker]
-    launcher = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "scanlab", "launch", "--processes", "2", "--", *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=clean_env(),
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while len(children := children_of_run(marker)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(8)  # into training: both processes inside their collectives
-        os.kill(children[1], signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, err = launcher.communicate(timeout=60)
-        took = time.monotonic() - killed_at
-    finally:
-        for pid in children_of_run(marker).values():
-            os.kill(pid, signal.SIGKILL)
-        launcher.kill()
+    ) as launcher:
+        try:
+            deadline = time.monotonic() + 120
+            while len(children := children_of_run(marker)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(8)  # into training: both processes inside their collectives
+            os.kill(children[1], signal.SIGKILL)
+            killed_at = time.monotonic()
+            _, err = launcher.communicate(timeout=60)
+            took = time.monotonic() - killed_at
+        finally:
+            for pid in children_of_run(marker).values():
+                os.kill(pid, signal.SIGKILL)
+            launcher.kill()
     assert launcher.returncode == 128 + signal.SIGKILL
     assert err.strip().splitlines()[-1] == "error: process 1 of 2 was killed by signal 9", err
     assert took < 5, took  # not JAX's heartbeat timeout, let alone 100 s
@@ -283,27 +283,29 @@ def test_the_recurrence_splits_its_batch_over_processes():
     )
 
 
-def test_ctrl_c_saves_every_process_s_newest_state_and_the_nan_stop_stops_all(tmp_path):
-    """Ctrl-C to the launcher reaches every process; they agree on the chunk to stop after,
-    save it together (orbax's save is collective) and exit; the run resumes from it."""
+def test_an_interrupt_saves_every_process_s_newest_state_and_the_nan_stop_stops_all(tmp_path):
+    """SIGTERM to the launcher (what a scheduler sends; Ctrl-C takes the same path, but a test
+    runner's worker may start its children with SIGINT ignored) reaches every process as Ctrl-C;
+    they agree on the chunk to stop after, save it together (orbax's save is collective) and
+    exit."""
     run = tmp_path / "run"
     command = f"train --steps 100000 --chunk-steps 20 --mesh data=2 --checkpoint-dir {run}"
-    launcher = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "scanlab", "launch", "--processes", "2", "--", *command.split()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=clean_env(),
-    )
-    try:
-        for line in launcher.stdout:
-            if line.startswith("[0] train reverse: step 40/"):
-                break  # two chunks in: training, not compiling
-        launcher.send_signal(signal.SIGINT)
-        _, err = launcher.communicate(timeout=60)
-    finally:
-        launcher.kill()
-    assert launcher.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
+    ) as launcher:
+        try:
+            for line in launcher.stdout:
+                if line.startswith("[0] train reverse: step 40/"):
+                    break  # two chunks in: training, not compiling
+            launcher.send_signal(signal.SIGTERM)
+            _, err = launcher.communicate(timeout=120)
+        finally:
+            launcher.kill()
+    assert launcher.returncode == 143 and err.strip().splitlines()[-1] == "error: terminated", err
     saved = train.load(run)  # verified: complete, with its checksums
     assert int(saved.state.step) >= 40 and len(saved.losses) == int(saved.state.step)
     diverging = launched(2, 1, *TRAIN[:-2], "--mesh", "data=2", "--learning-rate", "1e30")

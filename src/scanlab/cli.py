@@ -64,8 +64,11 @@ def join_run(
         return
     from scanlab import sharding
 
-    if devices := os.environ.get(distributed.HOST_DEVICES_ENV):
+    if devices := os.environ.get(distributed.HOST_DEVICES_ENV):  # started by `scanlab launch`
         sharding.host_devices(int(devices))
+        # The launcher is this process's terminal: the Ctrl-C it forwards must arrive, even
+        # where the launcher itself was started with SIGINT ignored (a background job).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     distributed.initialize(settings)
     if not distributed.is_primary():
         console.quiet = True  # the first process speaks for the run
