@@ -26,7 +26,7 @@ SCANLAB = (sys.executable, "-m", "scanlab")
 
 # How long the processes get to end on Ctrl-C (a training run saves its state, all together)
 # before SIGKILL; after a peer's failure the others cannot finish a collective, and get less.
-GRACE_S, AFTER_FAILURE_S = 10.0, 2.0
+GRACE_S, AFTER_FAILURE_S = 30.0, 2.0
 
 
 def environments(processes: int, devices_per_process: int) -> list[dict[str, str]]:

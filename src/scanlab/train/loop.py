@@ -67,7 +67,8 @@ def run_chunks(
         while step < total_steps:
             n = min(chunk_steps, total_steps - step)
             start = time.perf_counter()
-            with _interrupts_held():  # until the chunk is counted (and saved) on every process
+            # Held over the whole iteration: every process stops after the same chunk.
+            with _interrupts_held():
                 state, chunk_losses = run_chunk(state, n)
                 losses = np.asarray(chunk_losses)  # waits for the chunk
                 elapsed = time.perf_counter() - start
@@ -79,10 +80,11 @@ def run_chunks(
                 )
                 if save:
                     save_run(manager, step, state, history, config)
-            if on_chunk is not None:
-                extra = describe(state, n, elapsed) if describe is not None else {}
-                report = ChunkReport(step, total_steps, float(losses.mean()), n / elapsed, save)
-                on_chunk(report._replace(**extra))
+                if on_chunk is not None:
+                    extra = describe(state, n, elapsed) if describe is not None else {}
+                    mean = float(losses.mean())
+                    report = ChunkReport(step, total_steps, mean, n / elapsed, save)
+                    on_chunk(report._replace(**extra))
     except KeyboardInterrupt:
         if manager is not None:
             _save_interrupted(manager, config, state, losses, history)
