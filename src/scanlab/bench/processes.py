@@ -9,7 +9,10 @@ its figures as one JSON line.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 from typing import Any
 
 from scanlab import distributed, launch, sharding
@@ -58,10 +61,8 @@ def _run_launched(processes: int, devices: int, steps: int, rounds: int) -> dict
 
 
 def _run_plain(devices: int, steps: int, rounds: int) -> dict[str, float]:
-    import subprocess
-
     code = f"from scanlab.bench import processes; processes._worker({devices}, {steps}, {rounds})"
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("JAX_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     ).stdout
@@ -70,14 +71,10 @@ def _run_plain(devices: int, steps: int, rounds: int) -> dict[str, float]:
 
 def _worker(plain_devices: int | None, steps: int, rounds: int) -> None:
     """One process's part: join the run (or present `plain_devices`), time the chunks."""
-    import time
-
     import jax
 
     settings = distributed.from_env()
     if settings is not None:
-        import os
-
         sharding.host_devices(int(os.environ[distributed.HOST_DEVICES_ENV]))
         distributed.initialize(settings)
     elif plain_devices is not None:
