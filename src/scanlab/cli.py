@@ -493,6 +493,10 @@ def chat_command(
     check_weights(weights)
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     checks.sampling_options(checks.INT32_MAX, **settings)  # every flag before the model loads
+    if adapter is not None:
+        from scanlab.train import checkpoints
+
+        checkpoints.check_exists(adapter, "adapter")
     from scanlab.decoder import chat as chat_lib
     from scanlab.decoder import load
     from scanlab.decoder.formats import tokenizer as tokenizer_lib
@@ -507,10 +511,6 @@ def chat_command(
         "--max-new-tokens", max_new_tokens, minimum=1, maximum=chat_lib.longest_answer(config)
     )
     checks.sampling_options(config.vocab_size, **settings)
-    if adapter is not None:
-        from scanlab.train import checkpoints
-
-        checkpoints.check_exists(adapter, "adapter")
     with _loading(model, weights):
         config, params = load.load_weights(path, weights)
     tuned = load.Model(config, params, tokenizer)
