@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tests.finetune.tiny import TINY
 
 from scanlab.decoder import (
-    DecoderConfig,
     Model,
     forward,
     generate,
@@ -47,16 +47,6 @@ from scanlab.finetune import data as data_lib
 from scanlab.finetune.step import init_state
 from scanlab.train.checkpoints import CheckpointReadError
 
-CONFIG = DecoderConfig(
-    vocab_size=49152,
-    n_layers=2,
-    d_model=64,
-    n_heads=2,
-    n_kv_heads=1,
-    head_dim=32,
-    mlp_dim=64,
-    max_seq_len=64,
-)
 LORA = LoraConfig(rank=4, alpha=8.0)
 TOKENS = jnp.array([[1, 5, 9, 200, 3000, 7], [4, 4, 8, 16, 23, 42]])
 
@@ -68,12 +58,12 @@ def tokenizer(smollm2_path):
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    return Model(CONFIG, init_params(CONFIG, jax.random.PRNGKey(0)), tokenizer)
+    return Model(TINY, init_params(TINY, jax.random.PRNGKey(0)), tokenizer)
 
 
 def random_adapters(lora=LORA, seed=1):
     """Adapters with b nonzero, so the update shows."""
-    fresh = init_adapters(CONFIG, lora, jax.random.PRNGKey(seed))
+    fresh = init_adapters(TINY, lora, jax.random.PRNGKey(seed))
     return {
         target: {
             "a": pair["a"],
@@ -102,16 +92,16 @@ def chat_file(tmp_path):
 
 
 def test_fresh_adapters_leave_the_model_equal_to_its_base(tiny):
-    adapted = adapt(tiny.params, init_adapters(CONFIG, LORA, jax.random.PRNGKey(1)), LORA)
+    adapted = adapt(tiny.params, init_adapters(TINY, LORA, jax.random.PRNGKey(1)), LORA)
     np.testing.assert_array_equal(
-        forward(adapted, TOKENS, CONFIG), forward(tiny.params, TOKENS, CONFIG)
+        forward(adapted, TOKENS, TINY), forward(tiny.params, TOKENS, TINY)
     )
 
 
 FAMILIES = {
-    "llama": CONFIG,
-    "qwen2": dataclasses.replace(CONFIG, family="qwen2"),
-    "gemma3": dataclasses.replace(CONFIG, family="gemma3", n_layers=6, sliding_window=4),
+    "llama": TINY,
+    "qwen2": dataclasses.replace(TINY, family="qwen2"),
+    "gemma3": dataclasses.replace(TINY, family="gemma3", n_layers=6, sliding_window=4),
 }
 
 
@@ -143,7 +133,7 @@ def test_adapters_over_the_kernel_layout_generate_what_they_do_over_int8_blocks(
     adapters = random_adapters()
     runs = [
         generate(
-            adapt(quantize(tiny.params, CONFIG, kernel=kernel), adapters, LORA), TOKENS, CONFIG, 8
+            adapt(quantize(tiny.params, TINY, kernel=kernel), adapters, LORA), TOKENS, TINY, 8
         ).tokens
         for kernel in (False, True)
     ]
@@ -152,7 +142,7 @@ def test_adapters_over_the_kernel_layout_generate_what_they_do_over_int8_blocks(
 
 def test_only_the_targets_are_adapted(tiny):
     lora = LoraConfig(rank=2, targets=("q_proj", "down_proj"))
-    adapted = adapt(tiny.params, init_adapters(CONFIG, lora, jax.random.PRNGKey(0)), lora)
+    adapted = adapt(tiny.params, init_adapters(TINY, lora, jax.random.PRNGKey(0)), lora)
     assert type(adapted.blocks.attention.q_proj).__name__ == "Adapted"
     assert type(adapted.blocks.down_proj).__name__ == "Adapted"
     assert adapted.blocks.attention.k_proj is tiny.params.blocks.attention.k_proj
@@ -162,12 +152,12 @@ def test_only_the_targets_are_adapted(tiny):
 def test_dropout_draws_from_its_key_and_is_off_without_one(tiny):
     lora = dataclasses.replace(LORA, dropout=0.5)
     adapters = random_adapters(lora)
-    without = forward(adapt(tiny.params, adapters, lora), TOKENS, CONFIG)
+    without = forward(adapt(tiny.params, adapters, lora), TOKENS, TINY)
     np.testing.assert_array_equal(
-        without, forward(adapt(tiny.params, adapters, LORA), TOKENS, CONFIG)
+        without, forward(adapt(tiny.params, adapters, LORA), TOKENS, TINY)
     )
     dropped = [
-        forward(adapt(tiny.params, adapters, lora, jax.random.PRNGKey(k)), TOKENS, CONFIG)
+        forward(adapt(tiny.params, adapters, lora, jax.random.PRNGKey(k)), TOKENS, TINY)
         for k in (0, 0, 1)
     ]
     np.testing.assert_array_equal(dropped[0], dropped[1])
@@ -200,7 +190,7 @@ def test_adapters_of_the_wrong_shape_are_refused_naming_the_leaf(tiny):
         ArgumentError,
         match=r"params\.blocks\.attention\.v_proj\.b has shape \(2, 2, 1, 32\), expected \(2, 4, 1, 32\)",
     ):
-        check_params(adapt(tiny.params, adapters, LORA), CONFIG)
+        check_params(adapt(tiny.params, adapters, LORA), TINY)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -369,9 +359,9 @@ def test_accumulated_micro_batches_take_the_step_the_whole_batch_takes(tiny, cha
             accumulate=accumulate,
             learning_rate=1e-2,
         )
-        state = init_state(config, CONFIG, tiny.params)
+        state = init_state(config, TINY, tiny.params)
         states.append(
-            finetune_chunk(state, tiny.params, data, config=config, model_config=CONFIG, steps=3)
+            finetune_chunk(state, tiny.params, data, config=config, model_config=TINY, steps=3)
         )
     (one, losses_one), (four, losses_four) = states
     np.testing.assert_allclose(losses_one, losses_four, rtol=1e-5)
@@ -389,11 +379,11 @@ def test_the_scanned_chunk_equals_its_python_loop_twin(tiny, chat_file):
     )
     runs = [
         run(
-            init_state(config, CONFIG, tiny.params),
+            init_state(config, TINY, tiny.params),
             tiny.params,
             data,
             config=config,
-            model_config=CONFIG,
+            model_config=TINY,
             steps=4,
         )
         for run in (finetune_chunk, finetune_loop)
@@ -447,13 +437,13 @@ def test_a_base_the_backward_pass_cannot_run_through_is_refused(tiny, chat_file)
 
     if not qmatvec.available():
         pytest.skip(f"no kernel here: {qmatvec.describe()}")
-    kernel_model = tiny._replace(params=quantize(tiny.params, CONFIG, kernel=True))
+    kernel_model = tiny._replace(params=quantize(tiny.params, TINY, kernel=True))
     with pytest.raises(
         ArgumentTypeError,
         match="inference kernel's layout, which has no gradients: load the model with kernel=False",
     ):
         finetune(kernel_model, chat_file, FinetuneConfig(steps=2, warmup_steps=0, batch_size=2))
-    quantized = tiny._replace(params=quantize(tiny.params, CONFIG))
+    quantized = tiny._replace(params=quantize(tiny.params, TINY))
     with pytest.raises(
         ArgumentTypeError,
         match=re.escape("full fine-tuning trains every weight, got params.embed quantized"),
@@ -541,7 +531,7 @@ def test_with_trained_puts_a_checkpoint_s_adapters_over_the_base(tiny, chat_file
     result = finetune(tiny, chat_file, RUN.replace(steps=2), checkpoint_dir=tmp_path / "run")
     restored = with_trained(tiny, tmp_path / "run")
     np.testing.assert_array_equal(
-        forward(restored.params, TOKENS, CONFIG), forward(result.tuned.params, TOKENS, CONFIG)
+        forward(restored.params, TOKENS, TINY), forward(result.tuned.params, TOKENS, TINY)
     )
     with pytest.raises(
         CheckpointReadError, match=r"step must be a saved step of .*run, one of \[2\], got 5"
@@ -556,11 +546,11 @@ def test_the_merged_export_loads_in_scanlab_and_transformers(tiny, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapted = tiny._replace(params=adapt(quantize(tiny.params, CONFIG), random_adapters(), LORA))
+    adapted = tiny._replace(params=adapt(quantize(tiny.params, TINY), random_adapters(), LORA))
     path = save_merged(tmp_path / "merged", adapted)
-    ours = forward(adapted.params, TOKENS, CONFIG)
+    ours = forward(adapted.params, TOKENS, TINY)
     loaded = load_model(path)
-    np.testing.assert_allclose(forward(loaded.params, TOKENS, CONFIG), ours, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(forward(loaded.params, TOKENS, TINY), ours, atol=1e-5, rtol=1e-5)
     assert loaded.tokenizer.chat_template == tiny.tokenizer.chat_template
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -2,26 +2,19 @@
 real SmolLM2 tokenizer): train, merge, resume with the saved settings, chat with the adapters
 and with the merged model; bad input is one line before any work."""
 
+import dataclasses
 import json
 
 import jax
 import pytest
+from tests.finetune.tiny import TINY
 
-from scanlab.decoder import DecoderConfig, Model, init_params, load_tokenizer
+from scanlab.decoder import Model, init_params, load_tokenizer
 from scanlab.finetune import save_merged
 
 pytestmark = pytest.mark.slow  # whole runs of the command
 
-CONFIG = DecoderConfig(
-    vocab_size=49152,
-    n_layers=2,
-    d_model=64,
-    n_heads=2,
-    n_kv_heads=1,
-    head_dim=32,
-    mlp_dim=64,
-    max_seq_len=128,  # chat keeps a 64-token prompt bucket
-)
+CONFIG = dataclasses.replace(TINY, max_seq_len=128)  # chat keeps a 64-token prompt bucket
 
 
 @pytest.fixture(scope="module")
