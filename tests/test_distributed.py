@@ -56,6 +56,17 @@ def launched(processes: int, devices: int, *command: str) -> subprocess.Complete
     )
 
 
+def started_on_two_processes(*command: str) -> subprocess.Popen:
+    """`scanlab launch --processes 2 -- COMMAND` started, not awaited; its output piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "scanlab", "launch", "--processes", "2", "--", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same training run as 1 × 4, 2 × 2 and 4 × 1 processes × devices, and as one plain
@@ -148,13 +159,7 @@ def children_of_run(marker: str) -> dict[int, int]:
 def test_a_dead_peer_ends_the_run_within_seconds_naming_it(tmp_path):
     marker = str(tmp_path / "run")
     command = ["train", "--steps", "100000", "--mesh", "data=2", "--checkpoint-dir", marker]
-    with subprocess.Popen(
-        [sys.executable, "-m", "scanlab", "launch", "--processes", "2", "--", *command],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    ) as launcher:
+    with started_on_two_processes(*command) as launcher:
         try:
             deadline = time.monotonic() + 120
             while len(children := children_of_run(marker)) < 2 and time.monotonic() < deadline:
@@ -293,13 +298,7 @@ def test_an_interrupt_saves_every_process_s_newest_state_and_the_nan_stop_stops_
     exit."""
     run = tmp_path / "run"
     command = f"train --steps 100000 --chunk-steps 20 --mesh data=2 --checkpoint-dir {run}"
-    with subprocess.Popen(
-        [sys.executable, "-m", "scanlab", "launch", "--processes", "2", "--", *command.split()],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    ) as launcher:
+    with started_on_two_processes(*command.split()) as launcher:
         try:
             for line in launcher.stdout:
                 if line.startswith("[0] train reverse: step 40/"):

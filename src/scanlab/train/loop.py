@@ -64,11 +64,10 @@ def run_chunks(
     losses: np.ndarray | None = None
     try:
         step = int(state.step)
-        while step < total_steps:
-            n = min(chunk_steps, total_steps - step)
-            start = time.perf_counter()
-            # Held over the whole iteration: every process stops after the same chunk.
-            with _interrupts_held():
+        with _interrupts_held() as any_signalled:
+            while step < total_steps:
+                n = min(chunk_steps, total_steps - step)
+                start = time.perf_counter()
                 state, chunk_losses = run_chunk(state, n)
                 losses = np.asarray(chunk_losses)  # waits for the chunk
                 elapsed = time.perf_counter() - start
@@ -85,6 +84,8 @@ def run_chunks(
                     mean = float(losses.mean())
                     report = ChunkReport(step, total_steps, mean, n / elapsed, save)
                     on_chunk(report._replace(**extra))
+                if any_signalled():  # every process stops after the same chunk
+                    break
     except KeyboardInterrupt:
         if manager is not None:
             _save_interrupted(manager, config, state, losses, history)
@@ -122,27 +123,35 @@ def _save_interrupted(manager, config: dict, state, losses, history: list[float]
 
 @contextlib.contextmanager
 def _interrupts_held():
-    """Holds Ctrl-C and SIGTERM back while a chunk runs and is counted, then delivers them.
+    """Holds Ctrl-C and SIGTERM back over a run's chunks; yields `any_signalled()`, to call after
+    each chunk. Held signals are delivered on the way out, to whatever handlers were there (only
+    the main thread can set handlers).
 
-    The chunk donates its input state: an interrupt between the donation and the output's
-    return would leave no whole state to save. Held signals are raised again once the output
-    is assigned, to whatever handlers were there (only the main thread can set handlers).
-    Across processes every one learns whether any was signalled, so all stop after the same
-    chunk: the save on the way out is collective, and needs them all.
+    Each chunk donates its input state: an interrupt between the donation and the output's
+    return would leave no whole state to save. Across processes `any_signalled` is collective:
+    every one learns whether any was signalled (a peer's signal counts as Ctrl-C here), so all
+    stop after the same chunk — the save on the way out is collective too, and needs them all.
+    The vote is taken while signals are still held: one arriving during it counts at the next.
     """
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: False
         return
     held: list[int] = []
+
+    def any_signalled() -> bool:
+        if not distributed.any_process(bool(held)):
+            return False
+        if not held:
+            held.append(signal.SIGINT)
+        return True
+
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, lambda number, _: held.append(number)) for sig in signals}
     try:
-        yield
+        yield any_signalled
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if distributed.any_process(bool(held)) and not held:
-            held.append(signal.SIGINT)  # a peer was interrupted: stop with it
         for number in held:
             signal.raise_signal(number)
 
