@@ -12,7 +12,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -122,7 +122,7 @@ def _save_interrupted(manager, config: dict, state, losses, history: list[float]
 
 
 @contextlib.contextmanager
-def _interrupts_held():
+def _interrupts_held() -> Iterator[Callable[[], bool]]:
     """Holds Ctrl-C and SIGTERM back over a run's chunks; yields `any_signalled()`, to call after
     each chunk. Held signals are delivered on the way out, to whatever handlers were there (only
     the main thread can set handlers).
