@@ -61,7 +61,6 @@ def run_chunks(
     saves the newest whole state, then propagates. `describe(state, steps, seconds)` adds
     fields to each ChunkReport.
     """
-    losses: np.ndarray | None = None
     try:
         step = int(state.step)
         with _interrupts_held() as any_signalled:
@@ -88,7 +87,7 @@ def run_chunks(
                     break
     except KeyboardInterrupt:
         if manager is not None:
-            _save_interrupted(manager, config, state, losses, history)
+            _save_interrupted(manager, config, state, history)
         raise
     return state, history
 
@@ -105,19 +104,14 @@ def _check_finite(losses: np.ndarray, step: int, manager) -> None:
         )
 
 
-def _save_interrupted(manager, config: dict, state, losses, history: list[float]) -> None:
-    """On Ctrl-C, saves the newest state that is whole, so at most the chunk in flight is lost.
+def _save_interrupted(manager, config: dict, state, history: list[float]) -> None:
+    """On Ctrl-C, saves the newest state unless it is saved already.
 
-    Each chunk donates its input state, so the newest whole state is the last chunk's output:
-    saved with the history up to it (its losses included when that chunk had not yet been
-    counted). A state already handed to the next chunk (deleted) cannot be saved.
+    Signals are held while a chunk runs and is counted (`_interrupts_held`), so the interrupt
+    arrives between chunks: `state` is the last chunk's output, whole, and `history` counts it.
     """
-    if state is None or any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
-        return
-    step = int(state.step)  # waits for the chunk that produced it
-    if step != len(history) and losses is not None and step == len(history) + len(losses):
-        history = history + np.asarray(losses).tolist()
-    if step == len(history) and step > (manager.latest_step() or 0):
+    step = int(state.step)
+    if step > (manager.latest_step() or 0):
         save_run(manager, step, state, history, config)
 
 
