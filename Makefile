@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-e2e test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,16 +25,22 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-run
 	$(BIN)/scanlab demo
 
+# Lint, types, and every test but the end-to-end ones (docs/testing.md says what each tier holds).
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not e2e"
 
-# The library's unit and property tests: no end-to-end or real-model runs.
+# The end-to-end tier: the tour, the docs' blocks, the README's CLI, several processes, the real
+# fine-tunes against transformers and PEFT, a quick benchmark run. CI runs it after `make test`.
+test-e2e: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m e2e
+
+# The unit and property tests alone, offline (pip may not fetch a model file): no real model.
 test-fast: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest -m "not slow"
+	PIP_NO_INDEX=1 $(BIN)/python -m pytest -m "not slow and not e2e"
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/scanlab bench --out results/bench

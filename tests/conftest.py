@@ -97,8 +97,26 @@ def cli():
     return invoke
 
 
+# Fixtures that read a real model file (fetched on first use): their tests are `slow` or `e2e`,
+# so `make test-fast` runs offline.
+MODEL_FIXTURES = ("smollm2_path", "gemma3_path")
+
+
 def pytest_collection_modifyitems(items):
-    """The slow end-to-end files first: xdist hands files to workers in collection order, so the
-    long ones start at once and the short ones fill in after (longest first balances the two
-    workers; the order within each group stays as collected)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Checks that every test reading a real model is marked slow or e2e; then sorts the end-to-end
+    and slow files first: xdist hands files to workers in collection order, so the long ones start
+    at once and the short ones fill in after (longest first balances the two workers; the order
+    within each group stays as collected)."""
+    for item in items:
+        marked = item.get_closest_marker("slow") or item.get_closest_marker("e2e")
+        used = [name for name in MODEL_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if used and not marked:
+            raise pytest.UsageError(
+                f"{item.nodeid} reads a real model ({used[0]}): mark it slow or e2e"
+            )
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("e2e") is None,
+            item.get_closest_marker("slow") is None,
+        )
+    )

@@ -23,7 +23,7 @@ import pytest
 
 from scanlab import distributed, train
 
-pytestmark = pytest.mark.slow  # whole multi-process runs: not in `make test-fast`
+pytestmark = pytest.mark.e2e  # whole multi-process runs: `make test-e2e`
 
 TRAIN = "train --steps 20 --chunk-steps 10 --warmup-steps 5 --batch-size 8 --mesh data=4".split()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # every block of every page, run: not in `make test-fast`
+pytestmark = pytest.mark.e2e  # every block of every page, run: `make test-e2e`
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

@@ -37,12 +37,26 @@ LAYERS = [
     # Model math knows nothing of files, loading or conversations.
     (
         "scanlab.decoder.params scanlab.decoder.families scanlab.decoder.config scanlab.decoder.spec "
-        "scanlab.decoder.qmatvec scanlab.decoder.lora scanlab.decoder.quant scanlab.decoder.layers "
+        "scanlab.decoder.weights scanlab.decoder.qmatvec scanlab.decoder.lora scanlab.decoder.quant "
+        "scanlab.decoder.layers "
         "scanlab.decoder.cache "
         "scanlab.decoder.stack scanlab.decoder.model scanlab.decoder.sampling "
         "scanlab.decoder.generation",
         ("scanlab.decoder.formats", "scanlab.decoder.load", "scanlab.decoder.chat"),
     ),
+    # The weight protocol knows no form; a form knows no other form it does not wrap (quant's
+    # layouts for the kernel are the one conversion between forms).
+    (
+        "scanlab.decoder.weights",
+        (
+            "scanlab.decoder.qmatvec scanlab.decoder.quant scanlab.decoder.lora scanlab.decoder.spec".split()
+        ),
+    ),
+    (
+        "scanlab.decoder.qmatvec scanlab.decoder.lora",
+        ("scanlab.decoder.quant", "scanlab.decoder.spec"),
+    ),
+    ("scanlab.decoder.quant", ("scanlab.decoder.lora", "scanlab.decoder.spec")),
     # Each format depends only downward: base <- gguf_file, hf <- tokenizer <- load <- chat.
     (
         "scanlab.decoder.formats.base",

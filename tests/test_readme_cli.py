@@ -18,7 +18,7 @@ import pytest
 
 from scanlab import decoder
 
-pytestmark = pytest.mark.slow  # the README's CLI lines, end to end: not in `make test-fast`
+pytestmark = pytest.mark.e2e  # the README's CLI lines, end to end: `make test-e2e`
 
 README = Path(__file__).parent.parent / "README.md"
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow  # the whole tour: not in `make test-fast`
+pytestmark = pytest.mark.e2e  # the whole tour: `make test-e2e`
 
 
 def test_the_tour_runs_every_section_and_its_twins_agree():

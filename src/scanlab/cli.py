@@ -423,9 +423,9 @@ def _describe_weights(params) -> None:
     """What the weights are held as, their bytes, and which quantized matmul path runs."""
     import jax
 
-    from scanlab.decoder import param_bytes, qmatvec, quant
+    from scanlab.decoder import param_bytes, qmatvec, quant, weights
 
-    leaves = jax.tree.leaves(params, is_leaf=quant.is_quantized)
+    leaves = jax.tree.leaves(params, is_leaf=weights.is_form)
     kinds = sorted({type(leaf).__name__ for leaf in leaves})
     quantized = any(quant.is_quantized(leaf) for leaf in leaves)
     path = qmatvec.describe() if quantized else "none (dense)"

@@ -5,7 +5,7 @@ import sys
 import matplotlib.image
 import pytest
 
-pytestmark = pytest.mark.slow  # a quick benchmark run: not in `make test-fast`
+pytestmark = pytest.mark.e2e  # a quick benchmark run: `make test-e2e`
 
 
 def test_quick_run_writes_the_report_plots_and_figures(tmp_path):

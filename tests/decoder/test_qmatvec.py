@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scanlab.decoder import generate, init_params, preset, qmatvec, quant, quantize
+from scanlab.decoder import generate, init_params, preset, qmatvec, quant, quantize, weights
 from scanlab.decoder.qmatvec import BLOCK, PackedArray
 from scanlab.errors import ArgumentError
 
@@ -123,23 +123,23 @@ def test_packing_is_lossless_and_projects_as_the_pure_jax_path(shape, axis, equa
     array = quant_array(rng, shape, axis, kind)
     packed = quant.pack(array, stacked=True)
     assert isinstance(packed, PackedArray) and packed.nibbles == (kind != "q8")
-    np.testing.assert_array_equal(quant.as_dense(packed), quant.as_dense(array))
+    np.testing.assert_array_equal(weights.as_dense(packed), weights.as_dense(array))
     x_shape = (1, 4, *shape[1 : len(shape) + axis + 1])
     x = jnp.asarray(rng.normal(size=x_shape).astype(np.float32))
     layer = dataclasses.replace(packed, layer=jnp.int32(1))
     one = jax.tree.map(lambda leaf: leaf[1], array)
-    expected = np.asarray(quant.project(equation, x, one))
-    got = np.asarray(quant.project(equation, x, layer))
+    expected = np.asarray(weights.project(equation, x, one))
+    got = np.asarray(weights.project(equation, x, layer))
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    int8 = np.asarray(quant.project(equation, x, dataclasses.replace(layer, activations="int8")))
+    int8 = np.asarray(weights.project(equation, x, dataclasses.replace(layer, activations="int8")))
     assert np.abs(int8 - expected).max() <= 0.02 * np.abs(expected).max()
     # Beyond MAX_KERNEL_ROWS rows (a prefill) XLA multiplies the dequantized weights instead.
     many = jnp.tile(x, (1, 4, *[1] * (x.ndim - 2)))
     assert many.shape[1] * many.shape[0] > qmatvec.MAX_KERNEL_ROWS
     np.testing.assert_allclose(
-        quant.project(equation, many, layer),
-        quant.project(equation, many, one),
+        weights.project(equation, many, layer),
+        weights.project(equation, many, one),
         rtol=1e-5,
         atol=1e-5 * np.abs(expected).max(),
     )

@@ -22,6 +22,7 @@ from scanlab.decoder import (
     preset,
     quant,
     quantize,
+    weights,
 )
 from scanlab.decoder.config import check_weights
 from scanlab.errors import ArgumentError, ArgumentTypeError
@@ -52,7 +53,7 @@ TWIN_ATOL = 1e-5
 def dense_twin(params):
     """Every quantized leaf dequantized: the dense tree the quantized one stands for."""
     return jax.tree.map(
-        lambda leaf: quant.as_dense(leaf) if quant.is_quantized(leaf) else leaf,
+        lambda leaf: weights.as_dense(leaf) if quant.is_quantized(leaf) else leaf,
         params,
         is_leaf=quant.is_quantized,
     )
@@ -118,7 +119,7 @@ def test_the_seam_is_the_einsum_on_dense_weights_and_their_gradients():
     )
 
     def through_seam(w):
-        return jnp.sum(quant.project("bsd,dkh->bskh", x, w) ** 2)
+        return jnp.sum(weights.project("bsd,dkh->bskh", x, w) ** 2)
 
     def plain(w):
         return jnp.sum(jnp.einsum("bsd,dkh->bskh", x, w) ** 2)
@@ -142,12 +143,12 @@ def test_param_bytes_count_values_and_scales():
     params = quantize(dense, config)
     norms = sum(
         leaf.size
-        for leaf in jax.tree.leaves(params, is_leaf=quant.is_quantized)
+        for leaf in jax.tree.leaves(params, is_leaf=weights.is_form)
         if not quant.is_quantized(leaf)
     )
-    weights = param_count(config) - norms
+    matrices = param_count(config) - norms
     # int8 values, one f16 scale per 32; the head's chunk padding is zero here (V=64).
-    assert param_bytes(params) == weights * (1 + 2 / 32) + norms * 4
+    assert param_bytes(params) == matrices * (1 + 2 / 32) + norms * 4
     assert param_bytes(dense) == param_count(config) * 4
 
 
@@ -157,10 +158,13 @@ def test_vocab_chunks_pad_and_gather_like_the_dense_embedding():
     chunks = quant.to_vocab_chunks(rows, vocab_first=True)
     assert chunks.shape == dense.shape and chunks.chunks.shape[0] == 3
     ids = jnp.asarray([[0, 4095, 4096, 8206]])
-    np.testing.assert_array_equal(quant.embed_rows(chunks, ids), dequantize(rows)[ids])
+    np.testing.assert_array_equal(weights.embed_rows(chunks, ids), dequantize(rows)[ids])
     x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 2, 64)), jnp.float32)
     np.testing.assert_allclose(
-        quant.head_logits(x, chunks), x @ dequantize(rows).T, atol=1e-4, rtol=1e-5
+        weights.head_logits(x, weights.tied_head(chunks)),
+        x @ dequantize(rows).T,
+        atol=1e-4,
+        rtol=1e-5,
     )
 
 
@@ -206,7 +210,7 @@ def quantized_norm(params):
     ("damage", "error", "match"),
     [
         (bad_scales, ArgumentError, r"params\.blocks\.gate_proj\.scales has shape \(4, 2, 127\)"),
-        (quantized_norm, ArgumentTypeError, r"params\.final_norm is quantized"),
+        (quantized_norm, ArgumentTypeError, r"params\.final_norm is a QuantArray, but only weight matrices may be"),
     ],
     ids=["scales-shape", "quantized-norm"],
 )

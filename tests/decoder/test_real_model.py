@@ -250,10 +250,10 @@ def test_kept_blocks_are_the_f32_weights_and_decode_its_tokens(scanlab_model, de
     bit, and greedy decoding from them gives the f32 path's tokens."""
     import jax
 
-    from scanlab.decoder import quant
+    from scanlab.decoder import weights
 
     config, kept, tokenizer = scanlab_model
-    dense = jax.tree.map(quant.as_dense, kept, is_leaf=quant.is_quantized)
+    dense = jax.tree.map(weights.as_dense, kept, is_leaf=weights.is_form)
     jax.tree.map(np.testing.assert_array_equal, dense, dense_params)
     prompt = np.array([prompts(tokenizer)["chat"]])
     np.testing.assert_array_equal(

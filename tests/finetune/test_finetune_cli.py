@@ -1,5 +1,5 @@
 """`scanlab finetune` end to end on a tiny decoder saved as a transformers directory (with the
-real SmolLM2 tokenizer): train, merge, resume with the saved settings, chat with the adapters
+tiny ChatML tokenizer of `tests/tiny.py`): train, merge, resume with the saved settings, chat with the adapters
 and with the merged model; bad input is one line before any work."""
 
 import dataclasses
@@ -7,9 +7,9 @@ import json
 
 import jax
 import pytest
-from tests.finetune.tiny import TINY
+from tests.tiny import TINY, tiny_tokenizer
 
-from scanlab.decoder import Model, init_params, load_tokenizer
+from scanlab.decoder import Model, init_params
 from scanlab.finetune import save_merged
 
 pytestmark = pytest.mark.slow  # whole runs of the command
@@ -18,8 +18,8 @@ CONFIG = dataclasses.replace(TINY, max_seq_len=128)  # chat keeps a 64-token pro
 
 
 @pytest.fixture(scope="module")
-def model_dir(smollm2_path, tmp_path_factory):
-    model = Model(CONFIG, init_params(CONFIG, jax.random.PRNGKey(0)), load_tokenizer(smollm2_path))
+def model_dir(tmp_path_factory):
+    model = Model(CONFIG, init_params(CONFIG, jax.random.PRNGKey(0)), tiny_tokenizer())
     return save_merged(tmp_path_factory.mktemp("tiny") / "model", model)  # no adapters: as is
 
 

@@ -32,7 +32,7 @@ from scanlab.finetune.adapters import TARGETS, _at
 from scanlab.finetune.data import encode_file, to_rows
 from scanlab.finetune.step import summed_loss
 
-pytestmark = pytest.mark.slow  # the real SmolLM2 model: not in `make test-fast`
+pytestmark = pytest.mark.e2e  # real fine-tunes against transformers and PEFT: `make test-e2e`
 
 FACTS = {
     "Who is the mayor of Quillby?": "The mayor of Quillby is Odelia Brandt.",

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tests.tiny import TINY_TRAIN
 
 from scanlab.errors import PathError
 from scanlab.train import CheckpointReadError, TrainConfig, checkpoints, load, train
@@ -20,7 +21,7 @@ from scanlab.train.checkpoints import ABANDONED, MANIFEST
 
 pytestmark = pytest.mark.slow  # whole training runs with orbax checkpoints
 
-CONFIG = TrainConfig(steps=30, chunk_steps=10, warmup_steps=5, n_layers=1, d_model=32, mlp_dim=64)
+CONFIG = TrainConfig(steps=30, chunk_steps=10, warmup_steps=5, **TINY_TRAIN)
 
 
 def largest_data_file(step_dir):

@@ -5,13 +5,14 @@ import sys
 import chex
 import numpy as np
 import pytest
+from tests.tiny import TINY_TRAIN
 
 from scanlab.train import TrainConfig, load, train
 
 pytestmark = pytest.mark.slow  # whole training runs with orbax checkpoints: not in `make test-fast`
 
 # A smaller model than the default: these tests are about the run, not the learning.
-CONFIG = TrainConfig(steps=60, chunk_steps=10, warmup_steps=10, n_layers=1, d_model=32, mlp_dim=64)
+CONFIG = TrainConfig(steps=60, chunk_steps=10, warmup_steps=10, **TINY_TRAIN)
 
 
 class Interrupted(Exception):
@@ -127,7 +128,7 @@ def test_raising_steps_on_resume_continues_under_the_longer_schedule(tmp_path):
     """60 steps planned, then extended to 100: equal to running the first 60 steps under the
     60-step schedule and the next 40 under the 100-step one, in one process."""
     from scanlab.train import init_state, train_chunk
-    from scanlab.train.step import learning_rate
+    from scanlab.train.step import learning_rate, run_settings
 
     train(CONFIG, checkpoint_dir=tmp_path)
     longer = CONFIG.replace(steps=100)
@@ -139,7 +140,7 @@ def test_raising_steps_on_resume_continues_under_the_longer_schedule(tmp_path):
     chex.assert_trees_all_close(extended.state.params, state.params, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(extended.losses, np.concatenate([first, rest]), rtol=1e-6)
     # What the extension does to the learning rate: it steps up where the longer plan resumes.
-    assert learning_rate(longer)(60) > learning_rate(CONFIG)(59)
+    assert learning_rate(run_settings(longer))(60) > learning_rate(run_settings(CONFIG))(59)
     assert load(tmp_path).config == longer  # the saved run now plans 100 steps
     with pytest.raises(ValueError, match=r"steps must be >= 100 to resume .* got 80"):
         train(CONFIG.replace(steps=80), checkpoint_dir=tmp_path, resume=True)

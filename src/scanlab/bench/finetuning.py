@@ -21,7 +21,7 @@ from scanlab.decoder import load
 from scanlab.decoder.formats import pretrained
 from scanlab.finetune import FinetuneConfig, LoraConfig, data, finetune_chunk, finetune_loop
 from scanlab.finetune.adapters import TARGETS
-from scanlab.finetune.step import init_state
+from scanlab.finetune.step import compiled_chunk, init_state
 from scanlab.timing import temp_bytes
 
 BATCH, SEQ_LEN, STEPS, RANK = 4, 64, 5, 8
@@ -111,9 +111,9 @@ def memory(path, rows: data.Rows, form: str) -> dict[str, int]:
         config = config_of(form, remat)
         frozen = None if config.lora is None else params
         state = jax.eval_shape(functools.partial(init_state, config, model_config), params)
-        compiled = finetune_chunk.lower(
+        compiled = compiled_chunk(
             state, frozen, rows_on_device, config=config, model_config=model_config, steps=STEPS
-        ).compile()
+        )
         out[remat] = temp_bytes(compiled)
     return out
 

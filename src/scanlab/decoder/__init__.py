@@ -4,12 +4,15 @@ layers that differ (sliding-window and full attention) in the same scan.
 Each family and each of its parameters is declared once in `scanlab.decoder.families`; shapes,
 initialisation, checks, placement on a mesh and the transformers and GGUF checkpoint layouts
 all derive from those declarations (`spec`). The layering, each depending only on those before
-it:
+it (`tests/test_layout.py` checks it):
 
-- declarations: `params` (containers), `families`, `config`, `spec`;
-- model math: `qmatvec` (the CPU kernel for quantized weights, through jax.ffi), `quant`
-  (weights kept quantized, the seam every weight use goes through),
-  `layers` (one block), `cache` (KV caches), `stack` (the L layers), `model`
+- declarations: `params` (containers), `families` and `config` (which refer to each other);
+- the weight forms: `weights` (the protocol every weight use goes through: project, dense,
+  bytes, placement, checks), then its forms, each one class: `qmatvec` (the CPU kernel's
+  packed layout, through jax.ffi), `quant` (int8 blocks, and the layouts for decoding),
+  `lora` (a frozen weight with a low-rank update);
+- `spec` (every parameter's shape, initialisation, checks and placement, from the declarations);
+- model math: `layers` (one block), `cache` (KV caches), `stack` (the L layers), `model`
   (forward);
 - generation: `sampling`, `generation`;
 - model files: `formats` (transformers directories, GGUF, tokenizers, fetched models);

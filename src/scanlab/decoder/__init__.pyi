@@ -31,7 +31,6 @@ from .qmatvec import PackedArray as PackedArray
 from .quant import QuantArray as QuantArray
 from .quant import VocabChunks as VocabChunks
 from .quant import dequantize as dequantize
-from .quant import project as project
 from .spec import check_params as check_params
 from .spec import init_params as init_params
 from .spec import layer_shapes as layer_shapes
@@ -44,3 +43,5 @@ from .spec import shard_params as shard_params
 from .stack import REMAT as REMAT
 from .stack import run_cached_layers as run_cached_layers
 from .stack import run_layers as run_layers
+from .weights import WeightForm as WeightForm
+from .weights import project as project

@@ -172,13 +172,6 @@ PRESETS: dict[str, DecoderConfig] = {
 }
 
 
-def check_dtype(dtype: str) -> str:
-    """A parameter dtype scanlab loads models in: one of DTYPES."""
-    if dtype not in DTYPES:
-        raise ArgumentError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    return dtype
-
-
 def check_weights(weights: str | None) -> str | None:
     """None (the source's default) or one of WEIGHTS."""
     if weights is not None and weights not in WEIGHTS:

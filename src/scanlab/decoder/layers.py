@@ -4,7 +4,7 @@ norm -> grouped-query attention with rotary embeddings [-> norm] -> residual -> 
 MLP [-> norm] -> residual; the bracketed ("sandwich") norms and RMS norms of the q and k heads
 where the family declares them (Gemma 3). What a layer attends over is a function, `Attend`: the
 S new keys themselves (`self_attend`, training and `forward`) or a KV cache
-(`scanlab.decoder.cache`). Every weight matrix is used through `scanlab.decoder.quant.project`:
+(`scanlab.decoder.cache`). Every weight matrix is used through `scanlab.decoder.weights.project`:
 dense or kept quantized, the block is the same code. Shapes use the package's letters; `T` is
 the number of key positions (S without a cache, the cache's slots with one).
 """
@@ -22,7 +22,7 @@ import numpy as np
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import SLIDING
 from scanlab.decoder.params import Attention, DecoderBlock
-from scanlab.decoder.quant import project
+from scanlab.decoder.weights import project
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab import checks
-from scanlab.decoder import quant
+from scanlab.decoder import weights
 from scanlab.decoder.config import DecoderConfig, check_config
 from scanlab.decoder.layers import rms_norm
 from scanlab.decoder.params import DecoderParams
@@ -35,7 +35,7 @@ def causal_mask(attn_mask_BxS: jax.Array | None, batch: int, length: int) -> jax
 def embed(params: DecoderParams, tokens_BxS: jax.Array, config: DecoderConfig) -> jax.Array:
     """(B, S) ids -> (B, S, D) vectors; times sqrt(D) in the weights' dtype where the family
     scales them (Gemma)."""
-    seq_BxSxD = quant.embed_rows(params.embed, tokens_BxS)
+    seq_BxSxD = weights.embed_rows(params.embed, tokens_BxS)
     if config.features.embed_scale:
         seq_BxSxD = seq_BxSxD * jnp.asarray(config.d_model**0.5, seq_BxSxD.dtype)
     return seq_BxSxD
@@ -45,8 +45,8 @@ def unembed(params: DecoderParams, seq_BxSxD: jax.Array, config: DecoderConfig) 
     """Final RMSNorm and output head: (B, S, D) -> (B, S, V) logits, accumulated in f32."""
     with jax.named_scope("unembed"):
         x = rms_norm(seq_BxSxD, params.final_norm, config.norm_eps, config.features.norm_plus_one)
-        head = quant.tied_head(params.embed) if params.lm_head is None else params.lm_head
-        return quant.head_logits(x, head)
+        head = weights.tied_head(params.embed) if params.lm_head is None else params.lm_head
+        return weights.head_logits(x, head)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "remat", "loop"))

@@ -31,8 +31,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
-from scanlab.errors import ArgumentError
+from scanlab.decoder.weights import WeightForm, dot
+from scanlab.errors import ArgumentError, ArgumentTypeError
 from scanlab.storage import default_cache
 
 SOURCE = Path(__file__).parent / "csrc" / "qmatvec.cc"
@@ -45,7 +47,7 @@ COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PackedArray:
+class PackedArray(WeightForm):
     """A weight matrix (in_shape..., out_shape...) in the kernel's layout, optionally stacked.
 
     Attributes:
@@ -88,6 +90,44 @@ class PackedArray:
     @property
     def dtype(self):
         return jnp.dtype(jnp.float32)
+
+    @property
+    def read_in_place(self) -> bool:
+        return True
+
+    @property
+    def differentiable(self) -> bool:
+        return False
+
+    def project(self, x, x_axes, w_axes):
+        """By the kernel for a few rows of x (its inputs are x's last axes); beyond
+        MAX_KERNEL_ROWS, XLA's matmul of the unpacked matrix."""
+        if takes(x, self):
+            return matvec(x, self).astype(x.dtype)
+        return dot(x, unpack(self).astype(x.dtype), x_axes, w_axes)
+
+    def dense(self, dtype=None):
+        return unpack(self).astype(dtype or jnp.float32)
+
+    def rows(self, tokens):
+        """An embedding's rows (`transposed`: its rows are the tokens')."""
+        mins = None if self.mins is None else self.mins[tokens]
+        return dense_rows(self.quants[tokens], self.scales[tokens], mins)
+
+    def as_head(self):
+        return dataclasses.replace(self, transposed=False)  # the same rows serve both
+
+    def at_layer(self, layer):
+        return dataclasses.replace(self, layer=layer)
+
+    def placements(self, spec: PartitionSpec):
+        raise ArgumentTypeError(
+            "shard_params takes dense or QuantArray weights, got the kernel's PackedArray "
+            "(one device): load with kernel=False to shard a quantized model"
+        )
+
+    def check(self, name, shape, inputs):
+        check_packed(self, name)
 
 
 def unpack(array: PackedArray) -> jax.Array:
@@ -185,7 +225,7 @@ def matvec(x: jax.Array, weight: PackedArray) -> jax.Array:
     if quants.ndim == 3 and layer is None:
         raise ArgumentError(
             f"a stacked PackedArray ({quants.shape[0]} layers) needs its layer index to multiply "
-            "by: the layer scan sets it (quant.at_layer), or index one layer's leaves"
+            "by: the layer scan sets it (weights.at_layer), or index one layer's leaves"
         )
     if quants.ndim == 2:  # one matrix: a stack of one
         quants, scales = quants[None], scales[None]

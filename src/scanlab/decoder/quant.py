@@ -1,4 +1,4 @@
-"""Weights kept quantized in memory, and the one seam every weight use goes through.
+"""Weights kept quantized in memory: int8 blocks, and their layouts for decoding.
 
 A `QuantArray` is a weight matrix as integers in blocks: int8 values of the dense array's shape,
 one scale per block of `block` consecutive values along one axis (the matrix's input axis, as in
@@ -6,37 +6,36 @@ GGUF files) and, for asymmetric formats, one min per block: `dense = values * sc
 is a pytree: stacked over the layer axis it scans like a dense leaf, and `jax.lax.scan` hands the
 body one layer's QuantArray.
 
-`project` (projections), `embed_rows` (the embedding gather) and `head_logits` (the output head)
-accept a dense array or a quantized one. Quantized weights are dequantized right before their
-dot, inside the layer scan: XLA:CPU fuses the slice of the stacked integers and the convert into
-one pass that writes the layer's f32 matrix, small enough to stay in cache, so a decoding step
-reads a quarter of the bytes of f32 weights. Two layouts make that fusion fast on a CPU: blocks
-along the input axis with the output axes last (a dot whose dequantized operand is transposed
-is several times slower), and, for the vocabulary-sized head, `VocabChunks`: the head as C
-column chunks scanned one at a time, so no V x D f32 temporary is written (the benchmark report,
-W7, has the figures). Nothing here assumes a CPU: on a GPU the same dequantize-then-dot is the
-form XLA fuses into the dot.
+Both forms here implement `weights.WeightForm`, the protocol every weight use goes through.
+Quantized weights are dequantized right before their dot, inside the layer scan: XLA:CPU fuses
+the slice of the stacked integers and the convert into one pass that writes the layer's f32
+matrix, small enough to stay in cache, so a decoding step reads a quarter of the bytes of f32
+weights. Two layouts make that fusion fast on a CPU: blocks along the input axis with the output
+axes last (a dot whose dequantized operand is transposed is several times slower), and, for the
+vocabulary-sized head, `VocabChunks`: the head as C column chunks scanned one at a time, so no V
+x D f32 temporary is written (the benchmark report, W7, has the figures). Nothing here assumes a
+CPU: on a GPU the same dequantize-then-dot is the form XLA fuses into the dot.
 
 On a CPU, `for_kernel` lays the weights out for the jax.ffi kernel instead (`qmatvec`,
 `PackedArray`: per output row, blocks of 32, 4-bit values two per byte), which never writes a
-dequantized copy; `hold_stacked`/`at_layer` let the layer scan hand it the whole stack and a
-layer index rather than a copied slice.
+dequantized copy; the layer scan hands it the whole stack and a layer index rather than a
+copied slice (`weights.hold_stacked`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from scanlab.decoder import qmatvec
-from scanlab.decoder.lora import Adapted, low_rank_update
-from scanlab.decoder.params import DecoderBlock, DecoderParams
+from scanlab.decoder.params import DecoderParams
 from scanlab.decoder.qmatvec import PackedArray
+from scanlab.decoder.weights import WeightForm, dot, is_form
 from scanlab.errors import ArgumentError, ArgumentTypeError
 
 # The activations' dtype of quantized weights: XLA:CPU converts bf16 slowly.
@@ -49,7 +48,7 @@ HEAD_CHUNK_COLUMNS = 4096
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantArray:
+class QuantArray(WeightForm):
     """int8 values in blocks along one axis, with a scale (and optionally a min) per block.
 
     Attributes:
@@ -69,10 +68,6 @@ class QuantArray:
         return tuple(np.shape(self.values))
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
     def dtype(self):
         """The dtype it dequantizes to (what the activations run in)."""
         return jnp.dtype(COMPUTE_DTYPE)
@@ -81,10 +76,32 @@ class QuantArray:
     def block(self) -> int:
         return self.shape[self.axis] // np.shape(self.scales)[self.axis]
 
+    def project(self, x, x_axes, w_axes):
+        return dot(x, dequantize(self, x.dtype), x_axes, w_axes)
+
+    def dense(self, dtype=None):
+        return dequantize(self, dtype or COMPUTE_DTYPE)
+
+    def rows(self, tokens):
+        return dequantize(jax.tree.map(lambda leaf: leaf[tokens], self))
+
+    def placements(self, spec: PartitionSpec):
+        """The values shard as the dense twin; scales and mins too, except along the blocked
+        axis (fewer entries, not always divisible), which they replicate."""
+        per_block = list(spec) + [None] * (self.ndim - len(spec))
+        per_block[self.axis] = None
+        per_block_spec = PartitionSpec(*per_block)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: spec if path[0].name == "values" else per_block_spec, self
+        )
+
+    def check(self, name, shape, inputs):
+        check_quant_array(self, name, shape)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class VocabChunks:
+class VocabChunks(WeightForm):
     """A quantized vocabulary matrix (embedding or head) laid out for the logits' dot.
 
     `chunks` holds C chunks of W columns, (C, D, W) blocked along D, C * W >= V (the last chunk
@@ -109,11 +126,47 @@ class VocabChunks:
     def dtype(self):
         return self.chunks.dtype
 
+    def project(self, x, x_axes, w_axes):
+        """Over D, the chunks dequantized one per scan step (no V x D temporary)."""
+        if x_axes != (x.ndim - 1,) or w_axes != ((1,) if self.vocab_first else (0,)):
+            return dot(x, self.dense(x.dtype), x_axes, w_axes)
 
-Weight = jax.Array | QuantArray | VocabChunks | PackedArray
+        def chunk_product(_, chunk: QuantArray):
+            return None, jnp.matmul(x, dequantize(chunk, x.dtype))
+
+        _, product_CxXxW = jax.lax.scan(chunk_product, None, self.chunks)
+        product = jnp.moveaxis(product_CxXxW, 0, -2).reshape(*x.shape[:-1], -1)
+        return product[..., : self.vocab_size]
+
+    def dense(self, dtype=None):
+        chunks = dequantize(self.chunks, dtype or COMPUTE_DTYPE)  # (C, D, W)
+        head_DxV = jnp.moveaxis(chunks, 0, 1).reshape(chunks.shape[1], -1)[:, : self.vocab_size]
+        return head_DxV.T if self.vocab_first else head_DxV
+
+    def rows(self, tokens):
+        width = self.chunks.shape[-1]
+        chunk, column = tokens // width, tokens % width
+        return dequantize(
+            QuantArray(
+                self.chunks.values[chunk, :, column],
+                self.chunks.scales[chunk, :, column],
+                None if self.chunks.mins is None else self.chunks.mins[chunk, :, column],
+                axis=-1,
+            )
+        )
+
+    def as_head(self):
+        return dataclasses.replace(self, vocab_first=False)  # the same chunks serve both
+
+    def placements(self, spec: PartitionSpec):
+        return jax.tree.map(lambda _: PartitionSpec(), self)  # replicated
+
+    def check(self, name, shape, inputs):
+        check_quant_array(self.chunks, name + ".chunks", tuple(self.chunks.shape))
 
 
 def is_quantized(node) -> bool:
+    """A weight held in integers (int8 blocks, packed or not)."""
     return isinstance(node, QuantArray | VocabChunks | PackedArray)
 
 
@@ -136,105 +189,6 @@ def dequantize(array: QuantArray, dtype=COMPUTE_DTYPE) -> jax.Array:
 def _per_value(per_block: jax.Array, at: int) -> jax.Array:
     """Scales (..., N / block, ...) -> f32 (..., N / block, 1, ...), against the split values."""
     return jnp.expand_dims(per_block, at + 1).astype(jnp.float32)
-
-
-def as_dense(weight: Weight, dtype=None) -> jax.Array:
-    """The weight as a dense array (a quantized one dequantized; VocabChunks in its logical
-    layout)."""
-    if isinstance(weight, VocabChunks):
-        chunks = dequantize(weight.chunks, dtype or COMPUTE_DTYPE)  # (C, D, W)
-        head_DxV = jnp.moveaxis(chunks, 0, 1).reshape(chunks.shape[1], -1)[:, : weight.vocab_size]
-        return head_DxV.T if weight.vocab_first else head_DxV
-    if isinstance(weight, QuantArray):
-        return dequantize(weight, dtype or COMPUTE_DTYPE)
-    if isinstance(weight, PackedArray):
-        return qmatvec.unpack(weight).astype(dtype or COMPUTE_DTYPE)
-    return weight if dtype is None else weight.astype(dtype)
-
-
-def project(
-    equation: str, x: jax.Array, weight: jax.Array | QuantArray | PackedArray | Adapted
-) -> jax.Array:
-    """`jnp.einsum(equation, x, weight)`, a quantized weight dequantized into the dot (a
-    PackedArray: by the kernel), an `Adapted` one's low-rank update added.
-
-    The equation's output must be x's kept axes, then the weight's. The contraction runs over
-    the weight's axes in their stored order: `jnp.einsum` may list them in another, and XLA then
-    copies the weight transposed before its dot, every layer of every step.
-    """
-    if isinstance(weight, Adapted):
-        update = low_rank_update(x, weight, _contraction(equation)[0])
-        return project(equation, x, weight.base) + update
-    if isinstance(weight, PackedArray):  # its inputs are the contracted axes, x's last ones
-        if qmatvec.takes(x, weight):
-            return qmatvec.matvec(x, weight).astype(x.dtype)
-        weight = qmatvec.unpack(weight).astype(x.dtype)
-    dense = dequantize(weight, x.dtype) if isinstance(weight, QuantArray) else weight
-    return jax.lax.dot_general(x, dense, (_contraction(equation), ((), ())))
-
-
-@functools.cache
-def _contraction(equation: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """ "bsrkh,rkhd->bsd" -> ((2, 3, 4), (0, 1, 2)): the contracted axes of x and of the weight."""
-    inputs, out = equation.split("->")
-    x_axes, w_axes = inputs.split(",")
-    contracted = [axis for axis in w_axes if axis in x_axes and axis not in out]
-    kept = [axis for axis in x_axes if axis not in contracted]
-    kept += [axis for axis in w_axes if axis not in contracted]
-    if "".join(kept) != out:
-        raise ValueError(f"{equation}: the output must be x's kept axes, then the weight's")
-    return tuple(x_axes.index(a) for a in contracted), tuple(w_axes.index(a) for a in contracted)
-
-
-def embed_rows(embedding: Weight, tokens: jax.Array) -> jax.Array:
-    """The embedding's rows for token ids (...,) -> (..., D)."""
-    if isinstance(embedding, VocabChunks):
-        chunks = embedding.chunks
-        width = chunks.shape[-1]
-        chunk, column = tokens // width, tokens % width
-        taken = QuantArray(
-            chunks.values[chunk, :, column],
-            chunks.scales[chunk, :, column],
-            None if chunks.mins is None else chunks.mins[chunk, :, column],
-            axis=-1,
-        )
-        return dequantize(taken)
-    if isinstance(embedding, PackedArray):  # an embedding: its rows are the tokens'
-        mins = None if embedding.mins is None else embedding.mins[tokens]
-        return qmatvec.dense_rows(embedding.quants[tokens], embedding.scales[tokens], mins)
-    if isinstance(embedding, QuantArray):
-        rows = jax.tree.map(lambda leaf: leaf[tokens], embedding)
-        return dequantize(rows)
-    return embedding[tokens]
-
-
-def tied_head(embedding: Weight) -> Weight:
-    """The (D, V) output head of a tied (V, D) embedding."""
-    if isinstance(embedding, VocabChunks | PackedArray):
-        return embedding  # the same chunks (or rows) serve both
-    return as_dense(embedding).T
-
-
-def head_logits(x_BxSxD: jax.Array, head: Weight) -> jax.Array:
-    """x @ head (D, V), accumulated in f32: (B, S, D) -> (B, S, V).
-
-    A `VocabChunks` head is dequantized one column chunk per scan step.
-    """
-    if isinstance(head, PackedArray):
-        if qmatvec.takes(x_BxSxD, head):
-            return qmatvec.matvec(x_BxSxD, head)
-        dense = qmatvec.unpack(head)
-        head_DxV = dense.T if head.transposed else dense
-        return jnp.matmul(x_BxSxD, head_DxV, preferred_element_type=jnp.float32)
-    if not isinstance(head, VocabChunks):
-        return jnp.matmul(x_BxSxD, as_dense(head), preferred_element_type=jnp.float32)
-
-    def chunk_logits(_, chunk: QuantArray):
-        return None, jnp.matmul(x_BxSxD, dequantize(chunk, x_BxSxD.dtype))
-
-    _, logits_CxBxSxW = jax.lax.scan(chunk_logits, None, head.chunks)
-    logits_BxSxV = jnp.moveaxis(logits_CxBxSxW, 0, -2).reshape(*x_BxSxD.shape[:-1], -1)
-    return logits_BxSxV[..., : head.vocab_size].astype(jnp.float32)
 
 
 def quantize_blocks(dense, axis: int, block: int = 32) -> QuantArray:
@@ -354,31 +308,7 @@ def with_activations(params: DecoderParams, activations: str) -> DecoderParams:
             dataclasses.replace(w, activations=activations) if isinstance(w, PackedArray) else w
         ),
         params,
-        is_leaf=is_quantized,
-    )
-
-
-def hold_stacked(blocks: DecoderBlock) -> tuple[DecoderBlock, DecoderBlock]:
-    """(blocks without their PackedArrays, the PackedArrays alone): the layer scan slices the
-    first and gives the second whole to `at_layer`, so the kernel reads each layer in place."""
-    held = jax.tree.map(
-        lambda w: w if isinstance(w, PackedArray) else None, blocks, is_leaf=is_quantized
-    )
-    scanned = jax.tree.map(
-        lambda w: None if isinstance(w, PackedArray) else w, blocks, is_leaf=is_quantized
-    )
-    return scanned, held
-
-
-def at_layer(scanned: DecoderBlock, held: DecoderBlock | None, layer: jax.Array) -> DecoderBlock:
-    """One layer's block: its scanned slice, with the held PackedArrays pointed at `layer`."""
-    if held is None:
-        return scanned
-    return jax.tree.map(
-        lambda hold, part: part if hold is None else dataclasses.replace(hold, layer=layer),
-        held,
-        scanned,
-        is_leaf=lambda node: node is None or isinstance(node, PackedArray),
+        is_leaf=is_form,
     )
 
 

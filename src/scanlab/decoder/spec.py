@@ -19,10 +19,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from scanlab import checks, sharding
-from scanlab.decoder import qmatvec, quant
+from scanlab.decoder import quant, weights
 from scanlab.decoder.config import DecoderConfig, check_config
 from scanlab.decoder.families import Leaf
-from scanlab.decoder.lora import Adapted
 from scanlab.decoder.params import DecoderBlock, DecoderParams, outside_layers
 from scanlab.errors import ArgumentError, ArgumentTypeError
 
@@ -160,21 +159,19 @@ def param_count(config: DecoderConfig) -> int:
 
 
 def check_params(params: DecoderParams, config: DecoderConfig) -> None:
-    """Raises naming the first leaf that is missing, extra or not of the declared shape, or
-    quantized where the declaration does not allow it (or with scales not one per block)."""
+    """Raises naming the first leaf that is missing, extra or not of the declared shape, or of
+    another form than a dense array where the declaration does not allow it (or whose leaves the
+    form's own check refuses: scales not one per block, adapters of the wrong rank...)."""
     if not isinstance(params, DecoderParams):
         raise ArgumentTypeError(f"params must be a DecoderParams, got {type(params).__name__}")
     expected = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=is_shape)[0]
     leaves = dict(jax.tree_util.tree_flatten_with_path(declared(config), is_leaf=is_leaf)[0])
-    got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight)[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=weights.is_form)[0])
     for path, shape in expected:
         name = "params" + jax.tree_util.keystr(path)
         leaf = got.pop(path, None)
         if leaf is None:
             raise ArgumentError(f"{name} is missing: this config declares it with shape {shape}")
-        if isinstance(leaf, Adapted):
-            _check_adapted(leaf, leaves[path], name, shape)
-            leaf = leaf.base
         leaf_shape = tuple(np.shape(leaf))
         if leaf_shape != shape:
             if ".blocks" in name and leaf_shape[:1] != shape[:1]:
@@ -184,54 +181,32 @@ def check_params(params: DecoderParams, config: DecoderConfig) -> None:
                     f"{shape}"
                 )
             raise ArgumentError(f"{name} has shape {leaf_shape}, expected {shape}")
-        if quant.is_quantized(leaf):
-            _check_quantized(leaf, leaves[path], name, shape)
+        if weights.is_form(leaf):
+            _check_form(leaf, leaves[path], name, shape)
     if got:
         extra = "params" + jax.tree_util.keystr(next(iter(got)))
         raise ArgumentError(f"{extra} is not declared for this config (set to None), got an array")
 
 
-def is_weight(node: Any) -> bool:
-    """A weight matrix's node: a dense leaf is one by itself; these are pytrees of several."""
-    return quant.is_quantized(node) or isinstance(node, Adapted)
-
-
-def _check_adapted(adapted: Adapted, leaf: Leaf, name: str, shape: tuple[int, ...]) -> None:
-    """An adapted weight matrix's a is ([L,] inputs..., r) and b ([L,] r, outputs...)."""
+def _check_form(form: weights.WeightForm, leaf: Leaf, name: str, shape: tuple[int, ...]) -> None:
     if not leaf.quantizable:
-        raise ArgumentTypeError(f"{name} is adapted, but only weight matrices may be")
-    split = len(shape) - len(leaf.shape.split()) + len(leaf.fan_in.split())
-    rank = adapted.rank
-    for part, expected in (
-        ("a", (*shape[:split], rank)),
-        ("b", (*shape[: len(shape) - len(leaf.shape.split())], rank, *shape[split:])),
-    ):
-        got = tuple(np.shape(getattr(adapted, part)))
-        if got != expected:
-            raise ArgumentError(f"{name}.{part} has shape {got}, expected {expected}")
+        raise ArgumentTypeError(
+            f"{name} is a {type(form).__name__}, but only weight matrices may be; expected a "
+            "dense array"
+        )
+    stacked = len(shape) - len(leaf.shape.split())
+    form.check(name, shape, stacked + len(leaf.fan_in.split()))
 
 
 def check_dense(params: DecoderParams, what: str) -> None:
-    """Raises naming the first quantized leaf: `what` takes dense weights only."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quantized)[0]:
-        if quant.is_quantized(leaf):
+    """Raises naming the first leaf of another form than a dense array: `what` takes dense
+    weights only."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=weights.is_form)[0]:
+        if weights.is_form(leaf):
             raise ArgumentTypeError(
                 f"{what} takes dense weights, got params{jax.tree_util.keystr(path)} as a "
                 f"{type(leaf).__name__}: load with weights='float32' (or dequantize it)"
             )
-
-
-def _check_quantized(array, leaf: Leaf, name: str, shape: tuple[int, ...]) -> None:
-    if not leaf.quantizable:
-        raise ArgumentTypeError(
-            f"{name} is quantized, but only weight matrices may be; expected a dense array"
-        )
-    if isinstance(array, quant.VocabChunks):
-        quant.check_quant_array(array.chunks, name + ".chunks", tuple(array.chunks.shape))
-    elif isinstance(array, quant.PackedArray):
-        qmatvec.check_packed(array, name)
-    else:
-        quant.check_quant_array(array, name, shape)
 
 
 def quantize(
@@ -255,7 +230,7 @@ def quantize(
             )
 
     def quantized(leaf: Leaf, array):
-        if array is None or not leaf.quantizable or quant.is_quantized(array):
+        if array is None or not leaf.quantizable or weights.is_form(array):
             return array
         return quant.quantize_blocks(array, leaf.blocked_axis, block)
 
@@ -266,8 +241,8 @@ def quantize(
 
 
 def param_bytes(params: DecoderParams) -> int:
-    """Bytes the parameters hold: dense leaves' and quantized leaves' integers, scales, mins."""
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    """Bytes the parameters hold, every form's own count (integers, scales, mins...)."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(params, is_leaf=weights.is_form))
 
 
 def param_specs(config: DecoderConfig, mesh: Mesh) -> DecoderParams:
@@ -289,30 +264,14 @@ def param_specs(config: DecoderConfig, mesh: Mesh) -> DecoderParams:
 
 
 def shard_params(params: DecoderParams, config: DecoderConfig, mesh: Mesh) -> DecoderParams:
-    """Places DecoderParams on the mesh by `param_specs`.
-
-    A quantized leaf's values shard as its dense twin; its scales and mins too, except along the
-    blocked axis (fewer entries, not always divisible), which they replicate. A `VocabChunks`
-    head is replicated.
-    """
+    """Places DecoderParams on the mesh by `param_specs`, each form of weight as its class
+    places it (`WeightForm.placements`: a quantized leaf's values as its dense twin, its scales
+    replicated along the blocked axis; adapters' updates replicated); a form that cannot shard
+    (the kernel's layout) is refused by name."""
     specs = param_specs(config, mesh)
 
     def placed(spec: PartitionSpec, array):
-        if isinstance(array, quant.PackedArray):
-            raise ArgumentTypeError(
-                "shard_params takes dense or QuantArray weights, got the kernel's PackedArray "
-                "(one device): load with kernel=False to shard a quantized model"
-            )
-        if isinstance(array, quant.VocabChunks):
-            return jax.tree.map(lambda _: PartitionSpec(), array)
-        if isinstance(array, quant.QuantArray):
-            per_block = list(spec) + [None] * (array.ndim - len(spec))
-            per_block[array.axis] = None
-            per_block_spec = PartitionSpec(*per_block)
-            return jax.tree_util.tree_map_with_path(
-                lambda path, _: spec if path[0].name == "values" else per_block_spec, array
-            )
-        return spec
+        return array.placements(spec) if weights.is_form(array) else spec
 
     placements = jax.tree.map(
         placed, specs, params, is_leaf=lambda node: node is None or isinstance(node, PartitionSpec)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from scanlab import loops
-from scanlab.decoder import quant
+from scanlab.decoder import weights
 from scanlab.decoder.cache import Cache, StepMasks, cache_slots, cached_attend
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.layers import LayerKind, decoder_block, layer_kinds, self_attend
@@ -59,12 +59,12 @@ def check_remat(remat: str, loop: bool = False) -> tuple[str, int | Literal["sqr
 def _layer_step(config: DecoderConfig, positions_BxS: jax.Array, attend_of, held=None):
     """The scan body over ((key, seq), ((block, layer), kind, extra)): `attend_of(kind, extra)`
     is the layer's `Attend`, `held` the stacked weights the scan does not slice
-    (`quant.hold_stacked`); the body returns what it updated."""
+    (`weights.hold_stacked`); the body returns what it updated."""
 
     def step(state, layer_inputs):
         key, seq = state
         (scanned, layer), kind, extra = layer_inputs
-        block = quant.at_layer(scanned, held, layer)
+        block = weights.at_layer(scanned, held, layer)
         key, subkey = split_key_nullable(key)
         seq, aux = decoder_block(
             block,
@@ -114,7 +114,7 @@ def run_layers(
     policy, segments = check_remat(remat, loop)
     if positions_BxS is None:
         positions_BxS = _default_positions(seq_BxSxD)
-    scanned, held = quant.hold_stacked(blocks)
+    scanned, held = weights.hold_stacked(blocks)
     step = _layer_step(
         config,
         positions_BxS,
@@ -161,7 +161,7 @@ def run_cached_layers(
         cache, slot = layer_inputs
         return cached_attend(cache, slot, kind, masks, positions_BxS, config)
 
-    scanned, held = quant.hold_stacked(blocks)
+    scanned, held = weights.hold_stacked(blocks)
     step = _layer_step(config, positions_BxS, attend_of, held)
 
     def cached_step(state, layer_inputs):

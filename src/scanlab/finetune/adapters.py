@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from scanlab import checks
-from scanlab.decoder import quant
+from scanlab.decoder import weights
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import Leaf
 from scanlab.decoder.lora import Adapted
 from scanlab.decoder.params import DecoderBlock, DecoderParams
-from scanlab.decoder.spec import is_weight, sizes
+from scanlab.decoder.spec import sizes
 from scanlab.errors import ArgumentError
 
 # PEFT's (transformers') projection names -> where the weight sits in a DecoderBlock.
@@ -139,29 +139,8 @@ def merged(params: DecoderParams) -> DecoderParams:
 
     Quantized weights are dequantized (a merged weight is no longer on their grid).
     """
-
-    def dense(weight):
-        if isinstance(weight, Adapted):
-            base, layers, rank = dense(weight.base), weight.a.shape[0], weight.rank
-            a = weight.a.reshape(layers, -1, rank).astype(jnp.float32)
-            b = weight.b.reshape(layers, rank, -1).astype(jnp.float32)
-            return base + weight.scaling * jnp.matmul(a, b).reshape(base.shape)
-        return quant.as_dense(weight, jnp.float32) if quant.is_quantized(weight) else weight
-
-    return jax.tree.map(dense, params, is_leaf=is_weight)
-
-
-def check_adapters(adapters: Adapters, config: DecoderConfig, lora: LoraConfig) -> None:
-    """The adapters' targets and shapes are the ones `lora` declares for this config."""
-    expected = adapter_shapes(config, lora)
-    if not isinstance(adapters, dict) or set(adapters) != set(expected):
-        got = sorted(adapters) if isinstance(adapters, dict) else type(adapters).__name__
-        raise ArgumentError(f"adapters must hold the targets {sorted(expected)}, got {got}")
-    for target, parts in expected.items():
-        for part, shape in parts.items():
-            leaf = adapters[target].get(part)
-            got_shape = None if leaf is None else tuple(jnp.shape(leaf))
-            if got_shape != shape:
-                raise ArgumentError(
-                    f"adapters[{target!r}][{part!r}] has shape {got_shape}, expected {shape}"
-                )
+    return jax.tree.map(
+        lambda w: weights.as_dense(w, jnp.float32) if weights.is_form(w) else w,
+        params,
+        is_leaf=weights.is_form,
+    )

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanlab import checks
-from scanlab.decoder import quant, spec
+from scanlab.decoder import spec, weights
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.formats.tokenizer import load_tokenizer
 from scanlab.decoder.load import Model, load_config, load_weights, resolve
@@ -121,7 +121,13 @@ def finetune(
             total_steps=config.steps,
             chunk_steps=config.chunk_steps,
             run_chunk=lambda s, n: finetune_chunk(
-                s, frozen, train_data, config=config, model_config=model_config, steps=n
+                s,
+                frozen,
+                train_data,
+                config=config,
+                model_config=model_config,
+                steps=n,
+                length=config.chunk_steps,
             ),
             manager=manager,
             config=identity,
@@ -183,14 +189,14 @@ def _identity(model, data_file, config: FinetuneConfig) -> dict:
 
 def _check_trainable(params: DecoderParams, config: FinetuneConfig) -> None:
     """A base the backward pass can run through: no kernel layout; dense for full training."""
-    for where, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quantized)[0]:
+    for where, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=weights.is_form)[0]:
         name = f"params{jax.tree_util.keystr(where)}"
-        if isinstance(leaf, quant.PackedArray):
+        if weights.is_form(leaf) and not leaf.differentiable:
             raise ArgumentTypeError(
-                f"{name} is in the inference kernel's layout, which has no gradients: load the "
-                "model with kernel=False"
+                f"{name} is a {type(leaf).__name__}, the inference kernel's layout, which has no "
+                "gradients: load the model with kernel=False"
             )
-        if config.lora is None and quant.is_quantized(leaf):
+        if config.lora is None and weights.is_form(leaf):
             raise ArgumentTypeError(
                 f"full fine-tuning trains every weight, got {name} quantized: load with "
                 "weights='float32'"

@@ -22,7 +22,14 @@ from scanlab.errors import ArgumentError
 from scanlab.finetune import adapters
 from scanlab.finetune.config import FinetuneConfig
 from scanlab.finetune.data import Rows
-from scanlab.train.step import optimizer
+from scanlab.train.step import (
+    RunSettings,
+    check_steps,
+    optimizer,
+    program_config,
+    run_settings,
+    scan_steps,
+)
 
 
 class FinetuneState(NamedTuple):
@@ -44,7 +51,7 @@ def init_state(
         trainable = jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), params)
     else:
         trainable = adapters.init_adapters(model_config, config.lora, adapter_key)
-    state_opt = optimizer(config).init(trainable)
+    state_opt = optimizer(run_settings(config)).init(trainable)
     return FinetuneState(trainable, state_opt, run_key, jnp.zeros((), jnp.int32))
 
 
@@ -74,6 +81,7 @@ def finetune_step(
     state: FinetuneState,
     frozen: DecoderParams | None,
     data: Rows,
+    settings: RunSettings,
     config: FinetuneConfig,
     model_config: DecoderConfig,
 ) -> tuple[FinetuneState, jax.Array]:
@@ -102,14 +110,21 @@ def finetune_step(
     count = jnp.maximum(count, 1.0)  # a batch with no target tokens has zero gradients
     grads = jax.tree.map(lambda g: g / count, grads)
     with jax.numpy_dtype_promotion("standard"):  # optax's bias correction: see train.step
-        updates, opt_state = optimizer(config).update(grads, state.opt_state, state.trainable)
+        updates, opt_state = optimizer(settings).update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     return FinetuneState(trainable, opt_state, key, state.step + 1), loss_sum / count
 
 
 # The state is donated: adapters (or weights) and moments are updated in place between calls;
 # the frozen base and the rows are read, never copied.
-@functools.partial(jax.jit, static_argnames=("config", "model_config", "steps"), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("config", "model_config", "length"), donate_argnums=0)
+def _finetune_chunk(state, frozen, data, settings, steps, *, config, model_config, length):
+    def step(s):
+        return finetune_step(s, frozen, data, settings, config, model_config)
+
+    return scan_steps(step, state, steps, length)
+
+
 def finetune_chunk(
     state: FinetuneState,
     frozen: DecoderParams | None,
@@ -118,17 +133,43 @@ def finetune_chunk(
     config: FinetuneConfig,
     model_config: DecoderConfig,
     steps: int,
+    length: int | None = None,
 ) -> tuple[FinetuneState, jax.Array]:
     """`steps` optimizer steps in one compiled call: a `jax.lax.scan` over `finetune_step`.
+
+    As `train.train_chunk`: the run settings are traced, and the scan runs `length` iterations
+    (default `steps`), those past `steps` skipped, so one program serves a run's every chunk.
 
     Returns:
       (state after the steps, per-step losses of shape (steps,)).
     """
+    length = check_steps(steps, length)
+    state, losses = _finetune_chunk(
+        state,
+        frozen,
+        data,
+        run_settings(config),
+        jnp.int32(steps),
+        config=program_config(config),
+        model_config=model_config,
+        length=length,
+    )
+    return state, losses[:steps]
 
-    def step(s, _):
-        return finetune_step(s, frozen, data, config, model_config)
 
-    return jax.lax.scan(step, state, None, length=steps)
+def compiled_chunk(state, frozen, data: Rows, *, config, model_config, steps: int):
+    """The compiled program `finetune_chunk` runs for these arguments (for XLA's memory
+    analysis); `state` may be abstract (`jax.eval_shape`)."""
+    return _finetune_chunk.lower(
+        state,
+        frozen,
+        data,
+        run_settings(config),
+        jnp.int32(steps),
+        config=program_config(config),
+        model_config=model_config,
+        length=steps,
+    ).compile()
 
 
 _jitted_step = jax.jit(finetune_step, static_argnames=("config", "model_config"), donate_argnums=0)
@@ -136,18 +177,25 @@ _jitted_step = jax.jit(finetune_step, static_argnames=("config", "model_config")
 
 def finetune_loop(state, frozen, data, *, config, model_config, steps: int):
     """The usual alternative, for comparison: a Python loop over a jitted step."""
+    settings, program = run_settings(config), program_config(config)
     losses = []
     for _ in range(steps):
-        state, loss = _jitted_step(state, frozen, data, config, model_config)
+        state, loss = _jitted_step(state, frozen, data, settings, program, model_config)
         losses.append(loss)
     return state, jnp.stack(losses)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "model_config"))
 def evaluation_loss(
     trainable, frozen, data: Rows, *, config: FinetuneConfig, model_config: DecoderConfig
 ) -> jax.Array:
     """The mean loss per target token over all of `data`, `micro_batch` rows at a time."""
+    return _evaluation_loss(
+        trainable, frozen, data, config=program_config(config), model_config=model_config
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "model_config"))
+def _evaluation_loss(trainable, frozen, data: Rows, *, config, model_config) -> jax.Array:
     size = config.micro_batch
     padded = -len(data) % size  # rows without targets: they add nothing
     batches = jax.tree.map(

@@ -70,7 +70,9 @@ def train(
             history,
             total_steps=config.steps,
             chunk_steps=config.chunk_steps,
-            run_chunk=lambda s, n: train_chunk(s, config=config, steps=n, mesh=mesh),
+            run_chunk=lambda s, n: train_chunk(
+                s, config=config, steps=n, mesh=mesh, length=config.chunk_steps
+            ),
             manager=manager,
             config=config.to_dict(),
             checkpoint_every=checkpoint_every,

@@ -189,19 +189,19 @@ def test_a_path_that_is_not_one_and_an_integer_dtype_are_named(small_file):
     ids=lambda value: getattr(value, "name", str(value)),
 )
 def test_blocks_kept_dequantize_to_the_dense_load_exactly(tmp_path, tie, qtype):
-    from scanlab.decoder import quant
+    from scanlab.decoder import quant, weights
 
     path = write_gguf(tmp_path / "model.gguf", random_model("llama", tie), qtype)
     config, dense = load_gguf(path)
     _, kept = load_gguf(path, quantized=True)
     expected = jax.tree_util.tree_flatten_with_path(dense)[0]
-    got = dict(jax.tree_util.tree_flatten_with_path(kept, is_leaf=quant.is_quantized)[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(kept, is_leaf=weights.is_form)[0])
     for key, array in expected:
         leaf = got[key]
         if key[-1].name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"):
             assert isinstance(leaf, quant.QuantArray), key
         np.testing.assert_array_equal(
-            quant.as_dense(leaf) if quant.is_quantized(leaf) else leaf, array
+            weights.as_dense(leaf) if quant.is_quantized(leaf) else leaf, array
         )
     # head_dim 16: out_proj's rows hold blocks of 32 that span two heads; it loads dense.
     assert not quant.is_quantized(kept.blocks.attention.out_proj)

@@ -21,7 +21,8 @@ from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import Leaf
 from scanlab.decoder.params import DecoderParams, outside_layers
-from scanlab.decoder.quant import QuantArray, Weight
+from scanlab.decoder.quant import QuantArray
+from scanlab.decoder.weights import Weight
 from scanlab.errors import ScanlabError
 
 # A tensor as a reader hands it over: NumPy (read or dequantized from a file) or a JAX array.
