@@ -210,7 +210,11 @@ def quantized_norm(params):
     ("damage", "error", "match"),
     [
         (bad_scales, ArgumentError, r"params\.blocks\.gate_proj\.scales has shape \(4, 2, 127\)"),
-        (quantized_norm, ArgumentTypeError, r"params\.final_norm is a QuantArray, but only weight matrices may be"),
+        (
+            quantized_norm,
+            ArgumentTypeError,
+            r"params\.final_norm is a QuantArray, but only weight matrices may be",
+        ),
     ],
     ids=["scales-shape", "quantized-norm"],
 )
