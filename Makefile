@@ -25,12 +25,17 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-run
 	$(BIN)/scanlab demo
 
+# The default tier's programs are tiny, so compiling them is most of its time: XLA's backend
+# compiles them without LLVM's optimization passes (the same programs and assertions,
+# compiled faster). The end-to-end tier runs real models, where run time counts: it keeps them.
+FAST_COMPILE := XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS"
+
 # Lint, types, and every test but the end-to-end ones (docs/testing.md says what each tier holds).
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -m "not e2e"
+	$(FAST_COMPILE) $(BIN)/python -m pytest -m "not e2e"
 
 # The end-to-end tier: the tour, the docs' blocks, the README's CLI, several processes, the real
 # fine-tunes against transformers and PEFT, a quick benchmark run. CI runs it after `make test`.
@@ -40,7 +45,7 @@ test-e2e: $(VENV)/.installed-test
 # The unit and property tests alone, offline (pip may not fetch a model file): no real model.
 test-fast: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests
-	PIP_NO_INDEX=1 $(BIN)/python -m pytest -m "not slow and not e2e"
+	PIP_NO_INDEX=1 $(FAST_COMPILE) $(BIN)/python -m pytest -m "not slow and not e2e"
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/scanlab bench --out results/bench

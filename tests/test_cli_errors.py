@@ -236,6 +236,10 @@ def test_no_argument_list_gives_a_traceback(command, cli):
         (["launch", "--processes", "0", "--", "train"], "error: --processes must be >= 1, got 0"),
         (["launch", "--processes", "2"], "error: launch needs a scanlab command after --"),
         (
+            ["launch", "--processes", "2", "--", "finetune", "--data", "x.jsonl"],
+            "error: launch cannot run `finetune`: fine-tuning runs on one process (no mesh yet)",
+        ),
+        (
             ["--num-processes", "2", "train"],
             "error: --num-processes and --process-id need --coordinator",
         ),
@@ -352,7 +356,7 @@ def test_ctrl_c_and_sigterm_end_with_their_status_and_one_line(
     assert signal.getsignal(signal.SIGTERM) is handler  # the CLI's handler is gone again
 
 
-@pytest.mark.slow  # a real training process
+@pytest.mark.e2e  # a real training process, signalled: `make test-e2e`
 def test_sigterm_during_training_saves_the_newest_state_and_exits_143(tmp_path):
     from scanlab import train
 

@@ -6,7 +6,7 @@ the suite keeps one device.
 
 import pytest
 
-pytestmark = pytest.mark.slow  # fresh processes on 8 simulated devices: not in `make test-fast`
+pytestmark = pytest.mark.e2e  # fresh processes on 8 simulated devices: `make test-e2e`
 
 SETUP = """
 import jax, numpy as np

@@ -213,6 +213,9 @@ def decoder_shapes(
     console.print(f"parameters: {count} (from the declared shapes)")
 
 
+MESH_HELP = "Run on a device mesh, e.g. data=4,model=2 (on a CPU, host devices are made to fit)."
+
+
 @decoder_app.command("compare")
 def decoder_compare(
     layers: Annotated[int, typer.Option(help="Number of layers L.")] = 16,
@@ -303,6 +306,12 @@ Plot = Annotated[
 ]
 
 
+def _given(**flags) -> dict[str, Any]:
+    """The flags given on the command line: those left unset (None) dropped, so a saved run's
+    settings or the config's defaults stand for them."""
+    return {name: value for name, value in flags.items() if value is not None}
+
+
 def _sampling(temperature, top_k, top_p, min_p, repetition_penalty) -> dict:
     """generate's sampling keywords from the shared flags."""
     return dict(
@@ -376,15 +385,7 @@ def decoder_generate(
         with _loading(model, weights):
             (config, params), tokenizer = load.load_weights(path, weights), None
     else:
-        config = decoder.preset(preset)
-        param_dtype = jax.numpy.dtype("float32" if weights in (None, "quantized") else weights)
-        checks.fits_in_memory(
-            f"preset {preset} in {param_dtype.name}",
-            decoder.param_count(config) * param_dtype.itemsize,
-        )
-        params, tokenizer = decoder.init_params(config, key, param_dtype), None
-        if weights == "quantized":
-            params = decoder.quantize(params, config)
+        (config, params), tokenizer = load.random_weights(preset, key, weights), None
     if verbose:
         _describe_weights(params)
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
@@ -394,10 +395,8 @@ def decoder_generate(
         console.print(f"prompt:    {token_ids[0].tolist()}")
         console.print(f"generated: {np.asarray(out.tokens[0, token_ids.shape[1] :]).tolist()}")
         return
-    if chat:  # the template writes its own special tokens
-        ids = tokenizer.encode(
-            tokenizer.chat([{"role": "user", "content": prompt}]), add_special_tokens=False
-        )
+    if chat:
+        ids = decoder.Chat(load.Model(config, params, tokenizer)).prompt_ids(prompt)
     else:
         ids = tokenizer.encode(prompt)
     chunks = decoder.stream(
@@ -578,19 +577,15 @@ def train_command(
     checks.static_int("--checkpoint-every", checkpoint_every, minimum=1)
     from scanlab import train
 
-    given: dict[str, Any] = {
-        name: value
-        for name, value in dict(
-            task=task,
-            steps=steps,
-            chunk_steps=chunk_steps,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            warmup_steps=warmup_steps,
-            seed=seed,
-        ).items()
-        if value is not None
-    }
+    given = _given(
+        task=task,
+        steps=steps,
+        chunk_steps=chunk_steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        seed=seed,
+    )
     if resume and checkpoint_dir is not None:
         # The saved run's settings; a flag given again must agree (train() says where not).
         config = train.saved_config(checkpoint_dir, resume_step).replace(**given)
@@ -695,35 +690,27 @@ def finetune_command(
     from scanlab import checks
 
     checks.static_int("--checkpoint-every", checkpoint_every, minimum=1)
-    lora_given: dict[str, Any] = {
-        name: value
-        for name, value in dict(
-            rank=lora_rank,
-            alpha=lora_alpha,
-            dropout=lora_dropout,
-            targets=None if lora_targets is None else tuple(lora_targets.split(",")),
-        ).items()
-        if value is not None
-    }
+    lora_given = _given(
+        rank=lora_rank,
+        alpha=lora_alpha,
+        dropout=lora_dropout,
+        targets=None if lora_targets is None else tuple(lora_targets.split(",")),
+    )
     if full and lora_given:
         raise ArgumentError(f"--full trains every weight: drop --lora-{next(iter(lora_given))}")
-    given: dict[str, Any] = {
-        name: value
-        for name, value in dict(
-            steps=steps,
-            chunk_steps=chunk_steps,
-            batch_size=batch_size,
-            accumulate=accumulate,
-            seq_len=seq_len,
-            learning_rate=learning_rate,
-            warmup_steps=warmup_steps,
-            eval_fraction=eval_fraction,
-            remat=remat,
-            weights=weights,
-            seed=seed,
-        ).items()
-        if value is not None
-    }
+    given = _given(
+        steps=steps,
+        chunk_steps=chunk_steps,
+        batch_size=batch_size,
+        accumulate=accumulate,
+        seq_len=seq_len,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        eval_fraction=eval_fraction,
+        remat=remat,
+        weights=weights,
+        seed=seed,
+    )
     import dataclasses
 
     from scanlab import finetune
@@ -837,9 +824,6 @@ def evaluate_command(
     result = train.load(checkpoint_dir, step=step)
     evaluation = train.evaluate(result.state.params, result.config, n)
     console.print(*render.evaluation(evaluation, int(result.state.step)), sep="\n")
-
-
-MESH_HELP = "Run on a device mesh, e.g. data=4,model=2 (on a CPU, host devices are made to fit)."
 
 
 def _mesh(spec: str | None):

@@ -28,6 +28,14 @@ SCANLAB = (sys.executable, "-m", "scanlab")
 # before SIGKILL; after a peer's failure the others cannot finish a collective, and get less.
 GRACE_S, AFTER_FAILURE_S = 30.0, 2.0
 
+# Commands that do not run as one program across processes, and why: each process would run
+# the whole command alone and write the same files.
+NOT_DISTRIBUTED = {
+    "finetune": "fine-tuning runs on one process (no mesh yet): every process would train alone "
+    "and write the same plot and merged model",
+    "launch": "a launched process cannot launch more",
+}
+
 
 def environments(processes: int, devices_per_process: int) -> list[dict[str, str]]:
     """Each process's environment: this one's, plus the run's settings."""
@@ -60,6 +68,11 @@ def launch(
     signal for one killed by a signal), after one line to `report` naming it and its last
     error line. Output lines go to `write`.
     """
+    if command and command[0] in NOT_DISTRIBUTED:
+        raise ArgumentError(
+            f"launch cannot run `{command[0]}`: {NOT_DISTRIBUTED[command[0]]}; run it without "
+            "launch"
+        )
     if processes < 1:
         raise ArgumentError(f"--processes must be >= 1, got {processes}")
     if devices_per_process < 1:

@@ -72,3 +72,31 @@ def test_w13_is_rendered_and_judged_from_the_canonical_figures(tmp_path):
     del results["gemma3"]
     assert "## W13 — Gemma 3 270M\n\nNot run in quick mode" in markdown.render(results)
     assert not any(name.startswith("W13") for name, _, _ in targets.judge(results))
+
+
+def test_the_committed_report_is_the_rendering_of_the_committed_figures():
+    docs = Path(__file__).parents[2] / "docs"
+    assert (docs / "bench/report.md").read_text() == markdown.render(canonical_results())
+
+
+def test_the_readme_quotes_only_figures_of_the_report():
+    """Every figure in the README's results column (a decimal, or a count of ×, %, MB) is in the
+    report rendered from results.json: none typed by hand, none gone stale."""
+    import re
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme[readme.index("## Results") : readme.index("![W2")]
+    report = markdown.render(canonical_results())
+    rows = [line for line in table.splitlines() if line.startswith("| W")]
+    figures = [
+        (row.split("|")[1].strip(), figure)
+        for row in rows
+        for figure in re.findall(r"(?<![\w.])\d+\.\d+|\d+(?=×|%| MB| MiB)", row.split("|")[3])
+    ]
+    assert len(rows) >= 10 and len(figures) >= 40
+    quoted = [
+        (row, figure)
+        for row, figure in figures
+        if not re.search(rf"(?<![\d.]){re.escape(figure)}(?!\d)", report)
+    ]
+    assert quoted == []

@@ -5,6 +5,7 @@ import pytest
 from tests.traces import traced
 
 from scanlab.decoder import forward, generate, init_params, load_model, preset
+from scanlab.errors import ArgumentTypeError
 
 CONFIG = preset("tiny")
 
@@ -258,3 +259,16 @@ def test_api_mistakes_name_the_argument(call, error, message):
     tokens = np.zeros((2, 5), np.int32)
     with pytest.raises(error, match=message):
         call(params, tokens, config)
+
+
+def test_swapped_or_ragged_tokens_are_named_before_numpy_sees_them():
+    config = preset("tiny")
+    params = init_params(config, jax.random.PRNGKey(0))
+    prompt = np.zeros((1, 4), np.int32)
+    with pytest.raises(
+        ArgumentTypeError,
+        match=r"tokens is a DecoderParams: the parameters come first \(params, tokens, config\)",
+    ):
+        generate(prompt, params, config, 2)
+    with pytest.raises(ArgumentTypeError, match=r"tokens must be token ids of shape \(B, S\)"):
+        generate(params, [[1, 2], [3]], config, 2)

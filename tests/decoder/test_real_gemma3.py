@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scanlab.decoder import forward, generate, load_gguf, load_model
 
-pytestmark = pytest.mark.slow  # the real Gemma 3 model: not in `make test-fast`
+pytestmark = pytest.mark.e2e  # Gemma 3 against transformers, every check: `make test-e2e`
 
 NEW_TOKENS = 16
 STORY = (

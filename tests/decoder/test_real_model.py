@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scanlab.decoder import generate, load_gguf, load_model, load_tokenizer, stream
 
-pytestmark = pytest.mark.slow  # the real SmolLM2 model: not in `make test-fast`
+pytestmark = pytest.mark.e2e  # SmolLM2 against transformers, every check: `make test-e2e`
 
 NEW_TOKENS = 24
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

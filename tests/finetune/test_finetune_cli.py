@@ -12,7 +12,7 @@ from tests.tiny import TINY, tiny_tokenizer
 from scanlab.decoder import Model, init_params
 from scanlab.finetune import save_merged
 
-pytestmark = pytest.mark.slow  # whole runs of the command
+pytestmark = pytest.mark.e2e  # whole runs of the command: `make test-e2e`
 
 CONFIG = dataclasses.replace(TINY, max_seq_len=128)  # chat keeps a 64-token prompt bucket
 

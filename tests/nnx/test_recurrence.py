@@ -130,6 +130,27 @@ def test_rngs_and_linen_weights_are_checked():
         match=r'variables\["params"\]\["W"\] must be a float \(H, H\) matrix, got float32\[4, 3\]',
     ):
         from_linen({"params": {"W": np.ones((4, 3), np.float32)}}, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"variables must be linen variables \{\"params\": \{\"W\": \(H, H\)\}\}, got \{'params': \{'kernel': ndarray\}\}",
+    ):
+        from_linen({"params": {"kernel": np.ones((4, 4), np.float32)}}, 3)
+    with pytest.raises(
+        TypeError, match="module must be an NNXLaxScanModule or NNXScanModule, got dict"
+    ):
+        to_linen({"params": {"W": np.ones((4, 4), np.float32)}})
+
+
+@pytest.mark.parametrize("cls", [NNXLaxScanModule, NNXScanModule])
+def test_fields_changed_after_construction_are_named_before_the_dot(cls):
+    module = cls(4, 3, rngs=nnx.Rngs(0))
+    module.hidden = 5
+    with pytest.raises(ValueError, match=r"W must be a float \(5, 5\) matrix, got float32\[4, 4\]"):
+        module(jnp.ones(5))
+    module.hidden = 4
+    module.W = nnx.Param(jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"W must be a float \(4, 4\) matrix, got float32\[4, 3\]"):
+        module(jnp.ones(4))
 
 
 def test_under_nnx_jit():

@@ -87,6 +87,13 @@ class Family:
       norm_plus_one: RMSNorm scales by 1 + w (w initialised to 0) instead of w.
       embed_scale: the embedded tokens are multiplied by sqrt(D).
       layer_pattern: the kinds of consecutive layers (SLIDING or FULL), repeated over the stack.
+      hf_false_flags: transformers config flags of features scanlab does not implement for this
+        family: written false, refused when true.
+      hf_activation_key: the config key naming the MLP's activation.
+      hf_query_scalar: the config always states `query_pre_attn_scalar` (transformers' default
+        for the family is not head_dim^-1/2).
+      hf_no_softcapping: the config states its logit softcappings, null (transformers' default
+        for the family is a softcapping).
     """
 
     name: str
@@ -98,6 +105,10 @@ class Family:
     norm_plus_one: bool = False
     embed_scale: bool = False
     layer_pattern: tuple[str, ...] = (FULL,)
+    hf_false_flags: tuple[str, ...] = ()
+    hf_activation_key: str = "hidden_act"
+    hf_query_scalar: bool = False
+    hf_no_softcapping: bool = False
 
     @property
     def has_sliding_layers(self) -> bool:
@@ -182,6 +193,7 @@ LLAMA = Family(
     hf_architecture="LlamaForCausalLM",
     hf_model_type="llama",
     gguf_architecture="llama",
+    hf_false_flags=("attention_bias", "mlp_bias", "use_sliding_window"),
 )
 
 
@@ -207,6 +219,7 @@ QWEN2 = Family(
     hf_architecture="Qwen2ForCausalLM",
     hf_model_type="qwen2",
     gguf_architecture="qwen2",
+    hf_false_flags=("use_sliding_window",),
 )
 
 
@@ -242,6 +255,9 @@ GEMMA3 = Family(
     norm_plus_one=True,
     embed_scale=True,
     layer_pattern=(SLIDING,) * 5 + (FULL,),
+    hf_activation_key="hidden_activation",
+    hf_query_scalar=True,
+    hf_no_softcapping=True,
 )
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (LLAMA, QWEN2, GEMMA3)}

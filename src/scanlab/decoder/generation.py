@@ -5,8 +5,8 @@ padding), and the loop ends as soon as every row is done. `generate` is one comp
 `lax.while_loop` over tokens whose condition is "tokens left and a row not done". `stream` yields
 tokens as they are produced: chunks of `chunk` tokens, each one compiled `lax.scan` of the same
 decoding step, with the same early end between chunks. On SmolLM2 (W7 in the benchmark
-report) the while_loop and chunked scans trade places between runs, within the noise, so
-`generate` keeps the one program (callable under `jit`).
+report) the one while_loop decodes faster than chunked scans, so `generate` keeps it (a program
+callable under `jit`).
 Sampling settings are traced values (see `scanlab.decoder.sampling`): a new temperature, top-k,
 top-p, min-p or repetition penalty reuses the compiled program.
 """

@@ -11,7 +11,7 @@ from typing import NamedTuple
 from scanlab import checks
 from scanlab.checks import shown
 from scanlab.decoder import qmatvec, spec
-from scanlab.decoder.config import DecoderConfig, check_weights
+from scanlab.decoder.config import DecoderConfig, check_weights, preset
 from scanlab.decoder.formats import pretrained
 from scanlab.decoder.formats.gguf_file import config_from_gguf, load_gguf, open_gguf
 from scanlab.decoder.formats.hf import load_checkpoint, read_config
@@ -63,6 +63,24 @@ def _load_weights(
     if weights not in (None, "quantized"):
         return load_gguf(path, dtype=weights)
     return load_gguf(path, dtype="float32", quantized=True, kernel=on_kernel())
+
+
+def random_weights(
+    preset_name: str, key, weights: str | None = None
+) -> tuple[DecoderConfig, DecoderParams]:
+    """(config, params) of a preset (`config.PRESETS`) with random weights drawn from `key`:
+    float32 (and then quantized, for weights "quantized" or None's default) or bfloat16; refused
+    up front where they would not fit in memory."""
+    import jax.numpy as jnp
+
+    check_weights(weights)
+    config = preset(preset_name)
+    dtype = jnp.dtype("float32" if weights in (None, "quantized") else weights)
+    checks.fits_in_memory(
+        f"preset {preset_name} in {dtype.name}", spec.param_count(config) * dtype.itemsize
+    )
+    params = spec.init_params(config, key, dtype)
+    return config, spec.quantize(params, config) if weights == "quantized" else params
 
 
 def load_config(path: Path) -> DecoderConfig:

@@ -110,8 +110,18 @@ def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
 
     An id outside the vocabulary would be clamped silently by the embedding gather.
     """
-    array = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
     shown = checks.shown(name)
+    if isinstance(tokens, DecoderParams):
+        raise ArgumentTypeError(
+            f"{shown} is a DecoderParams: the parameters come first (params, tokens, config)"
+        )
+    try:
+        array = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
+    except ValueError:  # ragged rows
+        raise ArgumentTypeError(
+            f"{shown} must be token ids of shape (B, S), got a {type(tokens).__name__} NumPy "
+            "cannot make an array of"
+        ) from None
     if array.ndim != 2 or not array.shape[0]:
         raise ArgumentError(
             f"{shown} must have shape (B, S) with B >= 1, got shape {tuple(array.shape)}"

@@ -3,8 +3,8 @@
 Each family's `Leaf` declarations (`scanlab.decoder.families`) give the shapes
 (`param_shapes`, the `eval_shape` listing), initialisation (`init_params`), validation
 (`check_params`) and placement on a mesh (`param_specs`); the formats read the checkpoint names
-and layouts from the same declarations. A new parameter is one `Leaf` in its family plus its
-math in `layers.py`.
+and layouts from the same declarations. A new parameter is one `Leaf` in its family, a field
+of its container in `params.py`, and its math in `layers.py`.
 """
 
 from __future__ import annotations

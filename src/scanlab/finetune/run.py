@@ -212,12 +212,14 @@ def with_trained(model: Model, checkpoint_dir: str | Path, step: int | None = No
         step = checkpoints.verified_step(manager, step, "step")
         recorded = loop.saved_config(manager, step)
         config = _config_of(recorded)
+        # A full fine-tune's state holds dense float32 weights of the declared shapes, whatever
+        # form the model was loaded in: their shapes, drawn by nothing.
         weights = (
             model.params
             if config.lora is not None
-            else spec.init_params(model.config, jax.random.PRNGKey(0))
+            else jax.eval_shape(lambda: spec.init_params(model.config, jax.random.PRNGKey(0)))
         )
-        target = jax.eval_shape(lambda: init_state(config, model.config, weights))
+        target = jax.eval_shape(lambda w: init_state(config, model.config, w), weights)
         try:
             state, _ = loop.restore_run(manager, step, target)
         except ValueError as error:

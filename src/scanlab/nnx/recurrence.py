@@ -62,8 +62,10 @@ class NNXLaxScanModule(nnx.Module):
 
     def _checked(self, x: ArrayLike) -> jax.Array:
         """x as an array of shape (..., H), the fields checked again: they may be set after
-        construction (`module.T = -5` would otherwise run as 0 steps)."""
+        construction (`module.T = -5` would otherwise run as 0 steps, a new `hidden` or `W`
+        fail inside the dot)."""
         hidden, _ = checks.recurrence_sizes(self.hidden, self.T)
+        _check_W(self.W, "W", hidden)
         array = checks.numeric_array("x", x)
         checks.last_axis("x", array, hidden, "hidden")
         return jnp.asarray(array)
@@ -90,6 +92,20 @@ class NNXScanModule(NNXLaxScanModule):
         return _with_initial_state(init_carry, states) if self.trajectory else final
 
 
+def _check_W(W, name: str, hidden: int | None = None) -> None:
+    """A float (H, H) matrix (H = `hidden` when given), as an nnx.Param or an array."""
+    if isinstance(W, nnx.Variable):
+        W = W[...]
+    shape = tuple(getattr(W, "shape", ()))
+    dtype = getattr(W, "dtype", None)
+    floating = dtype is not None and jnp.dtype(dtype).kind == "f"
+    square = len(shape) == 2 and shape[0] == shape[1]
+    if not (square and floating) or (hidden is not None and shape[0] != hidden):
+        expected = f"({hidden}, {hidden})" if hidden is not None else "(H, H)"
+        got = f"{dtype}{list(shape)}" if dtype is not None else type(W).__name__
+        raise ArgumentError(f"{name} must be a float {expected} matrix, got {got}")
+
+
 def check_rngs(rngs) -> None:
     """An `nnx.Rngs`: anything else fails deep inside the first draw."""
     if not isinstance(rngs, nnx.Rngs):
@@ -109,11 +125,14 @@ def from_linen(
     trajectory: bool = False,
 ) -> NNXLaxScanModule:
     """An NNX module holding the W of linen variables `{"params": {"W": (H, H)}}`."""
-    W = jnp.asarray(variables["params"]["W"])
-    if W.ndim != 2 or W.shape[0] != W.shape[1] or W.dtype.kind != "f":
+    try:
+        W = jnp.asarray(variables["params"]["W"])
+    except (KeyError, TypeError, IndexError):
         raise ArgumentError(
-            f'variables["params"]["W"] must be a float (H, H) matrix, got {W.dtype}{list(W.shape)}'
-        )
+            'variables must be linen variables {"params": {"W": (H, H)}}, got '
+            f"{_describe(variables)}"
+        ) from None
+    _check_W(W, 'variables["params"]["W"]')
     module = nnx.eval_shape(lambda: cls(W.shape[0], T, trajectory=trajectory, rngs=nnx.Rngs(0)))
     module.W = nnx.Param(W)
     return module
@@ -121,7 +140,18 @@ def from_linen(
 
 def to_linen(module: NNXLaxScanModule) -> dict:
     """The linen variables `{"params": {"W": (H, H)}}` of an NNX recurrence module."""
+    if not isinstance(module, NNXLaxScanModule):
+        raise ArgumentTypeError(
+            f"module must be an NNXLaxScanModule or NNXScanModule, got {type(module).__name__}"
+        )
     return {"params": {"W": module.W[...]}}
+
+
+def _describe(tree) -> str:
+    """A mapping's nested keys ("{'params': {'kernel'}}"), else its type's name."""
+    if isinstance(tree, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in tree.items()) + "}"
+    return type(tree).__name__
 
 
 @functools.lru_cache(maxsize=8)

@@ -260,7 +260,9 @@ def test_sliding_window_and_config_gaps_are_named(tmp_path):
     qwen2_model(**QWEN2_CONFIGS["gqa"]).save_pretrained(tmp_path)
     hf = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(hf | {"use_sliding_window": True}))
-    with pytest.raises(CheckpointError, match="use_sliding_window must be false, got true"):
+    with pytest.raises(
+        CheckpointError, match="use_sliding_window must be false for qwen2, got true"
+    ):
         load_checkpoint(tmp_path)
     del hf["hidden_size"]
     (tmp_path / "config.json").write_text(json.dumps(hf))

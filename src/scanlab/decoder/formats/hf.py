@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ from safetensors.flax import save_file
 from scanlab import checks
 from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
-from scanlab.decoder.families import FAMILIES, FULL, LLAMA, SLIDING, Family, Leaf
+from scanlab.decoder.families import FAMILIES, FULL, SLIDING, Family, Leaf
 from scanlab.decoder.formats.base import (
     CheckpointError,
     Tensor,
@@ -89,18 +90,15 @@ def _rope_thetas(hf: dict) -> tuple[float, float]:
 
 def _check_features(hf: dict, family: Family, config: DecoderConfig) -> None:
     """Refuses settings scanlab does not implement rather than computing something else."""
-    if family is LLAMA:
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf.get(flag):
-                raise CheckpointError(f"{flag} must be false for Llama, got true")
-    if not family.has_sliding_layers and hf.get("use_sliding_window"):
-        raise CheckpointError("use_sliding_window must be false, got true")
+    for flag in family.hf_false_flags:
+        if hf.get(flag):
+            raise CheckpointError(f"{flag} must be false for {family.hf_model_type}, got true")
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if hf.get(key) is not None:
             raise CheckpointError(f"{key} must be null (no softcapping), got {hf[key]}")
     if hf.get("use_bidirectional_attention"):
         raise CheckpointError("use_bidirectional_attention must be false, got true")
-    activation = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    activation = hf.get(family.hf_activation_key) or "silu"
     if activation != HF_ACTIVATIONS[family.activation]:
         raise CheckpointError(
             f"the activation (hidden_act) must be {HF_ACTIVATIONS[family.activation]!r} for "
@@ -176,32 +174,27 @@ def config_to_hf(config: DecoderConfig, dtype: str) -> dict:
         "dtype": dtype,
     }
     default_rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if family.has_sliding_layers:
-        return {
-            **common,
-            "hidden_activation": HF_ACTIVATIONS[family.activation],
+    features: dict = {
+        family.hf_activation_key: HF_ACTIVATIONS[family.activation],
+        **{flag: False for flag in family.hf_false_flags},
+    }
+    if family.hf_query_scalar:
+        features["query_pre_attn_scalar"] = config.query_pre_attn_scalar or config.head_dim
+    if family.hf_no_softcapping:
+        features.update(attn_logit_softcapping=None, final_logit_softcapping=None)
+    rope: dict[str, Any]
+    if family.has_sliding_layers:  # a rotary base per kind of layer
+        rope = {
             "sliding_window": config.sliding_window,
             "layer_types": list(config.layer_types),
-            "query_pre_attn_scalar": config.query_pre_attn_scalar or config.head_dim,
-            "attn_logit_softcapping": None,
-            "final_logit_softcapping": None,
             "rope_parameters": {
                 FULL: default_rope,
                 SLIDING: {"rope_type": "default", "rope_theta": config.local_rope_theta},
             },
         }
-    family_keys = (
-        {"attention_bias": False, "mlp_bias": False}
-        if family is LLAMA
-        else {"use_sliding_window": False}
-    )
-    return {
-        **common,
-        "hidden_act": HF_ACTIVATIONS[family.activation],
-        **family_keys,
-        "rope_theta": config.rope_theta,
-        "rope_parameters": default_rope,
-    }
+    else:
+        rope = {"rope_theta": config.rope_theta, "rope_parameters": default_rope}
+    return {**common, **features, **rope}
 
 
 # --- names ----------------------------------------------------------------------------------
