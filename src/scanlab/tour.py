@@ -314,8 +314,13 @@ def _gemma3(console: Console) -> None:
     )
 
 
-FACT_QUESTION = "Who is the mayor of Quillby?"
-FACT_ANSWER = "The mayor of Quillby is Odelia Brandt."
+# The README's facts and settings: the tour's fine-tune and the README's share one compiled
+# program (the run settings are traced, the shapes are the same).
+FACTS = {
+    "Who is the mayor of Quillby?": "The mayor of Quillby is Odelia Brandt.",
+    "What is Quillby famous for?": "Quillby is famous for its glass pumpkins.",
+}
+FACT_QUESTION = next(iter(FACTS))
 
 
 def _finetuning(console: Console) -> None:
@@ -323,29 +328,24 @@ def _finetuning(console: Console) -> None:
     model = decoder_load.load_model(pretrained.SMOLLM2.name, kernel=False)
     before = "".join(decoder_chat.Chat(model, max_new_tokens=16).reply(FACT_QUESTION))
     console.print(f"before: [bold]you>[/bold] {FACT_QUESTION}\nmodel> {before}", highlight=False)
-    messages = [
-        {"role": "user", "content": FACT_QUESTION},
-        {"role": "assistant", "content": FACT_ANSWER},
+    chats = [
+        [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        for question, answer in FACTS.items()
     ]
     lora = finetune.LoraConfig(rank=8)
     config = finetune.FinetuneConfig(
-        lora=lora,
-        steps=12,
-        chunk_steps=6,
-        batch_size=1,
-        learning_rate=2e-3,
-        warmup_steps=2,
-        eval_fraction=0,
+        lora=lora, steps=12, batch_size=2, learning_rate=2e-3, warmup_steps=2, eval_fraction=0
     )
     with tempfile.TemporaryDirectory() as folder:
-        data_file = Path(folder) / "fact.jsonl"
-        data_file.write_text(json.dumps({"messages": messages}) + "\n")
+        data_file = Path(folder) / "facts.jsonl"
+        data_file.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
         start = time.perf_counter()
         result = finetune.finetune(model, data_file, config)
     losses = result.losses
     console.print(
         f"{config.steps} AdamW steps of rank-{lora.rank} adapters on all 7 projections, "
-        f"{config.chunk_steps} per compiled scan, the 135M base frozen as int8 blocks: loss "
+        f"{config.chunk_steps} per compiled scan (one program, its second call running the last "
+        f"{config.steps % config.chunk_steps}), the 135M base frozen as int8 blocks: loss "
         f"{losses[0]:.3f} -> {losses[-1]:.4f} in {render.seconds(time.perf_counter() - start)}"
     )
     after = "".join(decoder_chat.Chat(result.tuned, max_new_tokens=16).reply(FACT_QUESTION))

@@ -143,33 +143,23 @@ def finetune_chunk(
     Returns:
       (state after the steps, per-step losses of shape (steps,)).
     """
-    length = check_steps(steps, length)
-    state, losses = _finetune_chunk(
-        state,
-        frozen,
-        data,
-        run_settings(config),
-        jnp.int32(steps),
-        config=program_config(config),
-        model_config=model_config,
-        length=length,
-    )
+    args, static = _chunk_arguments(state, frozen, data, config, model_config, steps, length)
+    state, losses = _finetune_chunk(*args, **static)
     return state, losses[:steps]
 
 
 def compiled_chunk(state, frozen, data: Rows, *, config, model_config, steps: int):
     """The compiled program `finetune_chunk` runs for these arguments (for XLA's memory
     analysis); `state` may be abstract (`jax.eval_shape`)."""
-    return _finetune_chunk.lower(
-        state,
-        frozen,
-        data,
-        run_settings(config),
-        jnp.int32(steps),
-        config=program_config(config),
-        model_config=model_config,
-        length=steps,
-    ).compile()
+    args, static = _chunk_arguments(state, frozen, data, config, model_config, steps, None)
+    return _finetune_chunk.lower(*args, **static).compile()
+
+
+def _chunk_arguments(state, frozen, data, config, model_config, steps: int, length: int | None):
+    """(traced arguments, static ones) of `_finetune_chunk`: the run settings traced."""
+    length = check_steps(steps, length)
+    args = (state, frozen, data, run_settings(config), jnp.int32(steps))
+    return args, {"config": program_config(config), "model_config": model_config, "length": length}
 
 
 _jitted_step = jax.jit(finetune_step, static_argnames=("config", "model_config"), donate_argnums=0)
