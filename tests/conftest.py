@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
+from tests.tiny import fast_compile_env  # noqa: E402
 
 # Real model files (scanlab.decoder.formats.pretrained) are fetched once into the checkout's git-ignored
 # .cache, hash-checked, and shared by every test, the tour's and the README's included.
@@ -67,6 +68,7 @@ def on_host_devices(tmp_path):
             text=True,
             cwd=tmp_path,
             timeout=600,
+            env=fast_compile_env(),  # tiny models
         )
         assert result.returncode == 0, result.stderr[-4000:]
         return result.stdout

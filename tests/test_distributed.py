@@ -20,6 +20,7 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
+from tests.tiny import fast_compile_env
 
 from scanlab import distributed, train
 
@@ -38,10 +39,13 @@ def scanlab(*args: str, env=None, timeout: float = 240) -> subprocess.CompletedP
     )
 
 
-def clean_env() -> dict[str, str]:
-    """This environment without any run's settings (a test process is never one)."""
+def clean_env(fast_compile: bool = True) -> dict[str, str]:
+    """This environment without any run's settings (a test process is never one), compiling
+    fast (the runs are of a tiny model) unless told not to: processes whose numbers are compared
+    bit for bit must compile alike."""
     names = (distributed.COORDINATOR_ENV, distributed.PROCESSES_ENV, distributed.PROCESS_ID_ENV)
-    return {k: v for k, v in os.environ.items() if k not in names}
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    return fast_compile_env(env) if fast_compile else env
 
 
 def launched(processes: int, devices: int, *command: str) -> subprocess.CompletedProcess:
@@ -281,8 +285,11 @@ def test_the_recurrence_splits_its_batch_over_processes():
 
     lines = []
     status = launch.launch([], 2, write=lines.append, program=(sys.executable, "-c", RECURRENCE))
-    alone = subprocess.run(
-        [sys.executable, "-c", RECURRENCE], capture_output=True, text=True, env=clean_env()
+    alone = subprocess.run(  # compiled as the launched processes are: with this environment's
+        [sys.executable, "-c", RECURRENCE],
+        capture_output=True,
+        text=True,
+        env=clean_env(fast_compile=False),
     )
     assert status == 0 and alone.returncode == 0, (lines, alone.stderr[-2000:])
     together = next(line for line in lines if line.startswith("[0] ["))[4:]

@@ -5,6 +5,7 @@ the suite keeps one device.
 """
 
 import pytest
+from tests.tiny import fast_compile_env
 
 pytestmark = pytest.mark.e2e  # fresh processes on 8 simulated devices: `make test-e2e`
 
@@ -158,6 +159,7 @@ def test_cli_runs_on_a_mesh(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env=fast_compile_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on mesh {'data': 2, 'model': 2}" in result.stdout
@@ -198,6 +200,7 @@ def test_decoder_generate_runs_on_a_mesh_from_the_cli():
         capture_output=True,
         text=True,
         timeout=600,
+        env=fast_compile_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     config = decoder.preset("tiny")  # the command's random weights: the same seed, one device

@@ -7,6 +7,7 @@ model. `TINY_TRAIN` is the one-layer model the training tests run.
 """
 
 import functools
+import os
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -66,3 +67,12 @@ TINY = DecoderConfig(
 
 # The training tests' model: TrainConfig(**TINY_TRAIN, ...).
 TINY_TRAIN = {"n_layers": 1, "d_model": 32, "mlp_dim": 64}
+
+
+def fast_compile_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) with XLA's backend optimization off, for processes that
+    run tiny models: compiling their programs is most of their time (the Makefile's
+    FAST_COMPILE does the same for the default tier)."""
+    env = dict(os.environ if env is None else env)
+    env["XLA_FLAGS"] = f"--xla_backend_optimization_level=0 {env.get('XLA_FLAGS', '')}".strip()
+    return env

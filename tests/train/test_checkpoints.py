@@ -19,7 +19,9 @@ from scanlab.errors import PathError
 from scanlab.train import CheckpointReadError, TrainConfig, checkpoints, load, train
 from scanlab.train.checkpoints import ABANDONED, MANIFEST
 
-pytestmark = pytest.mark.e2e  # damaged, failed and full-disk checkpoints of whole runs: `make test-e2e`
+pytestmark = (
+    pytest.mark.e2e
+)  # damaged, failed and full-disk checkpoints of whole runs: `make test-e2e`
 
 CONFIG = TrainConfig(steps=30, chunk_steps=10, warmup_steps=5, **TINY_TRAIN)
 
