@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import jax.numpy as jnp
+
 from scanlab import checks
 from scanlab.checks import shown
 from scanlab.decoder import qmatvec, spec
@@ -71,8 +73,6 @@ def random_weights(
     """(config, params) of a preset (`config.PRESETS`) with random weights drawn from `key`:
     float32 (and then quantized, for weights "quantized" or None's default) or bfloat16; refused
     up front where they would not fit in memory."""
-    import jax.numpy as jnp
-
     check_weights(weights)
     config = preset(preset_name)
     dtype = jnp.dtype("float32" if weights in (None, "quantized") else weights)

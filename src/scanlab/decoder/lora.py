@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from scanlab.decoder.weights import WeightForm, as_dense, dot, is_form
+from scanlab.decoder.weights import WeightForm, as_dense, contract, dot, is_form, placements
 from scanlab.errors import ArgumentError
 
 
@@ -64,9 +64,7 @@ class Adapted(WeightForm):
         return not is_form(self.base) or self.base.differentiable
 
     def project(self, x, x_axes, w_axes):
-        base = self.base
-        frozen = base.project(x, x_axes, w_axes) if is_form(base) else dot(x, base, x_axes, w_axes)
-        return frozen + low_rank_update(x, self, x_axes)
+        return contract(x, self.base, x_axes, w_axes) + low_rank_update(x, self, x_axes)
 
     def dense(self, dtype=None):
         """The merged weight, W + scaling A B, in float32 (or `dtype`)."""
@@ -89,7 +87,7 @@ class Adapted(WeightForm):
 
     def placements(self, spec: PartitionSpec):
         """The base as it shards; the small update replicated."""
-        base = self.base.placements(spec) if is_form(self.base) else spec
+        base = placements(self.base, spec)
         key = None if self.key is None else PartitionSpec()
         # The same tree, specs for leaves: what jax.device_put takes beside it.
         return dataclasses.replace(

@@ -119,8 +119,8 @@ def check_tokens(name: str, tokens, config: DecoderConfig) -> jax.Array:
         array = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
     except ValueError:  # ragged rows
         raise ArgumentTypeError(
-            f"{shown} must be token ids of shape (B, S), got a {type(tokens).__name__} NumPy "
-            "cannot make an array of"
+            f"{shown} must be token ids of shape (B, S), got a {type(tokens).__name__} whose "
+            "rows differ in length"
         ) from None
     if array.ndim != 2 or not array.shape[0]:
         raise ArgumentError(

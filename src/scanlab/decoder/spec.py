@@ -270,10 +270,10 @@ def shard_params(params: DecoderParams, config: DecoderConfig, mesh: Mesh) -> De
     (the kernel's layout) is refused by name."""
     specs = param_specs(config, mesh)
 
-    def placed(spec: PartitionSpec, array):
-        return array.placements(spec) if weights.is_form(array) else spec
-
     placements = jax.tree.map(
-        placed, specs, params, is_leaf=lambda node: node is None or isinstance(node, PartitionSpec)
+        lambda spec, weight: weights.placements(weight, spec),
+        specs,
+        params,
+        is_leaf=lambda node: node is None or isinstance(node, PartitionSpec),
     )
     return jax.device_put(params, sharding.named(placements, mesh))

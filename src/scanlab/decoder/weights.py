@@ -108,10 +108,19 @@ def project(equation: str, x: jax.Array, weight: Weight) -> jax.Array:
     the weight's axes in their stored order: `jnp.einsum` may list them in another, and XLA then
     copies the weight transposed before its dot, every layer of every step.
     """
-    x_axes, w_axes = contraction(equation)
+    return contract(x, weight, *contraction(equation))
+
+
+def contract(x: jax.Array, weight: Weight, x_axes: tuple[int, ...], w_axes: tuple[int, ...]):
+    """x's `x_axes` contracted with the weight's `w_axes`, whatever its form."""
     if isinstance(weight, WeightForm):
         return weight.project(x, x_axes, w_axes)
     return dot(x, weight, x_axes, w_axes)
+
+
+def placements(weight: Weight, spec: PartitionSpec):
+    """The weight's PartitionSpec tree, given its dense twin's `spec` (a dense array: `spec`)."""
+    return weight.placements(spec) if isinstance(weight, WeightForm) else spec
 
 
 @functools.cache

@@ -148,7 +148,8 @@ def to_linen(module: NNXLaxScanModule) -> dict:
 
 
 def _describe(tree) -> str:
-    """A mapping's nested keys ("{'params': {'kernel'}}"), else its type's name."""
+    """A mapping's nested keys with its leaves' types ("{'params': {'kernel': ndarray}}"), else
+    its type's name."""
     if isinstance(tree, Mapping):
         return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in tree.items()) + "}"
     return type(tree).__name__
