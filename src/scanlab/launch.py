@@ -122,10 +122,15 @@ def launch(
 
 def _first_failure(children: list[subprocess.Popen]) -> tuple[int, int] | None:
     """Waits for every process; at the first failure ends the others and returns (its rank, its
-    return code: negative for a signal); None when all succeed."""
+    return code: negative for a signal); None when all succeed.
+
+    Failures seen in one poll are ordered signal first: a killed process is the cause, and its
+    peers' errors (a collective that lost it) are what followed.
+    """
     while True:
         codes = [child.poll() for child in children]
-        failed = next(((rank, c) for rank, c in enumerate(codes) if c not in (None, 0)), None)
+        failures = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
+        failed = min(failures, key=lambda failure: (failure[1] >= 0, failure[0]), default=None)
         if failed is not None:
             _end(children, signal.SIGTERM, AFTER_FAILURE_S)
             return failed
