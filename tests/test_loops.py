@@ -383,7 +383,11 @@ def linear_inputs(seed, T, D, complex_):
     return a, b, h0
 
 
-# A few shapes, many values: each new shape costs a compile of both methods.
+# A few shapes, many values: each new shape costs a compile of both methods (one jit, where
+# eager dispatch would compile the associative scan's slices one by one).
+jitted_linear_scan = jax.jit(loops.linear_scan, static_argnames="method")
+
+
 @settings(deadline=None, max_examples=20)
 @given(
     T=st.sampled_from([1, 7, 33]),
@@ -397,7 +401,7 @@ def test_linear_scan_methods_equal_the_reference(T, D, complex_, with_h0, seed):
     h0 = h0 if with_h0 else None
     expected = reference.linear_scan(a, b, h0)
     for method in ("scan", "associative"):  # "auto" is one of them: see linear_method's test
-        got = loops.linear_scan(a, b, h0, method=method)
+        got = jitted_linear_scan(a, b, h0, method=method)
         assert got.dtype == expected.dtype
         # |a| < 1: states stay O(1); the associative order of products differs in rounding only.
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -412,7 +416,7 @@ def test_linear_scan_gradients_equal_between_methods(complex_):
             h = loops.linear_scan(a, b, h0, method=method)
             return jnp.sum(jnp.abs(h) ** 2)
 
-        return jax.grad(f, argnums=(0, 1, 2))(a, b, h0)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(a, b, h0)
 
     assert_trees_close(loss("associative"), loss("scan"), rtol=1e-4, atol=1e-5)
 
