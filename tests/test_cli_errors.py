@@ -254,6 +254,28 @@ def test_each_reported_case_is_one_clear_line(args, message, cli):
     assert status == 2 and err.startswith(message), err
 
 
+def test_a_plot_path_matplotlib_cannot_write_is_refused_before_training(tmp_path, cli):
+    status, err, _ = cli(["train", "--plot", str(tmp_path / "loss.txt")])
+    assert status == 2 and err.startswith("error: --plot must end in an image format matplotlib")
+    assert ".png" in err and ".svg" in err and f"got '{tmp_path / 'loss.txt'}'" in err
+    status, err, _ = cli(["train", "--plot", str(tmp_path)])
+    assert status == 2
+    assert (
+        err == f"error: --plot {tmp_path} is a directory: give a file, e.g. {tmp_path}/loss.png\n"
+    )
+
+
+def test_a_fine_tune_that_would_keep_nothing_is_refused_before_loading(tmp_path, cli):
+    data = tmp_path / "facts.jsonl"
+    data.write_text('{"text": "Paris is in France."}\n')
+    status, err, _ = cli(["finetune", "--data", str(data), "--merge-to", str(tmp_path / "out")])
+    assert status == 2 and err.startswith(
+        "error: finetune keeps what it trains in --checkpoint-dir (the adapters or weights, "
+        "resumable; --merge-to adds a merged model): give a new folder"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_work_is_not_started_when_an_output_path_is_unwritable(tmp_path, cli):
     # The plot path is checked before training: no checkpoint appears, the error is immediate.
     status, err, _ = cli(

@@ -240,6 +240,7 @@ def test_a_port_in_use_and_a_mesh_leaving_a_process_out_are_refused():
         )
     assert result.returncode == 2
     assert f"error: --coordinator 127.0.0.1:{port}: the port cannot be bound" in result.stderr
+    assert "another program listens on it; pick a free port" in result.stderr
     result = launched(2, 1, *TRAIN[:-2], "--mesh", "data=1")
     assert result.returncode == 2
     assert "--mesh of 1 device(s) leaves process(es) [1] of 2 without devices" in result.stderr

@@ -33,8 +33,13 @@ app.add_typer(decoder_app, name="decoder")
 console = Console()
 
 
+# The run named by --coordinator or $JAX_*, joined once the command's own flags have parsed:
+# --help and a flag error then answer at once, whatever the environment says.
+_run_to_join: list[tuple[Any, float, str | None]] = []
+
+
 @app.callback()
-def join_run(
+def read_run_settings(
     coordinator: Annotated[
         str | None,
         typer.Option(
@@ -49,8 +54,16 @@ def join_run(
     process_id: Annotated[
         int | None, typer.Option(help="With --coordinator: this process's id [$JAX_PROCESS_ID].")
     ] = None,
+    join_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--join-timeout",
+            envvar="SCANLAB_JOIN_TIMEOUT",
+            help="Seconds to wait for every process of the run to join.",
+        ),
+    ] = 60.0,
 ) -> None:
-    """Joins a multi-process run (jax.distributed) before any command does JAX work."""
+    """Reads a multi-process run's settings (jax.distributed); `JoinsRun` commands join it."""
     from scanlab import distributed
 
     if coordinator is None and (num_processes is not None or process_id is not None):
@@ -62,19 +75,48 @@ def join_run(
         settings = distributed.checked(distributed.Settings(coordinator, num_processes, process_id))
     if settings is None:
         return
-    from scanlab import sharding
+    if not join_timeout_s > 0:
+        raise ArgumentError(f"--join-timeout must be > 0, got {join_timeout_s:g}")
+    devices = os.environ.get(distributed.HOST_DEVICES_ENV)
+    if devices is not None and not (devices.isdigit() and int(devices) >= 1):
+        raise ArgumentError(
+            f"{distributed.HOST_DEVICES_ENV} must be a whole number of devices >= 1, got "
+            f"{devices!r}"
+        )
+    _run_to_join.append((settings, join_timeout_s, devices))
 
-    if devices := os.environ.get(distributed.HOST_DEVICES_ENV):  # started by `scanlab launch`
+
+class JoinsRun(typer.core.TyperCommand):
+    """A command that does JAX work: in a multi-process run it joins the run first, once its
+    flags have parsed (before any JAX computation, as `jax.distributed` requires)."""
+
+    def invoke(self, ctx):
+        if _run_to_join:
+            from scanlab.launch import NOT_DISTRIBUTED
+
+            if self.name in NOT_DISTRIBUTED:
+                raise ArgumentError(
+                    f"{self.name} cannot join a multi-process run: {NOT_DISTRIBUTED[self.name]}; "
+                    "run it without --coordinator and the JAX_* variables"
+                )
+            _join(*_run_to_join.pop())
+        return super().invoke(ctx)
+
+
+def _join(settings, join_timeout_s: float, devices: str | None) -> None:
+    from scanlab import distributed, sharding
+
+    if devices is not None:  # started by `scanlab launch`
         sharding.host_devices(int(devices))
         # The launcher is this process's terminal: the Ctrl-C it forwards must arrive, even
         # where the launcher itself was started with SIGINT ignored (a background job).
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    distributed.initialize(settings)
+    distributed.initialize(settings, join_timeout_s=join_timeout_s)
     if not distributed.is_primary():
         console.quiet = True  # the first process speaks for the run
 
 
-@app.command()
+@app.command(cls=JoinsRun)
 def run(
     seed: Annotated[int, typer.Option(help="PRNGKey seed for W, in [0, 2**32).")] = 0,
     hidden: Annotated[int, typer.Option(help="State width H.")] = 4,
@@ -105,7 +147,7 @@ def run(
         console.print(final)
 
 
-@app.command("explain")
+@app.command("explain", cls=JoinsRun)
 def explain_command() -> None:
     """Walk through the blog example scan(lambda c, x: (c + x, x + 2), 0, [1, 2, 3])."""
     from scanlab import explain, render
@@ -117,7 +159,7 @@ def explain_command() -> None:
     console.print(f"result: ({steps[-1].carry_out.item()}, {[s.y.item() for s in steps]})")
 
 
-@app.command("pitfalls")
+@app.command("pitfalls", cls=JoinsRun)
 def pitfalls_command() -> None:
     """Reproduce each pitfall: the wrong code, the error it raises today, the fix."""
     import numpy as np
@@ -140,7 +182,7 @@ def pitfalls_command() -> None:
         console.print(f"why: {pitfall.why}")
 
 
-@app.command()
+@app.command(cls=JoinsRun)
 def bench(
     quick: Annotated[
         bool,
@@ -183,7 +225,7 @@ def bench(
     console.print(f"report: {path}")
 
 
-@app.command()
+@app.command(cls=JoinsRun)
 def demo() -> None:
     """The tour: every part of scanlab, end to end."""
     from scanlab import tour
@@ -191,7 +233,7 @@ def demo() -> None:
     tour.run(console)
 
 
-@decoder_app.command("shapes")
+@decoder_app.command("shapes", cls=JoinsRun)
 def decoder_shapes(
     preset: Annotated[
         str, typer.Option(help="A preset name: tiny, llama2-7b, llama3-8b.")
@@ -216,7 +258,7 @@ def decoder_shapes(
 MESH_HELP = "Run on a device mesh, e.g. data=4,model=2 (on a CPU, host devices are made to fit)."
 
 
-@decoder_app.command("compare")
+@decoder_app.command("compare", cls=JoinsRun)
 def decoder_compare(
     layers: Annotated[int, typer.Option(help="Number of layers L.")] = 16,
     d_model: Annotated[int, typer.Option(help="Model width D.")] = 256,
@@ -323,7 +365,7 @@ def _sampling(temperature, top_k, top_p, min_p, repetition_penalty) -> dict:
     )
 
 
-@decoder_app.command("generate")
+@decoder_app.command("generate", cls=JoinsRun)
 def decoder_generate(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     preset: Annotated[
@@ -461,7 +503,7 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-@app.command("chat")
+@app.command("chat", cls=JoinsRun)
 def chat_command(
     model: Annotated[str, typer.Option(help=MODEL_HELP)] = "smollm2-135m-instruct",
     message: Annotated[
@@ -547,7 +589,7 @@ def _typed_messages():
         yield text
 
 
-@app.command("train")
+@app.command("train", cls=JoinsRun)
 def train_command(
     # The run's settings default to None: "not given", so --resume can take the saved run's.
     task: Annotated[str | None, typer.Option(help="reverse or add \\[reverse].")] = None,
@@ -592,12 +634,7 @@ def train_command(
     else:
         config = train.TrainConfig(**given)
     device_mesh = _mesh(mesh)
-    # Where results go is settled before training (train() checks --checkpoint-dir itself).
-    default_plot = Path(checkpoint_dir or "results") / (
-        "loss.png" if checkpoint_dir else "train-loss.png"
-    )
-    plot_path = Path(plot) if plot is not None else default_plot
-    checks.writable_dir("--plot's folder", plot_path.parent)
+    plot_path = _loss_plot(plot, checkpoint_dir, "train-loss.png")
     from scanlab import plots, render
 
     with render.training_progress(console, f"train {config.task}", config.steps) as on_chunk:
@@ -610,14 +647,19 @@ def train_command(
             mesh=device_mesh,
             on_chunk=on_chunk,
         )
-    if not console.quiet:  # the first process of a multi-process run writes it
-        path = plots.loss_curve(result.losses, plot_path, f"{config.task}: loss per step")
-        console.print(f"loss curve: {path}")
     evaluation = train.evaluate(result.state.params, result.config)
     console.print(*render.evaluation(evaluation, int(result.state.step)), sep="\n")
+    failed: list[str] = []
+    if not console.quiet:  # the first process of a multi-process run writes it
+        with _extra("the loss curve", failed):
+            path = plots.loss_curve(result.losses, plot_path, f"{config.task}: loss per step")
+            console.print(f"loss curve: {path}")
+    if failed:
+        kept = f"; the run is saved in {checkpoint_dir}" if checkpoint_dir else ""
+        raise ScanlabError(f"{failed[0]}{kept}")
 
 
-@app.command("finetune")
+@app.command("finetune", cls=JoinsRun)
 def finetune_command(
     data_file: Annotated[
         str,
@@ -727,11 +769,12 @@ def finetune_command(
         given["lora"] = dataclasses.replace(saved.lora or finetune.LoraConfig(), **lora_given)
     config = saved.replace(**given)
     finetune.data.read_jsonl(data_file)  # a bad file is said before anything is made
-    default_plot = Path(checkpoint_dir or "results") / (
-        "loss.png" if checkpoint_dir else "finetune-loss.png"
-    )
-    plot_path = Path(plot) if plot is not None else default_plot
-    checks.writable_dir("--plot's folder", plot_path.parent)
+    if checkpoint_dir is None:
+        raise ArgumentError(
+            "finetune keeps what it trains in --checkpoint-dir (the adapters or weights, "
+            "resumable; --merge-to adds a merged model): give a new folder"
+        )
+    plot_path = _loss_plot(plot, checkpoint_dir, "finetune-loss.png")
     like = None
     if merge_to is not None:
         like = _merge_source(Path(merge_to), model)
@@ -751,19 +794,49 @@ def finetune_command(
             on_chunk=on_chunk,
             on_loading=lambda what: _progress(f"loading {what} ({config.weights} weights)"),
         )
-    path = plots.loss_curve(result.losses, plot_path, f"fine-tuning {Path(model).name}: loss")
-    console.print(f"loss curve: {path}")
+    # The checkpoint holds the result now; the extras follow, each failure reported after them.
+    console.print(
+        f"saved: {checkpoint_dir} (step {int(result.state.step)})", highlight=False, soft_wrap=True
+    )
     if result.eval_loss is not None:
         console.print(f"held-out loss: {result.eval_loss:.4f}")
+    failed: list[str] = []
     if merge_to is not None:
-        written = finetune.save_merged(merge_to, result.tuned, like=like)
-        console.print(f"merged model: {written}")
+        with _extra("--merge-to", failed):
+            written = finetune.save_merged(merge_to, result.tuned, like=like)
+            console.print(f"merged model: {written}")
+    with _extra("the loss curve", failed):
+        title = f"fine-tuning {Path(model).name}: loss"
+        console.print(f"loss curve: {plots.loss_curve(result.losses, plot_path, title)}")
+    console.print(
+        f"chat with it: scanlab chat --model {model} --adapter {checkpoint_dir}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if failed:
+        raise ScanlabError(f"{'; '.join(failed)}; what was trained is saved in {checkpoint_dir}")
+
+
+def _loss_plot(plot: str | None, checkpoint_dir: str | None, default_name: str) -> Path:
+    """Where a run's loss curve goes (--plot; else beside the checkpoints; else results/),
+    checked before training: a failed plot must not cost the run."""
+    from scanlab import checks, plots
+
+    if plot is not None:
+        return plots.checked_path("--plot", plot)
     if checkpoint_dir is not None:
-        console.print(
-            f"chat with it: scanlab chat --model {model} --adapter {checkpoint_dir}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        return checks.writable_dir("--checkpoint-dir", checkpoint_dir) / "loss.png"
+    return checks.writable_dir("the results folder", "results") / default_name
+
+
+@contextlib.contextmanager
+def _extra(flag: str, failed: list[str]) -> Iterator[None]:
+    """Runs an output made after the result was saved; its failure (a full disk) is recorded
+    in `failed` for one line at the end rather than ending the command before the others."""
+    try:
+        yield
+    except (OSError, ScanlabError) as error:
+        failed.append(f"{flag} failed: {' '.join(str(error).split())}")
 
 
 def _merge_source(path: Path, model: str) -> Path | None:
@@ -809,7 +882,7 @@ def launch_command(
         raise typer.Exit(status)
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=JoinsRun)
 def evaluate_command(
     checkpoint_dir: Annotated[str, typer.Option(help="A `scanlab train` checkpoint directory.")],
     n: Annotated[int, typer.Option(help="Held-out examples to render.")] = 8,

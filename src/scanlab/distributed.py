@@ -13,8 +13,10 @@ the checksums scanlab adds are written by the first process between two barriers
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -22,7 +24,7 @@ import lazy_loader
 import numpy as np
 
 from scanlab.checks import shown
-from scanlab.errors import ArgumentError
+from scanlab.errors import ArgumentError, JoinTimeoutError
 
 if TYPE_CHECKING:
     import jax
@@ -39,6 +41,11 @@ HOST_DEVICES_ENV = "SCANLAB_HOST_DEVICES"
 # A process that stops sending heartbeats for this long is dead to the others (JAX's default,
 # 100 s, leaves a run hanging on a lost peer for minutes).
 HEARTBEAT_TIMEOUT_S = 10
+# How long a process waits for every other one to join before giving up (`initialize`).
+JOIN_TIMEOUT_S = 60
+# JAX aborts the process (a C++ check, exit 134) at its own initialization timeout: it is set
+# past ours, so ours ends the wait first, with one line.
+JAX_TIMEOUT_MARGIN_S = 30
 
 
 class Settings(NamedTuple):
@@ -47,11 +54,11 @@ class Settings(NamedTuple):
     process_id: int
 
 
-_joined: list[Settings] = []  # the run this process joined, if any
+_joined: list[Settings] = []  # the run this process joined or is joining, if any
 
 
 def joined() -> Settings | None:
-    """The settings of the run this process joined (`initialize`), or None."""
+    """The settings of the run this process joined or is joining (`initialize`), or None."""
     return _joined[0] if _joined else None
 
 
@@ -89,33 +96,76 @@ def checked(settings: Settings) -> Settings:
     return settings
 
 
-def initialize(settings: Settings, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
+def initialize(
+    settings: Settings,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+    join_timeout_s: float = JOIN_TIMEOUT_S,
+) -> None:
     """Joins the run: `jax.distributed.initialize`, before any JAX computation.
 
     Process 0 binds the coordinator's port: a port already in use is refused before JAX starts.
+    JAX waits for every process in a call that no signal interrupts, so it runs on a helper
+    thread while this one waits: Ctrl-C and SIGTERM work meanwhile, and a run whose processes do
+    not all arrive within `join_timeout_s` raises `JoinTimeoutError`. Either way the process
+    must then end with `os._exit` (JAX's exit handler would wait for the peers again).
     """
     settings = checked(settings)
+    if not join_timeout_s > 0:
+        raise ArgumentError(f"{shown('join_timeout_s')} must be > 0, got {join_timeout_s}")
     if settings.process_id == 0:
         check_port_free(settings.coordinator)
-    jax.distributed.initialize(
-        settings.coordinator,
-        settings.num_processes,
-        settings.process_id,
-        heartbeat_timeout_seconds=heartbeat_timeout_s,
-        initialization_timeout=60,
-    )
+    failures: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            jax.distributed.initialize(
+                settings.coordinator,
+                settings.num_processes,
+                settings.process_id,
+                heartbeat_timeout_seconds=heartbeat_timeout_s,
+                initialization_timeout=int(join_timeout_s) + JAX_TIMEOUT_MARGIN_S,
+            )
+        except BaseException as error:  # re-raised on the waiting thread
+            failures.append(error)
+
+    joining = threading.Thread(target=join, name="scanlab-join", daemon=True)
     _joined.append(settings)
+    joining.start()
+    joining.join(join_timeout_s)
+    if joining.is_alive():
+        raise JoinTimeoutError(
+            f"process {settings.process_id} of {settings.num_processes} waited "
+            f"{join_timeout_s:g} s at the coordinator {settings.coordinator} and not every "
+            f"process of the run arrived: start all {settings.num_processes} with the same "
+            f"coordinator, or raise {shown('join_timeout_s')}"
+        )
+    if failures:
+        raise failures[0]
 
 
 def check_port_free(coordinator: str) -> None:
+    """Refuses, in one line, a coordinator address process 0 cannot serve: a host that does not
+    resolve, one that is not this machine's, or a port another program listens on."""
     host, _, port = coordinator.rpartition(":")
+    try:
+        socket.getaddrinfo(host, int(port))
+    except socket.gaierror as error:
+        raise ArgumentError(
+            f"{shown('coordinator')} {coordinator}: the host cannot be resolved ({error.strerror})"
+        ) from None
     with socket.socket() as probe:
+        # As the coordination service binds: a port left in TIME_WAIT by an ended run is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, int(port)))
         except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                advice = "another program listens on it; pick a free port"
+            else:
+                advice = "process 0 runs the coordinator: give an address of its machine"
             raise ArgumentError(
                 f"{shown('coordinator')} {coordinator}: the port cannot be bound "
-                f"({error.strerror}); pick a free one"
+                f"({error.strerror}): {advice}"
             ) from None
 
 

@@ -1,9 +1,9 @@
 """scanlab's error types: what bad input, a bad file or the machine's limits raise.
 
 Every one is a `ScanlabError` and also the standard exception a caller would catch
-(`ValueError`, `TypeError`, `OSError`, `MemoryError`, `FloatingPointError`). The CLI reports
-exactly `ScanlabError`s as one `error:` line with exit status 2; any other exception is a bug,
-shown with its traceback.
+(`ValueError`, `TypeError`, `OSError`, `TimeoutError`, `MemoryError`, `FloatingPointError`).
+The CLI reports exactly `ScanlabError`s as one `error:` line with exit status 2; any other
+exception is a bug, shown with its traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ class MissingPathError(PathError, FileNotFoundError):
 
 class PathExistsError(PathError, FileExistsError):
     """A path that would be overwritten already holds something."""
+
+
+class JoinTimeoutError(ScanlabError, TimeoutError):
+    """The processes of a multi-process run did not all arrive within the join timeout."""
 
 
 class OutOfMemoryError(ScanlabError, MemoryError):

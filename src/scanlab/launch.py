@@ -34,6 +34,7 @@ NOT_DISTRIBUTED = {
     "finetune": "fine-tuning runs on one process (no mesh yet): every process would train alone "
     "and write the same plot and merged model",
     "launch": "a launched process cannot launch more",
+    "chat": "every process would read your typing",
 }
 
 

@@ -71,6 +71,58 @@ def test_a_bad_file_or_a_used_output_is_said_before_any_work(cli, model_dir, tmp
     used.mkdir()
     (used / "file").write_text("x")
     status, err, _ = cli(
-        ["finetune", "--model", str(model_dir), "--data", str(good), "--merge-to", str(used)]
+        [
+            *["finetune", "--model", str(model_dir), "--data", str(good)],
+            *["--checkpoint-dir", str(tmp_path / "run"), "--merge-to", str(used)],
+        ]
     )
     assert status == 2 and err.startswith(f"error: --merge-to {used} exists and is not empty")
+
+
+def test_a_failed_merge_or_plot_after_training_keeps_the_run_and_says_where(
+    cli, model_dir, chat_file, tmp_path, monkeypatch
+):
+    from scanlab import finetune, plots
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(finetune, "save_merged", full_disk)
+    monkeypatch.setattr(plots, "loss_curve", full_disk)
+    run = tmp_path / "run"
+    settings = "--steps 2 --chunk-steps 2 --batch-size 2 --warmup-steps 1 --eval-fraction 0"
+    status, err, out = cli(
+        [
+            "finetune",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(chat_file),
+            "--checkpoint-dir",
+            str(run),
+            "--merge-to",
+            str(tmp_path / "merged"),
+            *settings.split(),
+        ]
+    )
+    assert status == 2
+    assert err.splitlines()[-1] + "\n" == (
+        "error: --merge-to failed: [Errno 28] No space left on device; the loss curve failed: [Errno 28] "
+        f"No space left on device; what was trained is saved in {run}\n"
+    )
+    assert f"saved: {run} (step 2)" in out
+    assert int(finetune.saved_run(run)[0].steps) == 2  # the checkpoint is whole
+    status, err, out = cli(
+        [
+            "chat",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(run),
+            "--message",
+            "Say 3.",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
+    assert status == 0 and "model> " in out, err

@@ -1,13 +1,14 @@
 import os
 import subprocess
 import sys
+import time
 
 import chex
 import numpy as np
 import pytest
 from tests.tiny import TINY_TRAIN
 
-from scanlab.train import TrainConfig, load, train
+from scanlab.train import TrainConfig, checkpoints, load, train
 
 pytestmark = pytest.mark.slow  # whole training runs with orbax checkpoints: not in `make test-fast`
 
@@ -187,3 +188,39 @@ def test_an_interrupt_during_a_chunk_s_dispatch_waits_for_its_output():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_second_run_into_a_held_directory_is_refused_naming_the_first(tmp_path):
+    """A real first run (another process) holds its checkpoint directory from before it
+    compiles; a second run into it is refused before any work, and the first is untouched."""
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scanlab",
+            "train",
+            "--steps",
+            "100000",
+            "--checkpoint-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        lock = tmp_path / checkpoints.LOCK
+        deadline = time.monotonic() + 60
+        while f"process {first.pid} " not in (lock.read_text() if lock.exists() else ""):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        with pytest.raises(
+            checkpoints.CheckpointInUseError,
+            match=rf"checkpoint_dir {tmp_path} is in use by another run \(process {first.pid} on ",
+        ):
+            train(CONFIG, checkpoint_dir=tmp_path)
+        assert first.poll() is None  # still training
+    finally:
+        first.kill()
+        first.wait()
+    # The lock ended with its process (killed long before its first save): the directory is free.
+    assert train(CONFIG.replace(steps=20), checkpoint_dir=tmp_path).losses.shape == (20,)

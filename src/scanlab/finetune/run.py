@@ -76,8 +76,7 @@ def finetune(
     """
     config = FinetuneConfig() if config is None else config
     kind, records = data.read_jsonl(data_file)  # a bad file is said before any model is read
-    manager = loop.open_run(checkpoint_dir, resume, resume_step, checkpoint_every)
-    try:
+    with loop.open_run(checkpoint_dir, resume, resume_step, checkpoint_every) as manager:
         tokenizer, model_config, path = _prepare(model, config)
         examples = data.encode(kind, records, tokenizer, data_file)
         train_rows, eval_rows = _rows(examples, data_file, tokenizer, model_config, config)
@@ -138,9 +137,6 @@ def finetune(
                 "eval_loss": held_out(s),
             },
         )
-    finally:
-        if manager is not None:
-            manager.close()
     return FinetuneResult(config, base, state, np.asarray(history, np.float32), held_out(state))
 
 

@@ -11,11 +11,14 @@ concurrent readers never meet it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -26,6 +29,8 @@ from scanlab.checks import shown
 from scanlab.errors import MissingPathError, ScanlabError
 
 MANIFEST = "scanlab-sha256.json"
+# Held (flock) by the run writing the directory, naming it: a second run is refused.
+LOCK = "scanlab-run.lock"
 # Steps newer than the one a run resumes from are moved here, not deleted: nothing is lost.
 ABANDONED = "abandoned"
 MAX_TO_KEEP = 3
@@ -37,6 +42,38 @@ class CheckpointReadError(ScanlabError, ValueError):
 
 class CheckpointWriteError(ScanlabError, OSError):
     """A checkpoint could not be written: where, and the system's reason."""
+
+
+class CheckpointInUseError(ScanlabError, OSError):
+    """Another run is writing the checkpoint directory."""
+
+
+@contextlib.contextmanager
+def held(directory: str | Path) -> Iterator[None]:
+    """Holds `directory` for one run while the block runs: a second run into it, from any
+    process of this machine, is refused naming the holder (two runs would each save and report
+    success while the directory kept one of them). Across processes of one run the first holds
+    it for all. The lock ends with the process, however it ends."""
+    if not distributed.is_primary():
+        yield
+        return
+    with open(Path(directory) / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process that has not said which"
+            raise CheckpointInUseError(
+                f"{shown('checkpoint_dir')} {directory} is in use by another run ({holder}): "
+                "wait for it to end, or choose another directory"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def open_manager(directory: str | Path) -> ocp.CheckpointManager:

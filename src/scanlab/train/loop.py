@@ -153,9 +153,13 @@ def _interrupts_held() -> Iterator[Callable[[], bool]]:
 # --- a run's checkpoint -----------------------------------------------------------------------
 
 
-def open_run(checkpoint_dir, resume: bool, resume_step: int | None, checkpoint_every: int):
-    """The orbax manager of a run's checkpoint directory (None without one), the arguments
-    checked first: the directory writable (on resume too), killed saves' leftovers removed."""
+@contextlib.contextmanager
+def open_run(
+    checkpoint_dir, resume: bool, resume_step: int | None, checkpoint_every: int
+) -> Iterator[ocp.CheckpointManager | None]:
+    """The orbax manager of a run's checkpoint directory (None without one) while the block
+    runs, the arguments checked first: the directory writable (on resume too) and held for this
+    run alone (`checkpoints.held`), killed saves' leftovers removed."""
     if checkpoint_every < 1:
         raise ArgumentError(f"{shown('checkpoint_every')} must be >= 1, got {checkpoint_every}")
     if resume and checkpoint_dir is None:
@@ -163,12 +167,15 @@ def open_run(checkpoint_dir, resume: bool, resume_step: int | None, checkpoint_e
     if resume_step is not None and not resume:
         raise ArgumentError(f"{shown('resume_step')} needs {shown('resume')}")
     if checkpoint_dir is None:
-        return None
+        yield None
+        return
     if resume:
         checkpoints.check_exists(checkpoint_dir)  # reading must not create what it lacks
     checks.writable_dir("checkpoint_dir", checkpoint_dir)
-    checkpoints.remove_partial_saves(checkpoint_dir)
-    return checkpoints.open_manager(checkpoint_dir)
+    with checkpoints.held(checkpoint_dir):
+        checkpoints.remove_partial_saves(checkpoint_dir)
+        with checkpoints.open_manager(checkpoint_dir) as manager:
+            yield manager
 
 
 def resumed_step(manager, resume: bool, resume_step: int | None, config: dict) -> int | None:

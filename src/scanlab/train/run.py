@@ -57,8 +57,7 @@ def train(
       mesh: run data- and tensor-parallel on this ("data", "model") mesh; checkpoints written
         on one mesh resume on another.
     """
-    manager = loop.open_run(checkpoint_dir, resume, resume_step, checkpoint_every)
-    try:
+    with loop.open_run(checkpoint_dir, resume, resume_step, checkpoint_every) as manager:
         step = loop.resumed_step(manager, resume, resume_step, config.to_dict())
         history: list[float] = []
         if step is None:
@@ -78,9 +77,6 @@ def train(
             checkpoint_every=checkpoint_every,
             on_chunk=on_chunk,
         )
-    finally:
-        if manager is not None:
-            manager.close()
     return TrainResult(config, state, np.asarray(history, np.float32))
 
 
