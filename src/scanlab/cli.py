@@ -523,6 +523,9 @@ def chat_command(
         str | None,
         typer.Option(help="A `scanlab finetune` checkpoint directory: chat with what it trained."),
     ] = None,
+    adapter_step: Annotated[
+        int | None, typer.Option(help="With --adapter: a saved step; default: the newest.")
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Chat with a model, answers streamed as they are generated. Empty line or Ctrl-D ends."""
@@ -534,15 +537,18 @@ def chat_command(
     check_weights(weights)
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     checks.sampling_options(checks.INT32_MAX, **settings)  # every flag before the model loads
-    if adapter is not None:
-        from scanlab.train import checkpoints
-
-        checkpoints.check_exists(adapter, "adapter")
+    if adapter_step is not None and adapter is None:
+        raise ArgumentError("--adapter-step needs --adapter")
     from scanlab.decoder import chat as chat_lib
     from scanlab.decoder import load
     from scanlab.decoder.formats import tokenizer as tokenizer_lib
 
     path = load.resolve(model, weights, on_progress=_progress)
+    if adapter is not None:  # what it holds, verified, before any weights load
+        from scanlab import finetune
+
+        _, trained_on = finetune.saved_run(adapter, adapter_step, ("adapter", "adapter_step"))
+        _check_same_model(adapter, trained_on, model, path)
     tokenizer = tokenizer_lib.load_tokenizer(path)
     # Said before the weights load.
     if tokenizer.chat_template is None:
@@ -558,7 +564,7 @@ def chat_command(
     if adapter is not None:
         from scanlab import finetune
 
-        tuned = finetune.with_trained(tuned, adapter)
+        tuned = finetune.with_trained(tuned, adapter, adapter_step)
     if verbose:
         _describe_weights(tuned.params)
     conversation = chat_lib.Chat(
@@ -575,6 +581,25 @@ def chat_command(
         for piece in conversation.reply(text):
             _write(piece)
         _write("\n")
+
+
+def _check_same_model(adapter: str, trained_on: str, model: str, path: Path) -> None:
+    """Adapters apply to the model they were trained on: another of the same shapes would take
+    them without an error and answer nonsense. Compared as files, however each was named."""
+    from scanlab import storage
+    from scanlab.decoder.formats import pretrained
+
+    if trained_on in pretrained.MODELS:  # where it is cached (never fetched to compare)
+        recorded = storage.default_cache() / pretrained.MODELS[trained_on].filename
+    elif Path(trained_on).exists():
+        recorded = Path(trained_on)
+    else:  # a model given in memory, or a file since moved: nothing to compare with
+        return
+    if recorded.resolve() != path.resolve():
+        raise ArgumentError(
+            f"--adapter {adapter} was trained on {trained_on}, not on --model {model}: pass "
+            f"--model {trained_on}"
+        )
 
 
 def _typed_messages():

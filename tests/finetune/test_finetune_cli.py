@@ -7,7 +7,7 @@ import json
 
 import jax
 import pytest
-from tests.tiny import TINY, tiny_tokenizer
+from tests.tiny import TINY, TINY_TRAIN, tiny_tokenizer
 
 from scanlab.decoder import Model, init_params
 from scanlab.finetune import save_merged
@@ -126,3 +126,56 @@ def test_a_failed_merge_or_plot_after_training_keeps_the_run_and_says_where(
         ]
     )
     assert status == 0 and "model> " in out, err
+
+
+def test_a_checkpoint_of_the_other_kind_or_model_is_one_line_before_the_weights_load(
+    cli, model_dir, chat_file, tmp_path
+):
+    from scanlab import train
+
+    tuned, trained = tmp_path / "tuned", tmp_path / "trained"
+    settings = "--steps 2 --chunk-steps 2 --batch-size 2 --warmup-steps 1 --eval-fraction 0"
+    status, err, _ = cli(
+        [
+            "finetune",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(chat_file),
+            "--checkpoint-dir",
+            str(tuned),
+            *settings.split(),
+        ]
+    )
+    assert status == 0, err
+    config = train.TrainConfig(steps=2, chunk_steps=2, warmup_steps=1, batch_size=2, **TINY_TRAIN)
+    train.train(config, checkpoint_dir=trained)
+    other = save_merged(
+        tmp_path / "other",
+        Model(CONFIG, init_params(CONFIG, jax.random.PRNGKey(1)), tiny_tokenizer()),
+    )  # the same shapes, other weights
+    chat = ["chat", "--message", "Say 3.", "--max-new-tokens", "2"]
+    cases = [
+        (
+            ["evaluate", "--checkpoint-dir", str(tuned)],
+            f"error: {tuned} holds a `scanlab finetune` run, not the `scanlab train` run this "
+            f"needs: chat with it: scanlab chat --model {model_dir} --adapter {tuned}",
+        ),
+        (
+            [*chat, "--model", str(model_dir), "--adapter", str(trained)],
+            f"error: {trained} holds a `scanlab train` run, not the `scanlab finetune` run this "
+            f"needs: read it with scanlab evaluate --checkpoint-dir {trained}",
+        ),
+        (
+            [*chat, "--model", str(other), "--adapter", str(tuned)],
+            f"error: --adapter {tuned} was trained on {model_dir}, not on --model {other}: pass "
+            f"--model {model_dir}",
+        ),
+        (
+            [*chat, "--model", str(model_dir), "--adapter", str(tuned), "--adapter-step", "7"],
+            f"error: --adapter-step must be a saved step of {tuned}, one of [2], got 7",
+        ),
+    ]
+    for args, message in cases:
+        status, err, _ = cli(args)
+        assert status == 2 and err.splitlines() == [message], err  # nothing loaded: one line

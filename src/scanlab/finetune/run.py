@@ -140,13 +140,18 @@ def finetune(
     return FinetuneResult(config, base, state, np.asarray(history, np.float32), held_out(state))
 
 
-def saved_run(checkpoint_dir: str | Path, step: int | None = None) -> tuple[FinetuneConfig, str]:
+def saved_run(
+    checkpoint_dir: str | Path,
+    step: int | None = None,
+    names: tuple[str, str] = ("checkpoint_dir", "resume_step"),
+) -> tuple[FinetuneConfig, str]:
     """(config, model source) of a fine-tuning checkpoint's newest step (or `step`), verified:
-    what `--resume` continues with."""
-    checkpoints.check_exists(checkpoint_dir)
+    what `--resume` continues with, or what `with_trained` will read. `names`: the caller's
+    names for the directory and the step, for the messages."""
+    checkpoints.check_exists(checkpoint_dir, names[0])
     with checkpoints.open_manager(checkpoint_dir) as manager:
-        step = checkpoints.verified_step(manager, step, "resume_step")
-        recorded = loop.saved_config(manager, step)
+        step = checkpoints.verified_step(manager, step, names[1])
+        recorded = loop.saved_config(manager, step, "finetune")
     return _config_of(recorded), recorded["model"]
 
 
@@ -206,7 +211,7 @@ def with_trained(model: Model, checkpoint_dir: str | Path, step: int | None = No
     checkpoints.check_exists(checkpoint_dir)
     with checkpoints.open_manager(checkpoint_dir) as manager:
         step = checkpoints.verified_step(manager, step, "step")
-        recorded = loop.saved_config(manager, step)
+        recorded = loop.saved_config(manager, step, "finetune")
         config = _config_of(recorded)
         # A full fine-tune's state holds dense float32 weights of the declared shapes, whatever
         # form the model was loaded in: their shapes, drawn by nothing.

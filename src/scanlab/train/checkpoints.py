@@ -44,6 +44,10 @@ class CheckpointWriteError(ScanlabError, OSError):
     """A checkpoint could not be written: where, and the system's reason."""
 
 
+class CheckpointKindError(ScanlabError, ValueError):
+    """A checkpoint holds another kind of run than the one asked for (training, fine-tuning)."""
+
+
 class CheckpointInUseError(ScanlabError, OSError):
     """Another run is writing the checkpoint directory."""
 

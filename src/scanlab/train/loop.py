@@ -199,7 +199,7 @@ def resumed_step(manager, resume: bool, resume_step: int | None, config: dict) -
             f"{shown('checkpoint_dir')} {manager.directory} holds no complete checkpoint to resume"
         )
     step = checkpoints.verified_step(manager, resume_step, "resume_step")
-    _check_same_config(saved_config(manager, step), config, manager.directory)
+    _check_same_config(saved_config(manager, step, kind_of(config)), config, manager.directory)
     if config["steps"] < step:
         raise ArgumentError(
             f"{shown('steps')} must be >= {step} to resume {shown('checkpoint_dir')} "
@@ -209,11 +209,33 @@ def resumed_step(manager, resume: bool, resume_step: int | None, config: dict) -
     return step
 
 
-def saved_config(manager, step: int) -> dict:
+# The kinds of run a checkpoint may hold, each told by a field only its config records.
+KIND_FIELDS = {"train": "task", "finetune": "model"}
+
+
+def kind_of(config: dict) -> str:
+    """ "train" or "finetune": the `scanlab` command whose run wrote `config`."""
+    return next((kind for kind, field in KIND_FIELDS.items() if field in config), "unknown")
+
+
+def saved_config(manager, step: int, kind: str) -> dict:
     """The config a checkpoint was written with (read before the state, whose shapes it
-    decides)."""
+    decides), refused in one line when the checkpoint holds another `kind` of run."""
     with checkpoints.reading(manager, step):
-        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    config = config.config
+    if (found := kind_of(config)) != kind:
+        directory = manager.directory
+        use = {
+            "train": f"read it with scanlab evaluate --checkpoint-dir {directory}",
+            "finetune": f"chat with it: scanlab chat --model {config.get('model')} --adapter "
+            f"{directory}",
+        }.get(found, "it was not written by scanlab train or finetune")
+        raise checkpoints.CheckpointKindError(
+            f"{directory} holds a `scanlab {found}` run, not the `scanlab {kind}` run this "
+            f"needs: {use}"
+        )
+    return config
 
 
 def restore_run(manager, step: int, target) -> tuple[Any, list[float]]:

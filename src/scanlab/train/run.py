@@ -85,7 +85,7 @@ def saved_config(checkpoint_dir: str | Path, step: int | None = None) -> TrainCo
     checkpoints.check_exists(checkpoint_dir)
     with checkpoints.open_manager(checkpoint_dir) as manager:
         step = checkpoints.verified_step(manager, step, "resume_step")
-        return TrainConfig(**loop.saved_config(manager, step))
+        return TrainConfig(**loop.saved_config(manager, step, "train"))
 
 
 def load(
@@ -96,7 +96,7 @@ def load(
     checkpoints.check_exists(checkpoint_dir)
     with checkpoints.open_manager(checkpoint_dir) as manager:
         step = checkpoints.verified_step(manager, step, "step")
-        config = TrainConfig(**loop.saved_config(manager, step))
+        config = TrainConfig(**loop.saved_config(manager, step, "train"))
         state, history = _restore(manager, step, config, mesh)
     return TrainResult(config, state, np.asarray(history, np.float32))
 
