@@ -543,11 +543,13 @@ def chat_command(
     from scanlab.decoder import load
     from scanlab.decoder.formats import tokenizer as tokenizer_lib
 
-    path = load.resolve(model, weights, on_progress=_progress)
-    if adapter is not None:  # what it holds, verified, before any weights load
+    trained_on = None
+    if adapter is not None:  # what it holds, verified, before the model is fetched or loaded
         from scanlab import finetune
 
         _, trained_on = finetune.saved_run(adapter, adapter_step, ("adapter", "adapter_step"))
+    path = load.resolve(model, weights, on_progress=_progress)
+    if adapter is not None and trained_on is not None:
         _check_same_model(adapter, trained_on, model, path)
     tokenizer = tokenizer_lib.load_tokenizer(path)
     # Said before the weights load.
