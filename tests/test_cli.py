@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from scanlab import lax_scan_in_module, pitfalls
@@ -51,10 +52,29 @@ def test_bad_arguments_print_one_line_not_a_traceback():
     assert "Traceback" not in result.stderr
 
 
-def test_help_texts_keep_their_bracketed_defaults():
-    """rich reads "[reverse]" as markup and drops it unless escaped."""
-    result = runner.invoke(app, ["train", "--help"])
-    assert "reverse or add [reverse]." in " ".join(result.output.split())
+def _commands(group, path=()):
+    """(words, click command) of every command under `group`."""
+    for name, command in getattr(group, "commands", {}).items():
+        yield (*path, name), command
+        yield from _commands(command, (*path, name))
+
+
+@pytest.mark.parametrize(
+    ("words", "command"),
+    list(_commands(typer.main.get_command(app))),
+    ids=lambda value: " ".join(value) if isinstance(value, tuple) else "",
+)
+def test_help_texts_keep_their_bracketed_parts(words, command):
+    """rich reads "[reverse]" or "[all: q,k]" as markup and drops it unless escaped: every
+    bracketed part of every option's help shows in the command's --help."""
+    result = runner.invoke(app, [*words, "--help"], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.output.replace("│", " ").split())
+    for param in command.params:
+        for part in re.findall(
+            r"\[[^\]]*\]", (getattr(param, "help", None) or "").replace("\\[", "[")
+        ):
+            assert " ".join(part.split()) in shown, f"{param.name}: {part} lost from --help"
 
 
 def test_decoder_shapes_prints_the_blog_listing_and_count():
@@ -137,3 +157,11 @@ print("status", status)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] in ("0", "2"), result.stdout
+
+
+def test_finetune_help_names_every_remat_policy():
+    from scanlab.decoder.stack import REMAT
+
+    result = runner.invoke(app, ["finetune", "--help"], terminal_width=100)
+    shown = " ".join(result.output.replace("│", " ").split())
+    assert f"Backward-pass recomputation: {', '.join(REMAT)} [full]" in shown

@@ -234,6 +234,14 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             "error: --adapter typo_dir does not exist",
         ),
         (["launch", "--processes", "0", "--", "train"], "error: --processes must be >= 1, got 0"),
+        (
+            ["launch", "--processes", "100000", "--", "train"],
+            "error: --processes 100000: as many JAX runtimes need at least 25012.2 GiB, more than",
+        ),
+        (
+            ["launch", "--devices-per-process", "100000", "--", "train"],
+            "error: --devices-per-process must ask for 1 to 1024 devices, got 100000",
+        ),
         (["launch", "--processes", "2"], "error: launch needs a scanlab command after --"),
         (
             ["launch", "--processes", "2", "--", "finetune", "--data", "x.jsonl"],

@@ -100,7 +100,7 @@ def test_ctrl_c_and_sigterm_end_the_wait_for_peers(signum, status, line):
         (
             ["explain"],
             {distributed.HOST_DEVICES_ENV: "abc"},
-            "error: SCANLAB_HOST_DEVICES must be a whole number of devices >= 1, got 'abc'",
+            "error: SCANLAB_HOST_DEVICES must be a whole number of devices, got 'abc'",
         ),
         (["--join-timeout", "0", "explain"], {}, "error: --join-timeout must be > 0, got 0"),
         (

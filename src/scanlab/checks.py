@@ -36,6 +36,13 @@ def shown(name: str) -> str:
     return (_SPELLING.get() or {}).get(name, name)
 
 
+def switched_on(name: str) -> str:
+    """How the caller turns a boolean argument on: `--resume` on the command line, else
+    `resume=True`."""
+    spelled = shown(name)
+    return spelled if spelled.startswith("-") else f"{name}=True"
+
+
 @contextlib.contextmanager
 def spelled_as(spelling: Mapping[str, str]) -> Iterator[None]:
     """Messages name the arguments in `spelling` (Python name -> what the user typed, e.g.
@@ -170,6 +177,11 @@ def available_bytes() -> int | None:
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
+    return host_memory_bytes()
+
+
+def host_memory_bytes() -> int | None:
+    """The host's RAM, or None where the platform does not say."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -183,6 +195,17 @@ def fits_in_memory(what: str, nbytes: int) -> None:
         raise OutOfMemoryError(
             f"{what} needs about {nbytes / 2**30:.1f} GiB, more than the "
             f"{limit / 2**30:.1f} GiB this device has"
+        )
+
+
+def instance(name: str, value: object, expected: type, alternative: str = "") -> None:
+    """Refuses a `value` that is not an `expected` (a dict where a config belongs, say) in one
+    line naming the argument, rather than a failure deep inside; `alternative` says how to
+    build one."""
+    if not isinstance(value, expected):
+        hint = f": {alternative}" if alternative else ""
+        raise ArgumentTypeError(
+            f"{shown(name)} must be a {expected.__name__}, got {type(value).__name__}{hint}"
         )
 
 

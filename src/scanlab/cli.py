@@ -78,11 +78,12 @@ def read_run_settings(
     if not join_timeout_s > 0:
         raise ArgumentError(f"--join-timeout must be > 0, got {join_timeout_s:g}")
     devices = os.environ.get(distributed.HOST_DEVICES_ENV)
-    if devices is not None and not (devices.isdigit() and int(devices) >= 1):
-        raise ArgumentError(
-            f"{distributed.HOST_DEVICES_ENV} must be a whole number of devices >= 1, got "
-            f"{devices!r}"
-        )
+    if devices is not None:
+        if not devices.isdigit():
+            raise ArgumentError(
+                f"{distributed.HOST_DEVICES_ENV} must be a whole number of devices, got {devices!r}"
+            )
+        distributed.check_host_devices(distributed.HOST_DEVICES_ENV, int(devices))
     _run_to_join.append((settings, join_timeout_s, devices))
 
 
@@ -199,9 +200,9 @@ def bench(
     write a markdown report with plots."""
     from rich.table import Table
 
-    from scanlab import checks
+    from scanlab import checks, distributed
 
-    _check_device_count("--devices", devices)
+    distributed.check_host_devices("--devices", devices)
     checks.writable_dir("--out", out)  # before minutes of measuring
     from scanlab import sharding
 
@@ -709,7 +710,7 @@ def finetune_command(
     ] = None,
     lora_targets: Annotated[
         str | None,
-        typer.Option(help="Adapted projections, comma-separated [all: q,k,v,o,gate,up,down]."),
+        typer.Option(help="Adapted projections, comma-separated \\[all: q,k,v,o,gate,up,down]."),
     ] = None,
     full: Annotated[
         bool, typer.Option(help="Train every weight (float32) instead of LoRA adapters.")
@@ -723,7 +724,7 @@ def finetune_command(
         int | None, typer.Option(help="Micro-batches per step, gradients summed [1].")
     ] = None,
     seq_len: Annotated[
-        int | None, typer.Option(help="Row length in tokens [the longest example's].")
+        int | None, typer.Option(help="Row length in tokens \\[the longest example's].")
     ] = None,
     learning_rate: Annotated[
         float | None, typer.Option(help="Peak AdamW learning rate [0.0002].")
@@ -733,12 +734,13 @@ def finetune_command(
         float | None, typer.Option(help="Share of examples held out for the eval loss [0.1].")
     ] = None,
     remat: Annotated[
-        str | None, typer.Option(help="Backward-pass recomputation: none, full, dots [full].")
+        str | None,
+        typer.Option(help="Backward-pass recomputation: none, full, dots, sqrt \\[full]."),
     ] = None,
     weights: Annotated[
         str | None,
         typer.Option(
-            help="The frozen base: quantized (int8) or float32 [quantized; --full: float32]."
+            help="The frozen base: quantized (int8) or float32 \\[quantized; --full: float32]."
         ),
     ] = None,
     seed: RunSeed = None,
@@ -887,7 +889,11 @@ def _merge_source(path: Path, model: str) -> Path | None:
     return source
 
 
-@app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    "launch",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    options_metavar="[OPTIONS] -- COMMAND [ARGS]...",
+)
 def launch_command(
     ctx: typer.Context,
     processes: Annotated[int, typer.Option(help="Processes to start on this machine.")] = 2,
@@ -930,10 +936,10 @@ def _mesh(spec: str | None):
     """The mesh for --mesh; on a CPU the host is first presented as enough devices."""
     if spec is None:
         return None
-    from scanlab import sharding
+    from scanlab import distributed, sharding
 
     sizes = sharding.parse_mesh(spec)
-    _check_device_count("--mesh", sizes[sharding.DATA_AXIS] * sizes[sharding.MODEL_AXIS])
+    distributed.check_host_devices("--mesh", sizes[sharding.DATA_AXIS] * sizes[sharding.MODEL_AXIS])
     try:
         sharding.host_devices(sizes[sharding.DATA_AXIS] * sizes[sharding.MODEL_AXIS])
     except RuntimeError:
@@ -941,15 +947,6 @@ def _mesh(spec: str | None):
         # devices are set as it joins): make_mesh checks the devices it has.
         pass
     return sharding.make_mesh(spec)
-
-
-# Host devices are threads of one process: beyond this, a request is a typo, not a machine.
-MAX_HOST_DEVICES = 1024
-
-
-def _check_device_count(name: str, n: int) -> None:
-    if not 1 <= n <= MAX_HOST_DEVICES:
-        raise ArgumentError(f"{name} must ask for 1 to {MAX_HOST_DEVICES} devices, got {n}")
 
 
 def _parse_floats(name: str, text: str):

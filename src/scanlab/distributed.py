@@ -37,6 +37,9 @@ PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
 # The CPU devices each process presents (`sharding.host_devices`), set by `scanlab launch`.
 HOST_DEVICES_ENV = "SCANLAB_HOST_DEVICES"
+# Host devices are threads of one process, each with its own buffers: beyond this many, a request
+# is a typo, not a machine.
+MAX_HOST_DEVICES = 1024
 
 # A process that stops sending heartbeats for this long is dead to the others (JAX's default,
 # 100 s, leaves a run hanging on a lost peer for minutes).
@@ -77,6 +80,12 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Settings | None:
             )
         values[name] = int(text)
     return checked(Settings(coordinator, values[PROCESSES_ENV], values[PROCESS_ID_ENV]))
+
+
+def check_host_devices(name: str, n: int) -> None:
+    """`n` CPU devices for one process, asked for by `name` (a flag or variable)."""
+    if not 1 <= n <= MAX_HOST_DEVICES:
+        raise ArgumentError(f"{name} must ask for 1 to {MAX_HOST_DEVICES} devices, got {n}")
 
 
 def checked(settings: Settings) -> Settings:

@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from scanlab import distributed
-from scanlab.errors import ArgumentError
+from scanlab.checks import host_memory_bytes
+from scanlab.errors import ArgumentError, OutOfMemoryError
 
 # What each process runs, before the command's words: the scanlab CLI.
 SCANLAB = (sys.executable, "-m", "scanlab")
@@ -53,6 +54,25 @@ def environments(processes: int, devices_per_process: int) -> list[dict[str, str
     ]
 
 
+# What each process needs at the least: a Python with JAX's runtime started, and per CPU device it
+# presents (each device's buffers and threads).
+PROCESS_BYTES, DEVICE_BYTES = 2**28, 2**17
+
+
+def check_size(processes: int, devices_per_process: int) -> None:
+    """Refuses a run this machine cannot hold, before any process starts."""
+    if processes < 1:
+        raise ArgumentError(f"--processes must be >= 1, got {processes}")
+    distributed.check_host_devices("--devices-per-process", devices_per_process)
+    needed = processes * (PROCESS_BYTES + devices_per_process * DEVICE_BYTES)
+    memory = host_memory_bytes()
+    if memory is not None and needed > memory:
+        raise OutOfMemoryError(
+            f"--processes {processes}: as many JAX runtimes need at least "
+            f"{needed / 2**30:.1f} GiB, more than the {memory / 2**30:.1f} GiB this machine has"
+        )
+
+
 def launch(
     command: Sequence[str],
     processes: int,
@@ -74,10 +94,7 @@ def launch(
             f"launch cannot run `{command[0]}`: {NOT_DISTRIBUTED[command[0]]}; run it without "
             "launch"
         )
-    if processes < 1:
-        raise ArgumentError(f"--processes must be >= 1, got {processes}")
-    if devices_per_process < 1:
-        raise ArgumentError(f"--devices-per-process must be >= 1, got {devices_per_process}")
+    check_size(processes, devices_per_process)
     children = [
         subprocess.Popen(
             [*program, *command],

@@ -182,6 +182,29 @@ def test_bad_lora_settings_are_refused(changes, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: LoraConfig(targets="q_proj"),
+            "lora_targets must be a sequence of names from ['q_proj', 'k_proj'",
+        ),
+        (
+            lambda: FinetuneConfig(lora={"rank": 4}),
+            "lora must be a LoraConfig, got dict: e.g. LoraConfig(rank=4)",
+        ),
+        (
+            lambda: finetune("model.gguf", "data.jsonl", {"steps": 2}),
+            "config must be a FinetuneConfig, got dict: e.g. FinetuneConfig(steps=2)",
+        ),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_named(build, message):
+    with pytest.raises(ArgumentTypeError) as error:
+        build()
+    assert str(error.value).startswith(message), error.value
+
+
 def test_adapters_of_the_wrong_shape_are_refused_naming_the_leaf(tiny):
     adapters = random_adapters()
     adapters["v_proj"]["b"] = adapters["v_proj"]["b"][:, :2]
@@ -561,6 +584,23 @@ def test_the_merged_export_loads_in_scanlab_and_transformers(tiny, tmp_path):
     assert AutoTokenizer.from_pretrained(path).encode(text) == tiny.tokenizer.encode(text)
     with pytest.raises(PathExistsError, match="exists and is not empty"):
         save_merged(path, adapted)
+
+
+def test_the_merged_model_is_written_whole_with_the_umask_s_permissions(tiny, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o027)
+    try:
+        path = save_merged(tmp_path / "merged", tiny)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {0o640}
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no staging left
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PathExistsError, match=r"path .*file is a file; a transformers checkpoint"):
+        save_merged(tmp_path / "file", tiny)
 
 
 def test_adapted_params_shard_on_a_mesh_and_the_kernel_layout_is_refused_by_name(tiny):

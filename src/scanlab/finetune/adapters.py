@@ -22,7 +22,7 @@ from scanlab.decoder.families import Leaf
 from scanlab.decoder.lora import Adapted
 from scanlab.decoder.params import DecoderBlock, DecoderParams
 from scanlab.decoder.spec import sizes
-from scanlab.errors import ArgumentError
+from scanlab.errors import ArgumentError, ArgumentTypeError
 
 # PEFT's (transformers') projection names -> where the weight sits in a DecoderBlock.
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -58,6 +58,11 @@ class LoraConfig:
         checks.finite_number("lora_dropout", self.dropout, minimum=0.0)
         if self.dropout >= 1.0:
             raise ArgumentError(f"{checks.shown('lora_dropout')} must be < 1, got {self.dropout}")
+        if isinstance(self.targets, str):  # tuple("q_proj") would be its letters
+            raise ArgumentTypeError(
+                f"{checks.shown('lora_targets')} must be a sequence of names from "
+                f"{list(TARGETS)}, got the string {self.targets!r}: pass ({self.targets!r},)"
+            )
         targets = tuple(self.targets)
         unknown = [name for name in targets if name not in TARGETS]
         if not targets or unknown or len(set(targets)) != len(targets):

@@ -47,6 +47,8 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.lora is not None:
+            checks.instance("lora", self.lora, LoraConfig, "e.g. LoraConfig(rank=4)")
         check_run(self)
         checks.static_int("accumulate", self.accumulate, minimum=1)
         if self.batch_size % self.accumulate:

@@ -235,7 +235,7 @@ def split(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows | Non
     if held < 1:
         raise ArgumentError(
             f"{checks.shown('eval_fraction')}={eval_fraction} holds out examples, but the data "
-            "has only one: pass eval_fraction=0"
+            f"has only one: pass {checks.shown('eval_fraction')}=0"
         )
     return rows.take(np.sort(order[:-held])), rows.take(np.sort(order[-held:]))
 

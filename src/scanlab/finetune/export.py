@@ -4,16 +4,15 @@ transformers directory or a GGUF file."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from scanlab import storage
 from scanlab.checks import shown
 from scanlab.decoder.formats.gguf_file import save_gguf
-from scanlab.decoder.formats.hf import save_checkpoint
+from scanlab.decoder.formats.hf import check_new_directory, save_checkpoint
 from scanlab.decoder.formats.tokenizer import save_tokenizer
 from scanlab.decoder.load import Model
-from scanlab.errors import ArgumentError, PathExistsError
+from scanlab.errors import ArgumentError
 from scanlab.finetune.adapters import merged
 
 
@@ -42,13 +41,8 @@ def save_merged(
                 f"metadata and tokenizer) to write {path}, got None"
             )
         return save_gguf(path, model.config, merged(model.params), like, tensor_type, overwrite)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise PathExistsError(f"path {path} exists and is not empty; pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
-        written = save_checkpoint(Path(work) / "model", model.config, merged(model.params))
-        save_tokenizer(model.tokenizer, written)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(written, path)
+    check_new_directory(path, overwrite)
+    with storage.staged_directory(path) as staging:
+        save_checkpoint(staging, model.config, merged(model.params), overwrite=True)
+        save_tokenizer(model.tokenizer, staging)
     return path

@@ -75,6 +75,7 @@ def finetune(
       on_loading: told what is being loaded (the weights), e.g. to show a line.
     """
     config = FinetuneConfig() if config is None else config
+    checks.instance("config", config, FinetuneConfig, "e.g. FinetuneConfig(steps=2)")
     kind, records = data.read_jsonl(data_file)  # a bad file is said before any model is read
     with loop.open_run(checkpoint_dir, resume, resume_step, checkpoint_every) as manager:
         tokenizer, model_config, path = _prepare(model, config)

@@ -190,7 +190,7 @@ def resumed_step(manager, resume: bool, resume_step: int | None, config: dict) -
         if latest is not None:
             raise ArgumentError(
                 f"{shown('checkpoint_dir')} {manager.directory} already holds a run (latest step "
-                f"{latest}); pass resume=True (--resume) to continue it, or choose another "
+                f"{latest}); pass {checks.switched_on('resume')} to continue it, or choose another "
                 "directory"
             )
         return None

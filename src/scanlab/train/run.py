@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from scanlab import checks
 from scanlab.train import checkpoints, loop
 from scanlab.train.config import TrainConfig
 from scanlab.train.loop import ChunkReport
@@ -57,6 +58,7 @@ def train(
       mesh: run data- and tensor-parallel on this ("data", "model") mesh; checkpoints written
         on one mesh resume on another.
     """
+    checks.instance("config", config, TrainConfig, "e.g. TrainConfig(steps=20)")
     with loop.open_run(checkpoint_dir, resume, resume_step, checkpoint_every) as manager:
         step = loop.resumed_step(manager, resume, resume_step, config.to_dict())
         history: list[float] = []

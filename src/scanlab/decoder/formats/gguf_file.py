@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scanlab import checks
+from scanlab import checks, storage
 from scanlab.decoder import quant, spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import FAMILIES, LM_HEAD, SLIDING, Family, Leaf
@@ -307,11 +306,11 @@ def save_gguf(
     if config_from_gguf(source, like) != config:
         raise CheckpointError(f"{like} holds another model than these params' ({config})")
     path = Path(path)
+    if path.is_dir():
+        raise PathExistsError(f"path {path} is a directory; a GGUF model is a file")
     if path.exists() and not overwrite:
-        raise PathExistsError(f"path {path} exists; pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)[1])
-    try:
+        raise PathExistsError(f"path {path} exists; pass {checks.shown('overwrite')}=True")
+    with storage.staged_file(path) as staging:
         writer = gguf.GGUFWriter(staging, config.features.gguf_architecture)
         _copy_metadata(source, writer)
         for name, tensor in _gguf_tensors(config, params):
@@ -324,10 +323,6 @@ def save_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
-from scanlab import checks
+from scanlab import checks, storage
 from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import FAMILIES, FULL, SLIDING, Family, Leaf
@@ -302,6 +300,20 @@ def load_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[DecoderConfig,
 # --- save -------------------------------------------------------------------------------------
 
 
+def check_new_directory(path: Path, overwrite: bool) -> None:
+    """A directory may be written at `path`: nothing there, an empty directory, or (with
+    `overwrite`) a directory to replace; never a file."""
+    if path.exists() and not path.is_dir():
+        raise PathExistsError(
+            f"path {path} is a file; a transformers checkpoint is a directory (a path ending "
+            "in .gguf writes a GGUF file)"
+        )
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise PathExistsError(
+            f"path {path} exists and is not empty; pass {checks.shown('overwrite')}=True"
+        )
+
+
 def save_checkpoint(
     path: str | os.PathLike, config: DecoderConfig, params: DecoderParams, overwrite: bool = False
 ) -> Path:
@@ -312,18 +324,9 @@ def save_checkpoint(
     spec.check_params(params, config)
     spec.check_dense(params, "save_checkpoint")
     directory = Path(path)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise PathExistsError(f"path {directory} exists and is not empty; pass overwrite=True")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    check_new_directory(directory, overwrite)
+    with storage.staged_directory(directory) as staging:
         _write_shards(staging, config, params)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 
