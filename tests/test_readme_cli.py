@@ -67,6 +67,7 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
     # --resume takes the run's saved settings (already complete: the same result, no training).
     resumed = printed["train --checkpoint-dir runs/rev --resume"]
     assert "held-out exact-match accuracy after 200 steps" in resumed and "step " not in resumed
+    assert "nothing to train, the run is finished (200 of 200 steps)" in resumed
     assert printed["evaluate --checkpoint-dir runs/rev"].count("reverse ") == 8
     # The fine-tuned model answers with what it was taught, over the base and merged into a GGUF.
     assert (

@@ -1090,10 +1090,12 @@ def _report_bug() -> None:
 
 def _exit(status: int) -> NoReturn:
     """Ends the process with `status`. A failing process of a multi-process run leaves at once:
-    JAX's exit would first wait in a shutdown barrier for its peers, which wait for it."""
+    JAX's exit would first wait in a shutdown barrier for its peers, which wait for it; so does
+    one whose training chunk still computes (stopped by a second Ctrl-C)."""
     from scanlab import distributed
 
-    if status and distributed.joined() is not None:
+    loop = sys.modules.get("scanlab.train.loop")  # imported if a run started
+    if status and (distributed.joined() is not None or (loop and loop.chunk_running())):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

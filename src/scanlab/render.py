@@ -110,8 +110,31 @@ def training_progress(
     """A progress bar for a training run; yields the `on_chunk` callback that advances it.
 
     When the console is not a terminal (output to a file or a pipe) a bar would show nothing
-    until the end: each chunk prints one plain line instead, so a log file shows progress.
+    until the end: each chunk prints one plain line instead, so a log file shows progress. A run
+    that had no chunk to run (resumed when finished) says so.
     """
+    reports: list[ChunkReport] = []
+    with _drawn(console, description, total_steps) as draw:
+
+        def on_chunk(report: ChunkReport) -> None:
+            reports.append(report)
+            draw(report)
+
+        yield on_chunk
+    if not reports:
+        console.print(
+            f"{description}: nothing to train, the run is finished ({total_steps} of "
+            f"{total_steps} steps); a larger --steps extends it",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@contextlib.contextmanager
+def _drawn(
+    console: Console, description: str, total_steps: int
+) -> Iterator[Callable[[ChunkReport], None]]:
+    """What `training_progress` shows of each chunk: a bar on a terminal, else a line."""
     if not console.is_terminal:
 
         def log_line(report: ChunkReport) -> None:
@@ -135,7 +158,7 @@ def training_progress(
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task(description, total=total_steps, loss="-", speed="")
 
-        def on_chunk(report: ChunkReport) -> None:
+        def update(report: ChunkReport) -> None:
             held_out = "" if report.eval_loss is None else f", held-out {report.eval_loss:.4f}"
             progress.update(
                 bar,
@@ -144,7 +167,7 @@ def training_progress(
                 speed=_speed(report),
             )
 
-        yield on_chunk
+        yield update
 
 
 def _speed(report: ChunkReport) -> str:

@@ -1,3 +1,4 @@
+import io
 import os
 import subprocess
 import sys
@@ -6,8 +7,10 @@ import time
 import chex
 import numpy as np
 import pytest
+from rich.console import Console
 from tests.tiny import TINY_TRAIN
 
+from scanlab import render
 from scanlab.train import TrainConfig, checkpoints, load, train
 
 pytestmark = pytest.mark.slow  # whole training runs with orbax checkpoints: not in `make test-fast`
@@ -143,8 +146,16 @@ def test_raising_steps_on_resume_continues_under_the_longer_schedule(tmp_path):
     # What the extension does to the learning rate: it steps up where the longer plan resumes.
     assert learning_rate(run_settings(longer))(60) > learning_rate(run_settings(CONFIG))(59)
     assert load(tmp_path).config == longer  # the saved run now plans 100 steps
-    with pytest.raises(ValueError, match=r"steps must be >= 100 to resume .* got 80"):
+    with pytest.raises(
+        ValueError, match=r"steps may only grow on resume: .* plans 100 steps, got 80"
+    ):
         train(CONFIG.replace(steps=80), checkpoint_dir=tmp_path, resume=True)
+    # Resumed when finished: nothing runs, and the progress says so.
+    shown = io.StringIO()
+    with render.training_progress(Console(file=shown, width=200), "train", 100) as on_chunk:
+        again = train(longer, checkpoint_dir=tmp_path, resume=True, on_chunk=on_chunk)
+    chex.assert_trees_all_equal(again.state, extended.state)
+    assert "train: nothing to train, the run is finished (100 of 100 steps)" in shown.getvalue()
 
 
 def test_ctrl_c_saves_the_newest_whole_state_and_the_run_resumes_exactly(tmp_path):
@@ -169,12 +180,12 @@ def test_an_interrupt_during_a_chunk_s_dispatch_waits_for_its_output():
     """The chunk donates its input: Ctrl-C is held until the output is assigned, then raised."""
     import signal
 
-    from scanlab.train.loop import _interrupts_held
+    from scanlab.train.loop import _Interrupts
 
     assigned = []
 
     def dispatch():
-        with _interrupts_held():
+        with _Interrupts(lambda: "stopping after this chunk").held():
             signal.raise_signal(signal.SIGINT)
             assigned.append(True)  # what the held signal did not interrupt
 
@@ -190,37 +201,49 @@ def test_an_interrupt_during_a_chunk_s_dispatch_waits_for_its_output():
         signal.signal(signal.SIGINT, inherited)
 
 
-def test_a_second_run_into_a_held_directory_is_refused_naming_the_first(tmp_path):
-    """A real first run (another process) holds its checkpoint directory from before it
-    compiles; a second run into it is refused before any work, and the first is untouched."""
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "scanlab",
-            "train",
-            "--steps",
-            "100000",
-            "--checkpoint-dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def _started_training(tmp_path, *flags) -> subprocess.Popen:
+    """A real `scanlab train` run into `tmp_path`, returned once it holds the directory (before
+    its first chunk compiles)."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "scanlab", "train", "--checkpoint-dir", str(tmp_path), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    lock = tmp_path / checkpoints.LOCK
+    deadline = time.monotonic() + 60
+    while f"process {run.pid} " not in (lock.read_text() if lock.exists() else ""):
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.1)
+    return run
+
+
+def test_a_held_directory_is_refused_and_ctrl_c_twice_stops_the_chunk_in_flight(tmp_path):
+    """A real first run (another process) holds its checkpoint directory from before it
+    compiles; a second run into it is refused before any work, and the first is untouched.
+    Then, its one chunk of many steps in flight: the first Ctrl-C is answered at once, the
+    second ends the run without waiting for the chunk or saving it."""
+    import signal
+
+    first = _started_training(tmp_path, "--steps", "100000", "--chunk-steps", "100000")
     try:
-        lock = tmp_path / checkpoints.LOCK
-        deadline = time.monotonic() + 60
-        while f"process {first.pid} " not in (lock.read_text() if lock.exists() else ""):
-            assert first.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
         with pytest.raises(
             checkpoints.CheckpointInUseError,
             match=rf"checkpoint_dir {tmp_path} is in use by another run \(process {first.pid} on ",
         ):
             train(CONFIG, checkpoint_dir=tmp_path)
         assert first.poll() is None  # still training
+        time.sleep(3)  # past its set-up (which Ctrl-C ends at once), into the chunk
+        first.send_signal(signal.SIGINT)
+        time.sleep(1)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=10)  # the chunk would take many minutes
     finally:
         first.kill()
         first.wait()
-    # The lock ended with its process (killed long before its first save): the directory is free.
+    assert first.returncode == 130, err
+    assert "stopping after this chunk; Ctrl-C again to stop now without saving it" in err, err
+    assert err.rstrip().endswith("error: interrupted"), err
+    assert not [path for path in tmp_path.iterdir() if path.name.isdigit()]  # no step saved
+    # The lock ended with its process: the directory is free.
     assert train(CONFIG.replace(steps=20), checkpoint_dir=tmp_path).losses.shape == (20,)

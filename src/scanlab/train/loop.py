@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -57,19 +58,30 @@ def run_chunks(
     """Runs chunks from `state.step` to `total_steps`; returns (state, history).
 
     Saves (when `manager` is not None) after every `checkpoint_every` chunks and after the last;
-    a chunk whose losses are not finite stops the run before anything of it is saved; Ctrl-C
-    saves the newest whole state, then propagates. `describe(state, steps, seconds)` adds
-    fields to each ChunkReport.
+    a chunk whose losses are not finite stops the run before anything of it is saved. Ctrl-C
+    (or SIGTERM) is answered at once on stderr, then the run stops after the chunk in flight,
+    saving it, and propagates; a second one stops at once, the chunk in flight not saved.
+    `describe(state, steps, seconds)` adds fields to each ChunkReport.
     """
+    step = int(state.step)
+    started, seconds_per_step = time.perf_counter(), None  # of the chunk in flight, the last
+
+    def announce() -> str:
+        left = ""
+        if seconds_per_step is not None:
+            remaining = seconds_per_step * min(chunk_steps, total_steps - step)
+            left = f" (about {max(0.0, remaining - time.perf_counter() + started):.0f} s)"
+        return f"stopping after this chunk{left}"
+
+    interrupts = _Interrupts(announce)
     try:
-        step = int(state.step)
-        with _interrupts_held() as any_signalled:
+        with interrupts.held():
             while step < total_steps:
                 n = min(chunk_steps, total_steps - step)
-                start = time.perf_counter()
-                state, chunk_losses = run_chunk(state, n)
-                losses = np.asarray(chunk_losses)  # waits for the chunk
-                elapsed = time.perf_counter() - start
+                started = time.perf_counter()
+                state, losses = _in_flight(run_chunk, state, n)
+                elapsed = time.perf_counter() - started
+                seconds_per_step = elapsed / n
                 _check_finite(losses, step, manager)
                 step += n
                 history.extend(losses.tolist())
@@ -83,13 +95,44 @@ def run_chunks(
                     mean = float(losses.mean())
                     report = ChunkReport(step, total_steps, mean, n / elapsed, save)
                     on_chunk(report._replace(**extra))
-                if any_signalled():  # every process stops after the same chunk
+                if interrupts.any_signalled():  # every process stops after the same chunk
                     break
     except KeyboardInterrupt:
-        if manager is not None:
+        if manager is not None and not interrupts.stopped_now:
             _save_interrupted(manager, config, state, history)
         raise
     return state, history
+
+
+CHUNK_THREAD = "scanlab-chunk"
+
+
+def chunk_running() -> bool:
+    """Whether a chunk is computing on its thread, as one left by a second Ctrl-C is: the
+    process must then end without Python's shutdown, which would abort inside it."""
+    return any(thread.name == CHUNK_THREAD for thread in threading.enumerate())
+
+
+def _in_flight(run_chunk: RunChunk, state, steps: int) -> tuple[Any, np.ndarray]:
+    """(state, losses on the host) of `run_chunk(state, steps)`, run on a worker thread while
+    this one waits in short sleeps: a signal's handler runs here at once, where the blocking
+    calls (a chunk's compilation, the wait for its losses) would hold it until the chunk ends."""
+    outcome: list = []
+
+    def work() -> None:
+        try:
+            new_state, losses = run_chunk(state, steps)
+            outcome.append((new_state, np.asarray(losses)))
+        except BaseException as error:  # handed to the waiting thread
+            outcome.append(error)
+
+    worker = threading.Thread(target=work, name=CHUNK_THREAD, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.05)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _check_finite(losses: np.ndarray, step: int, manager) -> None:
@@ -107,7 +150,7 @@ def _check_finite(losses: np.ndarray, step: int, manager) -> None:
 def _save_interrupted(manager, config: dict, state, history: list[float]) -> None:
     """On Ctrl-C, saves the newest state unless it is saved already.
 
-    Signals are held while a chunk runs and is counted (`_interrupts_held`), so the interrupt
+    Signals are held while a chunk runs and is counted (`_Interrupts`), so the interrupt
     arrives between chunks: `state` is the last chunk's output, whole, and `history` counts it.
     """
     step = int(state.step)
@@ -115,39 +158,60 @@ def _save_interrupted(manager, config: dict, state, history: list[float]) -> Non
         save_run(manager, step, state, history, config)
 
 
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[Callable[[], bool]]:
-    """Holds Ctrl-C and SIGTERM back over a run's chunks; yields `any_signalled()`, to call after
-    each chunk. Held signals are delivered on the way out, to whatever handlers were there (only
-    the main thread can set handlers).
+class _Interrupts:
+    """Ctrl-C and SIGTERM over a run's chunks: the first is held until the chunk in flight ends
+    (told at once on stderr, with `announce()`'s words), a second stops at once.
 
     Each chunk donates its input state: an interrupt between the donation and the output's
-    return would leave no whole state to save. Across processes `any_signalled` is collective:
-    every one learns whether any was signalled (a peer's signal counts as Ctrl-C here), so all
-    stop after the same chunk — the save on the way out is collective too, and needs them all.
-    The vote is taken while signals are still held: one arriving during it counts at the next.
+    return would leave no whole state to save, so the first is held. Across processes
+    `any_signalled` is collective: every one learns whether any was signalled (a peer's signal
+    counts as Ctrl-C here), so all stop after the same chunk — the save on the way out is
+    collective too, and needs them all. The vote is taken while signals are still held: one
+    arriving during it counts at the next. A second signal raises KeyboardInterrupt where the
+    run stands, and `stopped_now` says that no whole state is left to save.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    held: list[int] = []
 
-    def any_signalled() -> bool:
-        if not distributed.any_process(bool(held)):
+    def __init__(self, announce: Callable[[], str]):
+        self.announce = announce
+        self.signals: list[int] = []
+        self.stopped_now = False
+
+    def any_signalled(self) -> bool:
+        if not distributed.any_process(bool(self.signals)):
             return False
-        if not held:
-            held.append(signal.SIGINT)
+        if not self.signals:
+            self.signals.append(signal.SIGINT)
         return True
 
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda number, _: held.append(number)) for sig in signals}
-    try:
-        yield any_signalled
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for number in held:
-            signal.raise_signal(number)
+    def _receive(self, number: int, _frame) -> None:
+        self.signals.append(number)
+        if len(self.signals) == 1:
+            print(
+                f"{self.announce()}; Ctrl-C again to stop now without saving it",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self.stopped_now = True
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Handlers set while the block runs (only the main thread can set them: elsewhere
+        signals are not held); the signals received are delivered on the way out to whatever
+        handlers were there (a command's SIGTERM handler learns of its SIGTERM)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        names = (signal.SIGINT, signal.SIGTERM)
+        previous = {name: signal.signal(name, self._receive) for name in names}
+        try:
+            yield
+        finally:
+            for name, handler in previous.items():
+                signal.signal(name, handler)
+            for number in self.signals:
+                signal.raise_signal(number)
 
 
 # --- a run's checkpoint -----------------------------------------------------------------------
@@ -199,11 +263,12 @@ def resumed_step(manager, resume: bool, resume_step: int | None, config: dict) -
             f"{shown('checkpoint_dir')} {manager.directory} holds no complete checkpoint to resume"
         )
     step = checkpoints.verified_step(manager, resume_step, "resume_step")
-    _check_same_config(saved_config(manager, step, kind_of(config)), config, manager.directory)
-    if config["steps"] < step:
+    saved = saved_config(manager, step, kind_of(config))
+    _check_same_config(saved, config, manager.directory)
+    if config["steps"] < saved["steps"]:
         raise ArgumentError(
-            f"{shown('steps')} must be >= {step} to resume {shown('checkpoint_dir')} "
-            f"{manager.directory} (the run has done {step} steps), got {config['steps']}"
+            f"{shown('steps')} may only grow on resume: {shown('checkpoint_dir')} "
+            f"{manager.directory} plans {saved['steps']} steps, got {config['steps']}"
         )
     checkpoints.abandon_newer(manager, step)
     return step
