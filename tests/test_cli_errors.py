@@ -281,6 +281,29 @@ def test_a_plot_path_matplotlib_cannot_write_is_refused_before_training(tmp_path
     )
 
 
+def test_a_file_or_an_empty_folder_where_a_checkpoint_belongs_is_named_as_such(tmp_path, cli):
+    data, file, empty = tmp_path / "facts.jsonl", tmp_path / "file", tmp_path / "empty"
+    data.write_text('{"text": "Paris is in France."}\n')
+    file.write_text("")
+    empty.mkdir()
+    cases = [
+        (
+            ["finetune", "--data", str(data), "--checkpoint-dir", str(file)],
+            f"error: --checkpoint-dir must be a directory, got '{file}', a file\n",
+        ),
+        (
+            ["evaluate", "--checkpoint-dir", str(file)],
+            f"error: --checkpoint-dir {file} is a file, not a checkpoint directory\n",
+        ),
+        (
+            ["chat", "--adapter", str(empty), "--message", "hi"],
+            f"error: --adapter {empty} holds no complete checkpoint\n",
+        ),
+    ]
+    for args, message in cases:
+        assert cli(args)[:2] == (2, message)
+
+
 def test_a_fine_tune_that_would_keep_nothing_is_refused_before_loading(tmp_path, cli):
     data = tmp_path / "facts.jsonl"
     data.write_text('{"text": "Paris is in France."}\n')

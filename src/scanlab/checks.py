@@ -221,6 +221,8 @@ def path_like(name: str, value: object) -> Path:
 def writable_dir(name: str, path: str | os.PathLike) -> Path:
     """Creates the directory if needed and proves it writable, before any long work starts."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PathError(f"{shown(name)} must be a directory, got {str(path)!r}, a file")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

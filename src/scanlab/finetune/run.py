@@ -151,7 +151,7 @@ def saved_run(
     names for the directory and the step, for the messages."""
     checkpoints.check_exists(checkpoint_dir, names[0])
     with checkpoints.open_manager(checkpoint_dir) as manager:
-        step = checkpoints.verified_step(manager, step, names[1])
+        step = checkpoints.verified_step(manager, step, names[1], names[0])
         recorded = loop.saved_config(manager, step, "finetune")
     return _config_of(recorded), recorded["model"]
 

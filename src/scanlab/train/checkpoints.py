@@ -106,6 +106,8 @@ def _remove_partials(directory: str | Path, step: int | None) -> None:
 
 def check_exists(directory: str | Path, name: str = "checkpoint_dir") -> None:
     """Reading must not create what it fails to find."""
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise MissingPathError(f"{shown(name)} {directory} is a file, not a checkpoint directory")
     if not Path(directory).is_dir():
         raise MissingPathError(f"{shown(name)} {directory} does not exist")
 
@@ -164,16 +166,21 @@ def _item_bytes(item) -> int:
     return len(json.dumps(item))
 
 
-def verified_step(manager: ocp.CheckpointManager, step: int | None, name: str) -> int:
+def verified_step(
+    manager: ocp.CheckpointManager,
+    step: int | None,
+    name: str,
+    directory_name: str = "checkpoint_dir",
+) -> int:
     """`step`, or the newest saved step, after checking every file against its checksum.
 
     Raises CheckpointReadError naming the step and its damage, and the newest step that does
-    verify (to pass as `name`), if any.
+    verify (to pass as `name`), if any; the directory is `directory_name` in messages.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise CheckpointReadError(
-            f"{shown('checkpoint_dir')} {manager.directory} holds no complete checkpoint"
+            f"{shown(directory_name)} {manager.directory} holds no complete checkpoint"
         )
     if step is None:
         step = steps[0]
