@@ -269,6 +269,10 @@ def test_a_split_holds_out_rows_by_the_seed(tokenizer, chat_file):
     again = data_lib.split(rows, 0.25, seed=0)
     np.testing.assert_array_equal(again[1].tokens, held.tokens)
     assert data_lib.split(rows, 0.0, seed=0)[1] is None
+    # A large set holds out at most MAX_HELD_OUT rows (measured after every chunk), the rest train.
+    many = rows.take(np.arange(10_000) % len(rows))
+    train, held = data_lib.split(many, 0.1, seed=0)
+    assert (len(train), len(held)) == (10_000 - data_lib.MAX_HELD_OUT, data_lib.MAX_HELD_OUT)
 
 
 BAD_FILES = [

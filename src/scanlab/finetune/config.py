@@ -24,7 +24,8 @@ class FinetuneConfig:
     seq_len: the rows' length in tokens; None: the longest example's, rounded up to 16.
     learning_rate: peak AdamW rate, reached after `warmup_steps`, then cosine decay to 10%.
     weight_decay, clip_norm: AdamW decay and global gradient-norm clipping.
-    eval_fraction: the share of examples held out for the evaluation loss.
+    eval_fraction: the share of examples held out for the evaluation loss (at most
+      `data.MAX_HELD_OUT` of them), measured after every chunk.
     remat: what the backward pass recomputes over the layers, a name in `REMAT`.
     weights: the frozen base's form with LoRA: "quantized" (int8 blocks, QLoRA-style) or
       "float32"; full fine-tuning trains float32 weights.

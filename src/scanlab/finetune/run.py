@@ -105,14 +105,19 @@ def finetune(
         train_data = jax.tree.map(jnp.asarray, train_rows)
         eval_data = None if eval_rows is None else jax.tree.map(jnp.asarray, eval_rows)
 
+        measured: dict[int, float] = {}  # step -> held-out loss: the last chunk's is the result
+
         def held_out(state: FinetuneState) -> float | None:
             if eval_data is None:
                 return None
-            return float(
-                evaluation_loss(
-                    state.trainable, frozen, eval_data, config=config, model_config=model_config
+            step = int(state.step)
+            if step not in measured:
+                measured[step] = float(
+                    evaluation_loss(
+                        state.trainable, frozen, eval_data, config=config, model_config=model_config
+                    )
                 )
-            )
+            return measured[step]
 
         tokens_per_step = config.batch_size * (train_rows.seq_len - 1)
         state, history = loop.run_chunks(
