@@ -4,6 +4,7 @@ writes what it makes: whole or not at all."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -16,6 +17,18 @@ CACHE_ENV = "SCANLAB_CACHE"
 def default_cache() -> Path:
     """$SCANLAB_CACHE, else ~/.cache/scanlab."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "scanlab")
+
+
+def digest(path: Path) -> str:
+    """The SHA-256 of a file, or of a directory's files (their names and contents, in order)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    hashed = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            hashed.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as content:
+            hashlib.file_digest(content, lambda: hashed)
+    return hashed.hexdigest()
 
 
 @contextlib.contextmanager

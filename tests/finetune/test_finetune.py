@@ -40,6 +40,7 @@ from scanlab.finetune import (
     init_adapters,
     merged,
     save_merged,
+    saved_run,
     with_trained,
 )
 from scanlab.finetune import data as data_lib
@@ -534,6 +535,28 @@ def test_resuming_on_other_data_or_settings_is_refused(tiny, chat_file, tmp_path
         )
     with pytest.raises(ArgumentError, match="already holds a run"):
         finetune(tiny, chat_file, RUN, checkpoint_dir=tmp_path / "run")
+
+
+def test_a_model_given_by_path_resumes_from_anywhere_and_by_its_digest(
+    tiny, chat_file, tmp_path, monkeypatch
+):
+    """The checkpoint records the model's absolute path and digest, not the path as typed: a
+    relative path resumes from another folder, a moved file by its digest; another file of
+    the same shapes is refused."""
+    save_merged(tmp_path / "base", tiny)
+    run, config = tmp_path / "run", RUN.replace(steps=2, weights="float32")
+    monkeypatch.chdir(tmp_path)
+    finetune("base", chat_file, config, checkpoint_dir=run)
+    assert saved_run(run)[1] == str((tmp_path / "base").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "base").rename(tmp_path / "moved")
+    resumed = finetune("../moved", chat_file, config, checkpoint_dir=run, resume=True)  # finished
+    assert int(resumed.state.step) == 2
+    other = tiny._replace(params=init_params(TINY, jax.random.PRNGKey(1)))
+    save_merged(tmp_path / "other", other)
+    with pytest.raises(ArgumentError, match="different config: model_sha256="):
+        finetune(tmp_path / "other", chat_file, config, checkpoint_dir=run, resume=True)
 
 
 def test_ctrl_c_saves_the_newest_whole_state_and_a_nan_loss_stops(tiny, chat_file, tmp_path):

@@ -14,7 +14,6 @@ one error naming the file and line, raised before any model weights load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from scanlab import checks
+from scanlab import checks, storage
 from scanlab.decoder.formats.tokenizer import NO_CHAT_TEMPLATE, Message, Tokenizer
 from scanlab.errors import ArgumentError, MissingPathError
 
@@ -248,4 +247,4 @@ def split(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows | Non
 
 def digest(path: str | Path) -> str:
     """The SHA-256 of a data file: a resumed run must train on the same examples."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return storage.digest(Path(path))

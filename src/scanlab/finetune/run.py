@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scanlab import checks
+from scanlab import checks, storage
 from scanlab.decoder import spec, weights
 from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.formats import pretrained
 from scanlab.decoder.formats.tokenizer import load_tokenizer
 from scanlab.decoder.load import Model, load_config, load_weights, resolve
 from scanlab.decoder.params import DecoderParams
@@ -82,7 +83,7 @@ def finetune(
         examples = data.encode(kind, records, tokenizer, data_file)
         train_rows, eval_rows = _rows(examples, data_file, tokenizer, model_config, config)
         config = config.replace(seq_len=train_rows.seq_len)
-        identity = _identity(model, data_file, config)
+        identity = _identity(model, path, data_file, config)
         step = loop.resumed_step(manager, resume, resume_step, identity)  # before the weights
         if on_loading is not None:
             on_loading(str(path) if path is not None else "the given model")
@@ -163,7 +164,7 @@ def saved_run(
 
 def _config_of(recorded: dict) -> FinetuneConfig:
     return FinetuneConfig.from_dict(
-        {k: v for k, v in recorded.items() if k not in ("model", "data_sha256")}
+        {k: v for k, v in recorded.items() if k not in ("model", "model_sha256", "data_sha256")}
     )
 
 
@@ -187,11 +188,23 @@ def _rows(examples, data_file, tokenizer, model_config: DecoderConfig, config: F
     return train_rows, eval_rows
 
 
-def _identity(model, data_file, config: FinetuneConfig) -> dict:
+def _identity(model, path: Path | None, data_file, config: FinetuneConfig) -> dict:
     """What a checkpoint records of the run, and a resumed run must match: the config, the
-    model's source and the data file's digest."""
-    source = f"{model.config.family} model given in memory" if isinstance(model, Model) else model
-    return {**config.to_dict(), "model": str(source), "data_sha256": data.digest(data_file)}
+    data file's digest and the model, wherever the run is started from: a known model's name
+    (however it was given), else its absolute path, with the digest it is compared by (a moved
+    file still resumes)."""
+    if path is None:
+        name, digest = f"{model.config.family} model given in memory", None
+    elif (known := pretrained.known_as(path)) is not None:
+        name, digest = known.name, known.sha256  # checked when it was fetched
+    else:
+        name, digest = str(Path(path).resolve()), storage.digest(Path(path))
+    return {
+        **config.to_dict(),
+        "model": name,
+        "model_sha256": digest,
+        "data_sha256": data.digest(data_file),
+    }
 
 
 def _check_trainable(params: DecoderParams, config: FinetuneConfig) -> None:

@@ -352,12 +352,21 @@ def save_run(manager, step: int, state, history: list[float], config: dict) -> N
     )
 
 
+# Fields compared by a digest instead: the model as a path, by its file's (a moved file matches).
+COMPARED_BY = {"model": "model_sha256"}
+
+
 def _check_same_config(saved: dict, config: dict, directory) -> None:
     """Everything but `steps` must match: a run may be extended."""
+
+    def compared(name: str) -> bool:
+        by = COMPARED_BY.get(name)
+        return name != "steps" and not (by and saved.get(by) is not None and config.get(by))
+
     differences = [
         f"{name}={saved.get(name)!r} there, {value!r} here"
         for name, value in config.items()
-        if name != "steps" and saved.get(name) != value
+        if compared(name) and saved.get(name) != value
     ]
     if differences:
         raise ArgumentError(

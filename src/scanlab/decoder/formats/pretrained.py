@@ -8,7 +8,6 @@ file's SHA-256 and keeps it in a cache directory. A damaged cached file is fetch
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from scanlab.errors import PathError
-from scanlab.storage import CACHE_ENV, default_cache
+from scanlab.storage import CACHE_ENV, default_cache, digest
 
 
 class FetchError(PathError):
@@ -99,6 +98,13 @@ GEMMA3_270M = Pretrained(
 MODELS = {model.name: model for model in (SMOLLM2, GEMMA3_270M)}
 
 
+def known_as(path: str | os.PathLike) -> Pretrained | None:
+    """The known model whose cached file `path` is (however the path was spelled), else None."""
+    cache = default_cache()
+    found = Path(path).resolve()
+    return next((m for m in MODELS.values() if (cache / m.filename).resolve() == found), None)
+
+
 def fetch(
     pretrained: Pretrained = SMOLLM2,
     cache: str | os.PathLike | None = None,
@@ -108,7 +114,7 @@ def fetch(
     `on_progress` hears of each download before it starts."""
     cache = Path(cache) if cache is not None else default_cache()
     target = cache / pretrained.filename
-    if target.is_file() and _sha256(target) == pretrained.sha256:
+    if target.is_file() and digest(target) == pretrained.sha256:
         return target
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -150,11 +156,6 @@ def _download(requirement: str, directory: Path) -> Path:
 
 
 def _check_hash(path: Path, expected: str) -> None:
-    actual = _sha256(path)
+    actual = digest(path)
     if actual != expected:
         raise FetchError(f"{path.name} has SHA-256 {actual}, expected {expected}")
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
