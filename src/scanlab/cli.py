@@ -923,8 +923,9 @@ def evaluate_command(
 ) -> None:
     """A trained run's held-out accuracy, and its answers to held-out questions."""
     from scanlab import checks
+    from scanlab.train.evaluation import ACCURACY_EXAMPLES
 
-    checks.static_int("--n", n, minimum=1)
+    checks.static_int("--n", n, minimum=1, maximum=ACCURACY_EXAMPLES)
     from scanlab import render, train
 
     result = train.load(checkpoint_dir, step=step)

@@ -537,6 +537,24 @@ def test_resuming_on_other_data_or_settings_is_refused(tiny, chat_file, tmp_path
         finetune(tiny, chat_file, RUN, checkpoint_dir=tmp_path / "run")
 
 
+def test_runs_that_cannot_fit_are_refused_before_the_weights_load(
+    tiny, chat_file, tmp_path, monkeypatch
+):
+    from scanlab import checks
+    from scanlab.errors import OutOfMemoryError
+
+    with pytest.raises(ArgumentError, match="seq_len must be <= 65, got 66"):
+        finetune(tiny, chat_file, RUN.replace(seq_len=66))
+    with pytest.raises(
+        ArgumentError, match=r"lora_rank must be <= 32 for this model \(k_proj is 32 wide"
+    ):
+        finetune(tiny, chat_file, RUN.replace(lora=LoraConfig(rank=40)))
+    monkeypatch.setattr(checks, "available_bytes", lambda: 2**10)
+    with pytest.raises(OutOfMemoryError, match=r"fine-tuning [\d,]+ weights over micro-batches"):
+        finetune(tiny, chat_file, RUN, checkpoint_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("[0-9]*"))
+
+
 def test_a_model_given_by_path_resumes_from_anywhere_and_by_its_digest(
     tiny, chat_file, tmp_path, monkeypatch
 ):

@@ -74,6 +74,20 @@ def test_a_new_run_does_not_overwrite_an_old_one(tmp_path):
         train(CONFIG, checkpoint_dir=tmp_path)
 
 
+def test_a_checkpoint_too_big_for_its_disk_is_refused_before_the_first_chunk(tmp_path, monkeypatch):
+    import shutil
+
+    chunks = []
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=4096))
+    with pytest.raises(
+        checkpoints.CheckpointWriteError,
+        match=rf"checkpoint_dir {tmp_path} has 0.0 MiB free, and a checkpoint of this run needs",
+    ):
+        train(CONFIG, checkpoint_dir=tmp_path, on_chunk=chunks.append)
+    assert chunks == []
+
+
 def test_resume_needs_something_to_resume(tmp_path):
     with pytest.raises(ValueError, match="holds no complete checkpoint to resume"):
         train(CONFIG, checkpoint_dir=tmp_path, resume=True)

@@ -105,6 +105,24 @@ def adapter_shapes(config: DecoderConfig, lora: LoraConfig) -> dict[str, dict[st
     return shapes
 
 
+def check_rank(config: DecoderConfig, lora: LoraConfig) -> None:
+    """A rank at most each adapted projection's narrower side: beyond it the update is full
+    rank already, and the adapters only cost memory."""
+    for target, shape in adapter_shapes(config, lora).items():
+        narrower = min(math.prod(shape["a"][1:-1]), math.prod(shape["b"][2:]))
+        if lora.rank > narrower:
+            raise ArgumentError(
+                f"{checks.shown('lora_rank')} must be <= {narrower} for this model ({target} "
+                f"is {narrower} wide: a higher rank adds nothing), got {lora.rank}"
+            )
+
+
+def adapter_count(config: DecoderConfig, lora: LoraConfig) -> int:
+    """How many numbers the adapters hold."""
+    shapes = adapter_shapes(config, lora).values()
+    return sum(math.prod(pair["a"]) + math.prod(pair["b"]) for pair in shapes)
+
+
 def init_adapters(config: DecoderConfig, lora: LoraConfig, key: jax.Array) -> Adapters:
     """Fresh adapters, float32: `a` uniform in ±1/sqrt(inputs), `b` zeros (PEFT's start)."""
     adapters = {}

@@ -21,7 +21,7 @@ from scanlab.decoder.formats.tokenizer import load_tokenizer
 from scanlab.decoder.load import Model, load_config, load_weights, resolve
 from scanlab.decoder.params import DecoderParams
 from scanlab.errors import ArgumentError, ArgumentTypeError
-from scanlab.finetune import data
+from scanlab.finetune import adapters, data
 from scanlab.finetune.config import FinetuneConfig
 from scanlab.finetune.step import (
     FinetuneState,
@@ -83,6 +83,7 @@ def finetune(
         examples = data.encode(kind, records, tokenizer, data_file)
         train_rows, eval_rows = _rows(examples, data_file, tokenizer, model_config, config)
         config = config.replace(seq_len=train_rows.seq_len)
+        _check_fits(model_config, config)
         identity = _identity(model, path, data_file, config)
         step = loop.resumed_step(manager, resume, resume_step, identity)  # before the weights
         if on_loading is not None:
@@ -179,6 +180,10 @@ def _prepare(model, config: FinetuneConfig):
 
 def _rows(examples, data_file, tokenizer, model_config: DecoderConfig, config: FinetuneConfig):
     """(training rows, held-out rows or None) of the tokenized examples."""
+    if config.seq_len is not None:  # S tokens feed S-1 positions
+        checks.static_int(
+            "seq_len", config.seq_len, minimum=2, maximum=model_config.max_seq_len + 1
+        )
     # S tokens feed S-1 positions, each predicting the next one.
     rows = data.to_rows(
         examples, tokenizer.pad_id, model_config.max_seq_len + 1, config.seq_len, data_file
@@ -186,6 +191,26 @@ def _rows(examples, data_file, tokenizer, model_config: DecoderConfig, config: F
     train_rows, eval_rows = data.split(rows, config.eval_fraction, config.seed)
     checks.static_int("batch_size", config.batch_size, minimum=1, maximum=len(train_rows))
     return train_rows, eval_rows
+
+
+def _check_fits(model_config: DecoderConfig, config: FinetuneConfig) -> None:
+    """Refuses, before the weights load, a run that cannot fit: a LoRA rank past the
+    projections' widths, or more than the device holds for the least a step keeps — the frozen
+    weights, the trained ones with their gradient and AdamW moments, and a micro-batch's
+    logits with their gradient."""
+    count = spec.param_count(model_config)
+    if config.lora is None:
+        frozen, trained = 0, count
+    else:
+        adapters.check_rank(model_config, config.lora)
+        frozen = count * (1 if config.weights == "quantized" else 4)  # int8 blocks: ~1 B each
+        trained = adapters.adapter_count(model_config, config.lora)
+    logits = config.micro_batch * (config.seq_len or 0) * model_config.vocab_size
+    checks.fits_in_memory(
+        f"fine-tuning {trained:,} weights over micro-batches of {config.micro_batch} x "
+        f"{config.seq_len} tokens",
+        frozen + 4 * (4 * trained + 2 * logits),
+    )
 
 
 def _identity(model, path: Path | None, data_file, config: FinetuneConfig) -> dict:

@@ -151,6 +151,18 @@ def _check_space(manager, step: int, items: dict) -> None:
         )
 
 
+def check_room(manager, state) -> None:
+    """Refuses, before the first chunk, a run whose checkpoint (`state`'s bytes) cannot fit
+    where it goes."""
+    needed = SAVE_OVERHEAD_BYTES + _item_bytes(state)
+    free = shutil.disk_usage(manager.directory).free
+    if free < needed:
+        raise CheckpointWriteError(
+            f"{shown('checkpoint_dir')} {manager.directory} has {free / 2**20:.1f} MiB free, "
+            f"and a checkpoint of this run needs about {needed / 2**20:.1f} MiB"
+        )
+
+
 def _write_error(manager, step: int, cause: str) -> CheckpointWriteError:
     kept = manager.latest_step()
     return CheckpointWriteError(

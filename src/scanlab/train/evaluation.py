@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scanlab import checks
 from scanlab.decoder import DecoderParams, generate
 from scanlab.train.config import TrainConfig
 from scanlab.train.tasks import task_by_name
@@ -74,8 +75,10 @@ class Evaluation(NamedTuple):
 def evaluate(params: DecoderParams, config: TrainConfig, n_samples: int = 5) -> Evaluation:
     """Held-out accuracy and a few answers: what the CLI and the tour show after training.
 
-    One greedy generation over the held-out examples serves both (one compiled program).
+    One greedy generation over the held-out examples serves both (one compiled program);
+    `n_samples` of them are shown, at most `ACCURACY_EXAMPLES`.
     """
+    checks.static_int("n_samples", n_samples, minimum=1, maximum=ACCURACY_EXAMPLES)
     tokens = eval_tokens(config, max(ACCURACY_EXAMPLES, n_samples))
     predicted = predict(params, config, tokens)
     return Evaluation(

@@ -64,6 +64,8 @@ def run_chunks(
     `describe(state, steps, seconds)` adds fields to each ChunkReport.
     """
     step = int(state.step)
+    if manager is not None and step < total_steps:
+        checkpoints.check_room(manager, state)
     started, seconds_per_step = time.perf_counter(), None  # of the chunk in flight, the last
 
     def announce() -> str:
