@@ -144,7 +144,7 @@ def test_a_save_failing_inside_orbax_names_the_cause_and_leaves_nothing_half_wri
     script = f"""
 from scanlab.train import TrainConfig, train, checkpoints
 from scanlab.train.checkpoints import CheckpointWriteError
-checkpoints._check_space = lambda *args: None
+checkpoints._check_space = checkpoints.check_room = lambda *args: None
 try:
     train(TrainConfig(steps=400, chunk_steps=50), checkpoint_dir={str(tmp_path)!r} + "/fs/run",
           checkpoint_every=1)
