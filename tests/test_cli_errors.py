@@ -233,6 +233,15 @@ def test_no_argument_list_gives_a_traceback(command, cli):
             ["chat", "--adapter", "typo_dir"],
             "error: --adapter typo_dir does not exist",
         ),
+        (["chat", "--adapter-step", "3"], "error: --adapter-step needs --adapter"),
+        (
+            ["decoder", "generate", "--adapter", "typo_dir"],
+            "error: --adapter needs --model, the model it was trained on",
+        ),
+        (
+            ["decoder", "generate", "--model", "smollm2-135m-instruct", "--adapter", "typo_dir"],
+            "error: --adapter typo_dir does not exist",
+        ),
         (["launch", "--processes", "0", "--", "train"], "error: --processes must be >= 1, got 0"),
         (
             ["launch", "--processes", "100000", "--", "train"],

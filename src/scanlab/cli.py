@@ -366,6 +366,15 @@ def _sampling(temperature, top_k, top_p, min_p, repetition_penalty) -> dict:
     )
 
 
+Adapter = Annotated[
+    str | None,
+    typer.Option(help="A `scanlab finetune` checkpoint directory: with what it trained."),
+]
+AdapterStep = Annotated[
+    int | None, typer.Option(help="With --adapter: a saved step; default: the newest.")
+]
+
+
 @decoder_app.command("generate", cls=JoinsRun)
 def decoder_generate(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
@@ -390,6 +399,8 @@ def decoder_generate(
     weights: Weights = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling and random weights.")] = 0,
     mesh: Annotated[str | None, typer.Option(help=MESH_HELP)] = None,
+    adapter: Adapter = None,
+    adapter_step: AdapterStep = None,
     verbose: Verbose = False,
 ) -> None:
     """Generate from a prompt: text (streamed, ending at the end-of-sequence token) or ids."""
@@ -408,6 +419,8 @@ def decoder_generate(
         raise ArgumentError("--prompt needs --model, whose tokenizer turns text into ids")
     if prompt is None:
         token_ids = _parse_ints("--tokens", tokens or DEFAULT_TOKENS)[None]
+    if adapter is not None and model is None:
+        raise ArgumentError("--adapter needs --model, the model it was trained on")
     check_weights(weights)
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     checks.sampling_options(checks.INT32_MAX, **settings)  # every flag before the model loads
@@ -418,10 +431,12 @@ def decoder_generate(
     from scanlab.decoder import load
 
     key = jax.numpy.asarray(raw_key)
+    trained_on = _trained_on(adapter, adapter_step)
     if model is not None:  # the sampling flags against its vocabulary, before the weights
         path = load.resolve(model, weights, on_progress=_progress)
+        _check_same_model(adapter, trained_on, model, path)
         checks.sampling_options(load.load_config(path).vocab_size, **settings)
-    if prompt is not None and model is not None:  # text in, text out
+    if model is not None and (prompt is not None or adapter is not None):  # text, or adapted
         with _loading(model, weights):
             config, params, tokenizer = load.load_model(path, weights)
     elif model is not None:  # ids in, ids out: the model's tokenizer is not needed
@@ -429,6 +444,8 @@ def decoder_generate(
             (config, params), tokenizer = load.load_weights(path, weights), None
     else:
         (config, params), tokenizer = load.random_weights(preset, key, weights), None
+    if adapter is not None and tokenizer is not None:
+        params = _with_adapter(load.Model(config, params, tokenizer), adapter, adapter_step).params
     if verbose:
         _describe_weights(params)
     if device_mesh is not None:  # one prompt: parameters sharded, the batch of 1 replicated
@@ -520,13 +537,8 @@ def chat_command(
     repetition_penalty: RepetitionPenalty = 1.0,
     weights: Weights = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
-    adapter: Annotated[
-        str | None,
-        typer.Option(help="A `scanlab finetune` checkpoint directory: chat with what it trained."),
-    ] = None,
-    adapter_step: Annotated[
-        int | None, typer.Option(help="With --adapter: a saved step; default: the newest.")
-    ] = None,
+    adapter: Adapter = None,
+    adapter_step: AdapterStep = None,
     verbose: Verbose = False,
 ) -> None:
     """Chat with a model, answers streamed as they are generated. Empty line or Ctrl-D ends."""
@@ -538,20 +550,13 @@ def chat_command(
     check_weights(weights)
     settings = _sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     checks.sampling_options(checks.INT32_MAX, **settings)  # every flag before the model loads
-    if adapter_step is not None and adapter is None:
-        raise ArgumentError("--adapter-step needs --adapter")
     from scanlab.decoder import chat as chat_lib
     from scanlab.decoder import load
     from scanlab.decoder.formats import tokenizer as tokenizer_lib
 
-    trained_on = None
-    if adapter is not None:  # what it holds, verified, before the model is fetched or loaded
-        from scanlab import finetune
-
-        _, trained_on = finetune.saved_run(adapter, adapter_step, ("adapter", "adapter_step"))
+    trained_on = _trained_on(adapter, adapter_step)
     path = load.resolve(model, weights, on_progress=_progress)
-    if adapter is not None and trained_on is not None:
-        _check_same_model(adapter, trained_on, model, path)
+    _check_same_model(adapter, trained_on, model, path)
     tokenizer = tokenizer_lib.load_tokenizer(path)
     # Said before the weights load.
     if tokenizer.chat_template is None:
@@ -565,9 +570,7 @@ def chat_command(
         config, params = load.load_weights(path, weights)
     tuned = load.Model(config, params, tokenizer)
     if adapter is not None:
-        from scanlab import finetune
-
-        tuned = finetune.with_trained(tuned, adapter, adapter_step)
+        tuned = _with_adapter(tuned, adapter, adapter_step)
     if verbose:
         _describe_weights(tuned.params)
     conversation = chat_lib.Chat(
@@ -586,12 +589,33 @@ def chat_command(
         _write("\n")
 
 
-def _check_same_model(adapter: str, trained_on: str, model: str, path: Path) -> None:
+def _trained_on(adapter: str | None, step: int | None) -> str | None:
+    """The model an --adapter checkpoint was trained on, the checkpoint verified first (before
+    any model is fetched or loaded); None without --adapter."""
+    if step is not None and adapter is None:
+        raise ArgumentError("--adapter-step needs --adapter")
+    if adapter is None:
+        return None
+    from scanlab import finetune
+
+    return finetune.saved_run(adapter, step, ("adapter", "adapter_step"))[1]
+
+
+def _with_adapter(model, adapter: str, step: int | None):
+    """The loaded `model` with what the --adapter checkpoint trained."""
+    from scanlab import finetune
+
+    return finetune.with_trained(model, adapter, step)
+
+
+def _check_same_model(adapter: str | None, trained_on: str | None, model: str, path: Path) -> None:
     """Adapters apply to the model they were trained on: another of the same shapes would take
     them without an error and answer nonsense. Compared as files, however each was named."""
     from scanlab import storage
     from scanlab.decoder.formats import pretrained
 
+    if adapter is None or trained_on is None:
+        return
     if trained_on in pretrained.MODELS:  # where it is cached (never fetched to compare)
         recorded = storage.default_cache() / pretrained.MODELS[trained_on].filename
     elif Path(trained_on).exists():
@@ -837,11 +861,13 @@ def finetune_command(
     with _extra("the loss curve", failed):
         title = f"fine-tuning {Path(model).name}: loss"
         console.print(f"loss curve: {plots.loss_curve(result.losses, plot_path, title)}")
-    console.print(
-        f"chat with it: scanlab chat --model {model} --adapter {checkpoint_dir}",
-        highlight=False,
-        soft_wrap=True,
+    use = (  # a base model (no chat template) continues text instead
+        f"chat with it: scanlab chat --model {model} --adapter {checkpoint_dir}"
+        if result.tuned.tokenizer.chat_template is not None
+        else f"continue text with it: scanlab decoder generate --model {model} --adapter "
+        f"{checkpoint_dir} --prompt TEXT"
     )
+    console.print(use, highlight=False, soft_wrap=True)
     if failed:
         raise ScanlabError(f"{'; '.join(failed)}; what was trained is saved in {checkpoint_dir}")
 
@@ -923,6 +949,8 @@ def evaluate_command(
 ) -> None:
     """A trained run's held-out accuracy, and its answers to held-out questions."""
     from scanlab import checks
+
+    checks.static_int("--n", n, minimum=1)  # before JAX starts
     from scanlab.train.evaluation import ACCURACY_EXAMPLES
 
     checks.static_int("--n", n, minimum=1, maximum=ACCURACY_EXAMPLES)
