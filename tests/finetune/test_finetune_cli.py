@@ -159,7 +159,8 @@ def test_a_checkpoint_of_the_other_kind_or_model_is_one_line_before_the_weights_
         (
             ["evaluate", "--checkpoint-dir", str(tuned)],
             f"error: {tuned} holds a `scanlab finetune` run, not the `scanlab train` run this "
-            f"needs: chat with it: scanlab chat --model {model_dir} --adapter {tuned}",
+            f"needs: use it with scanlab chat --model {model_dir} --adapter {tuned} (a base "
+            "model: scanlab decoder generate, the same flags, --prompt)",
         ),
         (
             [*chat, "--model", str(model_dir), "--adapter", str(trained)],

@@ -295,8 +295,8 @@ def saved_config(manager, step: int, kind: str) -> dict:
         directory = manager.directory
         use = {
             "train": f"read it with scanlab evaluate --checkpoint-dir {directory}",
-            "finetune": f"chat with it: scanlab chat --model {config.get('model')} --adapter "
-            f"{directory}",
+            "finetune": f"use it with scanlab chat --model {config.get('model')} --adapter "
+            f"{directory} (a base model: scanlab decoder generate, the same flags, --prompt)",
         }.get(found, "it was not written by scanlab train or finetune")
         raise checkpoints.CheckpointKindError(
             f"{directory} holds a `scanlab {found}` run, not the `scanlab {kind}` run this "
