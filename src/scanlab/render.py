@@ -7,6 +7,8 @@ the tour print it.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -134,10 +136,14 @@ def training_progress(
 def _drawn(
     console: Console, description: str, total_steps: int
 ) -> Iterator[Callable[[ChunkReport], None]]:
-    """What `training_progress` shows of each chunk: a bar on a terminal, else a line."""
+    """What `training_progress` shows of each chunk: a bar on a terminal, else a line (and,
+    until the first, a line every `WAITING_LINE_S`: a log shows the run alive while the first
+    chunk compiles)."""
     if not console.is_terminal:
+        first = threading.Event()
 
         def log_line(report: ChunkReport) -> None:
+            first.set()
             console.print(
                 f"{description}: step {report.step}/{report.total_steps}, "
                 f"loss {report.mean_loss:.4f}, {_speed(report)}{_extra(report)}",
@@ -145,7 +151,9 @@ def _drawn(
                 soft_wrap=True,
             )
 
-        yield log_line
+        preparing = f"{description}: preparing the first chunk (loading, compiling)"
+        with _until(first, console, preparing):
+            yield log_line
         return
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -168,6 +176,28 @@ def _drawn(
             )
 
         yield update
+
+
+WAITING_LINE_S = 30.0
+
+
+@contextlib.contextmanager
+def _until(done: threading.Event, console: Console, doing: str) -> Iterator[None]:
+    """Prints `doing` and the seconds waited every `WAITING_LINE_S` until `done` is set or the
+    block ends."""
+    start = time.monotonic()
+
+    def tick() -> None:
+        while not done.wait(WAITING_LINE_S):
+            console.print(f"{doing}: {time.monotonic() - start:.0f} s", highlight=False)
+
+    ticker = threading.Thread(target=tick, name="scanlab-waiting", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
 
 
 def _speed(report: ChunkReport) -> str:

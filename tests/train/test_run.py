@@ -172,6 +172,20 @@ def test_raising_steps_on_resume_continues_under_the_longer_schedule(tmp_path):
     assert "train: nothing to train, the run is finished (100 of 100 steps)" in shown.getvalue()
 
 
+def test_a_log_shows_the_run_alive_until_the_first_chunk(monkeypatch):
+    from scanlab.train import ChunkReport
+
+    monkeypatch.setattr(render, "WAITING_LINE_S", 0.05)
+    shown = io.StringIO()
+    with render.training_progress(Console(file=shown, width=200), "train", 10) as on_chunk:
+        time.sleep(0.3)  # loading, compiling
+        on_chunk(ChunkReport(5, 10, 1.0, 2.0, False))
+        time.sleep(0.3)  # the lines stop with the first chunk's
+    lines = shown.getvalue().splitlines()
+    assert lines[0] == "train: preparing the first chunk (loading, compiling): 0 s"
+    assert len(lines) >= 3 and lines[-1].startswith("train: step 5/10, loss 1.0000")
+
+
 def test_ctrl_c_saves_the_newest_whole_state_and_the_run_resumes_exactly(tmp_path):
     def ctrl_c_at(step):
         def on_chunk(report):
