@@ -21,10 +21,11 @@ def default_cache() -> Path:
 
 def digest(path: Path) -> str:
     """The SHA-256 of a file, or of a directory's files (their names and contents, in order)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    many = path.is_dir()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if many else [path]
     hashed = hashlib.sha256()
     for file in files:
-        if path.is_dir():
+        if many:
             hashed.update(str(file.relative_to(path)).encode() + b"\0")
         with file.open("rb") as content:
             hashlib.file_digest(content, lambda: hashed)

@@ -180,11 +180,11 @@ def _prepare(model, config: FinetuneConfig):
 
 def _rows(examples, data_file, tokenizer, model_config: DecoderConfig, config: FinetuneConfig):
     """(training rows, held-out rows or None) of the tokenized examples."""
-    if config.seq_len is not None:  # S tokens feed S-1 positions
+    # S tokens feed S-1 positions, each predicting the next one.
+    if config.seq_len is not None:
         checks.static_int(
             "seq_len", config.seq_len, minimum=2, maximum=model_config.max_seq_len + 1
         )
-    # S tokens feed S-1 positions, each predicting the next one.
     rows = data.to_rows(
         examples, tokenizer.pad_id, model_config.max_seq_len + 1, config.seq_len, data_file
     )

@@ -138,28 +138,31 @@ def save(manager: ocp.CheckpointManager, step: int, **items: ocp.args.Checkpoint
 SAVE_OVERHEAD_BYTES = 512 * 1024
 
 
+def _shortfall(manager, items: list) -> tuple[float, float] | None:
+    """(MiB needed, MiB free) when the manager's filesystem cannot hold a save of `items`."""
+    needed = SAVE_OVERHEAD_BYTES + sum(_item_bytes(item) for item in items)
+    free = shutil.disk_usage(manager.directory).free
+    return (needed / 2**20, free / 2**20) if free < needed else None
+
+
 def _check_space(manager, step: int, items: dict) -> None:
     """Refuses a save the filesystem cannot hold before orbax starts writing: a save that fails
     half-way through orbax leaves its writer threads reporting the failure for seconds."""
-    needed = SAVE_OVERHEAD_BYTES + sum(_item_bytes(arg.item) for arg in items.values())
-    free = shutil.disk_usage(manager.directory).free
-    if free < needed:
+    if short := _shortfall(manager, [arg.item for arg in items.values()]):
+        needed, free = short
         raise _write_error(
-            manager,
-            step,
-            f"it needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free",
+            manager, step, f"it needs about {needed:.1f} MiB, {free:.1f} MiB are free"
         )
 
 
 def check_room(manager, state) -> None:
     """Refuses, before the first chunk, a run whose checkpoint (`state`'s bytes) cannot fit
     where it goes."""
-    needed = SAVE_OVERHEAD_BYTES + _item_bytes(state)
-    free = shutil.disk_usage(manager.directory).free
-    if free < needed:
+    if short := _shortfall(manager, [state]):
+        needed, free = short
         raise CheckpointWriteError(
-            f"{shown('checkpoint_dir')} {manager.directory} has {free / 2**20:.1f} MiB free, "
-            f"and a checkpoint of this run needs about {needed / 2**20:.1f} MiB"
+            f"{shown('checkpoint_dir')} {manager.directory} has {free:.1f} MiB free, "
+            f"and a checkpoint of this run needs about {needed:.1f} MiB"
         )
 
 

@@ -79,7 +79,7 @@ def evaluate(params: DecoderParams, config: TrainConfig, n_samples: int = 5) -> 
     `n_samples` of them are shown, at most `ACCURACY_EXAMPLES`.
     """
     checks.static_int("n_samples", n_samples, minimum=1, maximum=ACCURACY_EXAMPLES)
-    tokens = eval_tokens(config, max(ACCURACY_EXAMPLES, n_samples))
+    tokens = eval_tokens(config, ACCURACY_EXAMPLES)
     predicted = predict(params, config, tokens)
     return Evaluation(
         _exact_match(config, tokens[:ACCURACY_EXAMPLES], predicted[:ACCURACY_EXAMPLES]),
