@@ -21,7 +21,6 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
-import math
 import os
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from scanlab.decoder.weights import WeightForm, dot
+from scanlab.decoder.weights import WeightForm
 from scanlab.errors import ArgumentError, ArgumentTypeError
 from scanlab.storage import default_cache
 
@@ -54,7 +53,8 @@ class PackedArray(WeightForm):
       quants: int8 ([L,] N, K) or, two values 0..15 per byte, uint8 ([L,] N, K / 2); N and K
         are the products of out_shape and in_shape.
       scales: float16 or float32 ([L,] N, K / 32).
-      mins: like scales, or None (dense = quants * scale + min).
+      mins: like scales (dense = quants * scale + min), or None: int8 quants as they are,
+        4-bit ones less 8 (GGUF's Q4_0, dense = (quants - 8) * scale).
       layer: int32 scalar, which of the stacked L matrices this is (set by the layer scan, which
         then hands the kernel the whole stack), or None for an unstacked or sliced one.
       in_shape, out_shape: the dense matrix's input and output axes.
@@ -100,11 +100,22 @@ class PackedArray(WeightForm):
         return False
 
     def project(self, x, x_axes, w_axes):
-        """By the kernel for a few rows of x (its inputs are x's last axes); beyond
-        MAX_KERNEL_ROWS, XLA's matmul of the unpacked matrix."""
-        if takes(x, self):
-            return matvec(x, self).astype(x.dtype)
-        return dot(x, unpack(self).astype(x.dtype), x_axes, w_axes)
+        """By the kernel, for any number of rows of x (its inputs are x's last axes)."""
+        inputs = tuple(range(x.ndim - len(self.in_shape), x.ndim))
+        if tuple(x_axes) != inputs or tuple(w_axes) != self.input_axes:
+            raise ArgumentError(
+                f"a PackedArray multiplies x's last axes by its inputs {self.in_shape}: got "
+                f"x axes {tuple(x_axes)} and weight axes {tuple(w_axes)}"
+            )
+        return matvec(x, self).astype(x.dtype)
+
+    @property
+    def input_axes(self) -> tuple[int, ...]:
+        """The dense shape's input axes (past a stacking axis)."""
+        first = len(self.shape) - len(self.in_shape) - len(self.out_shape)
+        if self.transposed:
+            first += len(self.out_shape)
+        return tuple(range(first, first + len(self.in_shape)))
 
     def dense(self, dtype=None):
         return unpack(self).astype(dtype or jnp.float32)
@@ -148,6 +159,8 @@ def dense_rows(quants: jax.Array, scales: jax.Array, mins: jax.Array | None) -> 
     if quants.dtype == jnp.uint8:  # byte j of a block: value j low, value j + 16 high
         split = quants.reshape(*quants.shape[:-1], -1, BLOCK // 2)
         values = jnp.concatenate([split & 0x0F, split >> 4], axis=-1).astype(jnp.float32)
+        if mins is None:  # Q4_0: values 0..15 stand for -8..7
+            values = values - 8
     else:
         values = quants.reshape(*quants.shape[:-1], -1, BLOCK).astype(jnp.float32)
     dense = values * scales.astype(jnp.float32)[..., None]
@@ -159,18 +172,14 @@ def dense_rows(quants: jax.Array, scales: jax.Array, mins: jax.Array | None) -> 
 def pack_rows(values, scales, mins, in_shape, out_shape, transposed=False) -> PackedArray:
     """A PackedArray from integer rows ([L,] N, K) (int8), their scales and mins ([L,] N, K/32).
 
-    Values within 0..15 with mins, or within -8..7 without (shifted by 8, the min then -8 x
-    scale: exact, a power of two), are packed two per byte; others stay int8.
+    Values within 0..15 with mins, or within -8..7 without (stored shifted by 8, as GGUF's
+    Q4_0 stores them), are packed two per byte; others stay int8.
     """
     values, scales = np.asarray(values), np.asarray(scales)
     mins = None if mins is None else np.asarray(mins)
-    if mins is None and values.size and values.min() >= -8 and values.max() <= 7:
-        values, mins = values + 8, (scales.astype(np.float32) * -8).astype(scales.dtype)
-    if mins is not None and values.size and values.min() >= 0 and values.max() <= 15:
-        blocks = values.astype(np.uint8).reshape(*values.shape[:-1], -1, BLOCK)
-        quants = (blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2 :] << 4)).reshape(
-            *values.shape[:-1], -1
-        )
+    low, high = (-8, 7) if mins is None else (0, 15)
+    if values.size and values.min() >= low and values.max() <= high:
+        quants = nibble_bytes(values - low)
     else:
         quants = values.astype(np.int8)
     return PackedArray(
@@ -182,6 +191,14 @@ def pack_rows(values, scales, mins, in_shape, out_shape, transposed=False) -> Pa
         out_shape=tuple(out_shape),
         transposed=transposed,
     )
+
+
+def nibble_bytes(values) -> np.ndarray:
+    """Values 0..15 (..., K) -> uint8 (..., K / 2), two per byte in the kernel's (GGUF's) order:
+    byte j of a block holds value j in its low nibble and value j + 16 in its high one."""
+    blocks = np.asarray(values).astype(np.uint8).reshape(*np.shape(values)[:-1], -1, BLOCK)
+    low, high = blocks[..., : BLOCK // 2], blocks[..., BLOCK // 2 :]
+    return (low | (high << 4)).reshape(*np.shape(values)[:-1], -1)
 
 
 def check_packed(array: PackedArray, name: str) -> None:
@@ -200,16 +217,6 @@ def check_packed(array: PackedArray, name: str) -> None:
             raise ArgumentError(
                 f"{name}.{part} has shape {tuple(leaf.shape)}, expected {(*rows, inputs // BLOCK)}"
             )
-
-
-# Rows of x beyond which XLA's own matmul of the dequantized weights is faster (a prefill): the
-# kernel streams each weight block once per group of rows, XLA's GEMM reuses it from cache.
-MAX_KERNEL_ROWS = 8
-
-
-def takes(x: jax.Array, weight: PackedArray) -> bool:
-    """Whether `matvec` is the faster way to multiply x (..., in_shape...) by the weight."""
-    return math.prod(x.shape[: x.ndim - len(weight.in_shape)]) <= MAX_KERNEL_ROWS
 
 
 def matvec(x: jax.Array, weight: PackedArray) -> jax.Array:

@@ -9,7 +9,7 @@ import torch
 from tests.decoder.formats.gguf_files import random_model, write_gguf
 from transformers import AutoModelForCausalLM
 
-from scanlab.decoder import CheckpointError, forward, load_gguf
+from scanlab.decoder import CheckpointError, forward, load_gguf, qmatvec
 from scanlab.decoder.formats.gguf_file import save_gguf
 from scanlab.errors import ArgumentError, PathExistsError
 
@@ -208,6 +208,40 @@ def test_blocks_kept_dequantize_to_the_dense_load_exactly(tmp_path, tie, qtype):
     assert isinstance(kept.embed if tie else kept.lm_head, quant.VocabChunks)
     np.testing.assert_allclose(
         forward(kept, TOKENS, config), forward(dense, TOKENS, config), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.skipif(not qmatvec.available(), reason=f"no kernel here: {qmatvec.describe()}")
+@pytest.mark.parametrize(
+    ("family", "tie", "qtype"),
+    [("llama", False, q) for q in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)]
+    + [("llama", True, Q.Q4_0), ("qwen2", False, Q.Q4_1)],
+    ids=lambda value: getattr(value, "name", str(value)),
+)
+def test_the_kernel_s_layout_is_read_from_the_file_s_blocks(tmp_path, family, tie, qtype):
+    """Straight from the blocks (q/k rows de-interleaved, heads regrouped): what packing the kept
+    blocks gives, exactly; 4-bit formats at the file's size, Q4_0 without a min per block."""
+    from scanlab.decoder import quant, weights
+    from scanlab.decoder.qmatvec import PackedArray
+
+    path = write_gguf(tmp_path / "model.gguf", random_model(family, tie), qtype)
+    config, kept = load_gguf(path, quantized=True)
+    _, packed = load_gguf(path, quantized=True, kernel=True)
+    expected = dict(jax.tree_util.tree_flatten_with_path(kept, is_leaf=weights.is_form)[0])
+    got = jax.tree_util.tree_flatten_with_path(packed, is_leaf=weights.is_form)[0]
+    for key, leaf in got:
+        np.testing.assert_array_equal(weights.as_dense(leaf), weights.as_dense(expected[key]))
+    attention = packed.blocks.attention
+    for leaf in (attention.q_proj, attention.k_proj, packed.blocks.down_proj):
+        assert isinstance(leaf, PackedArray)
+        assert leaf.nibbles == (qtype in (Q.Q4_0, Q.Q4_1))
+        assert (leaf.mins is None) == (qtype in (Q.Q8_0, Q.Q4_0, Q.Q5_0))
+    assert isinstance(packed.embed, PackedArray) == tie
+    if not tie:
+        assert isinstance(packed.lm_head, PackedArray)
+        assert isinstance(packed.embed, quant.QuantArray)  # read as rows, never as a head
+    np.testing.assert_allclose(
+        forward(packed, TOKENS, config), forward(kept, TOKENS, config), rtol=0, atol=1e-5
     )
 
 

@@ -13,12 +13,16 @@
 //   q8: quants int8 (L, N, K)        two's-complement values, any range of int8
 //   q4: quants uint8 (L, N, K / 2)   values 0..15, byte j of a block holding value j in its low
 //                                    nibble and value j + 16 in its high one (llama.cpp's order)
-//   scales, mins: float16 or float32 (L, N, K / 32); mins optional (an empty operand)
+//   scales, mins: float16 or float32 (L, N, K / 32); mins optional (an empty operand). Without
+//   mins, q8 values are taken as they are and q4 values less 8 (GGUF's Q4_0: min = -8 * scale).
 // The stacked weights come whole with a layer index: a layer scan then reads its layer in place
 // instead of copying a slice of the stack first.
 //
-// Output rows are split over XLA's intra-op thread pool. AVX2 is used where the CPU has it
-// (checked at run time); elsewhere a portable loop computes the same integers.
+// Any number of rows of x: a prompt's as well as a decoding step's. Output rows are cut into
+// tiles that the calling thread and XLA's intra-op pool claim one at a time; within a tile, x's
+// rows go by in groups, so the tile's weights are read from memory once and from cache after.
+// AVX2 is used where the CPU has it (checked at run time); elsewhere a portable loop computes
+// the same integers.
 
 #include <immintrin.h>
 
@@ -37,8 +41,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlock = 32;
-// Output rows per task: enough work to pay for the scheduling.
-constexpr int64_t kRowsPerTask = 64;
+// Output rows per tile: few enough that a tile's weights stay in cache while every group of
+// x's rows meets them, enough to pay for claiming it.
+constexpr int64_t kTileRows = 32;
 
 struct ActivationBlocks {
   std::vector<int8_t> quants;  // (M, K)
@@ -150,7 +155,6 @@ struct Problem {
   const void* scales;     // this layer's (N, K / 32)
   const void* mins;       // or nullptr
   const float* x;         // (M, K)
-  const float* block_sums;           // exact arithmetic: (M, K / 32), each block's sum of x
   const ActivationBlocks* x_blocks;  // int8 arithmetic: x quantized, or nullptr
   float* y;                          // (M, N)
   int64_t rows, width, outputs;
@@ -163,12 +167,21 @@ struct Weights {
   explicit Weights(const Problem& p)
       : blocks(p.width / kBlock),
         block_bytes(p.nibbles ? kBlock / 2 : kBlock),
+        offset(p.nibbles && p.mins == nullptr),
         scales(static_cast<const Scale*>(p.scales)),
         mins(static_cast<const Scale*>(p.mins)) {}
   const uint8_t* block(const Problem& p, int64_t n, int64_t b) const {
     return p.quants + (n * blocks + b) * block_bytes;
   }
+  bool has_min() const { return mins != nullptr || offset; }
+  // Block `at`'s min, given its scale: stored, or Q4_0's implicit -8 * scale, or none.
+  template <float (*Read)(const Scale*, int64_t)>
+  float min(int64_t at, float scale) const {
+    if (mins != nullptr) return Read(mins, at);
+    return offset ? -8.f * scale : 0.f;
+  }
   int64_t blocks, block_bytes;
+  bool offset;
   const Scale* scales;
   const Scale* mins;
 };
@@ -186,9 +199,11 @@ void RowsPortable(const Problem& p, int64_t first, int64_t last) {
         const uint8_t* block = w.block(p, n, b);
         const int32_t dot = p.nibbles ? BlockDotPortable<true>(block, xq + b * kBlock)
                                       : BlockDotPortable<false>(block, xq + b * kBlock);
-        float term = ScaleAt(w.scales, n * w.blocks + b) * static_cast<float>(dot);
-        if (w.mins != nullptr) {
-          term += ScaleAt(w.mins, n * w.blocks + b) *
+        const int64_t at = n * w.blocks + b;
+        const float scale = ScaleAt(w.scales, at);
+        float term = scale * static_cast<float>(dot);
+        if (w.has_min()) {
+          term += w.template min<ScaleAt<Scale>>(at, scale) *
                   static_cast<float>(p.x_blocks->sums[m * w.blocks + b]);
         }
         acc += xd[b] * term;
@@ -199,9 +214,6 @@ void RowsPortable(const Problem& p, int64_t first, int64_t last) {
 }
 
 template <typename Scale>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 ScaleVector(const Scale* scales);
-
-template <typename Scale>
 __attribute__((target("avx2,fma,f16c"))) inline float ScaleAtF16c(const Scale* scales, int64_t i) {
   if constexpr (std::is_same_v<Scale, float>) {
     return scales[i];
@@ -210,15 +222,7 @@ __attribute__((target("avx2,fma,f16c"))) inline float ScaleAtF16c(const Scale* s
   }
 }
 
-// The exact arithmetic. Per row of x: each block's sum, for the mins.
-std::vector<float> BlockSums(const float* x, int64_t rows, int64_t width) {
-  std::vector<float> sums(rows * (width / kBlock), 0.f);
-  for (int64_t i = 0; i < static_cast<int64_t>(sums.size()); ++i) {
-    for (int64_t j = 0; j < kBlock; ++j) sums[i] += x[i * kBlock + j];
-  }
-  return sums;
-}
-
+// The exact arithmetic: each weight block dequantized (q * scale + min), then dotted with x.
 template <typename Scale>
 void ExactRowsPortable(const Problem& p, int64_t first, int64_t last) {
   const Weights<Scale> w(p);
@@ -227,18 +231,20 @@ void ExactRowsPortable(const Problem& p, int64_t first, int64_t last) {
     for (int64_t m = 0; m < p.rows; ++m) p.y[m * p.outputs + n] = 0.f;
     for (int64_t b = 0; b < w.blocks; ++b) {
       const uint8_t* block = w.block(p, n, b);
-      for (int64_t j = 0; j < kBlock; ++j) {
-        values[j] = p.nibbles ? static_cast<float>(j < kBlock / 2 ? block[j] & 0x0f
-                                                                   : block[j - kBlock / 2] >> 4)
-                              : static_cast<float>(reinterpret_cast<const int8_t*>(block)[j]);
-      }
       const float scale = ScaleAt(w.scales, n * w.blocks + b);
-      const float min = w.mins != nullptr ? ScaleAt(w.mins, n * w.blocks + b) : 0.f;
+      const float min = w.template min<ScaleAt<Scale>>(n * w.blocks + b, scale);
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const float q = p.nibbles
+                            ? static_cast<float>(j < kBlock / 2 ? block[j] & 0x0f
+                                                                : block[j - kBlock / 2] >> 4)
+                            : static_cast<float>(reinterpret_cast<const int8_t*>(block)[j]);
+        values[j] = std::fma(q, scale, min);
+      }
       for (int64_t m = 0; m < p.rows; ++m) {
         const float* x = p.x + m * p.width + b * kBlock;
         float dot = 0.f;
         for (int64_t j = 0; j < kBlock; ++j) dot += values[j] * x[j];
-        p.y[m * p.outputs + n] += scale * dot + min * p.block_sums[m * w.blocks + b];
+        p.y[m * p.outputs + n] += dot;
       }
     }
   }
@@ -267,6 +273,42 @@ __attribute__((target("avx2,fma"))) inline void WidenBlock(const uint8_t* block,
   out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)));
 }
 
+// One weight row n against kRows rows of x from `group` on, each block widened to f32 and
+// dequantized (q * scale + min) in registers once for all of them. Independent accumulators
+// per row: a single row's sum would wait on each FMA's latency, so a few rows split theirs.
+template <typename Scale, int kRows>
+__attribute__((target("avx2,fma,f16c"))) inline void ExactGroupAvx2(const Problem& p,
+                                                                    const Weights<Scale>& weights,
+                                                                    int64_t group, int64_t n) {
+  constexpr int kSplit = kRows == 1 ? 4 : (kRows == 2 ? 2 : 1);
+  __m256 totals[kRows][kSplit];
+  for (int r = 0; r < kRows; ++r) {
+    for (int k = 0; k < kSplit; ++k) totals[r][k] = _mm256_setzero_ps();
+  }
+  const float* x = p.x + group * p.width;
+  for (int64_t b = 0; b < weights.blocks; ++b) {
+    __m256 w[4];
+    WidenBlock(weights.block(p, n, b), p.nibbles, w);
+    const int64_t at = n * weights.blocks + b;
+    const float scale_at = ScaleAtF16c(weights.scales, at);
+    const __m256 scale = _mm256_set1_ps(scale_at);
+    const __m256 min = _mm256_set1_ps(weights.template min<ScaleAtF16c<Scale>>(at, scale_at));
+    for (int k = 0; k < 4; ++k) w[k] = _mm256_fmadd_ps(w[k], scale, min);
+    for (int r = 0; r < kRows; ++r) {
+      const float* row = x + r * p.width + b * kBlock;
+      for (int k = 0; k < 4; ++k) {
+        __m256& total = totals[r][k % kSplit];
+        total = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(row + 8 * k), total);
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    __m256 total = totals[r][0];
+    for (int k = 1; k < kSplit; ++k) total = _mm256_add_ps(total, totals[r][k]);
+    p.y[(group + r) * p.outputs + n] = HorizontalSum(total);
+  }
+}
+
 // Rows of x in groups of this many: each widened weight block serves the whole group.
 constexpr int64_t kRowGroup = 8;
 
@@ -277,38 +319,17 @@ __attribute__((target("avx2,fma,f16c"))) void ExactRowsAvx2(const Problem& p, in
   for (int64_t group = 0; group < p.rows; group += kRowGroup) {
     const int64_t count = std::min(kRowGroup, p.rows - group);
     for (int64_t n = first; n < last; ++n) {
-      __m256 totals[kRowGroup];
-      float min_terms[kRowGroup] = {};
-      for (int64_t r = 0; r < count; ++r) totals[r] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < weights.blocks; ++b) {
-        __m256 w[4];
-        WidenBlock(weights.block(p, n, b), p.nibbles, w);
-        const int64_t at = n * weights.blocks + b;
-        const __m256 scale = ScaleVector(weights.scales + at);
-        const float min = weights.mins != nullptr ? ScaleAtF16c(weights.mins, at) : 0.f;
-        for (int64_t r = 0; r < count; ++r) {
-          const float* x = p.x + (group + r) * p.width + b * kBlock;
-          __m256 dot = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
-          dot = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), dot);
-          dot = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), dot);
-          dot = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), dot);
-          totals[r] = _mm256_fmadd_ps(dot, scale, totals[r]);
-          min_terms[r] += min * p.block_sums[(group + r) * weights.blocks + b];
-        }
-      }
-      for (int64_t r = 0; r < count; ++r) {
-        p.y[(group + r) * p.outputs + n] = HorizontalSum(totals[r]) + min_terms[r];
+      switch (count) {  // the group's size as a constant: its accumulators stay in registers
+        case 8: ExactGroupAvx2<Scale, 8>(p, weights, group, n); break;
+        case 7: ExactGroupAvx2<Scale, 7>(p, weights, group, n); break;
+        case 6: ExactGroupAvx2<Scale, 6>(p, weights, group, n); break;
+        case 5: ExactGroupAvx2<Scale, 5>(p, weights, group, n); break;
+        case 4: ExactGroupAvx2<Scale, 4>(p, weights, group, n); break;
+        case 3: ExactGroupAvx2<Scale, 3>(p, weights, group, n); break;
+        case 2: ExactGroupAvx2<Scale, 2>(p, weights, group, n); break;
+        default: ExactGroupAvx2<Scale, 1>(p, weights, group, n); break;
       }
     }
-  }
-}
-
-template <typename Scale>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 ScaleVector(const Scale* scales) {
-  if constexpr (std::is_same_v<Scale, float>) {
-    return _mm256_set1_ps(*scales);
-  } else {
-    return _mm256_set1_ps(_cvtsh_ss(*scales));
   }
 }
 
@@ -325,10 +346,10 @@ __attribute__((target("avx2,fma,f16c"))) void RowsAvx2(const Problem& p, int64_t
       for (int64_t b = 0; b < w.blocks; ++b) {
         const __m256i dot = BlockDotAvx2(w.block(p, n, b), xq + b * kBlock, p.nibbles);
         const int64_t at = n * w.blocks + b;
-        const __m256 scale = _mm256_mul_ps(ScaleVector(w.scales + at), _mm256_set1_ps(xd[b]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
-        if (w.mins != nullptr) {
-          min_acc += ScaleAtF16c(w.mins, at) * xd[b] *
+        const float scale_at = ScaleAtF16c(w.scales, at);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale_at * xd[b]), acc);
+        if (w.has_min()) {
+          min_acc += w.template min<ScaleAtF16c<Scale>>(at, scale_at) * xd[b] *
                      static_cast<float>(p.x_blocks->sums[m * w.blocks + b]);
         }
       }
@@ -356,21 +377,27 @@ void Rows(const Problem& p, int64_t first, int64_t last) {
   }
 }
 
-// Splits the output rows into tasks: this thread takes the first, the pool the rest.
+// The output rows' tiles, claimed one at a time by this thread and the pool's: a thread that
+// runs late (or is woken late) takes fewer, none idles while tiles remain.
 template <typename Scale>
-void RunSplit(const Problem& p, ffi::ThreadPool* pool) {
-  const int64_t tasks = std::max<int64_t>(
-      1, std::min<int64_t>(pool != nullptr ? pool->num_threads() : 1,
-                           (p.outputs + kRowsPerTask - 1) / kRowsPerTask));
-  const int64_t per_task = (p.outputs + tasks - 1) / tasks;
-  std::atomic<int64_t> pending(tasks - 1);
-  for (int64_t t = 1; t < tasks; ++t) {
-    pool->Schedule([&p, &pending, t, per_task] {
-      Rows<Scale>(p, t * per_task, std::min(p.outputs, (t + 1) * per_task));
+void RunTiles(const Problem& p, ffi::ThreadPool* pool) {
+  const int64_t tiles = (p.outputs + kTileRows - 1) / kTileRows;
+  std::atomic<int64_t> next(0);
+  const auto claim = [&p, &next, tiles] {
+    for (int64_t t = next.fetch_add(1); t < tiles; t = next.fetch_add(1)) {
+      Rows<Scale>(p, t * kTileRows, std::min(p.outputs, (t + 1) * kTileRows));
+    }
+  };
+  const int64_t helpers =
+      std::min<int64_t>(pool != nullptr ? pool->num_threads() : 0, tiles - 1);
+  std::atomic<int64_t> pending(helpers);
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool->Schedule([&claim, &pending] {
+      claim();
       pending.fetch_sub(1, std::memory_order_release);
     });
   }
-  Rows<Scale>(p, 0, std::min(p.outputs, per_task));
+  claim();
   while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
 }
 
@@ -402,16 +429,13 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
   const uint8_t* layer_mins = has_mins ? static_cast<const uint8_t*>(mins.untyped_data()) +
                                              index * per_layer_scales * scale_size
                                        : nullptr;
-  // The exact arithmetic needs each block's sum of x (for the mins), the int8 one x quantized.
-  const std::vector<float> sums =
-      int8_activations ? std::vector<float>() : BlockSums(x.typed_data(), rows, width);
+  // The int8 arithmetic takes x quantized.
   const ActivationBlocks activations =
       int8_activations ? QuantizeRows(x.typed_data(), rows, width) : ActivationBlocks();
   const Problem problem{layer_quants,
                         layer_scales,
                         layer_mins,
                         x.typed_data(),
-                        sums.data(),
                         int8_activations ? &activations : nullptr,
                         y->typed_data(),
                         rows,
@@ -419,9 +443,9 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
                         outputs,
                         nibbles};
   if (scales.element_type() == ffi::F32) {
-    RunSplit<float>(problem, &pool);
+    RunTiles<float>(problem, &pool);
   } else {
-    RunSplit<uint16_t>(problem, &pool);
+    RunTiles<uint16_t>(problem, &pool);
   }
   return ffi::Error::Success();
 }

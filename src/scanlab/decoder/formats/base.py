@@ -21,7 +21,6 @@ from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import Leaf
 from scanlab.decoder.params import DecoderParams, outside_layers
-from scanlab.decoder.quant import QuantArray
 from scanlab.decoder.weights import Weight
 from scanlab.errors import ScanlabError
 
@@ -106,7 +105,7 @@ def assemble(
     config: DecoderConfig,
     read: Callable[[Leaf, int | None], Tensor],
     dtype,
-    read_kept: Callable[[Leaf, bool], QuantArray | None] = lambda leaf, in_blocks: None,
+    read_kept: Callable[[Leaf, bool], Weight | None] = lambda leaf, in_blocks: None,
 ) -> DecoderParams:
     """Stacked DecoderParams of `dtype` from a reader of one tensor at a time.
 

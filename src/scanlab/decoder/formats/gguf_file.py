@@ -25,7 +25,7 @@ from scanlab import checks, storage
 from scanlab.decoder import quant, spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import FAMILIES, LM_HEAD, SLIDING, Family, Leaf
-from scanlab.decoder.formats import gguf_blocks
+from scanlab.decoder.formats import gguf_blocks, gguf_packed
 from scanlab.decoder.formats.base import (
     CheckpointError,
     Tensor,
@@ -36,6 +36,7 @@ from scanlab.decoder.formats.base import (
     to_hf,
 )
 from scanlab.decoder.params import DecoderParams, outside_layers
+from scanlab.decoder.qmatvec import PackedArray
 from scanlab.decoder.quant import QuantArray
 from scanlab.errors import ArgumentError, PathExistsError, ScanlabError
 
@@ -175,6 +176,7 @@ def load_gguf(
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
+    declared = spec.declared(config)
     missing = [name for name in tensor_names(config) if name not in tensors]
     if missing:
         raise CheckpointError(
@@ -190,13 +192,20 @@ def load_gguf(
             array = _halves_from_pairs(array, leaf.shape.split().index("Dh"))
         return array - leaf.gguf_offset if leaf.gguf_offset else array
 
-    def read_kept(leaf: Leaf, in_blocks: bool) -> QuantArray | None:
+    def read_kept(leaf: Leaf, in_blocks: bool) -> QuantArray | PackedArray | None:
         if not (quantized and leaf.quantizable):
             return None
         layers = range(config.n_layers) if in_blocks else [None]
         kept = [tensors[_name(leaf, layer)] for layer in layers]
         if not _keepable(leaf, kept, config):
             return None
+        embedding = leaf == declared.embed
+        if kernel and (config.tie_embeddings or not embedding):
+            on_kernel = gguf_packed.packed(
+                leaf, kept, config, Path(path), stacked=in_blocks, embedding=embedding
+            )
+            if on_kernel is not None:
+                return on_kernel
         parts = [_unpacked(tensor, leaf, config, path) for tensor in kept]
         array = _quant_array(leaf, gguf_blocks.common_layout(parts), config)
         return array if in_blocks else jax.tree.map(lambda part: part[0], array)

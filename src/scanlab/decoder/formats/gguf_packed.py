@@ -1,0 +1,167 @@
+"""GGUF tensors straight into the CPU kernel's layout (`qmatvec.PackedArray`), at the file's size.
+
+A GGUF weight is stored as transformers lays it out: rows of output features, each row blocks of
+32 inputs. The kernel reads the same thing, rows of blocks, in scanlab's order of the axes: so a
+leaf's tensors become a PackedArray by moving whole blocks (the permutation is computed once per
+leaf, on block indices, by the same `from_hf` that lays out a dense tensor) and splitting each
+block's scale (and min) from its integers. Q8_0, Q4_0 and Q4_1 blocks are copied as they are (the
+kernel's 4-bit order is GGUF's); the other formats of `gguf_blocks` are unpacked and packed again.
+
+Memory stays at the file's size: each tensor is read from the file (not through the reader's
+memory map, whose pages would stay resident) into one temporary, its blocks written into the
+stacked arrays, and the stacked arrays, allocated aligned, become JAX arrays without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from scanlab.decoder import spec
+from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.families import Leaf
+from scanlab.decoder.formats import gguf_blocks
+from scanlab.decoder.formats.base import CheckpointError, from_hf, hf_shape
+from scanlab.decoder.qmatvec import BLOCK, PackedArray, nibble_bytes
+
+# How the kernel keeps each 32-wide format: 4-bit integers (else int8), a min per block (4-bit
+# ones without: Q4_0's offset of 8), and the scales' dtype (f32 where they are products).
+_KEPT_AS = {
+    Q.Q8_0: (False, False, np.float16),
+    Q.Q4_0: (True, False, np.float16),
+    Q.Q4_1: (True, True, np.float16),
+    Q.Q5_0: (False, False, np.float16),
+    Q.Q5_1: (False, True, np.float16),
+    Q.Q4_K: (True, True, np.float32),
+    Q.Q5_K: (False, True, np.float32),
+}
+# The formats whose blocks the kernel reads as stored: where a block's scale, min and integers
+# start.
+_AS_STORED = {Q.Q8_0: (0, None, 2), Q.Q4_0: (0, None, 2), Q.Q4_1: (0, 2, 4)}
+# XLA:CPU takes a host buffer without copying it when it is aligned to this many bytes.
+_ALIGNMENT = 64
+
+
+def packed(
+    leaf: Leaf, tensors: list, config: DecoderConfig, path: Path, *, stacked: bool, embedding: bool
+) -> PackedArray | None:
+    """The tensors of one leaf (every layer's, or the one of a leaf outside the layers) as one
+    PackedArray, or None where the kernel cannot take them: formats of other block widths, or
+    layers stored in different formats. `embedding`: the leaf is a (V, D) embedding, whose rows
+    the kernel reads as a tied head's."""
+    kinds = {tensor.tensor_type for tensor in tensors}
+    kind = kinds.pop()
+    if kinds or kind not in _KEPT_AS:
+        return None
+    nibbles, with_mins, scale_dtype = _KEPT_AS[kind]
+    order, in_shape, out_shape = _kernel_order(leaf, config, embedding)
+    rows, blocks = order.shape
+    lead = (len(tensors),) if stacked else ()
+    quants = _aligned((*lead, rows, blocks * (BLOCK // 2 if nibbles else BLOCK)), np.uint8)
+    scales = _aligned((*lead, rows, blocks), scale_dtype)
+    mins = _aligned((*lead, rows, blocks), scale_dtype) if with_mins else None
+    flat_order = None if np.array_equal(order.ravel(), np.arange(order.size)) else order.ravel()
+    with path.open("rb") as file:
+        for i, tensor in enumerate(tensors):
+            at = (i,) if stacked else ()
+            raw = _read(file, tensor, leaf, config, path)
+            slots = (quants[at], scales[at], None if mins is None else mins[at])
+            _fill(raw, kind, flat_order, *slots)
+            del raw  # one tensor's bytes at a time
+    for name, part in (("scales", scales), ("mins", mins)):
+        if part is not None and not np.isfinite(part).all():
+            what = f"{path}: tensor {tensors[0].name}"
+            raise CheckpointError(f"{what}'s {name} hold NaN or Inf values")
+    return PackedArray(
+        jnp.from_dlpack(quants if nibbles else quants.view(np.int8)),
+        jnp.from_dlpack(scales),
+        None if mins is None else jnp.from_dlpack(mins),
+        None,
+        in_shape=in_shape,
+        out_shape=out_shape,
+        transposed=embedding,
+    )
+
+
+def _kernel_order(leaf: Leaf, config: DecoderConfig, embedding: bool):
+    """(N, K / 32) indices of the file's blocks, numbered row by row, in the kernel's order;
+    the in and out shapes."""
+    file_rows, file_width = hf_shape(leaf, config)
+    numbered = np.arange(file_rows * file_width // BLOCK).reshape(file_rows, -1)
+    in_scanlab = np.asarray(from_hf(leaf, numbered, config, BLOCK))
+    letters = leaf.shape.split()
+    if leaf.gguf_interleaved:  # llama.cpp's rotary pairs, along an output axis (Dh)
+        in_scanlab = _halves_from_pairs(in_scanlab, letters.index("Dh"))
+    sizes = spec.sizes(config)
+    at = len(letters) + leaf.blocked_axis
+    if embedding:  # (V, D): its rows are the tied head's output rows
+        return in_scanlab, (sizes[letters[1]],), (sizes[letters[0]],)
+    in_shape = tuple(sizes[letter] for letter in letters[: at + 1])
+    out_shape = tuple(sizes[letter] for letter in letters[at + 1 :])
+    order = in_scanlab.reshape(-1, math.prod(out_shape)).T
+    return order, in_shape, out_shape
+
+
+def _halves_from_pairs(array: np.ndarray, axis: int) -> np.ndarray:
+    """An axis of interleaved pairs (x0 y0 x1 y1 ...) reordered to halves (x.. y..)."""
+    moved = np.moveaxis(array, axis, -1)
+    pairs = moved.reshape(*moved.shape[:-1], -1, 2)
+    return np.moveaxis(pairs.swapaxes(-1, -2).reshape(moved.shape), -1, axis)
+
+
+def _read(file, tensor, leaf: Leaf, config: DecoderConfig, path: Path) -> np.ndarray:
+    """The tensor's bytes (rows, bytes per row), checked against the leaf's shape."""
+    rows, width = hf_shape(leaf, config)
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    expected = (rows, width // per_block * block_bytes)
+    if tuple(tensor.data.shape) != expected:
+        raise CheckpointError(
+            f"{path}: tensor {tensor.name} has {tuple(tensor.data.shape)} bytes, expected "
+            f"{expected} for shape {(rows, width)} in {tensor.tensor_type.name}"
+        )
+    file.seek(tensor.data_offset)
+    raw = np.fromfile(file, np.uint8, tensor.n_bytes)
+    if raw.size != tensor.n_bytes:
+        raise CheckpointError(f"{path}: tensor {tensor.name} is cut short")
+    return raw.reshape(expected)
+
+
+def _fill(raw, kind, flat_order, quants, scales, mins) -> None:
+    """One tensor's blocks, reordered, into its slots of the stacked arrays."""
+
+    def in_kernel_order(array: np.ndarray) -> np.ndarray:  # (blocks, per block), moved whole
+        blocks = array.reshape(scales.size, -1)
+        return blocks if flat_order is None else blocks[flat_order]
+
+    if kind in _AS_STORED:
+        scale_at, min_at, quants_at = _AS_STORED[kind]
+        blocks = in_kernel_order(raw)
+        scales[...] = _f16(blocks[:, scale_at : scale_at + 2]).reshape(scales.shape)
+        if min_at is not None:
+            mins[...] = _f16(blocks[:, min_at : min_at + 2]).reshape(mins.shape)
+        quants[...] = blocks[:, quants_at:].reshape(quants.shape)
+        return
+    unpacked = gguf_blocks.unpack(raw, kind)
+    scales[...] = in_kernel_order(unpacked.scales).reshape(scales.shape)
+    if mins is not None and unpacked.mins is not None:
+        mins[...] = in_kernel_order(unpacked.mins).reshape(mins.shape)
+    values = in_kernel_order(unpacked.values).reshape(scales.shape[0], -1)
+    nibbles = _KEPT_AS[kind][0]
+    quants[...] = nibble_bytes(values) if nibbles else values.view(np.uint8)
+
+
+def _f16(two_bytes: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(two_bytes).view(np.float16)[..., 0]
+
+
+def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array whose data starts at an `_ALIGNMENT`-byte boundary."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = np.empty(size + _ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % _ALIGNMENT
+    return buffer[start : start + size].view(dtype).reshape(shape)
