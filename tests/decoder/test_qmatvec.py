@@ -189,6 +189,26 @@ def test_under_jit_scan_and_vmap_it_reads_the_stack_in_place():
     assert kinds <= {"constant", "parameter", "get-tuple-element", "tuple"}, kinds
 
 
+def test_a_prompt_never_dequantizes_a_weight_matrix():
+    """Prefill and decoding compiled together hold no f32 copy of any packed matrix, stacked
+    or one layer's, in any layout."""
+    config = preset("tiny").replace(tie_embeddings=True, n_heads=2, n_kv_heads=1, head_dim=32)
+    params = quantize(init_params(config, jax.random.PRNGKey(0)), config, kernel=True)
+    tokens = np.arange(24).reshape(2, 12)  # a prompt of 12 rows per sequence: 24 rows of x
+    hlo = jax.jit(lambda p: generate(p, tokens, config, 3).tokens).lower(params).compile().as_text()
+    f32_shapes = {tuple(map(int, dims.split(","))) for dims in re.findall(r"f32\[([\d,]+)\]", hlo)}
+    packed = [
+        w for w in jax.tree.leaves(params, is_leaf=weights.is_form) if isinstance(w, PackedArray)
+    ]
+    assert len(packed) == 8  # 7 projections and the tied embedding
+    for weight in packed:
+        n, k = int(np.prod(weight.out_shape)), int(np.prod(weight.in_shape))
+        layers = weight.quants.shape[:-2]
+        dense = (*weight.in_shape, *weight.out_shape)
+        forms = {dense, (*layers, *dense), (n, k), (k, n), (*layers, n, k), (*layers, k, n)}
+        assert not forms & f32_shapes, (weight.in_shape, weight.out_shape, forms & f32_shapes)
+
+
 def _leaves(stack: PackedArray):
     return stack.quants, stack.scales, stack.mins
 

@@ -269,8 +269,8 @@ def _decoding(results: dict) -> str:
             continue
         prompts = figures.get("prompts", 1)
         on = "a chat prompt" if prompts == 1 else f"the {prompts} chat prompts"
-        # A prompt's rows go through XLA's matmul (beyond 8 rows the kernel hands over): only
-        # the decoded tokens say what the kernel's arithmetic does.
+        # The canonical kernel figures were measured when a prompt's rows took XLA's matmul of
+        # the dequantized weights, not the kernel: their logits say nothing of its arithmetic.
         logits = (
             ""
             if key.startswith("kernel")
