@@ -40,9 +40,12 @@ _KEPT_AS = {
     Q.Q4_K: (True, True, np.float32),
     Q.Q5_K: (False, True, np.float32),
 }
-# The formats whose blocks the kernel reads as stored: where a block's scale, min and integers
-# start.
-_AS_STORED = {Q.Q8_0: (0, None, 2), Q.Q4_0: (0, None, 2), Q.Q4_1: (0, 2, 4)}
+# The formats whose blocks the kernel reads as stored: a block's scale d, min m and integers qs.
+_AS_STORED = {
+    Q.Q8_0: np.dtype([("d", "<f2"), ("qs", "u1", 32)]),
+    Q.Q4_0: np.dtype([("d", "<f2"), ("qs", "u1", 16)]),
+    Q.Q4_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]),
+}
 # XLA:CPU takes a host buffer without copying it when it is aligned to this many bytes.
 _ALIGNMENT = 64
 
@@ -138,13 +141,12 @@ def _fill(raw, kind, flat_order, quants, scales, mins) -> None:
         blocks = array.reshape(scales.size, -1)
         return blocks if flat_order is None else blocks[flat_order]
 
-    if kind in _AS_STORED:
-        scale_at, min_at, quants_at = _AS_STORED[kind]
-        blocks = in_kernel_order(raw)
-        scales[...] = _f16(blocks[:, scale_at : scale_at + 2]).reshape(scales.shape)
-        if min_at is not None:
-            mins[...] = _f16(blocks[:, min_at : min_at + 2]).reshape(mins.shape)
-        quants[...] = blocks[:, quants_at:].reshape(quants.shape)
+    if kind in _AS_STORED:  # each field copied once, from the blocks' strided views
+        blocks = in_kernel_order(raw).view(_AS_STORED[kind])[:, 0]
+        scales.reshape(-1)[...] = blocks["d"]
+        if mins is not None:
+            mins.reshape(-1)[...] = blocks["m"]
+        quants.reshape(blocks.size, -1)[...] = blocks["qs"]
         return
     unpacked = gguf_blocks.unpack(raw, kind)
     scales[...] = in_kernel_order(unpacked.scales).reshape(scales.shape)
@@ -153,10 +155,6 @@ def _fill(raw, kind, flat_order, quants, scales, mins) -> None:
     values = in_kernel_order(unpacked.values).reshape(scales.shape[0], -1)
     nibbles = _KEPT_AS[kind][0]
     quants[...] = nibble_bytes(values) if nibbles else values.view(np.uint8)
-
-
-def _f16(two_bytes: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(two_bytes).view(np.float16)[..., 0]
 
 
 def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
