@@ -62,14 +62,14 @@ CASES = [  # (rows M, inputs K, outputs N): one row, widths not a multiple of 25
 
 
 @pytest.mark.parametrize("activations", ["f32", "int8"])
-@pytest.mark.parametrize("portable", [False, True], ids=["cpu-path", "portable"])
+@pytest.mark.parametrize("path", qmatvec.paths())  # every path this CPU runs
 @pytest.mark.parametrize(
     ("nibbles", "with_mins"), [(False, False), (False, True), (True, True), (True, False)]
 )
 @pytest.mark.parametrize("scale_dtype", [np.float16, np.float32])
 @pytest.mark.parametrize(("rows", "inputs", "outputs"), CASES)
 def test_the_kernel_computes_its_reference_arithmetic(
-    rows, inputs, outputs, scale_dtype, nibbles, with_mins, portable, activations
+    rows, inputs, outputs, scale_dtype, nibbles, with_mins, path, activations
 ):
     rng = np.random.default_rng(inputs + outputs)
     quants, scales, mins = random_packed(rng, 3, outputs, inputs, nibbles, scale_dtype, with_mins)
@@ -83,11 +83,8 @@ def test_the_kernel_computes_its_reference_arithmetic(
         out_shape=(outputs,),
         activations=activations,
     )
-    qmatvec.force_portable(portable)
-    try:
+    with qmatvec.limited_to(path):
         got = np.asarray(jax.jit(qmatvec.matvec)(jnp.asarray(x), weight))
-    finally:
-        qmatvec.force_portable(False)
     dense = x.astype(np.float64) @ np.asarray(qmatvec.unpack(weight), np.float64)
     if activations == "f32":  # the dense product, up to the order of the f32 sums
         np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5 * np.abs(dense).max())

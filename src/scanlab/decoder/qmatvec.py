@@ -17,6 +17,7 @@ is False and the decoder keeps its pure-JAX quantized path; `describe()` says wh
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -25,6 +26,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -41,6 +43,7 @@ TARGET = "scanlab_qmatvec"
 KERNEL_ENV = "SCANLAB_KERNEL"  # "off": the pure-JAX path, whatever the machine offers
 BLOCK = 32
 ACTIVATIONS = ("f32", "int8")
+PATHS = ("portable", "AVX2", "AVX-512")  # the kernel's, by the instructions each needs
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
 
 
@@ -324,11 +327,25 @@ def describe() -> str:
     library, why_not = _loaded()
     if library is None:
         return f"pure JAX ({why_not})"
-    return "jax.ffi kernel, " + ("AVX2" if library.scanlab_qmatvec_uses_avx2() else "portable")
+    return "jax.ffi kernel, " + PATHS[library.scanlab_qmatvec_path()]
 
 
-def force_portable(on: bool) -> None:
-    """Runs the kernel's portable loop even on an AVX2 CPU (for tests)."""
+def paths() -> tuple[str, ...]:
+    """The kernel's paths this CPU can run (a subsequence of PATHS), its best last."""
     library, _ = _loaded()
-    if library is not None:
-        library.scanlab_qmatvec_force_portable(int(on))
+    return () if library is None else PATHS[: library.scanlab_qmatvec_best_path() + 1]
+
+
+@contextlib.contextmanager
+def limited_to(path: str) -> Iterator[None]:
+    """Runs the kernel's `path` (one of `paths()`) instead of the CPU's best, within the block
+    (for tests: every path is checked on a CPU that has a better one)."""
+    if path not in paths():
+        raise ArgumentError(f"path must be one of {list(paths())}, got {path!r}")
+    library, _ = _loaded()
+    assert library is not None  # paths() is empty without it
+    library.scanlab_qmatvec_limit_path(PATHS.index(path))
+    try:
+        yield
+    finally:
+        library.scanlab_qmatvec_limit_path(len(PATHS) - 1)

@@ -21,8 +21,8 @@
 // Any number of rows of x: a prompt's as well as a decoding step's. Output rows are cut into
 // tiles that the calling thread and XLA's intra-op pool claim one at a time; within a tile, x's
 // rows go by in groups, so the tile's weights are read from memory once and from cache after.
-// AVX2 is used where the CPU has it (checked at run time); elsewhere a portable loop computes
-// the same integers.
+// AVX-512 or AVX2 is used where the CPU has it (checked at run time); elsewhere a portable loop
+// computes the same integers.
 
 #include <immintrin.h>
 
@@ -273,62 +273,182 @@ __attribute__((target("avx2,fma"))) inline void WidenBlock(const uint8_t* block,
   out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)));
 }
 
-// One weight row n against kRows rows of x from `group` on, each block widened to f32 and
-// dequantized (q * scale + min) in registers once for all of them. Independent accumulators
-// per row: a single row's sum would wait on each FMA's latency, so a few rows split theirs.
+// Rows of x in groups of this many: each widened weight block serves the whole group.
+constexpr int64_t kRowGroup = 8;
+// Blocks of inputs per chunk: a group's x over one chunk (8 rows x 512 floats) stays in L1
+// while every output row of the tile passes over it, instead of streaming from L2 per row.
+constexpr int64_t kChunkBlocks = 16;
+
+// Output rows [first, last) (at most a tile) against kRows rows of x from `group` on. Each
+// weight block is widened and dequantized (q * scale + min) in registers once for the group.
+// The inputs go by in chunks; each (output row, x row)'s sum is carried across chunks in
+// `partial`. A single row of x splits its sum over independent accumulators (one chain would
+// wait on each FMA's latency), and takes all the inputs in one chunk (x is small).
 template <typename Scale, int kRows>
-__attribute__((target("avx2,fma,f16c"))) inline void ExactGroupAvx2(const Problem& p,
-                                                                    const Weights<Scale>& weights,
-                                                                    int64_t group, int64_t n) {
+__attribute__((target("avx2,fma,f16c"))) void ExactTileAvx2(const Problem& p,
+                                                             const Weights<Scale>& weights,
+                                                             int64_t group, int64_t first,
+                                                             int64_t last) {
   constexpr int kSplit = kRows == 1 ? 4 : (kRows == 2 ? 2 : 1);
-  __m256 totals[kRows][kSplit];
-  for (int r = 0; r < kRows; ++r) {
-    for (int k = 0; k < kSplit; ++k) totals[r][k] = _mm256_setzero_ps();
-  }
-  const float* x = p.x + group * p.width;
-  for (int64_t b = 0; b < weights.blocks; ++b) {
-    __m256 w[4];
-    WidenBlock(weights.block(p, n, b), p.nibbles, w);
-    const int64_t at = n * weights.blocks + b;
-    const float scale_at = ScaleAtF16c(weights.scales, at);
-    const __m256 scale = _mm256_set1_ps(scale_at);
-    const __m256 min = _mm256_set1_ps(weights.template min<ScaleAtF16c<Scale>>(at, scale_at));
-    for (int k = 0; k < 4; ++k) w[k] = _mm256_fmadd_ps(w[k], scale, min);
+  __m256 partial[kTileRows][kRows][kSplit];
+  for (int64_t n = first; n < last; ++n) {
     for (int r = 0; r < kRows; ++r) {
-      const float* row = x + r * p.width + b * kBlock;
-      for (int k = 0; k < 4; ++k) {
-        __m256& total = totals[r][k % kSplit];
-        total = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(row + 8 * k), total);
-      }
+      for (int k = 0; k < kSplit; ++k) partial[n - first][r][k] = _mm256_setzero_ps();
     }
   }
-  for (int r = 0; r < kRows; ++r) {
-    __m256 total = totals[r][0];
-    for (int k = 1; k < kSplit; ++k) total = _mm256_add_ps(total, totals[r][k]);
-    p.y[(group + r) * p.outputs + n] = HorizontalSum(total);
+  const float* x = p.x + group * p.width;
+  const int64_t chunk_blocks = kRows == 1 ? weights.blocks : kChunkBlocks;
+  for (int64_t chunk = 0; chunk < weights.blocks; chunk += chunk_blocks) {
+    const int64_t chunk_end = std::min(weights.blocks, chunk + chunk_blocks);
+    for (int64_t n = first; n < last; ++n) {
+      __m256 totals[kRows][kSplit];
+      std::memcpy(totals, partial[n - first], sizeof(totals));
+      for (int64_t b = chunk; b < chunk_end; ++b) {
+        __m256 w[4];
+        WidenBlock(weights.block(p, n, b), p.nibbles, w);
+        const int64_t at = n * weights.blocks + b;
+        const float scale_at = ScaleAtF16c(weights.scales, at);
+        const __m256 scale = _mm256_set1_ps(scale_at);
+        const __m256 min =
+            _mm256_set1_ps(weights.template min<ScaleAtF16c<Scale>>(at, scale_at));
+        for (int k = 0; k < 4; ++k) w[k] = _mm256_fmadd_ps(w[k], scale, min);
+        for (int r = 0; r < kRows; ++r) {
+          const float* row = x + r * p.width + b * kBlock;
+          for (int k = 0; k < 4; ++k) {
+            __m256& total = totals[r][k % kSplit];
+            total = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(row + 8 * k), total);
+          }
+        }
+      }
+      std::memcpy(partial[n - first], totals, sizeof(totals));
+    }
+  }
+  for (int64_t n = first; n < last; ++n) {
+    for (int r = 0; r < kRows; ++r) {
+      __m256 total = partial[n - first][r][0];
+      for (int k = 1; k < kSplit; ++k) total = _mm256_add_ps(total, partial[n - first][r][k]);
+      p.y[(group + r) * p.outputs + n] = HorizontalSum(total);
+    }
   }
 }
 
-// Rows of x in groups of this many: each widened weight block serves the whole group.
-constexpr int64_t kRowGroup = 8;
-
+// Output rows [first, last), at most a tile, for every row of x.
 template <typename Scale>
 __attribute__((target("avx2,fma,f16c"))) void ExactRowsAvx2(const Problem& p, int64_t first,
                                                               int64_t last) {
   const Weights<Scale> weights(p);
   for (int64_t group = 0; group < p.rows; group += kRowGroup) {
-    const int64_t count = std::min(kRowGroup, p.rows - group);
-    for (int64_t n = first; n < last; ++n) {
-      switch (count) {  // the group's size as a constant: its accumulators stay in registers
-        case 8: ExactGroupAvx2<Scale, 8>(p, weights, group, n); break;
-        case 7: ExactGroupAvx2<Scale, 7>(p, weights, group, n); break;
-        case 6: ExactGroupAvx2<Scale, 6>(p, weights, group, n); break;
-        case 5: ExactGroupAvx2<Scale, 5>(p, weights, group, n); break;
-        case 4: ExactGroupAvx2<Scale, 4>(p, weights, group, n); break;
-        case 3: ExactGroupAvx2<Scale, 3>(p, weights, group, n); break;
-        case 2: ExactGroupAvx2<Scale, 2>(p, weights, group, n); break;
-        default: ExactGroupAvx2<Scale, 1>(p, weights, group, n); break;
+    switch (std::min(kRowGroup, p.rows - group)) {  // a constant: accumulators in registers
+      case 8: ExactTileAvx2<Scale, 8>(p, weights, group, first, last); break;
+      case 7: ExactTileAvx2<Scale, 7>(p, weights, group, first, last); break;
+      case 6: ExactTileAvx2<Scale, 6>(p, weights, group, first, last); break;
+      case 5: ExactTileAvx2<Scale, 5>(p, weights, group, first, last); break;
+      case 4: ExactTileAvx2<Scale, 4>(p, weights, group, first, last); break;
+      case 3: ExactTileAvx2<Scale, 3>(p, weights, group, first, last); break;
+      case 2: ExactTileAvx2<Scale, 2>(p, weights, group, first, last); break;
+      default: ExactTileAvx2<Scale, 1>(p, weights, group, first, last); break;
+    }
+  }
+}
+
+// The exact arithmetic on AVX-512: a block of 32 is two vectors of 16 floats, and two output
+// rows go together, so each load of x serves both. Otherwise as ExactTileAvx2.
+__attribute__((target("avx512f"))) inline void WidenBlock512(const uint8_t* block, bool nibbles,
+                                                             __m512 out[2]) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
+  if (nibbles) {
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)));
+    out[1] = _mm512_cvtepi32_ps(
+        _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
+    return;
+  }
+  const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16));
+  out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+  out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(high));
+}
+
+// Accumulators per (output row, x row): one row of x sums its two halves apart.
+template <int kRows>
+constexpr int kSplit512 = kRows == 1 ? 2 : 1;
+
+template <typename Scale, int kRows, int kPair>
+__attribute__((target("avx512f,f16c,fma"))) inline void ExactRowsOf512(
+    const Problem& p, const Weights<Scale>& weights, const float* x, int64_t n, int64_t chunk,
+    int64_t chunk_end, __m512 (*partial)[kRows][kSplit512<kRows>]) {
+  constexpr int kSplit = kSplit512<kRows>;
+  __m512 totals[kPair][kRows][kSplit];
+  for (int j = 0; j < kPair; ++j) std::memcpy(totals[j], partial[j], sizeof(totals[j]));
+  for (int64_t b = chunk; b < chunk_end; ++b) {
+    __m512 w[kPair][2];
+    for (int j = 0; j < kPair; ++j) {
+      WidenBlock512(weights.block(p, n + j, b), p.nibbles, w[j]);
+      const int64_t at = (n + j) * weights.blocks + b;
+      const float scale_at = ScaleAtF16c(weights.scales, at);
+      const __m512 scale = _mm512_set1_ps(scale_at);
+      const __m512 min = _mm512_set1_ps(weights.template min<ScaleAtF16c<Scale>>(at, scale_at));
+      w[j][0] = _mm512_fmadd_ps(w[j][0], scale, min);
+      w[j][1] = _mm512_fmadd_ps(w[j][1], scale, min);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const float* row = x + r * p.width + b * kBlock;
+      const __m512 x0 = _mm512_loadu_ps(row), x1 = _mm512_loadu_ps(row + 16);
+      for (int j = 0; j < kPair; ++j) {
+        totals[j][r][0] = _mm512_fmadd_ps(w[j][0], x0, totals[j][r][0]);
+        totals[j][r][kSplit - 1] = _mm512_fmadd_ps(w[j][1], x1, totals[j][r][kSplit - 1]);
       }
+    }
+  }
+  for (int j = 0; j < kPair; ++j) std::memcpy(partial[j], totals[j], sizeof(totals[j]));
+}
+
+template <typename Scale, int kRows>
+__attribute__((target("avx512f,f16c,fma"))) void ExactTileAvx512(const Problem& p,
+                                                                 const Weights<Scale>& weights,
+                                                                 int64_t group, int64_t first,
+                                                                 int64_t last) {
+  constexpr int kSplit = kSplit512<kRows>;
+  __m512 partial[kTileRows][kRows][kSplit];
+  for (int64_t n = first; n < last; ++n) {
+    for (int r = 0; r < kRows; ++r) {
+      for (int k = 0; k < kSplit; ++k) partial[n - first][r][k] = _mm512_setzero_ps();
+    }
+  }
+  const float* x = p.x + group * p.width;
+  const int64_t chunk_blocks = kRows == 1 ? weights.blocks : kChunkBlocks;
+  for (int64_t chunk = 0; chunk < weights.blocks; chunk += chunk_blocks) {
+    const int64_t chunk_end = std::min(weights.blocks, chunk + chunk_blocks);
+    int64_t n = first;
+    for (; n + 1 < last; n += 2) {
+      ExactRowsOf512<Scale, kRows, 2>(p, weights, x, n, chunk, chunk_end, &partial[n - first]);
+    }
+    if (n < last) {
+      ExactRowsOf512<Scale, kRows, 1>(p, weights, x, n, chunk, chunk_end, &partial[n - first]);
+    }
+  }
+  for (int64_t n = first; n < last; ++n) {
+    for (int r = 0; r < kRows; ++r) {
+      __m512 total = partial[n - first][r][0];
+      if (kSplit == 2) total = _mm512_add_ps(total, partial[n - first][r][kSplit - 1]);
+      p.y[(group + r) * p.outputs + n] = _mm512_reduce_add_ps(total);
+    }
+  }
+}
+
+template <typename Scale>
+__attribute__((target("avx512f,f16c,fma"))) void ExactRowsAvx512(const Problem& p,
+                                                                 int64_t first, int64_t last) {
+  const Weights<Scale> weights(p);
+  for (int64_t group = 0; group < p.rows; group += kRowGroup) {
+    switch (std::min(kRowGroup, p.rows - group)) {  // a constant: accumulators in registers
+      case 8: ExactTileAvx512<Scale, 8>(p, weights, group, first, last); break;
+      case 7: ExactTileAvx512<Scale, 7>(p, weights, group, first, last); break;
+      case 6: ExactTileAvx512<Scale, 6>(p, weights, group, first, last); break;
+      case 5: ExactTileAvx512<Scale, 5>(p, weights, group, first, last); break;
+      case 4: ExactTileAvx512<Scale, 4>(p, weights, group, first, last); break;
+      case 3: ExactTileAvx512<Scale, 3>(p, weights, group, first, last); break;
+      case 2: ExactTileAvx512<Scale, 2>(p, weights, group, first, last); break;
+      default: ExactTileAvx512<Scale, 1>(p, weights, group, first, last); break;
     }
   }
 }
@@ -358,22 +478,35 @@ __attribute__((target("avx2,fma,f16c"))) void RowsAvx2(const Problem& p, int64_t
   }
 }
 
-std::atomic<bool> force_portable(false);  // for tests: the portable path on any CPU
+// The instruction sets the kernel has paths for, in order; the CPU's best one runs.
+enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
-bool HasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has && !force_portable.load(std::memory_order_relaxed);
+int BestPath() {
+  static const int best = [] {
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+          __builtin_cpu_supports("f16c"))) {
+      return kPortable;
+    }
+    return __builtin_cpu_supports("avx512f") ? kAvx512 : kAvx2;
+  }();
+  return best;
 }
+
+std::atomic<int> path_limit(kAvx512);  // for tests: a lesser path on any CPU
+
+int ChosenPath() { return std::min(BestPath(), path_limit.load(std::memory_order_relaxed)); }
 
 // Output rows [first, last) of y, by the problem's arithmetic on this CPU.
 template <typename Scale>
 void Rows(const Problem& p, int64_t first, int64_t last) {
-  const bool int8 = p.x_blocks != nullptr;
-  if (HasAvx2()) {
-    int8 ? RowsAvx2<Scale>(p, first, last) : ExactRowsAvx2<Scale>(p, first, last);
+  const int path = ChosenPath();
+  if (p.x_blocks != nullptr) {  // int8 activations: AVX2 serves AVX-512 CPUs too
+    path >= kAvx2 ? RowsAvx2<Scale>(p, first, last) : RowsPortable<Scale>(p, first, last);
+  } else if (path == kAvx512) {
+    ExactRowsAvx512<Scale>(p, first, last);
   } else {
-    int8 ? RowsPortable<Scale>(p, first, last) : ExactRowsPortable<Scale>(p, first, last);
+    path == kAvx2 ? ExactRowsAvx2<Scale>(p, first, last)
+                  : ExactRowsPortable<Scale>(p, first, last);
   }
 }
 
@@ -464,5 +597,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ScanlabQMatVec, MatVec,
                                   .Attr<bool>("int8_activations"));
 
 // Which path `Rows` takes on this CPU, for scanlab to report; and a switch to the portable one.
-extern "C" int scanlab_qmatvec_uses_avx2() { return HasAvx2() ? 1 : 0; }
-extern "C" void scanlab_qmatvec_force_portable(int on) { force_portable.store(on != 0); }
+extern "C" int scanlab_qmatvec_best_path() { return BestPath(); }
+extern "C" int scanlab_qmatvec_path() { return ChosenPath(); }
+extern "C" void scanlab_qmatvec_limit_path(int path) { path_limit.store(path); }
