@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -510,28 +511,41 @@ void Rows(const Problem& p, int64_t first, int64_t last) {
   }
 }
 
-// The output rows' tiles, claimed one at a time by this thread and the pool's: a thread that
-// runs late (or is woken late) takes fewer, none idles while tiles remain.
+// The output rows' tiles, shared by the threads that take part in one call.
+struct TileQueue {
+  explicit TileQueue(int64_t count) : tiles(count) {}
+  const int64_t tiles;
+  std::atomic<int64_t> next{0};     // the next tile to claim
+  std::atomic<int64_t> working{0};  // pool threads that may still claim one
+};
+
+// Claims tiles until none is left. Sequentially consistent: a pool thread that enters after
+// the caller's last claim (and after it stopped waiting) finds none and touches nothing else.
+template <typename Scale>
+void ClaimTiles(const Problem& p, TileQueue& queue) {
+  for (int64_t t = queue.next.fetch_add(1); t < queue.tiles; t = queue.next.fetch_add(1)) {
+    Rows<Scale>(p, t * kTileRows, std::min(p.outputs, (t + 1) * kTileRows));
+  }
+}
+
+// The calling thread and XLA's pool threads claim tiles one at a time: a thread that runs late
+// (or is woken late) takes fewer. The caller waits only for pool threads that started: XLA may
+// run this call on a pool thread while others run other calls, so a scheduled task may start
+// only after this call has returned (it then finds no tile: the queue outlives the call).
 template <typename Scale>
 void RunTiles(const Problem& p, ffi::ThreadPool* pool) {
-  const int64_t tiles = (p.outputs + kTileRows - 1) / kTileRows;
-  std::atomic<int64_t> next(0);
-  const auto claim = [&p, &next, tiles] {
-    for (int64_t t = next.fetch_add(1); t < tiles; t = next.fetch_add(1)) {
-      Rows<Scale>(p, t * kTileRows, std::min(p.outputs, (t + 1) * kTileRows));
-    }
-  };
+  const auto queue = std::make_shared<TileQueue>((p.outputs + kTileRows - 1) / kTileRows);
   const int64_t helpers =
-      std::min<int64_t>(pool != nullptr ? pool->num_threads() : 0, tiles - 1);
-  std::atomic<int64_t> pending(helpers);
+      std::min<int64_t>(pool != nullptr ? pool->num_threads() : 0, queue->tiles - 1);
   for (int64_t t = 0; t < helpers; ++t) {
-    pool->Schedule([&claim, &pending] {
-      claim();
-      pending.fetch_sub(1, std::memory_order_release);
+    pool->Schedule([queue, p] {  // p by value: its buffers are read only while tiles remain
+      queue->working.fetch_add(1);
+      ClaimTiles<Scale>(p, *queue);
+      queue->working.fetch_sub(1);
     });
   }
-  claim();
-  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  ClaimTiles<Scale>(p, *queue);
+  while (queue->working.load() > 0) std::this_thread::yield();
 }
 
 ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer quants,
