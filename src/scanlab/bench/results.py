@@ -32,3 +32,13 @@ def bound(decoding: dict, dtype: str, batch: int) -> float:
     return next(
         b["tokens_per_s"] for b in decoding["bounds"] if b["dtype"] == dtype and b["batch"] == batch
     )
+
+
+def first_token_s(figures: dict, prompt: int) -> float | None:
+    """W17: one contender's median seconds to the first token of a `prompt`-token prompt."""
+    return next((r["seconds"] for r in figures["first_token"] if r["prompt"] == prompt), None)
+
+
+def decode_rate(figures: dict, batch: int) -> float | None:
+    """W17: one contender's decoding tokens/s at `batch` rows (None: not run or not possible)."""
+    return next((r["tokens_per_s"] for r in figures["decode"] if r["batch"] == batch), None)

@@ -6,7 +6,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from scanlab.bench import decoding as w7
-from scanlab.bench.results import best_scanlab, bound, by_shape, contender
+from scanlab.bench.contender import LLAMA_CPP, SCANLAB
+from scanlab.bench.results import (
+    best_scanlab,
+    bound,
+    by_shape,
+    contender,
+    decode_rate,
+    first_token_s,
+)
+from scanlab.decoder.formats import pretrained
 
 W1_MAX_VS_HAND_JIT, W1_MIN_VS_TEXTBOOK = 1.5, 100.0
 W2_MIN_MATMUL_FRACTION = 0.6
@@ -20,6 +29,12 @@ W7_MIN_KEPT_VS_F32, W7_MAX_KEPT_VS_FILE = 2.0, 1.3
 W7_MIN_KERNEL_VS_LLAMA_CPP = 1.0
 # Gemma 3's 3 full layers of 18 keep a sixth of the full-length bytes: the rings add little.
 W13_MAX_CACHE_FRACTION, W13_MIN_LONG_CONTEXT_SPEEDUP, W13_MAX_COMPILE_RATIO = 1.1 / 6, 2.0, 0.25
+# Real sizes: decoding (batch 1, at 1B and on SmolLM2) and every first token at least
+# llama.cpp's; batch 8 at least twice batch 1; loading within 1.25× the file's bytes above the
+# process's start and 2 s per GB of file.
+W17_MIN_DECODE_VS_LLAMA_CPP, W17_MIN_FIRST_TOKEN_VS_LLAMA_CPP = 1.0, 1.0
+W17_MIN_BATCH8_VS_BATCH1, W17_MAX_LOAD_PEAK_VS_FILE, W17_MAX_LOAD_S_PER_GB = 2.0, 1.25, 2.0
+W17_DECODE_TARGET_FILES = (pretrained.SMOLLM2.name, "Llama-1B")  # names starting so
 
 
 class Target(NamedTuple):
@@ -37,6 +52,7 @@ def judge(results: dict) -> list[Target]:
         *_training(results["training"]),
         *_decoding(results.get("decoding")),
         *_gemma3(results.get("gemma3")),
+        *_sizes(results.get("sizes")),
         *_masked(results["loops"]["masked"]),
     ]
 
@@ -256,6 +272,62 @@ def _gemma3(gemma3: dict | None) -> list[Target]:
             compile_ratio <= W13_MAX_COMPILE_RATIO,
         ),
     ]
+
+
+def _sizes(sizes: dict | None) -> list[Target]:
+    """W17's targets, per file; absent in quick mode, which writes and loads no large file."""
+    if not sizes:
+        return []
+    rows = []
+    for file in sizes["files"]:
+        ours, theirs = file["contenders"][SCANLAB], file["contenders"].get(LLAMA_CPP)
+        name, gb = file["name"], file["file_bytes"] / 1e9
+        load_peak = ours["load_peak_bytes"] / file["file_bytes"]
+        rows += [
+            Target(
+                f"W17 {name}: load peak ≤ {W17_MAX_LOAD_PEAK_VS_FILE}× the file",
+                f"{load_peak:.2f}×",
+                load_peak <= W17_MAX_LOAD_PEAK_VS_FILE,
+            ),
+            Target(
+                f"W17 {name}: load ≤ {W17_MAX_LOAD_S_PER_GB:.0f} s per GB of file",
+                f"{ours['load_s'] / gb:.2f} s/GB",
+                ours["load_s"] / gb <= W17_MAX_LOAD_S_PER_GB,
+            ),
+        ]
+        one, eight = decode_rate(ours, 1), decode_rate(ours, 8)
+        if one and eight:
+            rows.append(
+                Target(
+                    f"W17 {name}: decoding batch 8 ≥ {W17_MIN_BATCH8_VS_BATCH1:.0f}× batch 1",
+                    f"{eight / one:.2f}×",
+                    eight / one >= W17_MIN_BATCH8_VS_BATCH1,
+                )
+            )
+        if theirs is None:
+            continue
+        for row in ours["first_token"]:
+            ratio = first_token_s(theirs, row["prompt"]) / row["seconds"]
+            rows.append(
+                Target(
+                    f"W17 {name}: first token of {row['prompt']} ≥ "
+                    f"{W17_MIN_FIRST_TOKEN_VS_LLAMA_CPP:.1f}× llama.cpp's speed",
+                    f"{ratio:.2f}×",
+                    ratio >= W17_MIN_FIRST_TOKEN_VS_LLAMA_CPP,
+                )
+            )
+        their_one = decode_rate(theirs, 1)
+        if name.startswith(W17_DECODE_TARGET_FILES) and one and their_one:
+            ratio = one / their_one
+            rows.append(
+                Target(
+                    f"W17 {name}: decoding batch 1 ≥ {W17_MIN_DECODE_VS_LLAMA_CPP:.1f}× "
+                    "llama.cpp's tokens/s",
+                    f"{ratio:.2f}×",
+                    ratio >= W17_MIN_DECODE_VS_LLAMA_CPP,
+                )
+            )
+    return rows
 
 
 def _masked(points: list[dict]) -> list[Target]:

@@ -40,6 +40,7 @@ def load_model(
     the CPU kernel's layout (`qmatvec`); None: where the kernel is available.
     """
     path = resolve(source, weights)
+    _check_fits(path, weights)
     tokenizer = load_tokenizer(path)  # first: a checkpoint without one fails before the weights
     return Model(*_load_weights(path, weights, kernel), tokenizer)
 
@@ -48,7 +49,9 @@ def load_weights(
     source: str | os.PathLike, weights: str | None = None, kernel: bool | None = None
 ) -> tuple[DecoderConfig, DecoderParams]:
     """(config, params) of a known model's name, a .gguf file or a transformers directory."""
-    return _load_weights(resolve(source, weights), weights, kernel)
+    path = resolve(source, weights)
+    _check_fits(path, weights)
+    return _load_weights(path, weights, kernel)
 
 
 def _load_weights(
@@ -65,6 +68,19 @@ def _load_weights(
     if weights not in (None, "quantized"):
         return load_gguf(path, dtype=weights)
     return load_gguf(path, dtype="float32", quantized=True, kernel=on_kernel())
+
+
+def _check_fits(path: Path, weights: str | None) -> None:
+    """Refuses, before any weight is read, a model whose weights would not fit in memory: a
+    GGUF file's blocks are kept at the file's size, any other form at its dtype's."""
+    form = weights or ("float32" if path.is_dir() else "quantized")
+    if form == "quantized" and not path.is_dir():
+        nbytes = path.stat().st_size
+    else:  # a directory quantized on load holds its float32 weights first
+        itemsize = 2 if form == "bfloat16" else 4
+        nbytes = spec.param_count(load_config(path)) * itemsize
+    on_disk = f", a {path.stat().st_size / 2**30:.1f} GiB file" if path.is_file() else ""
+    checks.fits_in_memory(f"{shown('model')} {path.name} ({form} weights{on_disk})", nbytes)
 
 
 def random_weights(

@@ -9,9 +9,10 @@ import torch
 from tests.decoder.formats.gguf_files import random_model, write_gguf
 from transformers import AutoModelForCausalLM
 
-from scanlab.decoder import CheckpointError, forward, load_gguf, qmatvec
+from scanlab import checks
+from scanlab.decoder import CheckpointError, forward, load, load_gguf, qmatvec
 from scanlab.decoder.formats.gguf_file import save_gguf
-from scanlab.errors import ArgumentError, PathExistsError
+from scanlab.errors import ArgumentError, OutOfMemoryError, PathExistsError
 
 Q = gguf.GGMLQuantizationType
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 9))
@@ -105,6 +106,22 @@ def test_not_a_gguf_file(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"GGUF file .*absent\.gguf does not exist"):
         load_gguf(tmp_path / "absent.gguf")
+
+
+@pytest.mark.parametrize(("weights", "pattern"), [(None, "quantized"), ("float32", "float32")])
+def test_a_file_that_cannot_fit_is_refused_before_its_weights_are_read(
+    small_file, monkeypatch, weights, pattern
+):
+    monkeypatch.setattr(checks, "available_bytes", lambda: 1024)
+    read = []
+    monkeypatch.setattr(load, "load_gguf", lambda *args, **kwargs: read.append(args))
+    with pytest.raises(
+        OutOfMemoryError,
+        match=rf"model model\.gguf \({pattern} weights, a 0\.0 GiB file\) needs about "
+        r"0\.0 GiB, more than the 0\.0 GiB this device has",
+    ):
+        load.load_model(small_file, weights)
+    assert read == []
 
 
 def test_unsupported_architecture(small_file, tmp_path):
