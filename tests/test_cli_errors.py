@@ -74,7 +74,7 @@ COMMANDS = {
         batch=INTS,
         mesh=["data=3", "data=0", "model=x"],
     ),
-    "bench": options(devices=["-1", "0", "99999999999"], out=["/proc/x"]),
+    "bench": options(devices=["-1", "0", "99999999999"], out=["/proc/x"], only=["W7", "W99", ""]),
     "finetune": options(
         steps=INTS,
         **{"chunk-steps": INTS, "batch-size": INTS, "accumulate": INTS, "seq-len": INTS},
@@ -311,6 +311,36 @@ def test_a_file_or_an_empty_folder_where_a_checkpoint_belongs_is_named_as_such(t
     ]
     for args, message in cases:
         assert cli(args)[:2] == (2, message)
+
+
+def test_a_partial_benchmark_run_needs_a_full_run_to_update(tmp_path, cli):
+    """`bench --only` re-measures real-model workloads into a full run's results.json."""
+    quick = tmp_path / "quick"
+    quick.mkdir()
+    (quick / "results.json").write_text('{"quick": true}')
+    cases = [
+        (
+            ["--only", "W7,W99"],
+            "error: --only must name some of W7, W13, W14, W17, comma-separated, got 'W7,W99'",
+        ),
+        (
+            ["--only", "W17", "--quick"],
+            "error: --only updates a full run's figures: leave out --quick",
+        ),
+        (
+            ["--only", "W17", "--out", str(tmp_path / "new")],
+            f"error: --only updates a full run's results.json, got none in '{tmp_path / 'new'}': "
+            "run the whole benchmark there first",
+        ),
+        (
+            ["--only", "W17", "--out", str(quick)],
+            f"error: --only updates a full run's figures, got '{quick / 'results.json'}', "
+            "a quick run's",
+        ),
+    ]
+    for args, message in cases:
+        assert cli(["bench", "--out", str(tmp_path / "new"), *args])[:2] == (2, message + "\n")
+    assert (quick / "results.json").read_text() == '{"quick": true}'
 
 
 def test_a_fine_tune_that_would_keep_nothing_is_refused_before_loading(tmp_path, cli):

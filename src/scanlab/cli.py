@@ -195,9 +195,16 @@ def bench(
     devices: Annotated[
         int, typer.Option(help="CPU devices to present (for the sharded peer); default: cores.")
     ] = os.cpu_count() or 1,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            help="Re-measure only these real-model workloads (comma-separated: W7, W13, W14, "
+            "W17) into --out's results.json, a full run's, and rewrite its report."
+        ),
+    ] = None,
 ) -> None:
-    """Run the benchmarks W1–W15 (--quick leaves out W7, W13 and W14: they load real models);
-    write a markdown report with plots."""
+    """Run the benchmarks W1–W17 (--quick leaves out W7, W13, W14 and W17: they load real
+    models); write a markdown report with plots."""
     from rich.table import Table
 
     from scanlab import checks, distributed
@@ -209,13 +216,18 @@ def bench(
     sharding.host_devices(devices)  # before any JAX computation in this process
     from scanlab.bench import report, runner, targets
 
+    if only is not None:
+        previous, workloads = runner.full_run_to_update(Path(out), only, quick)
     with console.status("benchmarks") as status:
 
         def on_progress(message: str) -> None:
             status.update(message)
             console.log(message)
 
-        results = runner.run(quick=quick, on_progress=on_progress)
+        if only is None:
+            results = runner.run(quick=quick, on_progress=on_progress)
+        else:
+            results = runner.rerun(previous, workloads, on_progress)
     path = report.write(results, out)
     table = Table(title="targets")
     for column in ("target", "measured", ""):

@@ -74,6 +74,39 @@ def test_w13_is_rendered_and_judged_from_the_canonical_figures(tmp_path):
     assert not any(name.startswith("W13") for name, _, _ in targets.judge(results))
 
 
+def test_w17_is_rendered_and_judged_from_the_canonical_figures(tmp_path):
+    """W17 writes and loads files of up to 8B: its section, targets and plot from the committed
+    run."""
+    results = canonical_results()
+    sizes = results["sizes"]
+    text = markdown.render(results)
+    assert "## W17 — real sizes: scanlab against llama.cpp on the same GGUF files" in text
+    judged = {name: ok for name, _, ok in targets.judge(results)}
+    names = [file["name"] for file in sizes["files"]]
+    assert names[0] == "smollm2-135m-instruct" and "Llama-8B-shaped Q4_0" in names
+    for file in sizes["files"]:
+        name, ours = file["name"], file["contenders"]["scanlab"]
+        theirs = file["contenders"]["llama.cpp"]
+        peak = ours["load_peak_bytes"] / file["file_bytes"]
+        assert judged[f"W17 {name}: load peak ≤ 1.25× the file"] == (peak <= 1.25)
+        for row in ours["first_token"]:
+            ratio = results_lib.first_token_s(theirs, row["prompt"]) / row["seconds"]
+            target = f"W17 {name}: first token of {row['prompt']} ≥ 1.0× llama.cpp's speed"
+            assert judged[target] == (ratio >= 1.0)
+        one = results_lib.decode_rate(ours, 1)
+        decoding = f"W17 {name}: decoding batch 1 ≥ 1.0× llama.cpp's tokens/s"
+        if name.startswith(("smollm2", "Llama-1B")):
+            assert judged[decoding] == (one >= results_lib.decode_rate(theirs, 1))
+        else:
+            assert decoding not in judged
+        assert f"| {name} | {file['params'] / 1e9:.2f} |" in text
+    figures.sizes(sizes, tmp_path / "sizes.png")
+    assert matplotlib.image.imread(tmp_path / "sizes.png")[..., :3].std() > 0.05
+    del results["sizes"]
+    assert "## W17 — real sizes\n\nNot run in quick mode" in markdown.render(results)
+    assert not any(name.startswith("W17") for name, _, _ in targets.judge(results))
+
+
 def test_the_committed_report_is_the_rendering_of_the_committed_figures():
     docs = Path(__file__).parents[2] / "docs"
     assert (docs / "bench/report.md").read_text() == markdown.render(canonical_results())

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from scanlab.bench import sizes
+from scanlab.bench import scaling, sizes
 from scanlab.decoder import forward, load_model
 from scanlab.errors import ArgumentError
 
@@ -32,3 +32,23 @@ def test_an_unknown_tensor_type_is_named_before_any_file_is_read(tmp_path):
     with pytest.raises(ArgumentError, match=r"tensor_type must be one of .*got 'Q4_K'"):
         sizes.write_synthetic_gguf(tmp_path / "m.gguf", TINY, "Q4_K", like=tmp_path / "absent")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.e2e  # a contender process loads, prefills and decodes: `make test-e2e`
+def test_each_contender_measures_a_file_in_a_process_of_its_own(tmp_path, smollm2_path):
+    path = sizes.write_synthetic_gguf(tmp_path / "m.gguf", TINY, "Q4_0", like=smollm2_path)
+    plan = scaling.Plan(prompt_lengths=(4, 8), new_tokens=4, batches=(1, 2), rounds=2)
+    figures = scaling.measure_file(path, plan, names=(scaling.SCANLAB,))
+    assert figures["file_bytes"] == path.stat().st_size and figures["plan"]["rounds"] == 2
+    ours = figures["contenders"][scaling.SCANLAB]
+    assert 0 < ours["load_s"] and 0 < ours["load_peak_bytes"] <= ours["peak_bytes"]
+    assert [row["prompt"] for row in ours["first_token"]] == [4, 8]
+    assert all(0 < row["seconds"] < row["first_call_s"] for row in ours["first_token"])
+    assert [row["batch"] for row in ours["decode"]] == [1, 2]
+    assert all(row["tokens_per_s"] > 0 for row in ours["decode"])
+
+
+@pytest.mark.e2e  # a process that imports JAX
+def test_a_failing_contender_process_says_why(tmp_path):
+    with pytest.raises(RuntimeError, match=r"W17's scanlab process failed:\n.*absent\.gguf"):
+        scaling.measure_file(tmp_path / "absent.gguf", scaling.Plan(), names=(scaling.SCANLAB,))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-SCANLAB, LLAMA_CPP = "scanlab", "llama.cpp"
+SCANLAB, SCANLAB_INT8, LLAMA_CPP = "scanlab", "scanlab, int8 activations", "llama.cpp"
 CONTEXT = 1024  # llama.cpp's context: the longest prompt plus the decoded tokens fit
 PROMPT_IDS = 1000  # prompts draw ids below this: ordinary tokens in every vocabulary
 DECODE_PROMPT = 32  # the prompt's length before the decoded tokens
@@ -34,11 +34,11 @@ def serve(name: str, path: str) -> None:
         answers.write(json.dumps(value) + "\n")
         answers.flush()
 
-    runner_type: Any = {SCANLAB: _ScanlabRunner, LLAMA_CPP: _LlamaCppRunner}[name]
+    runner_type, options = _RUNNERS[name]
     runner_type.initialize()
     start = _peak_bytes()
     began = time.perf_counter()
-    runner = runner_type(Path(path))
+    runner = runner_type(Path(path), **options)
     answer(dict(load_s=time.perf_counter() - began, load_peak_bytes=_peak_bytes() - start))
     for line in sys.stdin:
         method, args = json.loads(line)
@@ -59,7 +59,7 @@ def _prompt(length: int, batch: int = 1) -> np.ndarray:
 
 class _ScanlabRunner:
     """scanlab's default load of a GGUF file (blocks in the CPU kernel's layout where it
-    builds), and its `generate`."""
+    builds), and its `generate`; the kernel's arithmetic one of `qmatvec.ACTIVATIONS`."""
 
     @staticmethod
     def initialize() -> None:
@@ -67,12 +67,15 @@ class _ScanlabRunner:
 
         jax.devices()  # the runtime's own memory is the process's start, not the model's
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, activations: str = "f32"):
         import jax
 
-        from scanlab.decoder import load
+        from scanlab.decoder import load, quant
 
         self.model = load.load_model(path)
+        if activations != "f32":
+            params = quant.with_activations(self.model.params, activations)
+            self.model = self.model._replace(params=params)
         jax.block_until_ready(self.model.params)
 
     def _seconds(self, tokens: np.ndarray, new_tokens: int) -> float:
@@ -123,6 +126,12 @@ class _LlamaCppRunner:
             next(tokens)
         return (new_tokens - 1) / (time.perf_counter() - began)
 
+
+_RUNNERS: dict[str, tuple[Any, dict]] = {
+    SCANLAB: (_ScanlabRunner, {}),
+    SCANLAB_INT8: (_ScanlabRunner, {"activations": "int8"}),
+    LLAMA_CPP: (_LlamaCppRunner, {}),
+}
 
 if __name__ == "__main__":
     serve(*sys.argv[1:])

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from scanlab.bench.results import bound, by_shape
+from scanlab.bench.contender import SCANLAB
+from scanlab.bench.results import bound, by_shape, decode_rate
 
 
 def recurrence(results: dict, path: Path) -> None:
@@ -113,5 +114,38 @@ def contexts(gemma3: dict, path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"{gemma3['model']}: 15 sliding-window layers in rings, 3 full layers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def sizes(sizes: dict, path: Path) -> None:
+    """W17: decoding tokens/s (batch 1) and peak memory against the parameter count, one point
+    per file and contender, with the files' own sizes for scale."""
+    fig = Figure(figsize=(10, 4.5))
+    speed, memory = fig.subplots(1, 2)
+    files = sizes["files"]
+    params = np.array([f["params"] for f in files], dtype=float)
+    for name, marker in zip(sizes["contenders"], "os^D", strict=False):
+        rates = [decode_rate(f["contenders"][name], 1) for f in files]
+        speed.scatter(params, rates, marker=marker, label=name)
+        peaks = [f["contenders"][name]["peak_bytes"] / 2**30 for f in files]
+        memory.scatter(params, peaks, marker=marker, label=f"{name}, peak")
+    order = np.argsort(params)
+    file_gib = np.array([f["file_bytes"] for f in files]) / 2**30
+    memory.plot(params[order], file_gib[order], "k:", label="the file")
+    for f in files:
+        speed.annotate(
+            f["name"],
+            (f["params"], decode_rate(f["contenders"][SCANLAB], 1) or 0),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    speed.set(xscale="log", yscale="log", xlabel="parameters", ylabel="decoding tokens/s, batch 1")
+    memory.set(xscale="log", yscale="log", xlabel="parameters", ylabel="GiB above the start")
+    for ax in (speed, memory):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("GGUF files at real sizes: scanlab and llama.cpp, each in its own process")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from scanlab.bench import decoding as w7
 from scanlab.bench import gemma3 as w13
-from scanlab.bench.results import bound, by_shape, contender
+from scanlab.bench.contender import DECODE_PROMPT, LLAMA_CPP, SCANLAB
+from scanlab.bench.results import bound, by_shape, contender, decode_rate, first_token_s
 from scanlab.bench.targets import judge
 
 
@@ -29,6 +30,7 @@ def render(results: dict) -> str:
         _generation(results),
         _decoding(results),
         _gemma3(results),
+        _sizes(results),
         _finetuning(results),
         _sharding(results),
         _processes(results),
@@ -454,6 +456,127 @@ def _gemma3(results: dict) -> str:
     lines += _kernel_lines(gemma3, w13.SCANLAB_KERNEL)
     lines += _not_installed(gemma3)
     return "\n".join(lines)
+
+
+def _sizes(results: dict) -> str:
+    sizes = results.get("sizes")
+    if not sizes:
+        return "## W17 — real sizes\n\nNot run in quick mode (it writes and loads files of 1–8B)."
+    names = sizes["contenders"]
+    ours = [name for name in names if name != LLAMA_CPP]
+    against = ours if LLAMA_CPP in names else []  # the ratios to llama.cpp, where it ran
+    load_rows, first_rows, decode_rows = [], [], []
+    for file in sizes["files"]:
+        name, nbytes, figures = file["name"], file["file_bytes"], file["contenders"]
+        for who, mine in figures.items():
+            load_rows.append(
+                (
+                    name,
+                    f"{file['params'] / 1e9:.2f}",
+                    f"{nbytes / 2**20:,.0f}",
+                    who,
+                    f"{mine['load_s']:.2f}",
+                    f"{mine['load_s'] / (nbytes / 1e9):.2f}",
+                    _mib_and_ratio(mine["load_peak_bytes"], nbytes),
+                    _mib_and_ratio(mine["peak_bytes"], nbytes),
+                )
+            )
+        for row in figures[SCANLAB]["first_token"]:
+            seconds = {who: first_token_s(figures[who], row["prompt"]) for who in names}
+            first_rows.append(
+                (
+                    name,
+                    row["prompt"],
+                    *(_or_dash(seconds[who], ".3f") for who in names),
+                    *(_ratio(seconds[LLAMA_CPP], seconds[who]) for who in against),
+                    f"{row['first_call_s']:.2f}",
+                )
+            )
+        one = {who: decode_rate(figures[who], 1) for who in names}
+        eight = {who: decode_rate(figures[who], 8) for who in ours}
+        decode_rows.append(
+            (
+                name,
+                *(_or_dash(one[who], ".1f") for who in names),
+                *(_ratio(one[who], one[LLAMA_CPP]) for who in against),
+                *(_or_dash(eight[who], ".1f") for who in ours),
+                _ratio(eight[SCANLAB], one[SCANLAB]),
+            )
+        )
+    plan = sizes["files"][0]["plan"]
+    return "\n".join(
+        [
+            "## W17 — real sizes: scanlab against llama.cpp on the same GGUF files",
+            "",
+            f"Measured {sizes['date']}, contenders: {', '.join(names)} (scanlab's default is the "
+            "kernel's exact f32 arithmetic). The Llama-shaped files are written at benchmark "
+            "time with random blocks (real shapes, SmolLM2's 49,152-token vocabulary); SmolLM2 "
+            "and Gemma 3 are the real files. Each contender loads the file in a process of its "
+            "own; memory is its peak resident size above that process's start (its library "
+            "loaded), while loading and over the whole run. Medians of "
+            f"{plan['rounds']} calls after a first one, contenders taking turns round by round.",
+            "",
+            *table(
+                (
+                    "file",
+                    "params (B)",
+                    "file MiB",
+                    "contender",
+                    "load s",
+                    "s per GB",
+                    "load peak MiB (× file)",
+                    "run peak MiB (× file)",
+                ),
+                load_rows,
+            ),
+            "",
+            "Time to the first token: one call from a prompt of random token ids to one token; "
+            "a speed ratio is llama.cpp's seconds over scanlab's (above 1: scanlab faster). "
+            "scanlab's first call includes its compilation.",
+            "",
+            *table(
+                (
+                    "file",
+                    "prompt",
+                    *(f"{who} s" for who in names),
+                    *(f"{who} vs llama.cpp" for who in against),
+                    "scanlab first call s",
+                ),
+                first_rows,
+            ),
+            "",
+            f"Decoding after a {DECODE_PROMPT}-token prompt, greedy: tokens/s of the tokens "
+            "after the first (scanlab: its `generate` of N tokens less its `generate` of 1; "
+            "llama.cpp: from its first token to its last). llama-cpp-python decodes one "
+            "sequence per call, so batch 8 is scanlab's alone.",
+            "",
+            *table(
+                (
+                    "file",
+                    *(f"{who}, batch 1" for who in names),
+                    *(f"{who} vs llama.cpp" for who in against),
+                    *(f"{who}, batch 8" for who in ours),
+                    "scanlab batch 8 vs batch 1",
+                ),
+                decode_rows,
+            ),
+            "",
+            "![tokens/s and memory against model size](sizes.png)",
+        ]
+    )
+
+
+def _mib_and_ratio(nbytes: int, file_bytes: int) -> str:
+    return f"{nbytes / 2**20:,.0f} ({nbytes / file_bytes:.2f}×)"
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    """`value` formatted, or "—" where it was not measured."""
+    return "—" if value is None else f"{value:{spec}}"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    return "—" if numerator is None or denominator is None else f"{numerator / denominator:.2f}×"
 
 
 def _finetuning(results: dict) -> str:

@@ -22,6 +22,8 @@ def write(results: dict, out_dir: str | Path) -> Path:
     if results.get("gemma3"):
         figures.decoding(results["gemma3"], out / "gemma3-decoding.png")
         figures.contexts(results["gemma3"], out / "gemma3-contexts.png")
+    if results.get("sizes"):
+        figures.sizes(results["sizes"], out / "sizes.png")
     report = out / "report.md"
     report.write_text(markdown.render(results))
     return report

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
 
 from scanlab import sharding
 from scanlab.bench import (
@@ -16,15 +19,85 @@ from scanlab.bench import (
     nnx,
     processes,
     recurrence,
+    scaling,
     training,
 )
+from scanlab.checks import shown
 from scanlab.decoder import REMAT
+from scanlab.errors import ArgumentError, MissingPathError
 from scanlab.train import TrainConfig, train_chunk
 
 
+class _RealModelWorkload(NamedTuple):
+    key: str  # its figures' key in the results
+    title: str
+    measure: Callable[[Callable[[str], None]], dict]  # on_progress -> figures
+
+
+# The workloads that load real models (minutes each): left out of quick runs; `rerun` measures
+# them anew into a full run's results.
+REAL_MODEL_WORKLOADS = {
+    "W7": _RealModelWorkload(
+        "decoding",
+        "decoding the real model (SmolLM2-135M-Instruct)",
+        lambda on_progress: decoding.measure(),
+    ),
+    "W13": _RealModelWorkload(
+        "gemma3",
+        "Gemma 3 270M: decoding, ring caches at long contexts, compile time",
+        lambda on_progress: gemma3.measure(),
+    ),
+    "W14": _RealModelWorkload(
+        "finetuning",
+        "fine-tuning the real model: scanned chunks, a loop, transformers + PEFT",
+        lambda on_progress: finetuning.measure(),
+    ),
+    "W17": _RealModelWorkload(
+        "sizes", "real sizes: GGUF files of 135M–8B against llama.cpp", scaling.measure
+    ),
+}
+
+
+def full_run_to_update(out: Path, only: str, quick: bool) -> tuple[dict, list[str]]:
+    """The results in `out` of an earlier full run, and the `REAL_MODEL_WORKLOADS` that `only`
+    names (comma-separated), checked before any measuring."""
+    names = [name.strip() for name in only.split(",")]
+    if not set(names) <= set(REAL_MODEL_WORKLOADS):
+        raise ArgumentError(
+            f"{shown('only')} must name some of {', '.join(REAL_MODEL_WORKLOADS)}, "
+            f"comma-separated, got {only!r}"
+        )
+    if quick:
+        raise ArgumentError(f"{shown('only')} updates a full run's figures: leave out --quick")
+    path = out / "results.json"
+    if not path.is_file():
+        raise MissingPathError(
+            f"{shown('only')} updates a full run's results.json, got none in {str(out)!r}: "
+            "run the whole benchmark there first"
+        )
+    results = json.loads(path.read_text())
+    if results.get("quick", True):
+        raise ArgumentError(
+            f"{shown('only')} updates a full run's figures, got {str(path)!r}, a quick run's"
+        )
+    return results, names
+
+
+def rerun(
+    results: dict, workloads: Sequence[str], on_progress: Callable[[str], None] = lambda m: None
+) -> dict:
+    """`results` (a full run's) with the named `REAL_MODEL_WORKLOADS` measured anew."""
+    results = dict(results)
+    for name in workloads:
+        workload = REAL_MODEL_WORKLOADS[name]
+        on_progress(f"{name} {workload.title}")
+        results[workload.key] = workload.measure(on_progress)
+    return results
+
+
 def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message: None) -> dict:
-    """All workloads, W1–W15; `quick` shrinks each to a smoke test of a few seconds and leaves
-    out W7, W13 and W14, which load the real models."""
+    """All workloads, W1–W17; `quick` shrinks each to a smoke test of a few seconds and leaves
+    out `REAL_MODEL_WORKLOADS`."""
     results: dict = {"quick": quick, "env": env.describe()}
     n_devices = len(results["env"]["devices"])
 
@@ -107,12 +180,7 @@ def run(quick: bool = False, on_progress: Callable[[str], None] = lambda message
         dims = dict(new_tokens=8, n_layers=2, d_model=32, repeats=1) if quick else {}
         results["generation"].append(generation.measure(batch=batch, **dims)._asdict())
     if not quick:
-        on_progress("W7 decoding the real model (SmolLM2-135M-Instruct)")
-        results["decoding"] = decoding.measure()
-        on_progress("W13 Gemma 3 270M: decoding, ring caches at long contexts, compile time")
-        results["gemma3"] = gemma3.measure()
-        on_progress("W14 fine-tuning the real model: scanned chunks, a loop, transformers + PEFT")
-        results["finetuning"] = finetuning.measure()
+        results = rerun(results, list(REAL_MODEL_WORKLOADS), on_progress)
     results["loops"] = _loops(quick, on_progress)
     on_progress("W15 one training run as 1, 2 and 4 processes (jax.distributed, gloo)")
     results["processes"] = (

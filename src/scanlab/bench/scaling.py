@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from scanlab.bench import contender, env, sizes
-from scanlab.bench.contender import LLAMA_CPP, SCANLAB
+from scanlab.bench.contender import LLAMA_CPP, SCANLAB, SCANLAB_INT8
 from scanlab.decoder import load, param_count
 from scanlab.decoder.formats import pretrained
 from scanlab.storage import default_cache
@@ -88,9 +88,10 @@ def file_path(file: File) -> Path:
 
 
 def contenders() -> tuple[str, ...]:
-    """scanlab, and llama.cpp where its Python binding is installed."""
+    """scanlab (its default, and the kernel with int8 activations, llama.cpp's arithmetic), and
+    llama.cpp where its Python binding is installed."""
     installed = importlib.util.find_spec("llama_cpp") is not None
-    return (SCANLAB, LLAMA_CPP) if installed else (SCANLAB,)
+    return (SCANLAB, SCANLAB_INT8) + ((LLAMA_CPP,) if installed else ())
 
 
 def measure_file(path: Path, plan: Plan, names=None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from scanlab import checks
 from scanlab.decoder import CheckpointError, forward, load, load_gguf, qmatvec
+from scanlab.decoder.formats import gguf_packed
 from scanlab.decoder.formats.gguf_file import save_gguf
 from scanlab.errors import ArgumentError, OutOfMemoryError, PathExistsError
 
@@ -260,6 +261,18 @@ def test_the_kernel_s_layout_is_read_from_the_file_s_blocks(tmp_path, family, ti
     np.testing.assert_allclose(
         forward(packed, TOKENS, config), forward(kept, TOKENS, config), rtol=0, atol=1e-5
     )
+
+
+@pytest.mark.skipif(not qmatvec.available(), reason=f"no kernel here: {qmatvec.describe()}")
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_1], ids=lambda value: value.name)
+def test_a_tensor_read_in_chunks_of_rows_packs_as_one_read_whole(tmp_path, monkeypatch, qtype):
+    """Tensors whose blocks keep their order (the tied embedding) are read a chunk of rows at a
+    time: one row per read gives the same arrays as the whole tensor in one."""
+    path = write_gguf(tmp_path / "model.gguf", random_model("llama", True), qtype)
+    _, whole = load_gguf(path, quantized=True, kernel=True)
+    monkeypatch.setattr(gguf_packed, "_CHUNK_BYTES", 1)
+    _, by_rows = load_gguf(path, quantized=True, kernel=True)
+    chex.assert_trees_all_equal(by_rows, whole)
 
 
 @pytest.mark.parametrize(("family", "tie"), [("llama", False), ("llama", True), ("qwen2", False)])

@@ -8,8 +8,10 @@ block's scale (and min) from its integers. Q8_0, Q4_0 and Q4_1 blocks are copied
 kernel's 4-bit order is GGUF's); the other formats of `gguf_blocks` are unpacked and packed again.
 
 Memory stays at the file's size: each tensor is read from the file (not through the reader's
-memory map, whose pages would stay resident) into one temporary, its blocks written into the
-stacked arrays, and the stacked arrays, allocated aligned, become JAX arrays without a copy.
+memory map, whose pages would stay resident) into a temporary — a chunk of rows at a time where
+its blocks keep their order (the embedding, the largest tensor), else whole — its blocks written
+into the stacked arrays, and the stacked arrays, allocated aligned, become JAX arrays without a
+copy.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ _AS_STORED = {
     Q.Q4_0: np.dtype([("d", "<f2"), ("qs", "u1", 16)]),
     Q.Q4_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]),
 }
+# A tensor whose blocks keep their order is read in chunks of about this many bytes.
+_CHUNK_BYTES = 8 * 2**20
 # XLA:CPU takes a host buffer without copying it when it is aligned to this many bytes.
 _ALIGNMENT = 64
 
@@ -69,13 +73,30 @@ def packed(
     scales = _aligned((*lead, rows, blocks), scale_dtype)
     mins = _aligned((*lead, rows, blocks), scale_dtype) if with_mins else None
     flat_order = None if np.array_equal(order.ravel(), np.arange(order.size)) else order.ravel()
+    file_rows = hf_shape(leaf, config)[0]
     with path.open("rb") as file:
         for i, tensor in enumerate(tensors):
             at = (i,) if stacked else ()
-            raw = _read(file, tensor, leaf, config, path)
-            slots = (quants[at], scales[at], None if mins is None else mins[at])
-            _fill(raw, kind, flat_order, *slots)
-            del raw  # one tensor's bytes at a time
+            row_bytes = _checked_row_bytes(tensor, leaf, config, path)
+            slots = [
+                part[at].reshape(order.size, -1)
+                for part in (quants, scales, mins)
+                if part is not None
+            ]
+            # Blocks in the file's order are read a chunk of rows at a time; a reordered
+            # tensor whole, one at a time.
+            step = max(1, _CHUNK_BYTES // row_bytes) if flat_order is None else file_rows
+            per_row = order.size // file_rows
+            for start in range(0, file_rows, step):
+                stop = min(start + step, file_rows)
+                raw = _read_rows(file, tensor, start, stop, row_bytes, path)
+                _fill(
+                    raw,
+                    kind,
+                    flat_order,
+                    *(slot[start * per_row : stop * per_row] for slot in slots),
+                )
+                del raw
     for name, part in (("scales", scales), ("mins", mins)):
         if part is not None and not np.isfinite(part).all():
             what = f"{path}: tensor {tensors[0].name}"
@@ -117,8 +138,8 @@ def _halves_from_pairs(array: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(pairs.swapaxes(-1, -2).reshape(moved.shape), -1, axis)
 
 
-def _read(file, tensor, leaf: Leaf, config: DecoderConfig, path: Path) -> np.ndarray:
-    """The tensor's bytes (rows, bytes per row), checked against the leaf's shape."""
+def _checked_row_bytes(tensor, leaf: Leaf, config: DecoderConfig, path: Path) -> int:
+    """The bytes of each of the tensor's rows, its shape checked against the leaf's."""
     rows, width = hf_shape(leaf, config)
     per_block, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
     expected = (rows, width // per_block * block_bytes)
@@ -127,32 +148,38 @@ def _read(file, tensor, leaf: Leaf, config: DecoderConfig, path: Path) -> np.nda
             f"{path}: tensor {tensor.name} has {tuple(tensor.data.shape)} bytes, expected "
             f"{expected} for shape {(rows, width)} in {tensor.tensor_type.name}"
         )
-    file.seek(tensor.data_offset)
-    raw = np.fromfile(file, np.uint8, tensor.n_bytes)
-    if raw.size != tensor.n_bytes:
+    return expected[1]
+
+
+def _read_rows(file, tensor, start: int, stop: int, row_bytes: int, path: Path) -> np.ndarray:
+    """Rows start..stop of the tensor's bytes, (stop - start, row_bytes)."""
+    file.seek(tensor.data_offset + start * row_bytes)
+    raw = np.fromfile(file, np.uint8, (stop - start) * row_bytes)
+    if raw.size != (stop - start) * row_bytes:
         raise CheckpointError(f"{path}: tensor {tensor.name} is cut short")
-    return raw.reshape(expected)
+    return raw.reshape(stop - start, row_bytes)
 
 
-def _fill(raw, kind, flat_order, quants, scales, mins) -> None:
-    """One tensor's blocks, reordered, into its slots of the stacked arrays."""
+def _fill(raw, kind, flat_order, quants, scales, mins=None) -> None:
+    """Rows of a tensor's blocks, reordered by `flat_order` (None: as they are), into their
+    slots: quants (blocks, bytes per block), scales and mins (blocks, 1)."""
 
     def in_kernel_order(array: np.ndarray) -> np.ndarray:  # (blocks, per block), moved whole
-        blocks = array.reshape(scales.size, -1)
+        blocks = array.reshape(len(scales), -1)
         return blocks if flat_order is None else blocks[flat_order]
 
     if kind in _AS_STORED:  # each field copied once, from the blocks' strided views
-        blocks = in_kernel_order(raw).view(_AS_STORED[kind])[:, 0]
-        scales.reshape(-1)[...] = blocks["d"]
+        blocks = in_kernel_order(raw).view(_AS_STORED[kind])
+        scales[...] = blocks["d"]
         if mins is not None:
-            mins.reshape(-1)[...] = blocks["m"]
-        quants.reshape(blocks.size, -1)[...] = blocks["qs"]
+            mins[...] = blocks["m"]
+        quants[...] = blocks["qs"][:, 0]
         return
     unpacked = gguf_blocks.unpack(raw, kind)
-    scales[...] = in_kernel_order(unpacked.scales).reshape(scales.shape)
+    scales[...] = in_kernel_order(unpacked.scales)
     if mins is not None and unpacked.mins is not None:
-        mins[...] = in_kernel_order(unpacked.mins).reshape(mins.shape)
-    values = in_kernel_order(unpacked.values).reshape(scales.shape[0], -1)
+        mins[...] = in_kernel_order(unpacked.mins)
+    values = in_kernel_order(unpacked.values)
     nibbles = _KEPT_AS[kind][0]
     quants[...] = nibble_bytes(values) if nibbles else values.view(np.uint8)
 
