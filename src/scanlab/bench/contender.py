@@ -4,7 +4,8 @@ one JSON line on stdout per request line on stdin (`[method, args]`) until stdin
 last its peak memory over the whole run.
 
 Its memory is its own: peak resident memory is counted above the process's start, its library
-imported and initialized, before the file is opened. It imports nothing it does not measure.
+imported and initialized (for scanlab: JAX's devices, the kernel's library, one trivial program
+compiled), before the file is opened. It imports nothing it does not measure.
 """
 
 from __future__ import annotations
@@ -64,8 +65,14 @@ class _ScanlabRunner:
     @staticmethod
     def initialize() -> None:
         import jax
+        import jax.numpy as jnp
 
-        jax.devices()  # the runtime's own memory is the process's start, not the model's
+        from scanlab.decoder import generate, load, qmatvec  # noqa: F401
+
+        # The runtime's own memory is the process's start, not the model's: the devices, the
+        # kernel's library, and XLA's compiler, which takes its memory at the first program.
+        qmatvec.available()
+        jax.jit(lambda x: x + 1)(jnp.zeros(())).block_until_ready()
 
     def __init__(self, path: Path, activations: str = "f32"):
         import jax

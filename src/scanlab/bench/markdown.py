@@ -513,7 +513,8 @@ def _sizes(results: dict) -> str:
             "time with random blocks (real shapes, SmolLM2's 49,152-token vocabulary); SmolLM2 "
             "and Gemma 3 are the real files. Each contender loads the file in a process of its "
             "own; memory is its peak resident size above that process's start (its library "
-            "loaded), while loading and over the whole run. Medians of "
+            "loaded; for scanlab, JAX's devices, the kernel's library and one trivial program "
+            "compiled), while loading and over the whole run. Medians of "
             f"{plan['rounds']} calls after a first one, contenders taking turns round by round.",
             "",
             *table(

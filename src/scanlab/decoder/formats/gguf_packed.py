@@ -72,7 +72,9 @@ def packed(
     quants = _aligned((*lead, rows, blocks * (BLOCK // 2 if nibbles else BLOCK)), np.uint8)
     scales = _aligned((*lead, rows, blocks), scale_dtype)
     mins = _aligned((*lead, rows, blocks), scale_dtype) if with_mins else None
-    flat_order = None if np.array_equal(order.ravel(), np.arange(order.size)) else order.ravel()
+    flat_order = order.ravel()
+    if np.array_equal(flat_order, np.arange(order.size, dtype=flat_order.dtype)):
+        flat_order = None
     file_rows = hf_shape(leaf, config)[0]
     with path.open("rb") as file:
         for i, tensor in enumerate(tensors):
@@ -116,7 +118,7 @@ def _kernel_order(leaf: Leaf, config: DecoderConfig, embedding: bool):
     """(N, K / 32) indices of the file's blocks, numbered row by row, in the kernel's order;
     the in and out shapes."""
     file_rows, file_width = hf_shape(leaf, config)
-    numbered = np.arange(file_rows * file_width // BLOCK).reshape(file_rows, -1)
+    numbered = np.arange(file_rows * file_width // BLOCK, dtype=np.int32).reshape(file_rows, -1)
     in_scanlab = np.asarray(from_hf(leaf, numbered, config, BLOCK))
     letters = leaf.shape.split()
     if leaf.gguf_interleaved:  # llama.cpp's rotary pairs, along an output axis (Dh)
