@@ -211,13 +211,13 @@ def bench(
 
     distributed.check_host_devices("--devices", devices)
     checks.writable_dir("--out", out)  # before minutes of measuring
-    from scanlab import sharding
-
-    sharding.host_devices(devices)  # before any JAX computation in this process
     from scanlab.bench import report, runner, targets
 
     if only is not None:
         previous, workloads = runner.full_run_to_update(Path(out), only, quick)
+    from scanlab import sharding
+
+    sharding.host_devices(devices)  # before any JAX computation in this process
     with console.status("benchmarks") as status:
 
         def on_progress(message: str) -> None:

@@ -48,9 +48,14 @@ def serve(name: str, path: str) -> None:
 
 
 def _peak_bytes() -> int:
-    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """This process's peak resident memory so far: Linux's VmHWM, which starts afresh at exec
+    (ru_maxrss does not: a child starts from the peak of the process that forked it), else
+    ru_maxrss (bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+        return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _prompt(length: int, batch: int = 1) -> np.ndarray:
