@@ -53,7 +53,9 @@ REAL_MODEL_WORKLOADS = {
         lambda on_progress: finetuning.measure(),
     ),
     "W17": _RealModelWorkload(
-        "sizes", "real sizes: GGUF files of 135M–8B against llama.cpp", scaling.measure
+        "sizes",
+        "real sizes: GGUF files of 135M–8B against llama.cpp",
+        lambda on_progress: scaling.measure(on_progress=on_progress),
     ),
 }
 
