@@ -2,12 +2,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scanlab.decoder import init_params, preset
+from scanlab.decoder import init_params, preset, rope
 from scanlab.decoder.layers import (
-    LayerKind,
     apply_rope,
     attend,
     decoder_block,
+    layer_kinds,
     rms_norm,
     rope_phases,
     self_attend,
@@ -30,17 +30,38 @@ def test_rope_preserves_norms_and_makes_scores_relative():
     q = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 16))
     k = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 16))
 
+    inv_freq = jnp.asarray(rope.inverse_frequencies(16, 10_000.0, None), jnp.float32)
+
     def rotated_score(p_q, p_k):
-        cos_q, sin_q = rope_phases(jnp.array([[p_q]]), 16, 10_000.0)
-        cos_k, sin_k = rope_phases(jnp.array([[p_k]]), 16, 10_000.0)
+        cos_q, sin_q = rope_phases(jnp.array([[p_q]]), inv_freq)
+        cos_k, sin_k = rope_phases(jnp.array([[p_k]]), inv_freq)
         return jnp.sum(apply_rope(q, cos_q, sin_q) * apply_rope(k, cos_k, sin_k))
 
-    cos, sin = rope_phases(jnp.array([[9]]), 16, 10_000.0)
+    cos, sin = rope_phases(jnp.array([[9]]), inv_freq)
     np.testing.assert_allclose(
         jnp.linalg.norm(apply_rope(q, cos, sin)), jnp.linalg.norm(q), rtol=1e-6
     )
     # The score depends only on the offset between positions.
     np.testing.assert_allclose(rotated_score(7, 3), rotated_score(14, 10), rtol=1e-4)
+
+
+def test_a_layer_without_rotary_leaves_q_and_k_as_they_are_and_yarn_scales_the_rotation():
+    config = CONFIG.replace(
+        no_rope_layers=(1,),
+        rope_scaling=rope.RopeScaling(kind="yarn", factor=4.0, original_max_seq_len=32),
+    )
+    kinds = layer_kinds(config)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 2, config.head_dim))
+    positions = jnp.arange(5, 8)[None]
+    cos, sin = rope_phases(positions, kinds.inv_freq[1], kinds.rope_factor[1])
+    np.testing.assert_array_equal(apply_rope(x, cos, sin), x)
+    np.testing.assert_allclose(kinds.rope_factor, [1.1386294, 1.0, 1.1386294, 1.1386294], rtol=1e-6)
+    cos, sin = rope_phases(positions, kinds.inv_freq[0], kinds.rope_factor[0])
+    np.testing.assert_allclose(
+        jnp.linalg.norm(apply_rope(x, cos, sin), axis=-1),
+        jnp.linalg.norm(x, axis=-1) * (0.1 * np.log(4.0) + 1.0),
+        rtol=1e-5,
+    )
 
 
 def test_gemma_norm_scales_by_one_plus_its_weight_in_float32():
@@ -74,7 +95,7 @@ def test_block_is_residual_and_keeps_shape():
     seq = jax.random.normal(jax.random.PRNGKey(2), (2, 6, CONFIG.d_model))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((6, 6), bool)), (2, 6, 6))
     positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
-    kind = LayerKind(jnp.int32(CONFIG.max_seq_len), jnp.float32(CONFIG.rope_theta))
+    kind = jax.tree.map(lambda leaf: leaf[0], layer_kinds(CONFIG))
 
     @jax.jit
     def block(layer, seq):
@@ -85,7 +106,7 @@ def test_block_is_residual_and_keeps_shape():
             attend_fn,
             config=CONFIG,
             positions_BxS=positions,
-            rope_theta=kind.rope_theta,
+            kind=kind,
         )
         return out
 

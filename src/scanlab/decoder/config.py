@@ -6,6 +6,7 @@ import dataclasses
 
 from scanlab import checks
 from scanlab.decoder.families import FAMILIES, SLIDING, Family
+from scanlab.decoder.rope import RopeScaling
 from scanlab.errors import ArgumentError, ArgumentTypeError
 
 DTYPES = ("float32", "bfloat16")  # what dense parameters are loaded in
@@ -36,6 +37,10 @@ class DecoderConfig:
         it); required by families with such layers, None otherwise.
       local_rope_theta: the rotary base of the sliding-window layers.
       query_pre_attn_scalar: queries are scaled by its -1/2 power; default head_dim.
+      rope_scaling: how the full attention layers' rotary frequencies are scaled
+        (`scanlab.decoder.rope`), or None.
+      local_rope_scaling: the sliding-window layers' scaling, or None.
+      no_rope_layers: indices of the layers that rotate nothing (SmolLM3's every fourth).
     """
 
     vocab_size: int
@@ -54,6 +59,9 @@ class DecoderConfig:
     sliding_window: int | None = None
     local_rope_theta: float = 10_000.0
     query_pre_attn_scalar: float | None = None
+    rope_scaling: RopeScaling | None = None
+    local_rope_scaling: RopeScaling | None = None
+    no_rope_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in (
@@ -87,6 +95,19 @@ class DecoderConfig:
             raise ArgumentError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.family not in FAMILIES:
             raise ArgumentError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
+        for name in ("rope_scaling", "local_rope_scaling"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, RopeScaling):
+                raise ArgumentTypeError(
+                    f"{name} must be a RopeScaling or None, got {type(value).__name__}"
+                )
+        if not isinstance(self.no_rope_layers, tuple) or not all(
+            isinstance(i, int) and 0 <= i < self.n_layers for i in self.no_rope_layers
+        ):
+            raise ArgumentError(
+                f"no_rope_layers must be a tuple of layer indices in [0, {self.n_layers}), got "
+                f"{self.no_rope_layers!r}"
+            )
         self._check_window()
 
     def _check_window(self):

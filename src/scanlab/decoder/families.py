@@ -1,11 +1,11 @@
 """Decoder families as declarations: what each one's blocks compute, and its parameters.
 
-A family (Llama, Qwen2, Gemma 3) is one `Family`: its features (norm form, MLP activation,
-embedding scale, the repeating pattern of sliding-window and full attention layers) and one
-`Leaf` per parameter (shape, initialisation, placement, names in transformers and GGUF files).
-The block math reads the features and the leaves a family has: a `q_norm` leaf means q/k norms,
-`post_attn_norm` and `post_mlp_norm` the "sandwich" norms, `q_bias` biased projections. No code
-compares family names; a new family is a new `Family` here (and its config keys in the formats).
+A family (Llama, Qwen2, Gemma 3, Qwen3, SmolLM3) is one `Family`: its features (norm form, MLP
+activation, embedding scale, the repeating pattern of sliding-window and full attention layers)
+and one `Leaf` per parameter (shape, initialisation, placement, names in transformers and GGUF
+files). The block math reads the features and the leaves a family has: a `q_norm` leaf means q/k
+norms, `post_attn_norm` and `post_mlp_norm` the "sandwich" norms, `q_bias` biased projections.
+No code compares family names; a new family is a new `Family` here (its config keys included).
 
 Shapes are written in the package's dimension letters. A layer leaf is declared for one layer;
 the stacked tree adds the leading layer axis L.
@@ -94,6 +94,9 @@ class Family:
         for the family is not head_dim^-1/2).
       hf_no_softcapping: the config states its logit softcappings, null (transformers' default
         for the family is a softcapping).
+      no_rope_interval: every this-many-th layer rotates nothing (SmolLM3's 4: transformers'
+        default, llama.cpp's rule); None: every layer rotates. A transformers config may list
+        the layers instead (`no_rope_layers`).
     """
 
     name: str
@@ -109,10 +112,18 @@ class Family:
     hf_activation_key: str = "hidden_act"
     hf_query_scalar: bool = False
     hf_no_softcapping: bool = False
+    no_rope_interval: int | None = None
 
     @property
     def has_sliding_layers(self) -> bool:
         return SLIDING in self.layer_pattern
+
+    def no_rope_layers(self, n_layers: int, interval: int | None = None) -> tuple[int, ...]:
+        """The layers without rotary by the family's rule (or another `interval`)."""
+        interval = interval or self.no_rope_interval
+        if interval is None:
+            return ()
+        return tuple(i for i in range(n_layers) if (i + 1) % interval == 0)
 
 
 def _norm(hf_name: str, gguf_name: str, init: str = "ones", shape: str = "D", offset=0.0) -> Leaf:
@@ -260,4 +271,35 @@ GEMMA3 = Family(
     hf_no_softcapping=True,
 )
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (LLAMA, QWEN2, GEMMA3)}
+# Qwen3: Llama's block with RMS-normed q and k heads (plain norms) and no biases; its head width
+# is stated, not D / heads. llama.cpp keeps q/k as they are.
+QWEN3 = Family(
+    name="qwen3",
+    leaves=_LLAMA_LEAVES._replace(
+        blocks=_LLAMA_LEAVES.blocks._replace(
+            attention=_not_interleaved(_LLAMA_ATTENTION)._replace(
+                q_norm=_norm("self_attn.q_norm.weight", "attn_q_norm.weight", shape="Dh"),
+                k_norm=_norm("self_attn.k_norm.weight", "attn_k_norm.weight", shape="Dh"),
+            )
+        )
+    ),
+    hf_architecture="Qwen3ForCausalLM",
+    hf_model_type="qwen3",
+    gguf_architecture="qwen3",
+    hf_false_flags=("attention_bias", "use_sliding_window"),
+)
+
+# SmolLM3: Llama's block, some layers without rotary embeddings (every fourth by default).
+SMOLLM3 = Family(
+    name="smollm3",
+    leaves=_LLAMA_LEAVES,
+    hf_architecture="SmolLM3ForCausalLM",
+    hf_model_type="smollm3",
+    gguf_architecture="smollm3",
+    hf_false_flags=("attention_bias", "mlp_bias", "use_sliding_window"),
+    no_rope_interval=4,
+)
+
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (LLAMA, QWEN2, GEMMA3, QWEN3, SMOLLM3)
+}

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scanlab.decoder import rope
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import SLIDING
 from scanlab.decoder.params import Attention, DecoderBlock
@@ -35,21 +36,36 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
 class LayerKind(NamedTuple):
-    """A layer's attention settings: scalars for one layer, (L,) in the layer scan's inputs.
+    """A layer's attention settings: one layer's, or stacked (L, ...) in the layer scan's inputs.
 
-    Layers that differ only in these (Gemma 3's sliding and full layers) run as one scan body.
+    Layers that differ only in these (Gemma 3's sliding and full ones, SmolLM3's layers without
+    rotary) run as one scan body.
     """
 
-    window: jax.Array  # int32: a query attends keys fewer than `window` positions before it
-    rope_theta: jax.Array  # float32: the rotary base
+    window: jax.Array  # int32 (): a query attends keys fewer than `window` positions before it
+    inv_freq: jax.Array  # float32 (Dh/2,): each rotary pair's angle per position (`rope`)
+    rope_factor: jax.Array  # float32 (): what the rotation's cos and sin are scaled by
 
 
 def layer_kinds(config: DecoderConfig) -> LayerKind:
-    """Every layer's LayerKind, stacked (L,); full layers' window is max_seq_len (no limit)."""
+    """Every layer's LayerKind, stacked (L, ...); full layers' window is max_seq_len (no
+    limit), layers without rotary have frequencies 0 (the identity rotation)."""
     sliding = np.array([kind == SLIDING for kind in config.layer_types])
     window = np.where(sliding, config.sliding_window or 0, config.max_seq_len)
-    theta = np.where(sliding, config.local_rope_theta, config.rope_theta)
-    return LayerKind(jnp.asarray(window, jnp.int32), jnp.asarray(theta, jnp.float32))
+    rotations = {
+        False: (config.rope_theta, config.rope_scaling),
+        True: (config.local_rope_theta, config.local_rope_scaling),
+    }
+    inv_freq = np.stack(
+        [rope.inverse_frequencies(config.head_dim, *rotations[bool(s)]) for s in sliding]
+    )
+    factor = np.array([rope.attention_factor(rotations[bool(s)][1]) for s in sliding])
+    inv_freq[list(config.no_rope_layers)], factor[list(config.no_rope_layers)] = 0.0, 1.0
+    return LayerKind(
+        jnp.asarray(window, jnp.int32),
+        jnp.asarray(inv_freq, jnp.float32),
+        jnp.asarray(factor, jnp.float32),
+    )
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
@@ -70,15 +86,12 @@ def _lift(vector: jax.Array, ndim: int) -> jax.Array:
     return vector.reshape((1,) * (ndim - 1) + vector.shape)
 
 
-def rope_phases(positions_BxS: jax.Array, head_dim: int, theta):
-    """cos and sin of the rotary phases, each (B, S, Dh), in f32 (phases reach 1e5+ radians).
-
-    `theta`, the base, may be traced: a layer's own, scanned with its weights.
-    """
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rope_phases(positions_BxS: jax.Array, inv_freq: jax.Array, factor=1.0):
+    """cos and sin of the rotary phases, each (B, S, Dh), in f32 (phases reach 1e5+ radians),
+    scaled by `factor`; `inv_freq` (Dh/2,) and `factor` may be traced (a layer's LayerKind)."""
     phase_BxSxHalf = positions_BxS.astype(jnp.float32)[..., None] * _lift(inv_freq, 3)
     phase_BxSxDh = jnp.concatenate([phase_BxSxHalf, phase_BxSxHalf], axis=-1)
-    return jnp.cos(phase_BxSxDh), jnp.sin(phase_BxSxDh)
+    return jnp.cos(phase_BxSxDh) * factor, jnp.sin(phase_BxSxDh) * factor
 
 
 def apply_rope(x: jax.Array, cos_BxSxDh: jax.Array, sin_BxSxDh: jax.Array) -> jax.Array:
@@ -98,7 +111,7 @@ def apply_rope(x: jax.Array, cos_BxSxDh: jax.Array, sin_BxSxDh: jax.Array) -> ja
 
 
 def project_qkv(
-    attn: Attention, x_BxSxD: jax.Array, positions_BxS: jax.Array, rope_theta, config
+    attn: Attention, x_BxSxD: jax.Array, positions_BxS: jax.Array, kind: LayerKind, config
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q (B, S, R, K, Dh), k and v (B, S, K, Dh): projected, normed where declared, rotated."""
     q_BxSxRxKxDh = _plus_bias(project("bsd,drkh->bsrkh", x_BxSxD, attn.q_proj), attn.q_bias)
@@ -106,7 +119,7 @@ def project_qkv(
     v_BxSxKxDh = _plus_bias(project("bsd,dkh->bskh", x_BxSxD, attn.v_proj), attn.v_bias)
     q_BxSxRxKxDh = _norm(q_BxSxRxKxDh, attn.q_norm, config)
     k_BxSxKxDh = _norm(k_BxSxKxDh, attn.k_norm, config)
-    cos, sin = rope_phases(positions_BxS, config.head_dim, rope_theta)
+    cos, sin = rope_phases(positions_BxS, kind.inv_freq, kind.rope_factor)
     return apply_rope(q_BxSxRxKxDh, cos, sin), apply_rope(k_BxSxKxDh, cos, sin), v_BxSxKxDh
 
 
@@ -187,7 +200,7 @@ def decoder_block(
     *,
     config: DecoderConfig,
     positions_BxS: jax.Array,
-    rope_theta,
+    kind: LayerKind,
 ):
     """One pre-norm block on one layer's parameters (leaves without the L axis).
 
@@ -198,7 +211,7 @@ def decoder_block(
       key: PRNG key for residual dropout; None (inference) means no dropout.
       config: the static DecoderConfig.
       positions_BxS: rotary positions.
-      rope_theta: the layer's rotary base (its LayerKind's).
+      kind: the layer's LayerKind (its rotation; `attend_fn` holds its window).
 
     Returns:
       (seq, aux): the new residual stream (B, S, D) and what `attend_fn` updated.
@@ -206,7 +219,7 @@ def decoder_block(
     attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
     with jax.named_scope("attention"):
         h = _norm(seq_BxSxD, block.input_norm, config)
-        q, k, v = project_qkv(block.attention, h, positions_BxS, rope_theta, config)
+        q, k, v = project_qkv(block.attention, h, positions_BxS, kind, config)
         out_BxSxRxKxDh, aux = attend_fn(q, k, v)
         h = project("bsrkh,rkhd->bsd", out_BxSxRxKxDh, block.attention.out_proj)
         h = _norm(h, block.post_attn_norm, config)

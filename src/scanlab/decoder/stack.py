@@ -73,7 +73,7 @@ def _layer_step(config: DecoderConfig, positions_BxS: jax.Array, attend_of, held
             subkey,
             config=config,
             positions_BxS=positions_BxS,
-            rope_theta=kind.rope_theta,
+            kind=kind,
         )
         return (key, seq), aux
 

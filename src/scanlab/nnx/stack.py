@@ -70,7 +70,7 @@ class NNXBlock(nnx.Module):
             key,
             config=self.config,
             positions_BxS=positions_BxS,
-            rope_theta=kind.rope_theta,
+            kind=kind,
         )
         return seq_BxSxD
 

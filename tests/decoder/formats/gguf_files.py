@@ -8,7 +8,16 @@ from unittest import mock
 import gguf
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+)
 
 from scanlab.decoder.formats.gguf_file import FastReader
 
@@ -21,6 +30,8 @@ LAYER_NAMES = {
     "self_attn.q_proj.bias": "attn_q.bias",
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
@@ -34,7 +45,12 @@ OUTSIDE_NAMES = {
 }
 
 
-def random_model(family: str = "llama", tie: bool = False, seed: int = 0):
+# The architectures whose q/k rows llama.cpp's converter permutes (its LlamaModel and subclasses).
+PERMUTED = ("llama", "smollm3")
+
+
+def random_model(family: str = "llama", tie: bool = False, seed: int = 0, rope=None):
+    """A random model of `family`; `rope` its rope_parameters (default: base 10000 unscaled)."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=96,
@@ -45,11 +61,17 @@ def random_model(family: str = "llama", tie: bool = False, seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
-        rope_theta=10_000.0,
+        rope_parameters=rope or dict(rope_type="default", rope_theta=10_000.0),
         tie_word_embeddings=tie,
     )
     if family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    elif family == "qwen3":  # a head width that is not D / heads
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=24))
+    elif family == "smollm3":  # 4 layers: the last rotates nothing
+        model = SmolLM3ForCausalLM(
+            SmolLM3Config(**common | dict(num_hidden_layers=4), pad_token_id=0)
+        )
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     with torch.no_grad():  # biases and norms away from their init, so a mix-up shows
@@ -78,8 +100,12 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32) -> Path:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    _add_rope_scaling(writer, config.rope_parameters)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -89,9 +115,9 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32) -> Path:
         else:
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
             gguf_name = f"blk.{layer}.{LAYER_NAMES[rest]}"
-        if arch == "llama" and rest_is(name, "q_proj.weight"):
+        if arch in PERMUTED and rest_is(name, "q_proj.weight"):
             array = interleave_pairs(array, config.num_attention_heads)
-        if arch == "llama" and rest_is(name, "k_proj.weight"):
+        if arch in PERMUTED and rest_is(name, "k_proj.weight"):
             array = interleave_pairs(array, config.num_key_value_heads)
         if array.ndim == 2:
             data = gguf.quants.quantize(array, qtype)
@@ -103,6 +129,19 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict) -> None:
+    """The rotary scaling's metadata, as llama.cpp's converter writes it (linear and yarn)."""
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    elif rope["rope_type"] == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        if "beta_fast" in rope:
+            writer.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
 
 
 def rest_is(name: str, suffix: str) -> bool:

@@ -41,10 +41,36 @@ def test_logits_equal_transformers_loading_the_same_file(tmp_path, family, tie, 
     np.testing.assert_allclose(forward(params, TOKENS, config), logits_of(reference), atol=1e-5)
 
 
-def test_f32_file_equals_the_model_it_was_written_from(tmp_path):
-    """Independent of transformers' GGUF loader: the q/k permutation round trip is exact."""
-    model = random_model("llama")
+@pytest.mark.parametrize("family", ["llama", "qwen3", "smollm3"])
+def test_f32_file_equals_the_model_it_was_written_from(tmp_path, family):
+    """Independent of transformers' GGUF loader: the q/k permutation round trip is exact; Qwen3's
+    q/k norms and head width, SmolLM3's layer without rotary (llama.cpp's rule) read right."""
+    model = random_model(family)
     config, params = load_gguf(write_gguf(tmp_path / "model.gguf", model))
+    assert config.family == family
+    np.testing.assert_allclose(forward(params, TOKENS, config), logits_of(model), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_type="linear", rope_theta=1_000_000.0, factor=8.0),
+        dict(
+            rope_type="yarn",
+            rope_theta=10_000.0,
+            factor=4.0,
+            original_max_position_embeddings=8,
+            beta_fast=16.0,
+        ),
+    ],
+    ids=lambda rope: rope["rope_type"],
+)
+def test_a_scaled_rotation_reads_as_the_model_it_was_written_from(tmp_path, rope):
+    """llama.cpp's rope.scaling keys read as transformers' rope_parameters (the prompt reaches
+    past yarn's 8-token pretraining context)."""
+    model = random_model("llama", rope=rope)
+    config, params = load_gguf(write_gguf(tmp_path / "model.gguf", model))
+    assert config.rope_scaling.kind == rope["rope_type"]
     np.testing.assert_allclose(forward(params, TOKENS, config), logits_of(model), atol=1e-5)
 
 
@@ -55,6 +81,14 @@ def test_bfloat16_loading(tmp_path):
     assert {leaf.dtype.name for leaf in jax.tree.leaves(params)} == {"bfloat16"}
     # bf16 weights and activations: within bf16 rounding of the f32 logits (~0.5 here).
     np.testing.assert_allclose(forward(params, TOKENS, config), logits_of(model), atol=3e-2)
+
+
+# An edited metadata value's GGUF type, by its Python type.
+_VALUE_TYPES = {
+    str: gguf.GGUFValueType.STRING,
+    float: gguf.GGUFValueType.FLOAT32,
+    int: gguf.GGUFValueType.UINT32,
+}
 
 
 def rewrite(path, tmp_path, edit):
@@ -71,7 +105,7 @@ def rewrite(path, tmp_path, edit):
     edit(fields, tensors)
     for name, field in fields.items():
         value = field.contents() if hasattr(field, "contents") else field
-        kind = field.types[0] if hasattr(field, "types") else gguf.GGUFValueType.STRING
+        kind = field.types[0] if hasattr(field, "types") else _VALUE_TYPES[type(field)]
         writer.add_key_value(name, value, kind)
     for name, tensor in tensors.items():
         if isinstance(tensor, np.ndarray):  # an edited tensor: its type from its dtype
@@ -131,17 +165,52 @@ def test_unsupported_architecture(small_file, tmp_path):
 
     with pytest.raises(
         CheckpointError,
-        match=r"general.architecture must be one of \['llama', 'qwen2', 'gemma3'\], got 'gemma2'",
+        match=r"general.architecture must be one of \['llama', 'qwen2', 'gemma3', 'qwen3', 'smollm3'\], "
+        r"got 'gemma2'",
     ):
         load_gguf(rewrite(small_file, tmp_path, edit))
 
 
-def test_rope_scaling_is_refused(small_file, tmp_path):
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"rope.scaling.type": "longrope"},
+            r"llama\.rope\.scaling\.type must be one of \['none', 'linear', 'yarn'\], "
+            r"got 'longrope'",
+        ),
+        (
+            {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0},
+            r"GGUF metadata is missing llama\.rope\.scaling\.original_context_length",
+        ),
+        (
+            {
+                "rope.scaling.type": "yarn",
+                "rope.scaling.factor": 4.0,
+                "rope.scaling.original_context_length": 32,
+                "rope.scaling.yarn_attn_factor": 1.5,
+            },
+            r"llama\.rope\.scaling\.yarn_attn_factor is not supported",
+        ),
+    ],
+)
+def test_a_rope_scaling_scanlab_does_not_compute_is_refused(
+    small_file, tmp_path, settings, message
+):
     def edit(fields, tensors):
-        fields["llama.rope.scaling.type"] = "yarn"
+        fields.update({f"llama.{key}": value for key, value in settings.items()})
+
+    with pytest.raises(CheckpointError, match=message):
+        load_gguf(rewrite(small_file, tmp_path, edit))
+
+
+def test_llama3_rope_factors_are_refused_until_read(small_file, tmp_path):
+    def edit(fields, tensors):
+        tensors["rope_freqs.weight"] = np.ones(8, np.float32)
 
     with pytest.raises(
-        CheckpointError, match=r"llama\.rope\.scaling\.type must be 'none', got 'yarn'"
+        CheckpointError,
+        match=r"rope_freqs\.weight \(Llama 3\.1\+'s rotary scaling factors\) is not read yet",
     ):
         load_gguf(rewrite(small_file, tmp_path, edit))
 

@@ -139,15 +139,6 @@ def test_other_architecture_is_rejected(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_scaled_rope_is_rejected(tmp_path):
-    hf_model(**HF_CONFIGS["gqa"]).save_pretrained(tmp_path)
-    hf = json.loads((tmp_path / "config.json").read_text())
-    hf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(CheckpointError, match="rope_type must be 'default', got 'llama3'"):
-        load_checkpoint(tmp_path)
-
-
 def test_missing_tensor_is_named(tmp_path):
     model = hf_model(**HF_CONFIGS["gqa"])
     state = {

@@ -38,7 +38,10 @@ from scanlab.decoder.formats.base import (
 from scanlab.decoder.params import DecoderParams, outside_layers
 from scanlab.decoder.qmatvec import PackedArray
 from scanlab.decoder.quant import QuantArray
+from scanlab.decoder.rope import RopeScaling
 from scanlab.errors import ArgumentError, PathExistsError, ScanlabError
+
+ROPE_FACTORS = "rope_freqs.weight"  # per-pair divisors of the rotary frequencies
 
 # general.architecture -> the family
 ARCHITECTURES: dict[str, Family] = {
@@ -99,7 +102,8 @@ def metadata(reader: gguf.GGUFReader, key: str, default=None):
 
 
 def config_from_gguf(reader: gguf.GGUFReader, path: str | os.PathLike = "") -> DecoderConfig:
-    """DecoderConfig from the file's metadata: a family in ARCHITECTURES, no rope scaling."""
+    """DecoderConfig from the file's metadata: a family in ARCHITECTURES, its rotary scaling
+    "linear" or "yarn" (`_rope_scaling`)."""
     arch = metadata(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(
@@ -113,10 +117,11 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | os.PathLike = "") -> D
             raise CheckpointError(f"{path}: GGUF metadata is missing {arch}.{key}")
         return value
 
-    scaling = get("rope.scaling.type", "none")
-    if scaling != "none":
-        raise CheckpointError(f"{path}: {arch}.rope.scaling.type must be 'none', got {scaling!r}")
     tensors = {tensor.name for tensor in reader.tensors}
+    if ROPE_FACTORS in tensors:  # llama.cpp's form of a "llama3" scaling
+        raise CheckpointError(
+            f"{path}: {ROPE_FACTORS} (Llama 3.1+'s rotary scaling factors) is not read yet"
+        )
     n_heads, d_model = int(get("attention.head_count")), int(get("embedding_length"))
     tokens = metadata(reader, "tokenizer.ggml.tokens", [])
     try:
@@ -129,6 +134,8 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | os.PathLike = "") -> D
             head_dim=int(get("attention.key_length", d_model // n_heads)),
             mlp_dim=int(get("feed_forward_length")),
             rope_theta=float(get("rope.freq_base", 10_000.0)),
+            rope_scaling=_rope_scaling(get, arch, path),
+            local_rope_theta=float(get("rope.freq_base_swa", 10_000.0)),
             norm_eps=float(get("attention.layer_norm_rms_epsilon")),
             max_seq_len=int(get("context_length")),
             tie_embeddings=LM_HEAD.gguf_name not in tensors,
@@ -136,11 +143,40 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | os.PathLike = "") -> D
             sliding_window=(
                 int(get("attention.sliding_window")) if family.has_sliding_layers else None
             ),
+            no_rope_layers=family.no_rope_layers(int(get("block_count"))),
         )
     except ScanlabError as error:
         raise CheckpointError(f"{path}: {error}") from None
     check_layer_pattern(metadata(reader, f"{arch}.attention.sliding_window_pattern"), config, path)
     return config
+
+
+# Settings of llama.cpp's YaRN whose meaning is not transformers' (scanlab computes the latter).
+_UNREAD_YARN_KEYS = ("attn_factor", "yarn_attn_factor", "yarn_ext_factor", "yarn_log_multiplier")
+
+
+def _rope_scaling(get, arch: str, path) -> RopeScaling | None:
+    """The full attention layers' rotary scaling as llama.cpp writes it: `rope.scaling.type`
+    "none", "linear" (its factor) or "yarn" (factor, pretraining context, betas)."""
+    kind = get("rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind not in ("linear", "yarn"):
+        raise CheckpointError(
+            f"{path}: {arch}.rope.scaling.type must be one of ['none', 'linear', 'yarn'], "
+            f"got {kind!r}"
+        )
+    settings: dict = {}
+    if kind == "yarn":
+        for key in _UNREAD_YARN_KEYS:
+            if get(f"rope.scaling.{key}", False) is not False:
+                raise CheckpointError(f"{path}: {arch}.rope.scaling.{key} is not supported")
+        settings = dict(
+            original_max_seq_len=int(get("rope.scaling.original_context_length")),
+            beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
+            beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)),
+        )
+    return RopeScaling(kind=kind, factor=float(get("rope.scaling.factor")), **settings)
 
 
 def check_layer_pattern(pattern, config: DecoderConfig, path) -> None:

@@ -39,6 +39,7 @@ from scanlab.decoder.formats.base import (
     to_hf,
 )
 from scanlab.decoder.params import DecoderParams, outside_layers
+from scanlab.decoder.rope import SCALINGS, RopeScaling
 from scanlab.errors import PathExistsError, ScanlabError
 
 CONFIG_FILE = "config.json"
@@ -65,25 +66,82 @@ def _family(hf: dict) -> Family:
     )
 
 
-def _rope_theta(rope: dict, default: float) -> float:
-    """The base of one unscaled rotary setting; scaled ones are refused."""
+# Each scaling's settings: RopeScaling's name -> transformers' rope_parameters key.
+_SCALING_KEYS = {
+    "linear": {},
+    "llama3": {
+        "original_max_seq_len": "original_max_position_embeddings",
+        "low_freq_factor": "low_freq_factor",
+        "high_freq_factor": "high_freq_factor",
+    },
+    "yarn": {
+        "original_max_seq_len": "original_max_position_embeddings",
+        "beta_fast": "beta_fast",
+        "beta_slow": "beta_slow",
+        "attention_factor": "attention_factor",
+        "truncate": "truncate",
+    },
+}
+
+
+def _rotation(rope: dict, default_theta: float, hf: dict) -> tuple[float, RopeScaling | None]:
+    """(base, scaling) of one rotary setting; a scaling scanlab does not compute is refused."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise CheckpointError(f"rope_type must be 'default', got {rope_type!r}")
-    return float(rope.get("rope_theta", default))
+    theta = float(rope.get("rope_theta") or default_theta)
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise CheckpointError(
+            f"partial_rotary_factor must be 1.0 (every pair rotated), got {partial}"
+        )
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in SCALINGS:
+        raise CheckpointError(
+            f"rope_type must be one of {['default', *SCALINGS]}, got {rope_type!r}"
+        )
+    for key in ("mscale", "mscale_all_dim"):  # DeepSeek's YaRN
+        if rope.get(key):
+            raise CheckpointError(f"rope_parameters.{key} is not supported, got {rope[key]}")
+    if rope.get("factor") is None:
+        raise CheckpointError(f"rope_parameters of type {rope_type!r} must state a factor")
+    keys = _SCALING_KEYS[rope_type]
+    settings = {ours: rope[theirs] for ours, theirs in keys.items() if rope.get(theirs) is not None}
+    if "original_max_seq_len" in keys:  # transformers' default: the config's own context
+        settings.setdefault(
+            "original_max_seq_len",
+            hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings"),
+        )
+    try:
+        return theta, RopeScaling(kind=rope_type, factor=float(rope["factor"]), **settings)
+    except ScanlabError as error:
+        raise CheckpointError(f"config.json: {error}") from None
 
 
-def _rope_thetas(hf: dict) -> tuple[float, float]:
-    """(full layers' base, sliding layers' base), from the current form (`rope_parameters`,
-    flat or per layer type) or the older one (top-level `rope_theta`, `rope_scaling` and
-    Gemma's `rope_local_base_freq`)."""
+def _rotations(hf: dict) -> dict[str, tuple[float, RopeScaling | None]]:
+    """{FULL: (base, scaling), SLIDING: (base, scaling)}, from the current form
+    (`rope_parameters`, flat or per layer type) or the older one (top-level `rope_theta`,
+    `rope_scaling` and Gemma's `rope_local_base_freq`)."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    full_default = float(hf.get("rope_theta", 10_000.0))
-    local_default = float(hf.get("rope_local_base_freq", 10_000.0))
+    full_default = float(hf.get("rope_theta") or 10_000.0)
+    local_default = float(hf.get("rope_local_base_freq") or 10_000.0)
     if FULL in rope or SLIDING in rope:
-        full = _rope_theta(rope.get(FULL, {}), full_default)
-        return full, _rope_theta(rope.get(SLIDING, {}), local_default)
-    return _rope_theta(rope, full_default), local_default
+        return {
+            FULL: _rotation(rope.get(FULL) or {}, full_default, hf),
+            SLIDING: _rotation(rope.get(SLIDING) or {}, local_default, hf),
+        }
+    return {FULL: _rotation(rope, full_default, hf), SLIDING: (local_default, None)}
+
+
+def _rope_parameters(theta: float, scaling: RopeScaling | None) -> dict:
+    """`_rotation`'s inverse: one rotary setting as transformers' rope_parameters."""
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    settings = {
+        theirs: getattr(scaling, ours)
+        for ours, theirs in _SCALING_KEYS[scaling.kind].items()
+        if getattr(scaling, ours) is not None
+    }
+    return {"rope_type": scaling.kind, "rope_theta": theta, "factor": scaling.factor, **settings}
 
 
 def _check_features(hf: dict, family: Family, config: DecoderConfig) -> None:
@@ -111,14 +169,14 @@ def _check_features(hf: dict, family: Family, config: DecoderConfig) -> None:
 
 
 def config_from_hf(hf: dict) -> DecoderConfig:
-    """DecoderConfig from a transformers config dict (Llama, Qwen2, Gemma 3 text), older or
-    current form. Only unscaled rotary embeddings are supported."""
+    """DecoderConfig from a transformers config dict of one of the FAMILIES, older or current
+    form; a rotary scaling scanlab does not compute is refused (`_rotation`)."""
     family = _family(hf)
     missing = [key for key in _REQUIRED_KEYS if key not in hf]
     if missing:
         raise CheckpointError(f"config.json is missing {', '.join(missing)}")
     n_heads = hf["num_attention_heads"]
-    rope_theta, local_rope_theta = _rope_thetas(hf)
+    rotations = _rotations(hf)
     try:
         config = DecoderConfig(
             vocab_size=hf["vocab_size"],
@@ -128,19 +186,33 @@ def config_from_hf(hf: dict) -> DecoderConfig:
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
             mlp_dim=hf["intermediate_size"],
-            rope_theta=rope_theta,
+            rope_theta=rotations[FULL][0],
+            rope_scaling=rotations[FULL][1],
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             max_seq_len=hf.get("max_position_embeddings", 2048),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             family=family.name,
             sliding_window=hf.get("sliding_window") if family.has_sliding_layers else None,
-            local_rope_theta=local_rope_theta,
+            local_rope_theta=rotations[SLIDING][0],
+            local_rope_scaling=rotations[SLIDING][1],
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+            no_rope_layers=_no_rope_layers(hf, family),
         )
     except ScanlabError as error:
         raise CheckpointError(f"config.json: {error}") from None
     _check_features(hf, family, config)
     return config
+
+
+def _no_rope_layers(hf: dict, family: Family) -> tuple[int, ...]:
+    """The layers that rotate nothing, where the family has such layers: SmolLM3's config lists
+    them (`no_rope_layers`, 0 for such a layer) or states their interval."""
+    if family.no_rope_interval is None:
+        return ()
+    n_layers, listed = hf["num_hidden_layers"], hf.get("no_rope_layers")
+    if listed is None:
+        return family.no_rope_layers(n_layers, hf.get("no_rope_layer_interval"))
+    return tuple(i for i, uses_rope in enumerate(listed[:n_layers]) if not uses_rope)
 
 
 _REQUIRED_KEYS = (
@@ -169,9 +241,12 @@ def config_to_hf(config: DecoderConfig, dtype: str) -> dict:
         "rms_norm_eps": config.norm_eps,
         "max_position_embeddings": config.max_seq_len,
         "tie_word_embeddings": config.tie_embeddings,
+        # No embedding row is kept at zero (transformers' default pad id may lie past a small
+        # vocabulary); the tokenizer's files name the pad token.
+        "pad_token_id": None,
         "dtype": dtype,
     }
-    default_rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    full_rope = _rope_parameters(config.rope_theta, config.rope_scaling)
     features: dict = {
         family.hf_activation_key: HF_ACTIVATIONS[family.activation],
         **{flag: False for flag in family.hf_false_flags},
@@ -180,18 +255,27 @@ def config_to_hf(config: DecoderConfig, dtype: str) -> dict:
         features["query_pre_attn_scalar"] = config.query_pre_attn_scalar or config.head_dim
     if family.hf_no_softcapping:
         features.update(attn_logit_softcapping=None, final_logit_softcapping=None)
+    if family.no_rope_interval is not None:
+        features["no_rope_layers"] = [
+            int(i not in config.no_rope_layers) for i in range(config.n_layers)
+        ]
+    elif config.no_rope_layers:
+        raise CheckpointError(
+            f"no_rope_layers must be empty for {family.hf_model_type}: its transformers config "
+            f"cannot state them, got {config.no_rope_layers}"
+        )
     rope: dict[str, Any]
-    if family.has_sliding_layers:  # a rotary base per kind of layer
+    if family.has_sliding_layers:  # a rotary setting per kind of layer
         rope = {
             "sliding_window": config.sliding_window,
             "layer_types": list(config.layer_types),
             "rope_parameters": {
-                FULL: default_rope,
-                SLIDING: {"rope_type": "default", "rope_theta": config.local_rope_theta},
+                FULL: full_rope,
+                SLIDING: _rope_parameters(config.local_rope_theta, config.local_rope_scaling),
             },
         }
     else:
-        rope = {"rope_theta": config.rope_theta, "rope_parameters": default_rope}
+        rope = {"rope_theta": config.rope_theta, "rope_parameters": full_rope}
     return {**common, **features, **rope}
 
 

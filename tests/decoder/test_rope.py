@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from scanlab.decoder import rope
+from scanlab.errors import ArgumentError
+
+# Published settings: Llama 3.2 1B, Gemma 3 4B's global layers, Qwen2.5 / Qwen3 with YaRN as
+# their model cards describe it, and a yarn with every option stated.
+CASES = [
+    (
+        64,
+        500_000.0,
+        dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+    (256, 1_000_000.0, dict(rope_type="linear", factor=8.0)),
+    (128, 1_000_000.0, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768)),
+    (
+        96,
+        10_000.0,
+        dict(
+            rope_type="yarn",
+            factor=16.0,
+            original_max_position_embeddings=4096,
+            beta_fast=16.0,
+            beta_slow=2.0,
+            attention_factor=1.5,
+            truncate=False,
+        ),
+    ),
+]
+
+
+def _scaling(parameters: dict) -> rope.RopeScaling:
+    settings = {k: v for k, v in parameters.items() if k != "rope_type"}
+    original = settings.pop("original_max_position_embeddings", None)
+    return rope.RopeScaling(kind=parameters["rope_type"], original_max_seq_len=original, **settings)
+
+
+@pytest.mark.parametrize(("head_dim", "theta", "parameters"), CASES)
+def test_scaled_frequencies_and_factor_are_transformers_own(head_dim, theta, parameters):
+    """Each scaling's frequencies within float32 rounding of transformers' (it computes them in
+    float32, scanlab in float64 then rounds), and the same factor on cos and sin."""
+    hf = LlamaConfig(
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=131072,
+        rope_parameters={"rope_theta": theta, **parameters},
+    )
+    expected, expected_factor = ROPE_INIT_FUNCTIONS[parameters["rope_type"]](hf, "cpu")
+    scaling = _scaling(parameters)
+    np.testing.assert_allclose(
+        rope.inverse_frequencies(head_dim, theta, scaling), expected.numpy(), rtol=2e-6
+    )
+    assert rope.attention_factor(scaling) == pytest.approx(expected_factor, rel=1e-12)
+
+
+def test_llama3_keeps_the_fast_pairs_and_divides_the_slow_ones():
+    scaling = _scaling(CASES[0][2])
+    plain = rope.inverse_frequencies(64, 500_000.0, None)
+    scaled = rope.inverse_frequencies(64, 500_000.0, scaling)
+    assert scaled[0] == plain[0]
+    assert scaled[-1] == pytest.approx(plain[-1] / 32.0, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            dict(kind="dynamic", factor=2.0),
+            "rope scaling must be one of ['linear', 'llama3', 'yarn'], got 'dynamic'",
+        ),
+        (dict(kind="linear", factor=0.0), "rope scaling factor must be > 0, got 0.0"),
+        (
+            dict(kind="llama3", factor=8.0),
+            "llama3 rope scaling needs original_max_seq_len > 0, got None",
+        ),
+        (
+            dict(kind="llama3", factor=8.0, original_max_seq_len=8192, high_freq_factor=1.0),
+            "llama3 rope scaling needs high_freq_factor > low_freq_factor, got 1.0 and 1.0",
+        ),
+    ],
+)
+def test_bad_scalings_are_named(settings, message):
+    with pytest.raises(ArgumentError) as error:
+        rope.RopeScaling(**settings)
+    assert str(error.value) == message
