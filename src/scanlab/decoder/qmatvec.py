@@ -43,7 +43,8 @@ TARGET = "scanlab_qmatvec"
 KERNEL_ENV = "SCANLAB_KERNEL"  # "off": the pure-JAX path, whatever the machine offers
 BLOCK = 32
 ACTIVATIONS = ("f32", "int8")
-PATHS = ("portable", "AVX2", "AVX-512")  # the kernel's, by the instructions each needs
+# The kernel's, by the instructions each needs; VNNI serves the int8 arithmetic only.
+PATHS = ("portable", "AVX2", "AVX-512", "AVX-512 VNNI")
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG")
 
 

@@ -21,8 +21,8 @@
 // Any number of rows of x: a prompt's as well as a decoding step's. Output rows are cut into
 // tiles that the calling thread and XLA's intra-op pool claim one at a time; within a tile, x's
 // rows go by in groups, so the tile's weights are read from memory once and from cache after.
-// AVX-512 or AVX2 is used where the CPU has it (checked at run time); elsewhere a portable loop
-// computes the same integers.
+// AVX-512 (VNNI's integer dot products for the int8 arithmetic) or AVX2 is used where the CPU
+// has it (checked at run time); elsewhere a portable loop computes the same integers.
 
 #include <immintrin.h>
 
@@ -479,8 +479,125 @@ __attribute__((target("avx2,fma,f16c"))) void RowsAvx2(const Problem& p, int64_t
   }
 }
 
-// The instruction sets the kernel has paths for, in order; the CPU's best one runs.
-enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// `count` block scales as floats.
+template <typename Scale>
+__attribute__((target("avx512f"))) void RowScales(const Scale* scales, int64_t count,
+                                                  float* out) {
+  if constexpr (std::is_same_v<Scale, float>) {
+    std::memcpy(out, scales, count * sizeof(float));
+  } else {
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+      const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + i));
+      _mm512_storeu_ps(out + i, _mm512_cvtph_ps(half));
+    }
+    for (; i < count; ++i) out[i] = HalfToFloat(scales[i]);
+  }
+}
+
+__attribute__((target("sse2"))) inline __m128 TwoFloats(const float* from) {
+  return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(from)));
+}
+
+// A row's dot product of two float vectors of `count`.
+__attribute__((target("avx512f"))) float Dot(const float* a, const float* b, int64_t count) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  }
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; i < count; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// One row of x for the VNNI loop. For q4 weights its values are reordered, two blocks per 64
+// bytes, as the weights unpack without crossing lanes: a pair's packed bytes give their low
+// nibbles (values 0..15 of both blocks), then their high ones (16..31), so x becomes [block 0's
+// 0..15, block 1's 0..15, block 0's 16..31, block 1's 16..31]. `block_sums` is each block's
+// scale times the sum of its quants: a min's (or Q4_0's -8 * scale's) factor in the row's sum.
+struct VnniRow {
+  std::vector<int8_t> x;  // (K,), reordered for q4
+  std::vector<float> block_sums;  // (K / 32,)
+};
+
+__attribute__((target("avx512f,avx512bw"))) void PrepareRow(const int8_t* xq, const float* xd,
+                                                            const int32_t* sums, int64_t width,
+                                                            bool nibbles, VnniRow& row) {
+  const __m512i nibble_order = _mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0);
+  const int64_t blocks = width / kBlock;
+  row.x.assign(xq, xq + width);
+  if (nibbles) {
+    for (int64_t pair = 0; pair < blocks / 2; ++pair) {
+      int8_t* at = row.x.data() + pair * 2 * kBlock;
+      _mm512_storeu_si512(at, _mm512_permutexvar_epi64(nibble_order, _mm512_loadu_si512(at)));
+    }
+  }
+  row.block_sums.resize(blocks);
+  for (int64_t b = 0; b < blocks; ++b) row.block_sums[b] = xd[b] * static_cast<float>(sums[b]);
+}
+
+// The int8 arithmetic with AVX-512 VNNI: two blocks per step, their 64 byte products summed
+// into 16 int32 lanes by one vpdpbusd (unsigned weights against signed x), as llama.cpp's CPU
+// backend does.
+template <typename Scale>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void RowsVnni(
+    const Problem& p, int64_t first, int64_t last) {
+  const Weights<Scale> w(p);
+  const int64_t pairs = w.blocks / 2;
+  const __m512i zero = _mm512_setzero_si512(), low_nibbles = _mm512_set1_epi8(0x0f);
+  // A pair's scales (a, b) over its lanes: q8 [a x 8, b x 8]; q4 (reordered) [a, b, a, b] x 4.
+  const __m512i lanes =
+      p.nibbles ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+                : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  std::vector<float> row_scales(w.blocks), row_mins(w.mins != nullptr ? w.blocks : 0);
+  VnniRow row;
+  for (int64_t m = 0; m < p.rows; ++m) {
+    const float* xd = p.x_blocks->scales.data() + m * w.blocks;
+    PrepareRow(p.x_blocks->quants.data() + m * p.width, xd,
+               p.x_blocks->sums.data() + m * w.blocks, p.width, p.nibbles, row);
+    for (int64_t n = first; n < last; ++n) {
+      RowScales(w.scales + n * w.blocks, w.blocks, row_scales.data());
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        const int64_t b = 2 * pair;
+        const uint8_t* block = w.block(p, n, b);
+        __m512i x = _mm512_loadu_si512(row.x.data() + b * kBlock), values;
+        if (p.nibbles) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
+          const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed),
+                                                  _mm256_srli_epi16(packed, 4), 1);
+          values = _mm512_and_si512(both, low_nibbles);
+        } else {  // signed weights: x takes their signs, the weights their magnitudes
+          const __m512i signed_values = _mm512_loadu_si512(block);
+          x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(signed_values), zero, x);
+          values = _mm512_abs_epi8(signed_values);
+        }
+        const __m512i dot = _mm512_dpbusd_epi32(zero, values, x);
+        const __m128 scales = _mm_mul_ps(TwoFloats(row_scales.data() + b), TwoFloats(xd + b));
+        const __m512 scale = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(scales));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+      }
+      float sum = _mm512_reduce_add_ps(acc);
+      if (w.blocks % 2) {  // an odd last block, in x's own order
+        const int64_t b = w.blocks - 1;
+        const int8_t* xq = p.x_blocks->quants.data() + m * p.width;
+        const __m256i dot = BlockDotAvx2(w.block(p, n, b), xq + b * kBlock, p.nibbles);
+        sum += HorizontalSum(_mm256_cvtepi32_ps(dot)) * row_scales[b] * xd[b];
+      }
+      if (w.offset) sum -= 8.f * Dot(row_scales.data(), row.block_sums.data(), w.blocks);
+      if (w.mins != nullptr) {
+        RowScales(w.mins + n * w.blocks, w.blocks, row_mins.data());
+        sum += Dot(row_mins.data(), row.block_sums.data(), w.blocks);
+      }
+      p.y[m * p.outputs + n] = sum;
+    }
+  }
+}
+
+// The instruction sets the kernel has paths for, in order; the CPU's best one runs. VNNI adds
+// the int8 arithmetic's integer dot products to AVX-512's (the exact arithmetic is AVX-512's).
+enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
 
 int BestPath() {
   static const int best = [] {
@@ -488,12 +605,15 @@ int BestPath() {
           __builtin_cpu_supports("f16c"))) {
       return kPortable;
     }
-    return __builtin_cpu_supports("avx512f") ? kAvx512 : kAvx2;
+    if (!__builtin_cpu_supports("avx512f")) return kAvx2;
+    const bool vnni =
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+    return vnni ? kAvx512Vnni : kAvx512;
   }();
   return best;
 }
 
-std::atomic<int> path_limit(kAvx512);  // for tests: a lesser path on any CPU
+std::atomic<int> path_limit(kAvx512Vnni);  // for tests: a lesser path on any CPU
 
 int ChosenPath() { return std::min(BestPath(), path_limit.load(std::memory_order_relaxed)); }
 
@@ -501,9 +621,13 @@ int ChosenPath() { return std::min(BestPath(), path_limit.load(std::memory_order
 template <typename Scale>
 void Rows(const Problem& p, int64_t first, int64_t last) {
   const int path = ChosenPath();
-  if (p.x_blocks != nullptr) {  // int8 activations: AVX2 serves AVX-512 CPUs too
-    path >= kAvx2 ? RowsAvx2<Scale>(p, first, last) : RowsPortable<Scale>(p, first, last);
-  } else if (path == kAvx512) {
+  if (p.x_blocks != nullptr) {  // int8 activations: AVX2 serves AVX-512 CPUs without VNNI
+    if (path == kAvx512Vnni) {
+      RowsVnni<Scale>(p, first, last);
+    } else {
+      path >= kAvx2 ? RowsAvx2<Scale>(p, first, last) : RowsPortable<Scale>(p, first, last);
+    }
+  } else if (path >= kAvx512) {
     ExactRowsAvx512<Scale>(p, first, last);
   } else {
     path == kAvx2 ? ExactRowsAvx2<Scale>(p, first, last)
