@@ -50,5 +50,5 @@ def test_each_contender_measures_a_file_in_a_process_of_its_own(tmp_path, smollm
 
 @pytest.mark.e2e  # a process that imports JAX
 def test_a_failing_contender_process_says_why(tmp_path):
-    with pytest.raises(RuntimeError, match=r"W17's scanlab process failed:\n.*absent\.gguf"):
+    with pytest.raises(RuntimeError, match=r"(?s)W17's scanlab process failed:\n.*absent\.gguf"):
         scaling.measure_file(tmp_path / "absent.gguf", scaling.Plan(), names=(scaling.SCANLAB,))

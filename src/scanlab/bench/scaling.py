@@ -99,9 +99,10 @@ def measure_file(path: Path, plan: Plan, names=None) -> dict[str, Any]:
     load_peak_bytes and peak_bytes (above the process's start), `first_token` rows (prompt,
     seconds, first_call_s: the first call, compilation included) and `decode` rows (batch,
     tokens_per_s: None where the contender cannot decode that batch)."""
-    names = names or contenders()
-    workers = {name: _Worker(name, path) for name in names}
+    workers: dict[str, _Worker] = {}
     try:
+        for name in names or contenders():
+            workers[name] = _Worker(name, path)
         figures = {n: w.loaded | {"first_token": [], "decode": []} for n, w in workers.items()}
         for n in plan.prompt_lengths:
             for name, (first, runs) in _rounds(workers, "first_token", (n,), plan.rounds).items():
@@ -146,7 +147,11 @@ class _Worker:
             text=True,
         )
         self.name = name
-        self.loaded = self._answer()
+        try:
+            self.loaded = self._answer()
+        except BaseException:
+            self.kill()
+            raise
 
     def ask(self, method: str, *args):
         assert self.process.stdin is not None
@@ -163,10 +168,13 @@ class _Worker:
         return peak
 
     def kill(self) -> None:
+        """Ends the process (where it still runs) and closes its pipes."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
-        self.errors.close()
+        for pipe in (self.process.stdin, self.process.stdout, self.errors):
+            if pipe is not None:
+                pipe.close()
 
     def _answer(self):
         assert self.process.stdout is not None
