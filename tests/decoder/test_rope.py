@@ -6,20 +6,19 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from scanlab.decoder import rope
 from scanlab.errors import ArgumentError
 
+# Llama 3.2's rotary settings (1B and 3B), as its config.json states them.
+LLAMA3_2_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500_000.0,
+    factor=32.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
 # Published settings: Llama 3.2 1B, Gemma 3 4B's global layers, Qwen2.5 / Qwen3 with YaRN as
 # their model cards describe it, and a yarn with every option stated.
 CASES = [
-    (
-        64,
-        500_000.0,
-        dict(
-            rope_type="llama3",
-            factor=32.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-    ),
+    (64, LLAMA3_2_ROPE["rope_theta"], LLAMA3_2_ROPE),
     (256, 1_000_000.0, dict(rope_type="linear", factor=8.0)),
     (128, 1_000_000.0, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768)),
     (
@@ -39,7 +38,7 @@ CASES = [
 
 
 def _scaling(parameters: dict) -> rope.RopeScaling:
-    settings = {k: v for k, v in parameters.items() if k != "rope_type"}
+    settings = {k: v for k, v in parameters.items() if k not in ("rope_type", "rope_theta")}
     original = settings.pop("original_max_position_embeddings", None)
     return rope.RopeScaling(kind=parameters["rope_type"], original_max_seq_len=original, **settings)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from tests.decoder.oracle import hf_greedy, hf_logits
+from tests.decoder.test_rope import LLAMA3_2_ROPE
 
 from scanlab.decoder import forward, forward_loop, generate, load_checkpoint, save_checkpoint
 from scanlab.decoder.formats.base import CheckpointError
@@ -26,16 +27,6 @@ _TINY = dict(
     max_position_embeddings=128,
     rms_norm_eps=1e-6,
 )
-# Llama 3.2's rotary settings (1B and 3B), and the same with a pretraining context of 24 tokens,
-# so the test's 40 tokens reach past it.
-_LLAMA3_ROPE = dict(
-    rope_type="llama3",
-    rope_theta=500_000.0,
-    factor=32.0,
-    low_freq_factor=1.0,
-    high_freq_factor=4.0,
-    original_max_position_embeddings=8192,
-)
 _YARN = dict(rope_type="yarn", rope_theta=1_000_000.0, factor=4.0)
 
 FAMILIES = {
@@ -43,16 +34,20 @@ FAMILIES = {
         transformers.LlamaConfig,
         transformers.LlamaForCausalLM,
         dict(
-            num_hidden_layers=2, head_dim=16, rope_parameters=_LLAMA3_ROPE, tie_word_embeddings=True
+            num_hidden_layers=2,
+            head_dim=16,
+            rope_parameters=LLAMA3_2_ROPE,
+            tie_word_embeddings=True,
         ),
     ),
+    # Llama 3.2's rotary with a pretraining context of 24 tokens: the test's 40 reach past it.
     "llama3-past-its-context": (
         transformers.LlamaConfig,
         transformers.LlamaForCausalLM,
         dict(
             num_hidden_layers=2,
             head_dim=16,
-            rope_parameters=_LLAMA3_ROPE | dict(original_max_position_embeddings=24),
+            rope_parameters=LLAMA3_2_ROPE | dict(original_max_position_embeddings=24),
         ),
     ),
     "llama-linear": (
