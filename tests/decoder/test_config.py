@@ -47,6 +47,18 @@ def test_unknown_preset():
         (dict(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\), got 1.0"),
         (dict(rope_theta=0.0), "rope_theta must be > 0, got 0.0"),
         (dict(head_dim=15), r"head_dim must be even \(rotary embeddings rotate pairs\), got 15"),
+        (
+            dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+            "rope_scaling must be a RopeScaling or None, got dict",
+        ),
+        (
+            dict(no_rope_layers=(1, 4)),
+            r"no_rope_layers must be a tuple of layer indices in \[0, 4\), got \(1, 4\)",
+        ),
+        (
+            dict(no_rope_layers=[3]),
+            r"no_rope_layers must be a tuple of layer indices in \[0, 4\), got \[3\]",
+        ),
     ],
 )
 def test_bad_config(changes, match):
