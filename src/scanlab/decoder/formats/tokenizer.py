@@ -5,8 +5,9 @@ A transformers directory carries `tokenizer.json`, its special tokens in `tokeni
 and the template in `chat_template.jinja` (or, written by older versions, `tokenizer_config.json`);
 a GGUF file carries the vocabulary, the special tokens and the template in its metadata, from
 which the `tokenizers.Tokenizer` transformers would build is built: byte-level BPE with its merges
-(`tokenizer.ggml.model` "gpt2": SmolLM2, Qwen2) or SentencePiece's byte-fallback BPE, whose
-merges Gemma files leave out (`tokenizer.ggml.model` "llama").
+(`tokenizer.ggml.model` "gpt2": SmolLM2, Llama 3, Qwen2/3), its text first split as the
+vocabulary's merges were learned (`tokenizer.ggml.pre`: `SPLITS`), or SentencePiece's
+byte-fallback BPE, whose merges Gemma files leave out (`tokenizer.ggml.model` "llama").
 """
 
 from __future__ import annotations
@@ -30,6 +31,34 @@ Message = dict[str, str]  # {"role": "user", "content": "..."}
 # llama.cpp's names of pre-tokenizers that split text as GPT-2's byte-level regex does; SmolLM's
 # vocabulary has no merges between digits, so its "smollm" splitting of digits comes out the same.
 GPT2_PRE_TOKENIZERS = ("default", "gpt2", "smollm")
+# The patterns of the tokenizer.json files of Llama 3 and Qwen2 (llama.cpp's llama-vocab.cpp
+# spells the same ones): numbers in runs of up to three digits, or one digit at a time.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How a byte-level vocabulary splits text before its merges: a regex (None: GPT-2's, built
+    into `tokenizers`' ByteLevel), and whether a piece found whole in the vocabulary is taken
+    whole before any merge (Llama 3's `ignore_merges`)."""
+
+    pattern: str | None = None
+    whole_pieces_first: bool = False
+
+
+# `tokenizer.ggml.pre` -> Split, under the names llama.cpp's converter writes.
+SPLITS: dict[str, Split] = {
+    **{name: Split() for name in GPT2_PRE_TOKENIZERS},
+    **{name: Split(_LLAMA3_SPLIT, True) for name in ("llama-bpe", "llama3", "llama-v3")},
+    **{name: Split(_QWEN2_SPLIT) for name in ("qwen2", "deepseek-r1-qwen")},
+}
 # llama.cpp's token types: special tokens such as <|im_end|>, and ones always matched whole.
 _CONTROL, _USER_DEFINED = 3, 4
 SPIECE_SPACE = "\u2581"  # "▁": how SentencePiece vocabularies spell a space
@@ -133,8 +162,9 @@ def _from_gguf(path: Path) -> Tokenizer:
     tokens = metadata(reader, "tokenizer.ggml.tokens")
     if not tokens:
         raise CheckpointError(f"{path}: the tokenizer's vocabulary is missing")
-    if kind == "gpt2" and pre in GPT2_PRE_TOKENIZERS:
-        backend = _byte_level_bpe(tokens, metadata(reader, "tokenizer.ggml.merges"), path)
+    if kind == "gpt2" and pre in SPLITS:
+        merges = metadata(reader, "tokenizer.ggml.merges")
+        backend = _byte_level_bpe(tokens, merges, SPLITS[pre], path)
         add_bos = bool(metadata(reader, "tokenizer.ggml.add_bos_token", False))
     elif kind == "llama":
         backend = _sentencepiece_bpe(tokens)
@@ -142,7 +172,7 @@ def _from_gguf(path: Path) -> Tokenizer:
     else:
         raise CheckpointError(
             f"{path}: the tokenizer must be byte-level BPE (tokenizer.ggml.model 'gpt2', "
-            f"tokenizer.ggml.pre one of {list(GPT2_PRE_TOKENIZERS)}) or SentencePiece BPE "
+            f"tokenizer.ggml.pre one of {list(SPLITS)}) or SentencePiece BPE "
             f"(tokenizer.ggml.model 'llama'), got model={kind!r}, pre={pre!r}"
         )
     _add_special_tokens(backend, tokens, metadata(reader, "tokenizer.ggml.token_type", []))
@@ -165,7 +195,7 @@ def _from_gguf(path: Path) -> Tokenizer:
     )
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str] | None, path: Path):
+def _byte_level_bpe(tokens: list[str], merges: list[str] | None, split: Split, path: Path):
     if merges is None:
         raise CheckpointError(f"{path}: the byte-level tokenizer's merges are missing")
     backend = tokenizers.Tokenizer(
@@ -173,9 +203,18 @@ def _byte_level_bpe(tokens: list[str], merges: list[str] | None, path: Path):
             {token: i for i, token in enumerate(tokens)},
             [(left, right) for left, _, right in (merge.partition(" ") for merge in merges)],
             fuse_unk=False,
+            ignore_merges=split.whole_pieces_first,
         )
     )
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split.pattern is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:  # as the tokenizer.json files of Llama 3 and Qwen2 state it
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(tokenizers.Regex(split.pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
     return backend
 
