@@ -18,6 +18,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-e2e: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test,e2e]"
+	touch $@
+
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	touch $@
@@ -38,8 +42,9 @@ test: $(VENV)/.installed-test
 	$(FAST_COMPILE) $(BIN)/python -m pytest -m "not e2e"
 
 # The end-to-end tier: the tour, the docs' blocks, the README's CLI, several processes, the real
-# fine-tunes against transformers and PEFT, a quick benchmark run. CI runs it after `make test`.
-test-e2e: $(VENV)/.installed-test
+# fine-tunes against transformers and PEFT, files made by llama.cpp's converter against llama.cpp,
+# a quick benchmark run. CI runs it after `make test`.
+test-e2e: $(VENV)/.installed-e2e
 	$(BIN)/python -m pytest -m e2e
 
 # The unit and property tests alone, offline (pip may not fetch a model file): no real model.

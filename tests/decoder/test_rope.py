@@ -70,12 +70,36 @@ def test_llama3_keeps_the_fast_pairs_and_divides_the_slow_ones():
     assert scaled[-1] == pytest.approx(plain[-1] / 32.0, rel=1e-12)
 
 
+def test_factors_divide_each_pair_as_llama_cpp_stores_llama3():
+    """llama.cpp's rope_freqs.weight holds the unscaled frequencies over the scaled ones:
+    dividing by them gives llama3's frequencies back."""
+    llama3 = _scaling(CASES[0][2])
+    plain = rope.inverse_frequencies(64, 500_000.0, None)
+    divisors = tuple(plain / rope.inverse_frequencies(64, 500_000.0, llama3))
+    factors = rope.RopeScaling(kind="factors", factor=max(divisors), frequency_factors=divisors)
+    np.testing.assert_allclose(
+        rope.inverse_frequencies(64, 500_000.0, factors),
+        rope.inverse_frequencies(64, 500_000.0, llama3),
+        rtol=1e-15,
+    )
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
         (
             dict(kind="dynamic", factor=2.0),
-            "rope scaling must be one of ['linear', 'llama3', 'yarn'], got 'dynamic'",
+            "rope scaling must be one of ['linear', 'llama3', 'yarn', 'factors'], got 'dynamic'",
+        ),
+        (
+            dict(kind="linear", factor=2.0, frequency_factors=(1.0, 2.0)),
+            "frequency_factors must be positive and given for 'factors' rope scaling alone, "
+            "got (1.0, 2.0) for 'linear'",
+        ),
+        (
+            dict(kind="factors", factor=2.0),
+            "frequency_factors must be positive and given for 'factors' rope scaling alone, "
+            "got () for 'factors'",
         ),
         (dict(kind="linear", factor=0.0), "rope scaling factor must be > 0, got 0.0"),
         (

@@ -101,6 +101,12 @@ class DecoderConfig:
                 raise ArgumentTypeError(
                     f"{name} must be a RopeScaling or None, got {type(value).__name__}"
                 )
+            pairs = len(value.frequency_factors) if value is not None else 0
+            if pairs not in (0, self.head_dim // 2):
+                raise ArgumentError(
+                    f"{name}.frequency_factors must hold one factor per rotary pair "
+                    f"({self.head_dim // 2} for head_dim {self.head_dim}), got {pairs}"
+                )
         if not isinstance(self.no_rope_layers, tuple) or not all(
             isinstance(i, int) and 0 <= i < self.n_layers for i in self.no_rope_layers
         ):

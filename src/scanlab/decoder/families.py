@@ -82,7 +82,8 @@ class Family:
       name: the `DecoderConfig.family` value.
       leaves: a DecoderParams of `Leaf`s; None where the family has no such parameter.
       hf_architecture, hf_model_type: transformers' names (config.json) of the causal LM.
-      gguf_architecture: llama.cpp's `general.architecture`.
+      gguf_architecture: llama.cpp's `general.architecture`; a file of it reads as the first
+        family declared with it (llama.cpp writes Mistral's as "llama").
       activation: the gated MLP's activation, a name in `scanlab.decoder.layers.ACTIVATIONS`.
       norm_plus_one: RMSNorm scales by 1 + w (w initialised to 0) instead of w.
       embed_scale: the embedded tokens are multiplied by sqrt(D).
@@ -92,8 +93,9 @@ class Family:
       hf_activation_key: the config key naming the MLP's activation.
       hf_query_scalar: the config always states `query_pre_attn_scalar` (transformers' default
         for the family is not head_dim^-1/2).
-      hf_no_softcapping: the config states its logit softcappings, null (transformers' default
-        for the family is a softcapping).
+      hf_null_keys: transformers config keys of features scanlab does not implement whose
+        default for the family is on (Gemma 3's softcappings, Mistral's sliding window): written
+        null, refused when set.
       no_rope_interval: every this-many-th layer rotates nothing (SmolLM3's 4: transformers'
         default, llama.cpp's rule); None: every layer rotates. A transformers config may list
         the layers instead (`no_rope_layers`).
@@ -111,7 +113,7 @@ class Family:
     hf_false_flags: tuple[str, ...] = ()
     hf_activation_key: str = "hidden_act"
     hf_query_scalar: bool = False
-    hf_no_softcapping: bool = False
+    hf_null_keys: tuple[str, ...] = ()
     no_rope_interval: int | None = None
 
     @property
@@ -268,7 +270,7 @@ GEMMA3 = Family(
     layer_pattern=(SLIDING,) * 5 + (FULL,),
     hf_activation_key="hidden_activation",
     hf_query_scalar=True,
-    hf_no_softcapping=True,
+    hf_null_keys=("attn_logit_softcapping", "final_logit_softcapping"),
 )
 
 # Qwen3: Llama's block with RMS-normed q and k heads (plain norms) and no biases; its head width
@@ -300,6 +302,16 @@ SMOLLM3 = Family(
     no_rope_interval=4,
 )
 
+# Mistral 7B v0.2+: Llama's block under another name; v0.1's sliding window is refused.
+MISTRAL = dataclasses.replace(
+    LLAMA,
+    name="mistral",
+    hf_architecture="MistralForCausalLM",
+    hf_model_type="mistral",
+    hf_false_flags=(),
+    hf_null_keys=("sliding_window",),
+)
+
 FAMILIES: dict[str, Family] = {
-    family.name: family for family in (LLAMA, QWEN2, GEMMA3, QWEN3, SMOLLM3)
+    family.name: family for family in (LLAMA, QWEN2, GEMMA3, QWEN3, SMOLLM3, MISTRAL)
 }

@@ -10,7 +10,9 @@ frequencies so a model reaches past the context it was pretrained on, as transfo
   factor divided by `factor`, those under original / high_freq_factor kept, a smooth blend
   between;
 - "yarn": YaRN's blend of interpolated and extrapolated frequencies by a linear ramp over the
-  pairs between two rotation counts (`beta_fast`, `beta_slow`), and an attention factor.
+  pairs between two rotation counts (`beta_fast`, `beta_slow`), and an attention factor;
+- "factors": each pair's frequency divided by its own factor, as llama.cpp stores a "llama3"
+  scaling (the tensor `rope_freqs.weight`: the divisors, not the settings that made them).
 
 Computed once per config, in float64 and handed to the layers as float32 per-layer data (a
 layer without rotary, SmolLM3's, has frequencies 0: the identity rotation), so layers that
@@ -26,7 +28,8 @@ import numpy as np
 
 from scanlab.errors import ArgumentError
 
-SCALINGS = ("linear", "llama3", "yarn")
+SCALINGS = ("linear", "llama3", "yarn")  # transformers' names, read from its configs
+FACTORS = "factors"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +44,7 @@ class RopeScaling:
       beta_fast, beta_slow: "yarn"'s rotation counts bounding its ramp.
       attention_factor: "yarn"'s scale of cos and sin; None: 0.1 ln(factor) + 1.
       truncate: "yarn" rounds its ramp's bounds to whole pairs.
+      frequency_factors: "factors"' divisor of each pair's frequency, (Dh/2,).
     """
 
     kind: str
@@ -52,13 +56,23 @@ class RopeScaling:
     beta_slow: float = 1.0
     attention_factor: float | None = None
     truncate: bool = True
+    frequency_factors: tuple[float, ...] = ()
 
     def __post_init__(self):
-        if self.kind not in SCALINGS:
-            raise ArgumentError(f"rope scaling must be one of {list(SCALINGS)}, got {self.kind!r}")
+        if self.kind not in (*SCALINGS, FACTORS):
+            raise ArgumentError(
+                f"rope scaling must be one of {[*SCALINGS, FACTORS]}, got {self.kind!r}"
+            )
+        if (self.kind == FACTORS) != bool(self.frequency_factors) or not all(
+            factor > 0 for factor in self.frequency_factors
+        ):
+            raise ArgumentError(
+                f"frequency_factors must be positive and given for {FACTORS!r} rope scaling "
+                f"alone, got {self.frequency_factors} for {self.kind!r}"
+            )
         if not self.factor > 0:
             raise ArgumentError(f"rope scaling factor must be > 0, got {self.factor}")
-        if self.kind != "linear" and not (self.original_max_seq_len or 0) > 0:
+        if self.kind in ("llama3", "yarn") and not (self.original_max_seq_len or 0) > 0:
             raise ArgumentError(
                 f"{self.kind} rope scaling needs original_max_seq_len > 0, got "
                 f"{self.original_max_seq_len}"
@@ -79,6 +93,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
         return inv_freq / scaling.factor
     if scaling.kind == "llama3":
         return _llama3(inv_freq, scaling)
+    if scaling.kind == FACTORS:  # one per pair (DecoderConfig checks)
+        return inv_freq / np.asarray(scaling.frequency_factors, np.float64)
     return _yarn(inv_freq, head_dim, theta, scaling)
 
 

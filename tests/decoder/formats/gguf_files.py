@@ -18,6 +18,7 @@ from transformers import (
     SmolLM3Config,
     SmolLM3ForCausalLM,
 )
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from scanlab.decoder.formats.gguf_file import FastReader
 
@@ -100,7 +101,7 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32) -> Path:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    _add_rope_scaling(writer, config.rope_parameters)
+    _add_rope_scaling(writer, config)
     writer.add_vocab_size(config.vocab_size)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
@@ -131,9 +132,19 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32) -> Path:
     return path
 
 
-def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict) -> None:
-    """The rotary scaling's metadata, as llama.cpp's converter writes it (linear and yarn)."""
-    if rope["rope_type"] == "linear":
+def _add_rope_scaling(writer: gguf.GGUFWriter, config) -> None:
+    """The rotary scaling as llama.cpp's converter writes it: metadata (linear, yarn) or the
+    divisors of the frequencies (llama3: rope_freqs.weight, transformers' frequencies over the
+    unscaled ones)."""
+    rope = config.rope_parameters
+    if rope["rope_type"] == "llama3":
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        pairs = np.arange(0, scaled.shape[0] * 2, 2, dtype=np.float64) / (scaled.shape[0] * 2)
+        unscaled = 1.0 / rope["rope_theta"] ** pairs
+        writer.add_tensor(
+            "rope_freqs.weight", (unscaled / scaled.double().numpy()).astype(np.float32)
+        )
+    elif rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
     elif rope["rope_type"] == "yarn":

@@ -2,6 +2,7 @@
 settings (rotary scaling, q/k norms, head width, layers without rotary), against transformers:
 logits, greedy tokens, a left-padded batch, and the directory scanlab writes back."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from tests.decoder.test_rope import LLAMA3_2_ROPE
 
 from scanlab.decoder import forward, forward_loop, generate, load_checkpoint, save_checkpoint
 from scanlab.decoder.formats.base import CheckpointError
+from scanlab.decoder.rope import RopeScaling
 
 # Independent float32 implementations of the same math (torch vs XLA): rounding differs, not math.
 LOGITS_ATOL = 1e-4
@@ -113,6 +115,12 @@ FAMILIES = {
             rope_parameters=dict(rope_type="default", rope_theta=2_000_000.0),
         ),
     ),
+    # Mistral 7B v0.2+: Llama's block under its own name, no sliding window.
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(num_hidden_layers=2, sliding_window=None, head_dim=16),
+    ),
 }
 
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 40))
@@ -169,6 +177,8 @@ def test_the_config_holds_the_family_s_features(family):
         ) == ("linear", 8.0, None)
     if name == "smollm3":
         assert config.no_rope_layers == (3,) and hf.no_rope_layers == [1, 1, 1, 0, 1]
+    if name == "mistral":
+        assert config.family == "mistral" and config.sliding_window is None
 
 
 def test_greedy_tokens_match_transformers_with_a_left_padded_row(family):
@@ -235,3 +245,35 @@ def test_a_rotary_setting_scanlab_does_not_compute_is_refused_by_name(tmp_path, 
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(tmp_path)
     assert str(error.value) == message
+
+
+def test_mistral_s_sliding_window_is_refused_by_name(tmp_path):
+    hf_model("mistral").save_pretrained(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf["sliding_window"] = 4096  # Mistral 7B v0.1's
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert str(error.value) == (
+        "sliding_window must be null for mistral (scanlab does not implement it), got 4096"
+    )
+
+
+def test_llama3_rope_read_from_a_gguf_as_divisors_is_not_written_as_transformers_settings(
+    tmp_path,
+):
+    """A GGUF holds a "llama3" scaling as the divisors of the frequencies, not the settings that
+    made them: a transformers directory cannot state it, and saying so beats writing another
+    rotation."""
+    config, params = load_checkpoint_of("llama3.2", tmp_path)
+    factors = RopeScaling(kind="factors", factor=2.0, frequency_factors=(1.0,) * 7 + (2.0,))
+    with pytest.raises(
+        CheckpointError, match=r"has no transformers rope_parameters: save it as a \.gguf"
+    ):
+        save_checkpoint(tmp_path / "out", dataclasses.replace(config, rope_scaling=factors), params)
+    assert not (tmp_path / "out").exists()
+
+
+def load_checkpoint_of(name: str, tmp_path):
+    hf_model(name).save_pretrained(tmp_path / name)
+    return load_checkpoint(tmp_path / name)

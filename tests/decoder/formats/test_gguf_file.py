@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from tests.decoder.formats.gguf_files import random_model, write_gguf
+from tests.decoder.test_rope import LLAMA3_2_ROPE
 from transformers import AutoModelForCausalLM
 
 from scanlab import checks
@@ -62,15 +63,18 @@ def test_f32_file_equals_the_model_it_was_written_from(tmp_path, family):
             original_max_position_embeddings=8,
             beta_fast=16.0,
         ),
+        LLAMA3_2_ROPE | dict(original_max_position_embeddings=8),
     ],
     ids=lambda rope: rope["rope_type"],
 )
 def test_a_scaled_rotation_reads_as_the_model_it_was_written_from(tmp_path, rope):
-    """llama.cpp's rope.scaling keys read as transformers' rope_parameters (the prompt reaches
-    past yarn's 8-token pretraining context)."""
+    """llama.cpp's rope.scaling keys, or its divisors of the frequencies (rope_freqs.weight, a
+    "llama3" scaling), read as transformers' rope_parameters (the prompt reaches past the 8-token
+    pretraining context)."""
     model = random_model("llama", rope=rope)
     config, params = load_gguf(write_gguf(tmp_path / "model.gguf", model))
-    assert config.rope_scaling.kind == rope["rope_type"]
+    kinds = {"llama3": "factors"}  # llama.cpp keeps the divisors, not the settings
+    assert config.rope_scaling.kind == kinds.get(rope["rope_type"], rope["rope_type"])
     np.testing.assert_allclose(forward(params, TOKENS, config), logits_of(model), atol=1e-5)
 
 
@@ -204,14 +208,34 @@ def test_a_rope_scaling_scanlab_does_not_compute_is_refused(
         load_gguf(rewrite(small_file, tmp_path, edit))
 
 
-def test_llama3_rope_factors_are_refused_until_read(small_file, tmp_path):
+@pytest.mark.parametrize(
+    ("settings", "factors", "message"),
+    [
+        (
+            {"rope.scaling.type": "linear", "rope.scaling.factor": 4.0},
+            np.ones(8, np.float32),
+            r"rope_freqs\.weight and llama\.rope\.scaling\.type 'linear' both scale the rotary "
+            r"frequencies: one of them must go",
+        ),
+        (
+            {},
+            np.ones(6, np.float32),
+            r"rope_scaling.frequency_factors must hold one factor per rotary pair \(8 for head_dim 16\), got 6",
+        ),
+        (
+            {},
+            np.zeros(8, np.float32),
+            r"frequency_factors must be positive and given for 'factors' rope scaling alone",
+        ),
+    ],
+    ids=["with-scaling-keys", "wrong-length", "zero"],
+)
+def test_rope_factors_that_do_not_fit_are_refused(small_file, tmp_path, settings, factors, message):
     def edit(fields, tensors):
-        tensors["rope_freqs.weight"] = np.ones(8, np.float32)
+        fields.update({f"llama.{key}": value for key, value in settings.items()})
+        tensors["rope_freqs.weight"] = factors
 
-    with pytest.raises(
-        CheckpointError,
-        match=r"rope_freqs\.weight \(Llama 3\.1\+'s rotary scaling factors\) is not read yet",
-    ):
+    with pytest.raises(CheckpointError, match=message):
         load_gguf(rewrite(small_file, tmp_path, edit))
 
 
@@ -364,6 +388,20 @@ def test_a_saved_file_loads_back_exactly_and_in_transformers(tmp_path, family, t
     with pytest.raises(PathExistsError, match="exists; pass overwrite=True"):
         save_gguf(saved, config, changed, like=source)
     assert [p.name for p in saved.parent.iterdir()] == ["saved.gguf"]  # no staging left
+
+
+def test_a_saved_llama3_file_keeps_its_rope_factors(tmp_path):
+    """Llama 3's rotary scaling, held as rope_freqs.weight, is written back: the saved file
+    computes the source model's logits past its 8-token pretraining context. (transformers'
+    GGUF reader leaves rope_freqs.weight out, so the model, not its reading of the file, is the
+    reference.)"""
+    model = random_model("llama", rope=LLAMA3_2_ROPE | dict(original_max_position_embeddings=8))
+    source = write_gguf(tmp_path / "source.gguf", model)
+    config, params = load_gguf(source)
+    saved = save_gguf(tmp_path / "saved.gguf", config, params, like=source, tensor_type="F32")
+    again_config, again = load_gguf(saved)
+    assert again_config == config and config.rope_scaling.kind == "factors"
+    np.testing.assert_allclose(forward(again, TOKENS, again_config), logits_of(model), atol=1e-5)
 
 
 def test_a_saved_q8_0_file_holds_the_weights_to_q8_0_rounding(tmp_path):

@@ -90,3 +90,20 @@ def test_an_unknown_split_is_refused_by_name(files, smollm2_path):
         match=r"tokenizer.ggml.pre one of \[.*'llama-bpe'.*got model='gpt2', pre='tekken'",
     ):
         load_tokenizer(files / "tekken.gguf")
+
+
+def test_a_sentencepiece_vocabulary_with_a_prefix_space_is_refused_by_name(tmp_path):
+    """Llama 2's and Mistral's GGUF vocabularies prefix a space; only Gemma's kind is read."""
+    writer = gguf.GGUFWriter(tmp_path / "spm.gguf", "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>", "\u2581a"])
+    writer.add_eos_token_id(2)
+    writer.add_add_space_prefix(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(
+        CheckpointError,
+        match=r"tokenizer\.ggml\.add_space_prefix true: Llama 2's, Mistral's\) is not read yet",
+    ):
+        load_tokenizer(tmp_path / "spm.gguf")

@@ -38,15 +38,22 @@ from scanlab.decoder.formats.base import (
 from scanlab.decoder.params import DecoderParams, outside_layers
 from scanlab.decoder.qmatvec import PackedArray
 from scanlab.decoder.quant import QuantArray
-from scanlab.decoder.rope import RopeScaling
+from scanlab.decoder.rope import FACTORS, RopeScaling
 from scanlab.errors import ArgumentError, PathExistsError, ScanlabError
 
 ROPE_FACTORS = "rope_freqs.weight"  # per-pair divisors of the rotary frequencies
 
-# general.architecture -> the family
-ARCHITECTURES: dict[str, Family] = {
-    family.gguf_architecture: family for family in FAMILIES.values()
-}
+
+def _architectures() -> dict[str, Family]:
+    """general.architecture -> the first family declared with it (Llama reads "llama" files,
+    Mistral's included)."""
+    readers: dict[str, Family] = {}
+    for family in FAMILIES.values():
+        readers.setdefault(family.gguf_architecture, family)
+    return readers
+
+
+ARCHITECTURES = _architectures()
 
 
 class FastReader(gguf.GGUFReader):
@@ -117,11 +124,7 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | os.PathLike = "") -> D
             raise CheckpointError(f"{path}: GGUF metadata is missing {arch}.{key}")
         return value
 
-    tensors = {tensor.name for tensor in reader.tensors}
-    if ROPE_FACTORS in tensors:  # llama.cpp's form of a "llama3" scaling
-        raise CheckpointError(
-            f"{path}: {ROPE_FACTORS} (Llama 3.1+'s rotary scaling factors) is not read yet"
-        )
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
     n_heads, d_model = int(get("attention.head_count")), int(get("embedding_length"))
     tokens = metadata(reader, "tokenizer.ggml.tokens", [])
     try:
@@ -134,7 +137,7 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | os.PathLike = "") -> D
             head_dim=int(get("attention.key_length", d_model // n_heads)),
             mlp_dim=int(get("feed_forward_length")),
             rope_theta=float(get("rope.freq_base", 10_000.0)),
-            rope_scaling=_rope_scaling(get, arch, path),
+            rope_scaling=_rope_scaling(get, arch, tensors.get(ROPE_FACTORS), path),
             local_rope_theta=float(get("rope.freq_base_swa", 10_000.0)),
             norm_eps=float(get("attention.layer_norm_rms_epsilon")),
             max_seq_len=int(get("context_length")),
@@ -155,10 +158,19 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | os.PathLike = "") -> D
 _UNREAD_YARN_KEYS = ("attn_factor", "yarn_attn_factor", "yarn_ext_factor", "yarn_log_multiplier")
 
 
-def _rope_scaling(get, arch: str, path) -> RopeScaling | None:
+def _rope_scaling(get, arch: str, factors, path) -> RopeScaling | None:
     """The full attention layers' rotary scaling as llama.cpp writes it: `rope.scaling.type`
-    "none", "linear" (its factor) or "yarn" (factor, pretraining context, betas)."""
+    "none", "linear" (its factor) or "yarn" (factor, pretraining context, betas), or a "llama3"
+    scaling as the divisors of its frequencies (the tensor `factors`, ROPE_FACTORS)."""
     kind = get("rope.scaling.type", "none")
+    if factors is not None:
+        if kind != "none":
+            raise CheckpointError(
+                f"{path}: {ROPE_FACTORS} and {arch}.rope.scaling.type {kind!r} both scale the "
+                f"rotary frequencies: one of them must go"
+            )
+        divisors = tuple(float(f) for f in np.asarray(factors.data, np.float32).reshape(-1))
+        return RopeScaling(kind=FACTORS, factor=max(divisors), frequency_factors=divisors)
     if kind == "none":
         return None
     if kind not in ("linear", "yarn"):
@@ -401,6 +413,8 @@ def _gguf_tensors(config: DecoderConfig, params: DecoderParams):
     for leaf, array in zip(leaves(declared.blocks), leaves(params.blocks), strict=True):
         for layer in range(config.n_layers):
             yield _name(leaf, layer), in_file(leaf, array[layer])
+    if config.rope_scaling is not None and config.rope_scaling.kind == FACTORS:
+        yield ROPE_FACTORS, np.asarray(config.rope_scaling.frequency_factors, np.float32)
 
 
 def _pairs_from_halves(array: Tensor, axis: int) -> jax.Array:

@@ -39,7 +39,7 @@ from scanlab.decoder.formats.base import (
     to_hf,
 )
 from scanlab.decoder.params import DecoderParams, outside_layers
-from scanlab.decoder.rope import SCALINGS, RopeScaling
+from scanlab.decoder.rope import FACTORS, SCALINGS, RopeScaling
 from scanlab.errors import PathExistsError, ScanlabError
 
 CONFIG_FILE = "config.json"
@@ -136,6 +136,11 @@ def _rope_parameters(theta: float, scaling: RopeScaling | None) -> dict:
     """`_rotation`'s inverse: one rotary setting as transformers' rope_parameters."""
     if scaling is None:
         return {"rope_type": "default", "rope_theta": theta}
+    if scaling.kind == FACTORS:
+        raise CheckpointError(
+            "a rotary scaling read as per-pair divisors (a GGUF's rope_freqs.weight, without the "
+            "settings that made them) has no transformers rope_parameters: save it as a .gguf"
+        )
     settings = {
         theirs: getattr(scaling, ours)
         for ours, theirs in _SCALING_KEYS[scaling.kind].items()
@@ -149,9 +154,12 @@ def _check_features(hf: dict, family: Family, config: DecoderConfig) -> None:
     for flag in family.hf_false_flags:
         if hf.get(flag):
             raise CheckpointError(f"{flag} must be false for {family.hf_model_type}, got true")
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+    for key in family.hf_null_keys:
         if hf.get(key) is not None:
-            raise CheckpointError(f"{key} must be null (no softcapping), got {hf[key]}")
+            raise CheckpointError(
+                f"{key} must be null for {family.hf_model_type} (scanlab does not implement "
+                f"it), got {hf[key]}"
+            )
     if hf.get("use_bidirectional_attention"):
         raise CheckpointError("use_bidirectional_attention must be false, got true")
     activation = hf.get(family.hf_activation_key) or "silu"
@@ -253,8 +261,7 @@ def config_to_hf(config: DecoderConfig, dtype: str) -> dict:
     }
     if family.hf_query_scalar:
         features["query_pre_attn_scalar"] = config.query_pre_attn_scalar or config.head_dim
-    if family.hf_no_softcapping:
-        features.update(attn_logit_softcapping=None, final_logit_softcapping=None)
+    features.update(dict.fromkeys(family.hf_null_keys))
     if family.no_rope_interval is not None:
         features["no_rope_layers"] = [
             int(i not in config.no_rope_layers) for i in range(config.n_layers)

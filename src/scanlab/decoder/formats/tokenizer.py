@@ -167,6 +167,12 @@ def _from_gguf(path: Path) -> Tokenizer:
         backend = _byte_level_bpe(tokens, merges, SPLITS[pre], path)
         add_bos = bool(metadata(reader, "tokenizer.ggml.add_bos_token", False))
     elif kind == "llama":
+        if metadata(reader, "tokenizer.ggml.add_space_prefix", True):  # llama.cpp's default
+            raise CheckpointError(
+                f"{path}: a SentencePiece vocabulary that prefixes a space "
+                f"(tokenizer.ggml.add_space_prefix true: Llama 2's, Mistral's) is not read yet; "
+                f"Gemma's (false) is"
+            )
         backend = _sentencepiece_bpe(tokens)
         add_bos = bool(metadata(reader, "tokenizer.ggml.add_bos_token", True))
     else:

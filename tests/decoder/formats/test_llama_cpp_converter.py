@@ -1,0 +1,222 @@
+"""The GGUF a user downloads, made as it is made: llama.cpp's own converter
+(`convert_hf_to_gguf.py`, from the llama.cpp sources llama-cpp-python's sdist vendors) turns a
+random transformers model of each family into a file, and scanlab reads it as it reads the
+transformers directory, with llama.cpp's logits on the same file as a second reference.
+
+Each model carries SmolLM2's tokenizer (the converter needs one it knows by name), hence a
+49,152-token vocabulary on a tiny model.
+"""
+
+import hashlib
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from tests.conftest import CACHE
+from tests.decoder.test_rope import LLAMA3_2_ROPE
+
+from scanlab.decoder import forward, load_checkpoint, load_gguf, load_model, load_tokenizer
+from scanlab.decoder.formats.tokenizer import save_tokenizer
+
+pytestmark = pytest.mark.e2e  # builds on llama.cpp's sources and llama-cpp-python: `make test-e2e`
+
+SDIST = "llama-cpp-python==0.3.36"
+SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+# The converter and what it imports, inside the sdist.
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+_TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    num_hidden_layers=2,
+)
+# name -> (config, model, settings, the tokenizer.ggml.pre llama.cpp is told, or None: its own).
+FAMILIES = {
+    # Llama 3.2's rotary, pretrained on 24 tokens: the 40 tested reach past it. The converter
+    # writes its scaling as per-pair divisors (rope_freqs.weight).
+    "llama3.2": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            rope_parameters=LLAMA3_2_ROPE | dict(original_max_position_embeddings=24),
+            tie_word_embeddings=True,
+        ),
+        None,
+    ),
+    # llama.cpp names a pre-tokenizer by a hash of a known vocabulary's encoding of a test text;
+    # transformers encodes with Qwen2's split for a qwen2 model, and SmolLM2's vocabulary under
+    # Qwen2's split is no vocabulary it knows: it is told the name.
+    "qwen2.5": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(), "qwen2"),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=24), None),
+    "gemma3-4b-rope": (
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        dict(
+            num_hidden_layers=7,
+            head_dim=16,
+            sliding_window=6,
+            query_pre_attn_scalar=16,
+            rope_parameters={
+                "full_attention": dict(rope_type="linear", rope_theta=1_000_000.0, factor=8.0),
+                "sliding_attention": dict(rope_type="default", rope_theta=10_000.0),
+            },
+        ),
+        None,
+    ),
+    "smollm3": (
+        transformers.SmolLM3Config,
+        transformers.SmolLM3ForCausalLM,
+        dict(num_hidden_layers=5, pad_token_id=0),
+        None,
+    ),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(sliding_window=None),
+        None,
+    ),
+}
+
+TOKENS = np.random.default_rng(0).integers(0, 49_152, (1, 40))
+# Independent float32 implementations of the same math (torch or ggml vs XLA).
+LOGITS_ATOL = 1e-4
+# ggml's GELU reads a float16 table (GGML_GELU_FP16): Gemma's MLP rounds there.
+LLAMA_CPP_ATOL = {"gemma3-4b-rope": 2e-3}
+# Q8_0 rounds each weight to 1/254 of its block's largest: what that moves the logits by.
+Q8_0_ATOL = 0.1
+
+
+@pytest.fixture(scope="session")
+def converter():
+    """llama.cpp's converter, extracted from the hash-checked sdist (fetched once, cached)."""
+    target = CACHE / "llama.cpp-converter-0.3.36"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    archive = CACHE / SDIST_FILE
+    if not archive.is_file():
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*command, "--dest", str(CACHE), SDIST], check=True, capture_output=True)
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == SDIST_SHA256
+    prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+    with tarfile.open(archive) as sdist:
+        members = [
+            member.replace(name=member.name.removeprefix(prefix))
+            for member in sdist.getmembers()
+            if member.name.removeprefix(prefix).startswith(CONVERTER_PARTS)
+        ]
+        staging = target.with_suffix(".partial")
+        sdist.extractall(staging, members=members, filter="data")
+    staging.rename(target)
+    return target
+
+
+def convert(converter, directory, outtype: str, pre: str | None):
+    """The GGUF llama.cpp's converter writes for `directory` (told the pre-tokenizer `pre`)."""
+    out = directory.with_name(f"{directory.name}-{outtype}.gguf")
+    patch = (
+        f"conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}"
+        if pre
+        else ""
+    )
+    script = textwrap.dedent(f"""
+        import runpy, sys
+        sys.path[:0] = [{str(converter)!r}, {str(converter / "gguf-py")!r}]
+        import conversion.base
+        {patch}
+        sys.argv = ["convert_hf_to_gguf.py", {str(directory)!r}, "--outtype", {outtype!r},
+                    "--outfile", {str(out)!r}]
+        runpy.run_path({str(converter / "convert_hf_to_gguf.py")!r}, run_name="__main__")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def llama_cpp_logits(path) -> np.ndarray:
+    """llama.cpp's logits of TOKENS on the file, its K/V cache in f32 as scanlab's is."""
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    model = Llama(
+        str(path),
+        n_ctx=64,
+        n_batch=64,
+        n_threads=2,
+        logits_all=True,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        verbose=False,
+    )
+    model.eval(TOKENS[0].tolist())
+    return np.asarray(model.scores[: TOKENS.shape[1]])[None]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, converter, smollm2_path, tmp_path_factory):
+    config_type, model_type, settings, pre = FAMILIES[request.param]
+    torch.manual_seed(0)
+    model = model_type(config_type(vocab_size=49_152, **(_TINY | settings))).eval()
+    with torch.no_grad():  # norms start at 1 (or 0 for Gemma's 1 + w): make them count
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    directory = tmp_path_factory.mktemp("converted") / request.param
+    model.save_pretrained(directory)
+    save_tokenizer(load_tokenizer(smollm2_path), directory)
+    with torch.no_grad():
+        reference = model(torch.tensor(TOKENS)).logits.numpy()
+    files = {outtype: convert(converter, directory, outtype, pre) for outtype in ("f32", "q8_0")}
+    return request.param, directory, files, reference
+
+
+def test_the_f32_file_holds_the_directory_bitwise_and_matches_both_references(family):
+    """Bitwise but for Gemma's norms, which the file holds as 1 + w: w comes back within the
+    float32 rounding of that sum."""
+    name, directory, files, reference = family
+    config, params = load_gguf(files["f32"])
+    _, directory_params = load_checkpoint(directory)
+    pairs = zip(
+        jax.tree_util.tree_flatten_with_path(params)[0],
+        jax.tree.leaves(directory_params),
+        strict=True,
+    )
+    for (path, ours), theirs in pairs:
+        stored_plus_one = config.features.norm_plus_one and "norm" in jax.tree_util.keystr(path)
+        atol = 2**-23 if stored_plus_one else 0
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=atol, err_msg=str(path))
+    logits = np.asarray(forward(params, TOKENS, config))
+    np.testing.assert_allclose(logits, reference, atol=LOGITS_ATOL)
+    atol = LLAMA_CPP_ATOL.get(name, 1e-5)
+    np.testing.assert_allclose(logits, llama_cpp_logits(files["f32"]), atol=atol)
+
+
+def test_the_q8_0_file_is_read_as_llama_cpp_reads_it(family):
+    """scanlab, as users load it, on the quantized file: within Q8_0's rounding of transformers,
+    and nearer llama.cpp's logits on the file than the unquantized model is (the same rounded
+    weights read, not other ones)."""
+    _, _, files, reference = family
+    model = load_model(files["q8_0"])
+    logits = np.asarray(forward(model.params, TOKENS, model.config))
+    theirs = llama_cpp_logits(files["q8_0"])
+    np.testing.assert_allclose(logits, reference, atol=Q8_0_ATOL)
+    assert np.abs(logits - theirs).max() < 0.75 * np.abs(reference - theirs).max()
+
+
+def test_the_files_tokenizer_encodes_as_transformers_does_the_directory(family):
+    """transformers splits a qwen2 directory's text as Qwen2 does, whatever its tokenizer.json
+    says, and the converter was told so: the file's tokenizer follows."""
+    _, directory, files, _ = family
+    reference = transformers.AutoTokenizer.from_pretrained(directory)
+    text = "Hello, world! 12345 + 678 = 13023\n  ünïcödé 日本語 <|im_start|>user\n\n  x"
+    ids = load_tokenizer(files["f32"]).encode(text)
+    assert ids == reference(text, add_special_tokens=False)["input_ids"]
