@@ -19,9 +19,17 @@ import pytest
 import torch
 import transformers
 from tests.conftest import CACHE
+from tests.decoder.oracle import hf_greedy
 from tests.decoder.test_rope import LLAMA3_2_ROPE
 
-from scanlab.decoder import forward, load_checkpoint, load_gguf, load_model, load_tokenizer
+from scanlab.decoder import (
+    forward,
+    generate,
+    load_checkpoint,
+    load_gguf,
+    load_model,
+    load_tokenizer,
+)
 from scanlab.decoder.formats.tokenizer import save_tokenizer
 
 pytestmark = pytest.mark.e2e  # builds on llama.cpp's sources and llama-cpp-python: `make test-e2e`
@@ -176,13 +184,13 @@ def family(request, converter, smollm2_path, tmp_path_factory):
     with torch.no_grad():
         reference = model(torch.tensor(TOKENS)).logits.numpy()
     files = {outtype: convert(converter, directory, outtype, pre) for outtype in ("f32", "q8_0")}
-    return request.param, directory, files, reference
+    return request.param, directory, files, reference, model
 
 
 def test_the_f32_file_holds_the_directory_bitwise_and_matches_both_references(family):
     """Bitwise but for Gemma's norms, which the file holds as 1 + w: w comes back within the
     float32 rounding of that sum."""
-    name, directory, files, reference = family
+    name, directory, files, reference, _ = family
     config, params = load_gguf(files["f32"])
     _, directory_params = load_checkpoint(directory)
     pairs = zip(
@@ -204,7 +212,7 @@ def test_the_q8_0_file_is_read_as_llama_cpp_reads_it(family):
     """scanlab, as users load it, on the quantized file: within Q8_0's rounding of transformers,
     and nearer llama.cpp's logits on the file than the unquantized model is (the same rounded
     weights read, not other ones)."""
-    _, _, files, reference = family
+    _, _, files, reference, _ = family
     model = load_model(files["q8_0"])
     logits = np.asarray(forward(model.params, TOKENS, model.config))
     theirs = llama_cpp_logits(files["q8_0"])
@@ -215,8 +223,18 @@ def test_the_q8_0_file_is_read_as_llama_cpp_reads_it(family):
 def test_the_files_tokenizer_encodes_as_transformers_does_the_directory(family):
     """transformers splits a qwen2 directory's text as Qwen2 does, whatever its tokenizer.json
     says, and the converter was told so: the file's tokenizer follows."""
-    _, directory, files, _ = family
+    _, directory, files, _, _ = family
     reference = transformers.AutoTokenizer.from_pretrained(directory)
     text = "Hello, world! 12345 + 678 = 13023\n  ünïcödé 日本語 <|im_start|>user\n\n  x"
     ids = load_tokenizer(files["f32"]).encode(text)
     assert ids == reference(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_chat_on_the_file_decodes_transformers_greedy_tokens(family):
+    """The file as `scanlab chat` loads it: its chat template, its tokenizer, its weights."""
+    _, _, files, _, model = family
+    loaded = load_model(files["f32"])
+    text = loaded.tokenizer.chat([{"role": "user", "content": "What is the capital of France?"}])
+    prompt = np.array([loaded.tokenizer.encode(text, add_special_tokens=False)])
+    ours = generate(loaded.params, prompt, loaded.config, 12)
+    np.testing.assert_array_equal(ours.tokens, hf_greedy(model, prompt, 12))
