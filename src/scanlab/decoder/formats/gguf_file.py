@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
+import sys
 from pathlib import Path
 
 import gguf
@@ -64,15 +66,48 @@ class FastReader(gguf.GGUFReader):
     of the time spent opening the file. The same bytes, the same views, a third of the time.
     """
 
-    def _get(self, offset, dtype, count=1, override_order=None):
+    def _bytes(self) -> np.ndarray:
         plain = self.__dict__.get("_plain")
         if plain is None:
             plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+        return plain
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        plain = self._bytes()
         count = int(count)
         end = offset + np.dtype(dtype).itemsize * count
         array = plain[offset:end].view(dtype=dtype)[:count]
         order = self.byte_order if override_order is None else override_order
         return array.view(array.dtype.newbyteorder(order))
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        """As the reader's, the same parts, but an array (a vocabulary, its merges, scores,
+        token types) cut in one loop rather than by the generic recursion per item."""
+        little_endian_file = self.byte_order == "I" and sys.byteorder == "little"
+        if raw_type != gguf.GGUFValueType.ARRAY or not little_endian_file:
+            return super()._get_field_parts(orig_offs, raw_type)
+        plain = self._bytes()
+        item_type, count = struct.unpack_from("<IQ", plain, orig_offs)
+        scalar = self.gguf_scalar_to_np.get(gguf.GGUFValueType(item_type))
+        if item_type != gguf.GGUFValueType.STRING and scalar is None:
+            return super()._get_field_parts(orig_offs, raw_type)  # an array of arrays
+        parts = [plain[orig_offs : orig_offs + 4].view(np.uint32)]
+        parts.append(plain[orig_offs + 4 : orig_offs + 12].view(np.uint64))
+        offset = orig_offs + 12
+        if scalar is not None:  # one (1,) part per item, as the reader cuts them
+            end = offset + count * np.dtype(scalar).itemsize
+            parts += list(plain[offset:end].view(scalar).reshape(-1, 1))
+            data_indices = list(range(2, len(parts)))
+            offset = end
+        else:  # a length part and a bytes part per string
+            for _ in range(count):
+                (length,) = struct.unpack_from("<Q", plain, offset)
+                parts.append(plain[offset : offset + 8].view(np.uint64))
+                parts.append(plain[offset + 8 : offset + 8 + length])
+                offset += 8 + length
+            data_indices = list(range(3, len(parts), 2))
+        types = [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType(item_type)]
+        return offset - orig_offs, parts, data_indices, types
 
 
 @functools.lru_cache(maxsize=1)
