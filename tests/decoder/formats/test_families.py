@@ -60,6 +60,11 @@ FAMILIES = {
             rope_parameters=dict(rope_type="linear", rope_theta=10_000.0, factor=4.0),
         ),
     ),
+    "qwen2.5": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(num_hidden_layers=2, use_sliding_window=False),
+    ),
     "qwen2.5-yarn": (
         transformers.Qwen2Config,
         transformers.Qwen2ForCausalLM,
@@ -126,10 +131,11 @@ FAMILIES = {
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 40))
 
 
-def hf_model(name: str):
+def hf_model(name: str, **overrides):
+    """The family's tiny random model (`overrides` on its config), its norms away from init."""
     config_type, model_type, settings = FAMILIES[name]
     torch.manual_seed(0)
-    model = model_type(config_type(**_TINY, **settings)).eval()
+    model = model_type(config_type(**(_TINY | settings | overrides))).eval()
     with torch.no_grad():  # norms start at 1 (or 0 for Gemma's 1 + w): make them count
         for parameter_name, parameter in model.named_parameters():
             if "norm" in parameter_name:

@@ -19,8 +19,8 @@ import pytest
 import torch
 import transformers
 from tests.conftest import CACHE
+from tests.decoder.formats.test_families import hf_model
 from tests.decoder.oracle import hf_greedy
-from tests.decoder.test_rope import LLAMA3_2_ROPE
 
 from scanlab.decoder import (
     forward,
@@ -40,60 +40,18 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 # The converter and what it imports, inside the sdist.
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
-_TINY = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-    num_hidden_layers=2,
-)
-# name -> (config, model, settings, the tokenizer.ggml.pre llama.cpp is told, or None: its own).
-FAMILIES = {
-    # Llama 3.2's rotary, pretrained on 24 tokens: the 40 tested reach past it. The converter
-    # writes its scaling as per-pair divisors (rope_freqs.weight).
-    "llama3.2": (
-        transformers.LlamaConfig,
-        transformers.LlamaForCausalLM,
-        dict(
-            rope_parameters=LLAMA3_2_ROPE | dict(original_max_position_embeddings=24),
-            tie_word_embeddings=True,
-        ),
-        None,
-    ),
-    # llama.cpp names a pre-tokenizer by a hash of a known vocabulary's encoding of a test text;
-    # transformers encodes with Qwen2's split for a qwen2 model, and SmolLM2's vocabulary under
-    # Qwen2's split is no vocabulary it knows: it is told the name.
-    "qwen2.5": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(), "qwen2"),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=24), None),
-    "gemma3-4b-rope": (
-        transformers.Gemma3TextConfig,
-        transformers.Gemma3ForCausalLM,
-        dict(
-            num_hidden_layers=7,
-            head_dim=16,
-            sliding_window=6,
-            query_pre_attn_scalar=16,
-            rope_parameters={
-                "full_attention": dict(rope_type="linear", rope_theta=1_000_000.0, factor=8.0),
-                "sliding_attention": dict(rope_type="default", rope_theta=10_000.0),
-            },
-        ),
-        None,
-    ),
-    "smollm3": (
-        transformers.SmolLM3Config,
-        transformers.SmolLM3ForCausalLM,
-        dict(num_hidden_layers=5, pad_token_id=0),
-        None,
-    ),
-    "mistral": (
-        transformers.MistralConfig,
-        transformers.MistralForCausalLM,
-        dict(sliding_window=None),
-        None,
-    ),
+# The families' tiny models (test_families.py) converted, and the tokenizer.ggml.pre llama.cpp
+# is told (None: it names the pre-tokenizer itself). llama.cpp names a pre-tokenizer by hashing a
+# known vocabulary's encoding of a test text; transformers encodes with Qwen2's split for a
+# qwen2 model, and SmolLM2's vocabulary under Qwen2's split is no vocabulary it knows: it is told.
+CONVERTED = {
+    "llama3.2": None,
+    "llama3-past-its-context": None,  # its converter writes the scaling as rope_freqs.weight
+    "qwen2.5": "qwen2",
+    "qwen3": None,
+    "gemma3-4b-rope": None,
+    "smollm3": None,
+    "mistral": None,
 }
 
 TOKENS = np.random.default_rng(0).integers(0, 49_152, (1, 40))
@@ -169,20 +127,16 @@ def llama_cpp_logits(path) -> np.ndarray:
     return np.asarray(model.scores[: TOKENS.shape[1]])[None]
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(CONVERTED))
 def family(request, converter, smollm2_path, tmp_path_factory):
-    config_type, model_type, settings, pre = FAMILIES[request.param]
-    torch.manual_seed(0)
-    model = model_type(config_type(vocab_size=49_152, **(_TINY | settings))).eval()
-    with torch.no_grad():  # norms start at 1 (or 0 for Gemma's 1 + w): make them count
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.add_(0.3 * torch.randn_like(parameter))
+    # SmolLM2's tokenizer fits the vocabulary; two Q8_0 blocks per row of D.
+    model = hf_model(request.param, vocab_size=49_152, hidden_size=64, intermediate_size=96)
     directory = tmp_path_factory.mktemp("converted") / request.param
     model.save_pretrained(directory)
     save_tokenizer(load_tokenizer(smollm2_path), directory)
     with torch.no_grad():
         reference = model(torch.tensor(TOKENS)).logits.numpy()
+    pre = CONVERTED[request.param]
     files = {outtype: convert(converter, directory, outtype, pre) for outtype in ("f32", "q8_0")}
     return request.param, directory, files, reference, model
 
