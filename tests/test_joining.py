@@ -90,6 +90,7 @@ def test_ctrl_c_and_sigterm_end_the_wait_for_peers(signum, status, line):
         _, err = waiting.communicate(timeout=20)
     finally:
         waiting.kill()
+        waiting.communicate()  # reaped, its pipe closed, whatever happened above
     assert waiting.returncode == status
     assert err.strip().splitlines()[-1] == line
 

@@ -17,6 +17,7 @@ import errno
 import os
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -49,6 +50,8 @@ JOIN_TIMEOUT_S = 60
 # JAX aborts the process (a C++ check, exit 134) at its own initialization timeout: it is set
 # past ours, so ours ends the wait first, with one line.
 JAX_TIMEOUT_MARGIN_S = 30
+# The slices the wait for the join is cut into: how soon Ctrl-C and SIGTERM act during it.
+JOIN_POLL_S = 0.1
 
 
 class Settings(NamedTuple):
@@ -140,7 +143,12 @@ def initialize(
     joining = threading.Thread(target=join, name="scanlab-join", daemon=True)
     _joined.append(settings)
     joining.start()
-    joining.join(join_timeout_s)
+    # Waited in short slices: a signal the kernel hands to one of JAX's threads rather than
+    # this one does not cut a long wait short, and Python runs its handler only here, between
+    # slices.
+    deadline = time.monotonic() + join_timeout_s
+    while joining.is_alive() and time.monotonic() < deadline:
+        joining.join(JOIN_POLL_S)
     if joining.is_alive():
         raise JoinTimeoutError(
             f"process {settings.process_id} of {settings.num_processes} waited "
