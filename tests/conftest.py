@@ -6,7 +6,9 @@ import jax
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
+import ast  # noqa: E402
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
@@ -97,6 +99,47 @@ def cli():
         return status, err.getvalue(), out.getvalue()
 
     return invoke
+
+
+# What the parity tests compare against: `make test-fast` (`--no-oracles`) leaves out every test
+# module that imports one, itself or through a helper of the suite (e.g. tests/decoder/oracle.py),
+# without importing it; `make test` runs them all.
+ORACLES = ("torch", "transformers", "peft")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--no-oracles",
+        action="store_true",
+        help=f"skip test modules that import {', '.join(ORACLES)} (make test-fast)",
+    )
+
+
+@functools.cache
+def imports_an_oracle(path: Path) -> bool:
+    """Whether the module at `path` imports an oracle at its top, itself or through a module of
+    tests/ (an import inside one test is that test's business)."""
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in ORACLES:
+                return True
+            helper = ROOT.joinpath(*name.split(".")).with_suffix(".py")
+            if name.startswith("tests.") and helper.is_file() and imports_an_oracle(helper):
+                return True
+    return False
+
+
+def pytest_ignore_collect(collection_path: Path, config):
+    if config.getoption("no_oracles") and collection_path.suffix == ".py":
+        return imports_an_oracle(collection_path) or None
+    return None
 
 
 # Fixtures that read a real model file (fetched on first use): their tests are `slow` or `e2e`,

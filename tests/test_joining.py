@@ -14,6 +14,8 @@ import pytest
 
 from scanlab import distributed
 
+pytestmark = pytest.mark.slow  # real processes waiting at a coordinator: not in `make test-fast`
+
 
 def alone_in_a_run_of_two(port: int, process_id: int = 0, **extra: str) -> dict[str, str]:
     """This environment, as a process of a run of two whose other process never comes."""
