@@ -319,6 +319,7 @@ def decoder_compare(
         )
 
 
+SERVE_CONTEXT = 4096  # `serve`'s default context: every slot holds this many positions
 MODEL_HELP = (
     "A .gguf file, a transformers checkpoint directory, or a known model's name (fetched on "
     "first use): smollm2-135m-instruct (chat), gemma3-270m (a base model: plain completion)."
@@ -651,6 +652,64 @@ def _typed_messages():
         if not text:
             return
         yield text
+
+
+@app.command("serve", cls=JoinsRun)
+def serve_command(
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = "smollm2-135m-instruct",
+    slots: Annotated[int, typer.Option(help="Requests decoded together (one compiled scan).")] = 8,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            help="Positions per slot: a prompt's bucket plus its answer. [default: "
+            "the model's context, at most 4096]"
+        ),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(help="Decoding steps per dispatch: requests join or leave between.")
+    ] = 8,
+    queue: Annotated[int, typer.Option(help="Requests that may wait for a slot (then 429).")] = 64,
+    host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="SCANLAB_API_KEY", help="Ask clients for this key (Bearer)."),
+    ] = None,
+    warm_up: Annotated[
+        int,
+        typer.Option(help="Compile the prompt buckets up to this many tokens at start-up."),
+    ] = 256,
+    weights: Weights = None,
+) -> None:
+    """Serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions),
+    many requests decoded together; a chat page at /. Ctrl-C or SIGTERM stops it."""
+    from scanlab import checks
+
+    checks.static_int("--slots", slots, minimum=1)
+    checks.static_int("--steps", steps, minimum=1)
+    checks.static_int("--queue", queue, minimum=0)
+    checks.static_int("--port", port, minimum=0, maximum=65535)
+    checks.static_int("--warm-up", warm_up, minimum=0)
+    if context is not None:
+        checks.static_int("--context", context, minimum=2)
+    from scanlab.decoder import config as config_lib
+    from scanlab.decoder import load
+
+    config_lib.check_weights(weights)
+    path = load.resolve(model, weights, on_progress=_progress)
+    config = load.load_config(path)
+    context = min(config.max_seq_len, SERVE_CONTEXT) if context is None else context
+    checks.static_int("--context", context, minimum=2, maximum=config.max_seq_len)
+    with _loading(model, weights):
+        loaded = load.load_model(path, weights)
+    from scanlab.serve import server
+
+    server.serve(
+        loaded,
+        Path(model).name if Path(model).exists() else model,
+        server.Settings(slots, context, steps, queue, host, port, api_key, warm_up),
+        on_progress=_progress,
+    )
 
 
 @app.command("train", cls=JoinsRun)

@@ -36,6 +36,7 @@ NOT_DISTRIBUTED = {
     "and write the same plot and merged model",
     "launch": "a launched process cannot launch more",
     "chat": "every process would read your typing",
+    "serve": "every process would listen on the same port",
 }
 
 

@@ -1,0 +1,211 @@
+"""Decoding slots: many requests decoded in one compiled scan, each joining and leaving between
+dispatches (continuous batching, as JetStream and llama-server do it).
+
+A `Slots` state holds B rows: a KV cache of T positions each and, per row, its newest token and
+position, its token budget, stop ids, sampling settings and PRNG key. `admit` prefills one
+prompt, left-padded to a bucket length P, and writes it into a row; `decode` runs K steps of
+every row in one `lax.scan`, the state donated, so the caches are updated in place. A free or
+finished row is computed too and its result dropped: the shapes never change, so each bucket's
+admission and the decoding step compile once.
+
+A row's positions are its cache slots, as in `generate` for a left-padded prompt: the prompt's S
+tokens sit at P - S .. P - 1 and the answer follows, so P + max_tokens <= T. Rotary attention
+depends only on position differences, so a row decodes as its prompt would alone; at
+temperature 0 its tokens are `generate`'s (tested, whatever shares the batch and whenever it
+joined), and with the same key its draws are too (each row splits its key as `generate` does).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from scanlab.decoder import sampling as sampling_lib
+from scanlab.decoder.cache import Cache, init_cache
+from scanlab.decoder.config import DecoderConfig
+from scanlab.decoder.generation import cached_logits
+from scanlab.decoder.sampling import Sampling
+
+
+class Slots(NamedTuple):
+    """B rows of decoding state; every field's first axis is the row (the cache's second)."""
+
+    cache: Cache  # (L, B, T, K, Dh) stacks
+    filled_BxT: jax.Array  # bool: positions holding a real token or one still to be decoded
+    token_B: jax.Array  # int32: the newest token, not yet in the cache
+    position_B: jax.Array  # int32: its position
+    done_B: jax.Array  # bool: free, finished or cancelled (its steps are dropped)
+    left_B: jax.Array  # int32: tokens the row may still emit
+    seen_BxV: jax.Array  # bool: tokens in the row so far (the repetition penalty's set)
+    stop_BxM: jax.Array  # int32: the row's stop ids, -1 where unused
+    sampling: Sampling  # (B,) fields; temperature 0: greedy
+    key_B: jax.Array  # (B,) typed PRNG keys
+
+
+class Emitted(NamedTuple):
+    """What K decoding steps produced, row by row."""
+
+    tokens_BxK: jax.Array  # int32
+    live_BxK: jax.Array  # bool: the row emitted that token (it was not done)
+
+
+def init_slots(
+    config: DecoderConfig, rows: int, length: int, max_stops: int, dtype=jnp.float32
+) -> Slots:
+    """B = `rows` free rows of T = `length` positions, each with room for `max_stops` stop ids."""
+    return Slots(
+        cache=init_cache(config, rows, length, dtype),
+        filled_BxT=jnp.zeros((rows, length), bool),
+        token_B=jnp.zeros(rows, jnp.int32),
+        position_B=jnp.zeros(rows, jnp.int32),
+        done_B=jnp.ones(rows, bool),
+        left_B=jnp.zeros(rows, jnp.int32),
+        seen_BxV=jnp.zeros((rows, config.vocab_size), bool),
+        stop_BxM=jnp.full((rows, max_stops), -1, jnp.int32),
+        sampling=Sampling(
+            temperature=jnp.zeros(rows, jnp.float32),
+            top_k=jnp.full(rows, config.vocab_size, jnp.int32),
+            top_p=jnp.ones(rows, jnp.float32),
+            min_p=jnp.zeros(rows, jnp.float32),
+            repetition_penalty=jnp.ones(rows, jnp.float32),
+        ),
+        key_B=jax.random.split(jax.random.key(0), rows),
+    )
+
+
+def _row_token(logits_V, seen_V, key, sampling: Sampling):
+    """One row's next token with its own settings: `sampling_lib.next_token` on a batch of one
+    (greedy when `key` is None)."""
+    return sampling_lib.next_token(logits_V[None], seen_V[None], key, sampling)[0]
+
+
+def next_tokens(logits_BxV, seen_BxV, subkey_B, sampling: Sampling) -> jax.Array:
+    """(B,) int32: each row's token, greedy where its temperature is 0, else drawn with its key.
+
+    The sampling transforms sort each row: a batch of greedy rows skips them."""
+    greedy_B = sampling.temperature <= 0
+
+    def greedy():
+        return jax.vmap(_row_token, (0, 0, None, 0))(logits_BxV, seen_BxV, None, sampling)
+
+    def mixed():
+        # A greedy row's draw is dropped; temperature 1 keeps its arithmetic finite.
+        finite = sampling._replace(temperature=jnp.where(greedy_B, 1.0, sampling.temperature))
+        drawn_B = jax.vmap(_row_token)(logits_BxV, seen_BxV, subkey_B, finite)
+        return jnp.where(greedy_B, greedy(), drawn_B)
+
+    return jax.lax.cond(jnp.all(greedy_B), greedy, mixed)
+
+
+def _split(key_B):
+    """Each row's key split as `generate` splits its one: (the next keys, this step's subkeys)."""
+    pairs_Bx2 = jax.vmap(jax.random.split)(key_B)
+    return pairs_Bx2[:, 0], pairs_Bx2[:, 1]
+
+
+def _put_row(stacked, row, new):
+    """Every array of `stacked` with its row `row` (first axis) replaced by `new`'s only row."""
+    return jax.tree.map(
+        lambda old, one: jax.lax.dynamic_update_index_in_dim(old, one[0], row, 0), stacked, new
+    )
+
+
+def _put_cache_row(cache: Cache, row, new: Cache) -> Cache:
+    """The cache with its row `row` (second axis) replaced by `new`'s only row."""
+
+    def put(old, one):  # (L, B, T, K, Dh) <- (L, 1, T, K, Dh)
+        return jax.lax.dynamic_update_slice_in_dim(old, one.astype(old.dtype), row, axis=1)
+
+    return jax.tree.map(put, cache, new)
+
+
+@functools.partial(jax.jit, static_argnames="config", donate_argnums=1)
+def admit(
+    params,
+    slots: Slots,
+    prompt_1xP,
+    mask_1xP,
+    row,
+    max_tokens,
+    stop_M,
+    sampling: Sampling,
+    key,
+    *,
+    config: DecoderConfig,
+):
+    """Slots with the prompt prefilled into `row` and its first token drawn; and that token.
+
+    prompt_1xP / mask_1xP: the prompt left-padded to its bucket and its mask (False on padding);
+    max_tokens: the row's budget, >= 1, P + max_tokens <= T; stop_M: (M,) stop ids, -1 unused;
+    sampling: () fields; key: a typed PRNG key.
+    """
+    length = slots.filled_BxT.shape[1]
+    prompt_length = prompt_1xP.shape[1]
+    cache = init_cache(config, 1, length, slots.cache.full.k.dtype)
+    filled_1xT = jnp.concatenate([mask_1xP, jnp.ones((1, length - prompt_length), bool)], 1)
+    positions_1xP = jnp.arange(prompt_length)[None]
+    logits_1xV, cache = cached_logits(params, config, cache, prompt_1xP, positions_1xP, filled_1xT)
+    seen_1xV = jnp.zeros((1, config.vocab_size), bool).at[0, prompt_1xP[0]].max(mask_1xP[0])
+    sampling_1 = jax.tree.map(lambda setting: setting[None], sampling)
+    key_1, subkey_1 = _split(key[None])
+    token = next_tokens(logits_1xV, seen_1xV, subkey_1, sampling_1)
+    stop_1xM = stop_M[None]
+    row_state = Slots(
+        cache=cache,
+        filled_BxT=filled_1xT,
+        token_B=token,
+        position_B=jnp.full(1, prompt_length, jnp.int32),
+        done_B=jnp.isin(token, stop_M) | (max_tokens <= 1),
+        left_B=jnp.reshape(max_tokens - 1, (1,)).astype(jnp.int32),
+        seen_BxV=seen_1xV.at[0, token].set(True),
+        stop_BxM=stop_1xM,
+        sampling=sampling_1,
+        key_B=key_1,
+    )
+    others = slots._replace(cache=None)
+    merged = _put_row(others, row, row_state._replace(cache=None))
+    return merged._replace(cache=_put_cache_row(slots.cache, row, cache)), token[0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnums=1)
+def decode(params, slots: Slots, keep_B, pad_id, *, config: DecoderConfig, steps: int):
+    """`steps` decoding steps of every row in one scan: (the slots after them, what they emitted).
+
+    keep_B: bool (B,), False for rows the host cancels now (they emit nothing more).
+    pad_id: () int32, emitted by rows that are done.
+    """
+    slots = slots._replace(done_B=slots.done_B | ~keep_B)
+    rows_B = jnp.arange(slots.token_B.shape[0])
+
+    def step(slots: Slots, _):
+        logits_BxV, cache = cached_logits(
+            params,
+            config,
+            slots.cache,
+            slots.token_B[:, None],
+            slots.position_B[:, None],
+            slots.filled_BxT,
+        )
+        key_B, subkey_B = _split(slots.key_B)
+        live_B = ~slots.done_B
+        token_B = jnp.where(
+            live_B, next_tokens(logits_BxV, slots.seen_BxV, subkey_B, slots.sampling), pad_id
+        )
+        stopped_B = (token_B[:, None] == slots.stop_BxM).any(1)
+        left_B = slots.left_B - live_B
+        new = slots._replace(
+            cache=cache,
+            token_B=jnp.where(live_B, token_B, slots.token_B),
+            position_B=slots.position_B + live_B,
+            done_B=slots.done_B | stopped_B | (left_B <= 0),
+            left_B=left_B,
+            seen_BxV=slots.seen_BxV.at[rows_B, token_B].max(live_B),
+            key_B=key_B,
+        )
+        return new, Emitted(token_B, live_B)
+
+    slots, emitted = jax.lax.scan(step, slots, length=steps)
+    return slots, Emitted(emitted.tokens_BxK.T, emitted.live_BxK.T)

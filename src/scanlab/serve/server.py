@@ -1,0 +1,85 @@
+"""`scanlab serve`: an Engine behind the HTTP API, run by uvicorn until Ctrl-C or SIGTERM.
+
+Start-up says what it does on stderr (the buckets compiled, then one ready line with the
+address); each finished request is one log line. On Ctrl-C or SIGTERM uvicorn stops accepting
+and gives the requests in flight `DRAIN_S` seconds; the engine then cancels what is left, and
+uvicorn raises the signal again, which the CLI turns into its one line and exit status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable
+
+import uvicorn
+
+from scanlab.decoder.load import Model
+from scanlab.serve.api import create_app
+from scanlab.serve.engine import Engine
+
+DRAIN_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    slots: int = 8
+    context: int = 4096
+    steps: int = 8
+    queue: int = 64
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    warm_up: int = 256  # prompt buckets up to this many tokens compiled at start-up
+
+
+def serve(model: Model, name: str, settings: Settings, on_progress: Callable[[str], None]):
+    """Serves `model` as `name` until a signal ends it."""
+    engine = Engine(
+        model,
+        slots=settings.slots,
+        context=settings.context,
+        steps=settings.steps,
+        queue_size=settings.queue,
+    )
+    on_progress(f"compiling ({settings.slots} slots of {engine.context} positions)...")
+    engine.warm_up(
+        engine.buckets(up_to=settings.warm_up), on_compiled=lambda what: on_progress(f"  {what}")
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log = logging.getLogger("scanlab.serve")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    app = create_app(engine, name, api_key=settings.api_key)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(DRAIN_S),
+    )
+    server = _Server(
+        config,
+        lambda port: on_progress(f"ready: {name} at http://{settings.host}:{port} (Ctrl-C stops)"),
+    )
+    engine.start()
+    try:
+        server.run()
+    finally:
+        engine.close(deadline_s=0)
+        log.removeHandler(handler)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying when it listens (and on which port: `--port 0` picks one)."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[int], None]):
+        super().__init__(config)
+        self.on_ready = on_ready
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.on_ready(self.servers[0].sockets[0].getsockname()[1])
