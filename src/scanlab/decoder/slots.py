@@ -106,20 +106,19 @@ def _split(key_B):
     return pairs_Bx2[:, 0], pairs_Bx2[:, 1]
 
 
-def _put_row(stacked, row, new):
-    """Every array of `stacked` with its row `row` (first axis) replaced by `new`'s only row."""
-    return jax.tree.map(
-        lambda old, one: jax.lax.dynamic_update_index_in_dim(old, one[0], row, 0), stacked, new
+def _put_row(slots: Slots, row, one: Slots) -> Slots:
+    """`slots` with its row `row` replaced by `one`'s only row (the caches' rows are their
+    second axis, every other field's its first)."""
+
+    def put(axis: int):
+        return lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, row, axis)
+
+    return Slots(
+        **{
+            name: jax.tree.map(put(1 if name == "cache" else 0), old, new)
+            for name, old, new in zip(Slots._fields, slots, one, strict=True)
+        }
     )
-
-
-def _put_cache_row(cache: Cache, row, new: Cache) -> Cache:
-    """The cache with its row `row` (second axis) replaced by `new`'s only row."""
-
-    def put(old, one):  # (L, B, T, K, Dh) <- (L, 1, T, K, Dh)
-        return jax.lax.dynamic_update_slice_in_dim(old, one.astype(old.dtype), row, axis=1)
-
-    return jax.tree.map(put, cache, new)
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnums=1)
@@ -165,9 +164,7 @@ def admit(
         sampling=sampling_1,
         key_B=key_1,
     )
-    others = slots._replace(cache=None)
-    merged = _put_row(others, row, row_state._replace(cache=None))
-    return merged._replace(cache=_put_cache_row(slots.cache, row, cache)), token[0]
+    return _put_row(slots, row, row_state), token[0]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnums=1)
@@ -195,11 +192,12 @@ def decode(params, slots: Slots, keep_B, pad_id, *, config: DecoderConfig, steps
             live_B, next_tokens(logits_BxV, slots.seen_BxV, subkey_B, slots.sampling), pad_id
         )
         stopped_B = (token_B[:, None] == slots.stop_BxM).any(1)
-        left_B = slots.left_B - live_B
+        step_B = live_B.astype(jnp.int32)
+        left_B = slots.left_B - step_B
         new = slots._replace(
             cache=cache,
             token_B=jnp.where(live_B, token_B, slots.token_B),
-            position_B=slots.position_B + live_B,
+            position_B=slots.position_B + step_B,
             done_B=slots.done_B | stopped_B | (left_B <= 0),
             left_B=left_B,
             seen_BxV=slots.seen_BxV.at[rows_B, token_B].max(live_B),

@@ -219,10 +219,12 @@ async def _answer(engine: Engine, body: Options, prompt, prompt_field: str, *, c
         raise APIError(400, message, param) from None
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
+
+    def deliver(ids: list[int], end: str | None) -> None:  # on the engine's thread
+        loop.call_soon_threadsafe(pieces.put_nowait, (ids, end))
+
     try:
-        ticket = engine.submit(
-            request, lambda ids, end: loop.call_soon_threadsafe(pieces.put_nowait, (ids, end))
-        )
+        ticket = engine.submit(request, deliver)
     except EngineBusy as error:
         raise APIError(429, str(error)) from None
     reply = _Reply(engine, body, len(prompt), chat, model_name)

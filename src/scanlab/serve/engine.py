@@ -258,7 +258,7 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-                admitted = []
+                admitted: list[Ticket] = []
                 while self._waiting and len(self._busy) + len(admitted) < self.rows:
                     admitted.append(self._waiting.popleft())
             for ticket in admitted:
