@@ -2,11 +2,10 @@
 for what that client cannot send, several clients at once, and every bad request refused with
 OpenAI's error body naming the field, the engine untouched.
 
-Each server runs in this process (uvicorn in a thread, on a free port) over a tiny model whose
+Each server runs in this process (`serve.running`: uvicorn in a thread, on a free port) over a tiny model whose
 answers are compared with `generate` decoding the same prompt alone.
 """
 
-import contextlib
 import dataclasses
 import json
 import threading
@@ -19,13 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from tests.tiny import CHAT_TEMPLATE, TINY, tiny_tokenizer
 
-from scanlab import distributed
 from scanlab.decoder import Model, generate, init_params
-from scanlab.serve.api import create_app
-from scanlab.serve.engine import Engine
+from scanlab.serve import Engine, running
 
 KEY = "secret"
 NAME = "tiny-chat"
@@ -44,25 +40,6 @@ def model() -> Model:
     return Model(config, init_params(config, jax.random.PRNGKey(0)), tokenizer)
 
 
-@contextlib.contextmanager
-def serving(engine: Engine, **options):
-    """`engine` behind the API on a free port: yields the base URL."""
-    port = distributed.free_port()
-    config = uvicorn.Config(create_app(engine, NAME, **options), port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        engine.close(deadline_s=0)
-
-
 @pytest.fixture(scope="module")
 def engine(model) -> Engine:
     return Engine(model, slots=2, context=512, steps=2, queue_size=4).start()
@@ -70,7 +47,7 @@ def engine(model) -> Engine:
 
 @pytest.fixture(scope="module")
 def url(engine):
-    with serving(engine, api_key=KEY) as url:
+    with running(engine, NAME, api_key=KEY) as url:
         yield url
 
 
@@ -289,7 +266,7 @@ def test_a_wrong_or_missing_key_is_401(url, key):
 
 
 def test_a_body_over_the_limit_is_413(model):
-    with serving(Engine(model, slots=1, context=64), max_body_bytes=1000) as url:
+    with running(Engine(model, slots=1, context=64), NAME, max_body_bytes=1000) as url:
         big = {"messages": [{"role": "user", "content": "x" * 2000}]}
         code, _, answer = post(url, "/v1/chat/completions", big, key=None)
     assert code == 413 and "<= 1000 bytes" in answer["error"]["message"]
@@ -297,7 +274,7 @@ def test_a_body_over_the_limit_is_413(model):
 
 def test_more_requests_than_slots_and_queue_are_refused_with_retry_after(model):
     engine = Engine(model, slots=1, context=64, queue_size=1)  # not started: nothing leaves
-    with serving(engine) as url:
+    with running(engine, NAME) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         waiting = [
             client.chat.completions.create(model=NAME, messages=QUESTION, stream=True)
@@ -317,7 +294,7 @@ def test_a_client_that_goes_away_mid_stream_frees_its_slot(model):
     tickets = []
     submit = engine.submit
     engine.submit = lambda *args: tickets.append(submit(*args)) or tickets[-1]  # type: ignore[method-assign]
-    with serving(engine) as url:
+    with running(engine, NAME) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         stream = client.chat.completions.create(
             model=NAME, messages=QUESTION, max_tokens=480, temperature=0, stream=True
@@ -338,7 +315,7 @@ def test_concurrent_clients_each_get_their_whole_answer(model, slots, requests):
     budgets = [8 + 3 * i for i in range(requests)]
     answers: dict[int, str] = {}
     busiest = []
-    with serving(engine) as url:
+    with running(engine, NAME) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
         def ask(i):

@@ -1,4 +1,5 @@
-"""`scanlab serve`: an Engine behind the HTTP API, run by uvicorn until Ctrl-C or SIGTERM.
+"""An Engine behind the HTTP API, run by uvicorn: `serve` until Ctrl-C or SIGTERM (`scanlab
+serve`), or `running` in a thread for as long as a `with` block lasts.
 
 Start-up says what it does on stderr (the buckets compiled, then one ready line with the
 address); each finished request is one log line. On Ctrl-C or SIGTERM uvicorn stops accepting
@@ -8,15 +9,17 @@ uvicorn raises the signal again, which the CLI turns into its one line and exit 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
 from scanlab.decoder.load import Model
-from scanlab.serve.api import create_app
+from scanlab.serve.api import MAX_BODY_BYTES, create_app
 from scanlab.serve.engine import Engine
 
 DRAIN_S = 5.0
@@ -83,3 +86,32 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             self.on_ready(self.servers[0].sockets[0].getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(
+    engine: Engine,
+    name: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Iterator[str]:
+    """Serves `engine`'s model as `name` from a thread while the block runs; yields the base
+    URL (`port` 0: a free port). On leaving, the server stops and the engine closes."""
+    app = create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes)
+    bound: list[int] = []
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"), bound.append)
+    thread = threading.Thread(target=server.run, name="scanlab-server", daemon=True)
+    thread.start()
+    while not bound:
+        if not thread.is_alive():
+            raise OSError(f"the server could not listen on {host}:{port}")
+        thread.join(0.01)
+    try:
+        yield f"http://{host}:{bound[0]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        engine.close(deadline_s=0)
