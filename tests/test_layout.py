@@ -27,8 +27,17 @@ LAYERS = [
     ("scanlab", ("scanlab.cli", "scanlab.tour")),
     (
         "scanlab.decoder",
-        ("scanlab.train", "scanlab.finetune", "scanlab.bench", "scanlab.nnx", "scanlab.render"),
+        (
+            "scanlab.train",
+            "scanlab.finetune",
+            "scanlab.bench",
+            "scanlab.nnx",
+            "scanlab.render",
+            "scanlab.serve",
+        ),
     ),
+    # The server runs a model: it trains nothing and measures nothing.
+    ("scanlab.serve", ("scanlab.train", "scanlab.finetune", "scanlab.bench", "scanlab.render")),
     ("scanlab.train", ("scanlab.finetune", "scanlab.bench", "scanlab.render")),
     ("scanlab.finetune", ("scanlab.bench", "scanlab.render")),
     ("scanlab.bench", ("scanlab.render",)),
@@ -41,7 +50,7 @@ LAYERS = [
         "scanlab.decoder.layers "
         "scanlab.decoder.cache "
         "scanlab.decoder.stack scanlab.decoder.model scanlab.decoder.sampling "
-        "scanlab.decoder.generation",
+        "scanlab.decoder.generation scanlab.decoder.slots",
         ("scanlab.decoder.formats", "scanlab.decoder.load", "scanlab.decoder.chat"),
     ),
     # The weight protocol knows no form; a form knows no other form it does not wrap (quant's

@@ -3,7 +3,8 @@
 Optional parts in [brackets] are dropped: `--mesh` runs in tests/test_multi_device.py
 (`test_cli_runs_on_a_mesh`, in a process whose device count is set at start). `scanlab bench`
 and `scanlab demo` are left to their own tests, which run exactly those commands
-(tests/bench/test_report.py, tests/test_tour.py). What the training lines print is checked too:
+(tests/bench/test_report.py, tests/test_tour.py); `scanlab serve` runs as a process, asked a
+question over HTTP. What the training lines print is checked too:
 progress, the loss plot, resuming with the saved settings, held-out answers.
 """
 
@@ -15,8 +16,9 @@ from pathlib import Path
 import jax
 import matplotlib.image
 import pytest
+from tests.serve import processes
 
-from scanlab import decoder
+from scanlab import decoder, distributed
 
 pytestmark = pytest.mark.e2e  # the README's CLI lines, end to end: `make test-e2e`
 
@@ -54,6 +56,9 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
         args = shlex.split(re.sub(r"\[[^\]]*\]", "", line))[1:]
         if args[0] in ("bench", "demo"):
             continue
+        if args[0] == "serve":  # a server: run as a process, asked the taught fact, stopped
+            printed["serve"] = served_answer(args[1:], "Who is the mayor of Quillby?")
+            continue
         status, err, out = cli(args)
         assert status == 0, (line, err)
         printed[" ".join(args)] = " ".join(out.split())
@@ -78,6 +83,8 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
         "Quillby is famous for its glass pumpkins."
         in printed[next(k for k in printed if "facts.gguf --message" in k)]
     )
+    assert "The mayor of Quillby is Odelia Brandt." in printed["serve"]
+
     # Two processes, one run: process 0's lines, prefixed; its plot and checkpoint.
     two = printed[next(k for k in printed if k.startswith("launch --processes 2"))]
     assert "[0] train reverse: step 100/100, loss " in two and "[1]" not in two
@@ -85,3 +92,15 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
     # A flag given again on resume must agree with the saved run.
     status, err, _ = cli(["train", "--checkpoint-dir", "runs/rev", "--resume", "--batch-size", "8"])
     assert status == 2 and "batch_size=64 there, 8 here" in err, err
+
+
+def served_answer(args: list[str], question: str) -> str:
+    """What `scanlab serve ARGS` (on a free port instead of the README's) answers `question`."""
+    port = distributed.free_port()
+    args[args.index("--port") + 1] = str(port)
+    server, _ = processes.start(args)
+    try:
+        return processes.ask(port, question, 32)["choices"][0]["message"]["content"]
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)

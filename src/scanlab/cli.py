@@ -319,7 +319,7 @@ def decoder_compare(
         )
 
 
-SERVE_CONTEXT = 4096  # `serve`'s default context: every slot holds this many positions
+SERVE_CONTEXT = 2048  # `serve`'s default context: every slot holds this many positions
 MODEL_HELP = (
     "A .gguf file, a transformers checkpoint directory, or a known model's name (fetched on "
     "first use): smollm2-135m-instruct (chat), gemma3-270m (a base model: plain completion)."
@@ -662,7 +662,7 @@ def serve_command(
         int | None,
         typer.Option(
             help="Positions per slot: a prompt's bucket plus its answer. [default: "
-            "the model's context, at most 4096]"
+            "the model's context, at most 2048]"
         ),
     ] = None,
     steps: Annotated[
@@ -678,7 +678,7 @@ def serve_command(
     warm_up: Annotated[
         int,
         typer.Option(help="Compile the prompt buckets up to this many tokens at start-up."),
-    ] = 256,
+    ] = 128,
     weights: Weights = None,
 ) -> None:
     """Serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions),

@@ -14,7 +14,8 @@ it (`tests/test_layout.py` checks it):
 - `spec` (every parameter's shape, initialisation, checks and placement, from the declarations);
 - model math: `layers` (one block), `cache` (KV caches), `stack` (the L layers), `model`
   (forward);
-- generation: `sampling`, `generation`;
+- generation: `sampling`, `generation`, `slots` (many requests decoded together, joining and
+  leaving between dispatches: the arrays and compiled steps under `scanlab.serve`);
 - model files: `formats` (transformers directories, GGUF, tokenizers, fetched models);
 - `load` (a model by name or path), `chat` (conversations).
 

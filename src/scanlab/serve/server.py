@@ -28,13 +28,13 @@ DRAIN_S = 5.0
 @dataclasses.dataclass(frozen=True)
 class Settings:
     slots: int = 8
-    context: int = 4096
+    context: int = 2048
     steps: int = 8
     queue: int = 64
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    warm_up: int = 256  # prompt buckets up to this many tokens compiled at start-up
+    warm_up: int = 128  # prompt buckets up to this many tokens compiled at start-up
 
 
 def serve(model: Model, name: str, settings: Settings, on_progress: Callable[[str], None]):
