@@ -661,8 +661,8 @@ def serve_command(
     context: Annotated[
         int | None,
         typer.Option(
-            help="Positions per slot: a prompt's bucket plus its answer. [default: "
-            "the model's context, at most 2048]"
+            help="Positions per slot: a prompt's bucket plus its answer.",
+            show_default="the model's context, at most 2048",
         ),
     ] = None,
     steps: Annotated[

@@ -109,6 +109,7 @@ class Host:
             jnp.int32(self.model.tokenizer.pad_id),
             config=self.model.config,
             steps=self.steps,
+            rows=rows,
         )
         tokens, live = np.asarray(emitted.tokens_BxK), np.asarray(emitted.live_BxK)
         for row in self.out:
@@ -209,6 +210,11 @@ def test_each_request_ends_with_its_reason(model, prompts, greedy_alone):
             engine.submit(engine.check(prompts[0], budget), deliver)
             assert ended.wait(60) and got[-1][1] == reason
             assert [token for ids, _ in got for token in ids] == alone(stopping, prompts[0], budget)
+        deliver, got, ended = deliveries()  # ignore_eos: the whole budget, past the stop token
+        engine.submit(engine.check(prompts[0], 20, ignore_eos=True), deliver)
+        assert ended.wait(60) and got[-1][1] == LENGTH
+        never = model._replace(tokenizer=dataclasses.replace(model.tokenizer, eos_ids=()))
+        assert [token for ids, _ in got for token in ids] == alone(never, prompts[0], 20)
         deliver, got, ended = deliveries()
         ticket = engine.submit(engine.check(prompts[1], 40), deliver)
         ticket.cancel()

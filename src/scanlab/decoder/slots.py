@@ -106,17 +106,17 @@ def _split(key_B):
     return pairs_Bx2[:, 0], pairs_Bx2[:, 1]
 
 
-def _put_row(slots: Slots, row, one: Slots) -> Slots:
-    """`slots` with its row `row` replaced by `one`'s only row (the caches' rows are their
-    second axis, every other field's its first)."""
+def _put_rows(slots: Slots, rows: Slots, start=0) -> Slots:
+    """`slots` with its rows from `start` replaced by `rows` (the caches' rows are their second
+    axis, every other field's its first)."""
 
     def put(axis: int):
-        return lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, row, axis)
+        return lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, start, axis)
 
     return Slots(
         **{
             name: jax.tree.map(put(1 if name == "cache" else 0), old, new)
-            for name, old, new in zip(Slots._fields, slots, one, strict=True)
+            for name, old, new in zip(Slots._fields, slots, rows, strict=True)
         }
     )
 
@@ -164,46 +164,63 @@ def admit(
         sampling=sampling_1,
         key_B=key_1,
     )
-    return _put_row(slots, row, row_state), token[0]
+    return _put_rows(slots, row_state, row), token[0]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnums=1)
-def decode(params, slots: Slots, keep_B, pad_id, *, config: DecoderConfig, steps: int):
-    """`steps` decoding steps of every row in one scan: (the slots after them, what they emitted).
+def _rows(slots: Slots, count: int) -> Slots:
+    """The first `count` rows of the slots (the caches' rows are their second axis)."""
 
-    keep_B: bool (B,), False for rows the host cancels now (they emit nothing more).
+    def first(axis: int):
+        return lambda array: jax.lax.slice_in_dim(array, 0, count, axis=axis)
+
+    return Slots(
+        **{
+            name: jax.tree.map(first(1 if name == "cache" else 0), field)
+            for name, field in zip(Slots._fields, slots, strict=True)
+        }
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "rows"), donate_argnums=1)
+def decode(params, slots: Slots, keep_B, pad_id, *, config: DecoderConfig, steps: int, rows: int):
+    """`steps` decoding steps of the first `rows` rows in one scan: (the slots after them, what
+    those rows emitted). The others are left as they are: the host keeps its busy rows first
+    and rounds their count up to a few sizes, so a lone request is not charged for idle rows.
+
+    keep_B: bool (rows,), False for rows the host cancels now (they emit nothing more).
     pad_id: () int32, emitted by rows that are done.
     """
-    slots = slots._replace(done_B=slots.done_B | ~keep_B)
-    rows_B = jnp.arange(slots.token_B.shape[0])
+    active = _rows(slots, rows)
+    active = active._replace(done_B=active.done_B | ~keep_B)
+    rows_B = jnp.arange(rows)
 
-    def step(slots: Slots, _):
+    def step(active: Slots, _):
         logits_BxV, cache = cached_logits(
             params,
             config,
-            slots.cache,
-            slots.token_B[:, None],
-            slots.position_B[:, None],
-            slots.filled_BxT,
+            active.cache,
+            active.token_B[:, None],
+            active.position_B[:, None],
+            active.filled_BxT,
         )
-        key_B, subkey_B = _split(slots.key_B)
-        live_B = ~slots.done_B
+        key_B, subkey_B = _split(active.key_B)
+        live_B = ~active.done_B
         token_B = jnp.where(
-            live_B, next_tokens(logits_BxV, slots.seen_BxV, subkey_B, slots.sampling), pad_id
+            live_B, next_tokens(logits_BxV, active.seen_BxV, subkey_B, active.sampling), pad_id
         )
-        stopped_B = (token_B[:, None] == slots.stop_BxM).any(1)
+        stopped_B = (token_B[:, None] == active.stop_BxM).any(1)
         step_B = live_B.astype(jnp.int32)
-        left_B = slots.left_B - step_B
-        new = slots._replace(
+        left_B = active.left_B - step_B
+        new = active._replace(
             cache=cache,
-            token_B=jnp.where(live_B, token_B, slots.token_B),
-            position_B=slots.position_B + step_B,
-            done_B=slots.done_B | stopped_B | (left_B <= 0),
+            token_B=jnp.where(live_B, token_B, active.token_B),
+            position_B=active.position_B + step_B,
+            done_B=active.done_B | stopped_B | (left_B <= 0),
             left_B=left_B,
-            seen_BxV=slots.seen_BxV.at[rows_B, token_B].max(live_B),
+            seen_BxV=active.seen_BxV.at[rows_B, token_B].max(live_B),
             key_B=key_B,
         )
         return new, Emitted(token_B, live_B)
 
-    slots, emitted = jax.lax.scan(step, slots, length=steps)
-    return slots, Emitted(emitted.tokens_BxK.T, emitted.live_BxK.T)
+    active, emitted = jax.lax.scan(step, active, length=steps)
+    return _put_rows(slots, active), Emitted(emitted.tokens_BxK.T, emitted.live_BxK.T)

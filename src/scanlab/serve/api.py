@@ -70,6 +70,7 @@ class Options(BaseModel):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # llama-server's and vLLM's: the whole budget, past stop tokens
     stop: str | list[str] | None = None
     n: Literal[1] = 1
     stream: bool = False
@@ -82,6 +83,7 @@ class Options(BaseModel):
             temperature=self.temperature,
             repetition_penalty=self.repetition_penalty,
             seed=0 if self.seed is None else self.seed,
+            ignore_eos=self.ignore_eos,
         )
         if self.temperature > 0:
             options |= dict(top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)

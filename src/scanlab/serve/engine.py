@@ -62,6 +62,7 @@ class Request:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # decode the whole budget past stop tokens (as llama-server's)
 
 
 Delivery = Callable[[list[int], str | None], None]  # (new token ids, why it ended or None)
@@ -141,7 +142,7 @@ class Engine:
 
     def check(self, prompt: Sequence[int], max_tokens: int | None = None, **sampling) -> Request:
         """A Request, every argument checked (ArgumentError naming it); `max_tokens` None: all
-        the room the prompt's bucket leaves."""
+        the room the prompt's bucket leaves; `sampling`: Request's other fields."""
         vocab = self.model.config.vocab_size
         if not len(prompt):
             raise ArgumentError("prompt must hold at least one token, got none")
@@ -166,8 +167,10 @@ class Engine:
             )
         seed = sampling.pop("seed", 0)
         checks.seed_key(seed)
+        ignore_eos = sampling.pop("ignore_eos", False)
+        checks.instance("ignore_eos", ignore_eos, bool)
         checked = checks.sampling_options(vocab, **sampling)
-        return Request(ids, max_tokens, seed=seed, **checked)
+        return Request(ids, max_tokens, seed=seed, ignore_eos=ignore_eos, **checked)
 
     def submit(self, request: Request, deliver: Delivery) -> Ticket:
         """Queues a checked request; raises EngineBusy when the queue is full."""
@@ -218,7 +221,8 @@ class Engine:
             self._busy[0] = Ticket(Request((0,) * bucket, 1), lambda ids, end: None)
             self._admit_into(0, self._busy[0])
             on_compiled(f"prompt bucket {bucket}")
-        self._dispatch()
+        for rows in self._row_counts():
+            self._decode(np.zeros(rows, bool))
         self._finished = 0
         on_compiled(f"decoding step ({self.rows} slots, {self.steps} steps per dispatch)")
 
@@ -283,20 +287,34 @@ class Engine:
             jnp.asarray(mask),
             jnp.int32(row),
             jnp.int32(request.max_tokens),
-            jnp.asarray(self._stops),
+            jnp.asarray(self._stops_of(request)),
             _sampling(request, self.model.config.vocab_size),
             jax.random.key(request.seed),
             config=self.model.config,
         )
         self._hand_over(row, ticket, [int(first)])
 
+    def _row_counts(self) -> list[int]:
+        """The row counts a dispatch decodes: powers of two below the slots, and all of them."""
+        return sorted({min(2**i, self.rows) for i in range(self.rows.bit_length() + 1)})
+
     def _dispatch(self) -> None:
-        keep = np.zeros(self.rows, bool)
+        """K steps of the busy rows (the first n rows, n the least row count holding them)."""
         for row, ticket in list(self._busy.items()):
             if ticket.cancelled.is_set():
                 self._end(row, CANCELLED)
-            else:
-                keep[row] = True
+        if not self._busy:
+            return
+        highest = max(self._busy)
+        rows = next(n for n in self._row_counts() if n > highest)
+        keep = np.zeros(rows, bool)
+        keep[list(self._busy)] = True
+        tokens, live = self._decode(keep)
+        self._recent.append((time.monotonic(), int(live.sum())))
+        for row, ticket in list(self._busy.items()):
+            self._hand_over(row, ticket, tokens[row][live[row]].tolist())
+
+    def _decode(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._slots, emitted = slots_lib.decode(
             self.model.params,
             self._slots,
@@ -304,17 +322,15 @@ class Engine:
             jnp.int32(self.model.tokenizer.pad_id),
             config=self.model.config,
             steps=self.steps,
+            rows=len(keep),
         )
-        tokens, live = np.asarray(emitted.tokens_BxK), np.asarray(emitted.live_BxK)
-        self._recent.append((time.monotonic(), int(live.sum())))
-        for row, ticket in list(self._busy.items()):
-            self._hand_over(row, ticket, tokens[row][live[row]].tolist())
+        return np.asarray(emitted.tokens_BxK), np.asarray(emitted.live_BxK)
 
     def _hand_over(self, row: int, ticket: Ticket, ids: list[int]) -> None:
         """Gives the ticket its new tokens; ends it where it stopped or spent its budget."""
         ticket.emitted += len(ids)
         end = None
-        if ids and ids[-1] in self._stops:
+        if ids and ids[-1] in self._stops_of(ticket.request):
             end = STOP
         elif ticket.emitted >= ticket.request.max_tokens:
             end = LENGTH
@@ -322,6 +338,10 @@ class Engine:
             ticket.deliver(ids, end)
         if end is not None:
             self._end(row, None)
+
+    def _stops_of(self, request: Request) -> np.ndarray:
+        """The stop ids of a request's row (-1: none)."""
+        return np.full_like(self._stops, -1) if request.ignore_eos else self._stops
 
     def _end(self, row: int, reason: str | None) -> None:
         """Frees the row (its state is overwritten by the next admission into it)."""
