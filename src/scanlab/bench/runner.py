@@ -20,6 +20,7 @@ from scanlab.bench import (
     processes,
     recurrence,
     scaling,
+    serving,
     training,
 )
 from scanlab.checks import shown
@@ -51,6 +52,11 @@ REAL_MODEL_WORKLOADS = {
         "finetuning",
         "fine-tuning the real model: scanned chunks, a loop, transformers + PEFT",
         lambda on_progress: finetuning.measure(),
+    ),
+    "W16": _RealModelWorkload(
+        "serving",
+        "many users at once: scanlab serve against llama-server",
+        lambda on_progress: serving.measure(on_progress=on_progress),
     ),
     "W17": _RealModelWorkload(
         "sizes",

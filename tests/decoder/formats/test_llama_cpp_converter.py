@@ -7,10 +7,8 @@ Each model carries SmolLM2's tokenizer (the converter needs one it knows by name
 49,152-token vocabulary on a tiny model.
 """
 
-import hashlib
 import subprocess
 import sys
-import tarfile
 import textwrap
 
 import jax
@@ -22,6 +20,7 @@ from tests.conftest import CACHE
 from tests.decoder.formats.test_families import hf_model
 from tests.decoder.oracle import hf_greedy
 
+from scanlab.bench import llama_cpp_sources
 from scanlab.decoder import (
     forward,
     generate,
@@ -34,9 +33,6 @@ from scanlab.decoder.formats.tokenizer import save_tokenizer
 
 pytestmark = pytest.mark.e2e  # builds on llama.cpp's sources and llama-cpp-python: `make test-e2e`
 
-SDIST = "llama-cpp-python==0.3.36"
-SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
-SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # The converter and what it imports, inside the sdist.
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
@@ -66,25 +62,7 @@ Q8_0_ATOL = 0.1
 @pytest.fixture(scope="session")
 def converter():
     """llama.cpp's converter, extracted from the hash-checked sdist (fetched once, cached)."""
-    target = CACHE / "llama.cpp-converter-0.3.36"
-    if (target / "convert_hf_to_gguf.py").is_file():
-        return target
-    archive = CACHE / SDIST_FILE
-    if not archive.is_file():
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        subprocess.run([*command, "--dest", str(CACHE), SDIST], check=True, capture_output=True)
-    assert hashlib.sha256(archive.read_bytes()).hexdigest() == SDIST_SHA256
-    prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-    with tarfile.open(archive) as sdist:
-        members = [
-            member.replace(name=member.name.removeprefix(prefix))
-            for member in sdist.getmembers()
-            if member.name.removeprefix(prefix).startswith(CONVERTER_PARTS)
-        ]
-        staging = target.with_suffix(".partial")
-        sdist.extractall(staging, members=members, filter="data")
-    staging.rename(target)
-    return target
+    return llama_cpp_sources.sources(CONVERTER_PARTS, CACHE / "llama.cpp-converter-0.3.36", CACHE)
 
 
 def convert(converter, directory, outtype: str, pre: str | None):
