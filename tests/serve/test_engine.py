@@ -91,14 +91,14 @@ class Host:
             self.slots,
             jnp.asarray(tokens),
             jnp.asarray(mask),
-            row,
-            budget,
-            jnp.asarray(self.stops),
-            settings,
-            jax.random.key(seed),
+            jnp.asarray([row], jnp.int32),
+            jnp.asarray([budget], jnp.int32),
+            jnp.asarray(self.stops)[None],
+            jax.tree.map(lambda setting: setting[None], settings),
+            jax.random.key(seed)[None],
             config=self.model.config,
         )
-        self.out[row] = [int(first)]
+        self.out[row] = [int(first[0])]
 
     def dispatch(self) -> dict[int, list[int]]:
         rows = self.slots.token_B.shape[0]
@@ -184,6 +184,36 @@ def test_concurrent_requests_through_the_engine_decode_as_each_alone(model, prom
         assert answers[i] == greedy_alone[order[i]][:budget]
     stats = engine.stats()
     assert (stats.busy, stats.queued, stats.finished) == (0, 0, len(budgets))
+
+
+def test_requests_admitted_together_decode_as_each_alone(model, prompts, greedy_alone, monkeypatch):
+    admissions = []  # each admission's padded prompts: (N, P)
+    admit = slots_lib.admit
+
+    def counted(params, slots, prompts_NxP, *rest, **options):
+        admissions.append(prompts_NxP.shape)
+        return admit(params, slots, prompts_NxP, *rest, **options)
+
+    monkeypatch.setattr(slots_lib, "admit", counted)
+    engine = Engine(model, slots=4, context=CONTEXT, steps=2, queue_size=4)
+    asked = [(0, 10, {}), (1, 7, {}), (2, 12, {}), (0, 9, dict(temperature=0.9, seed=5))]
+    got = []
+    for prompt, budget, options in asked:  # queued before the engine starts: one admission
+        deliver, pieces, ended = deliveries()
+        engine.submit(engine.check(prompts[prompt], budget, **options), deliver)
+        got.append((pieces, ended))
+    engine.start()
+    try:
+        assert all(ended.wait(120) for _, ended in got)
+    finally:
+        engine.close()
+    # Bucket 16: three prompts in one prefill (padded to a batch of 4); bucket 32: one.
+    assert sorted(admissions) == [(1, 32), (4, 16)]
+    answers = [[token for ids, _ in pieces for token in ids] for pieces, _ in got]
+    for (prompt, budget, _), answer in zip(asked[:3], answers, strict=False):
+        assert answer == greedy_alone[prompt][:budget]
+    drawn = alone(model, prompts[0], 9, key=jax.random.key(5), temperature=0.9)
+    assert answers[3] == drawn
 
 
 def deliveries():

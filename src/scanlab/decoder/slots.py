@@ -106,12 +106,12 @@ def _split(key_B):
     return pairs_Bx2[:, 0], pairs_Bx2[:, 1]
 
 
-def _put_rows(slots: Slots, rows: Slots, start=0) -> Slots:
-    """`slots` with its rows from `start` replaced by `rows` (the caches' rows are their second
-    axis, every other field's its first)."""
+def _put_rows(slots: Slots, rows: Slots) -> Slots:
+    """`slots` with its first rows replaced by `rows` (the caches' rows are their second axis,
+    every other field's its first)."""
 
     def put(axis: int):
-        return lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, start, axis)
+        return lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, 0, axis)
 
     return Slots(
         **{
@@ -125,46 +125,65 @@ def _put_rows(slots: Slots, rows: Slots, start=0) -> Slots:
 def admit(
     params,
     slots: Slots,
-    prompt_1xP,
-    mask_1xP,
-    row,
-    max_tokens,
-    stop_M,
+    prompts_NxP,
+    masks_NxP,
+    rows_N,
+    max_tokens_N,
+    stops_NxM,
     sampling: Sampling,
-    key,
+    keys_N,
     *,
     config: DecoderConfig,
 ):
-    """Slots with the prompt prefilled into `row` and its first token drawn; and that token.
+    """Slots with N prompts prefilled together into rows `rows_N` and their first tokens drawn;
+    and those (N,) tokens.
 
-    prompt_1xP / mask_1xP: the prompt left-padded to its bucket and its mask (False on padding);
-    max_tokens: the row's budget, >= 1, P + max_tokens <= T; stop_M: (M,) stop ids, -1 unused;
-    sampling: () fields; key: a typed PRNG key.
+    prompts_NxP / masks_NxP: the prompts left-padded to one bucket and their masks (False on
+    padding); rows_N: int32 rows, distinct, a row >= B dropped (a batch padded to a size
+    compiled before); max_tokens_N: budgets, >= 1, P + max_tokens <= T; stops_NxM: stop ids,
+    -1 unused; sampling: (N,) fields; keys_N: typed PRNG keys.
     """
+    batch, prompt_length = prompts_NxP.shape
     length = slots.filled_BxT.shape[1]
-    prompt_length = prompt_1xP.shape[1]
-    cache = init_cache(config, 1, length, slots.cache.full.k.dtype)
-    filled_1xT = jnp.concatenate([mask_1xP, jnp.ones((1, length - prompt_length), bool)], 1)
-    positions_1xP = jnp.arange(prompt_length)[None]
-    logits_1xV, cache = cached_logits(params, config, cache, prompt_1xP, positions_1xP, filled_1xT)
-    seen_1xV = jnp.zeros((1, config.vocab_size), bool).at[0, prompt_1xP[0]].max(mask_1xP[0])
-    sampling_1 = jax.tree.map(lambda setting: setting[None], sampling)
-    key_1, subkey_1 = _split(key[None])
-    token = next_tokens(logits_1xV, seen_1xV, subkey_1, sampling_1)
-    stop_1xM = stop_M[None]
-    row_state = Slots(
+    cache = init_cache(config, batch, length, slots.cache.full.k.dtype)
+    filled_NxT = jnp.concatenate([masks_NxP, jnp.ones((batch, length - prompt_length), bool)], 1)
+    positions_NxP = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
+    logits_NxV, cache = cached_logits(params, config, cache, prompts_NxP, positions_NxP, filled_NxT)
+    rows_Nx1 = jnp.arange(batch)[:, None]
+    seen_NxV = jnp.zeros((batch, config.vocab_size), bool).at[rows_Nx1, prompts_NxP].max(masks_NxP)
+    keys_N, subkeys_N = _split(keys_N)
+    tokens_N = next_tokens(logits_NxV, seen_NxV, subkeys_N, sampling)
+    admitted = Slots(
         cache=cache,
-        filled_BxT=filled_1xT,
-        token_B=token,
-        position_B=jnp.full(1, prompt_length, jnp.int32),
-        done_B=jnp.isin(token, stop_M) | (max_tokens <= 1),
-        left_B=jnp.reshape(max_tokens - 1, (1,)).astype(jnp.int32),
-        seen_BxV=seen_1xV.at[0, token].set(True),
-        stop_BxM=stop_1xM,
-        sampling=sampling_1,
-        key_B=key_1,
+        filled_BxT=filled_NxT,
+        token_B=tokens_N,
+        position_B=jnp.full(batch, prompt_length, jnp.int32),
+        done_B=(tokens_N[:, None] == stops_NxM).any(1) | (max_tokens_N <= 1),
+        left_B=(max_tokens_N - 1).astype(jnp.int32),
+        seen_BxV=seen_NxV.at[rows_Nx1[:, 0], tokens_N].set(True),
+        stop_BxM=stops_NxM,
+        sampling=sampling,
+        key_B=keys_N,
     )
-    return _put_rows(slots, row_state, row), token[0]
+    return _scatter_rows(slots, rows_N, admitted), tokens_N
+
+
+def _scatter_rows(slots: Slots, rows_N, new: Slots) -> Slots:
+    """`slots` with rows `rows_N` replaced by `new`'s N rows in order; rows >= B are dropped."""
+
+    def put(axis: int):
+        def put_rows(old, rows):
+            index = (slice(None),) * axis + (rows_N,)
+            return old.at[index].set(rows, mode="drop")
+
+        return put_rows
+
+    return Slots(
+        **{
+            name: jax.tree.map(put(1 if name == "cache" else 0), old, rows)
+            for name, old, rows in zip(Slots._fields, slots, new, strict=True)
+        }
+    )
 
 
 def _rows(slots: Slots, count: int) -> Slots:

@@ -126,6 +126,7 @@ class Engine:
         self.queue_size = checks.static_int("queue_size", queue_size, minimum=0)
         self._stops = np.full(max(1, len(model.tokenizer.eos_ids)), -1, np.int32)
         self._stops[: len(model.tokenizer.eos_ids)] = model.tokenizer.eos_ids
+        self._pad_id = model.tokenizer.pad_id
         self._waiting: deque[Ticket] = deque()
         self._busy: dict[int, Ticket] = {}
         self._wake = threading.Condition()
@@ -219,7 +220,7 @@ class Engine:
             raise ArgumentError("warm_up must come before start(): the engine is running")
         for bucket in buckets:
             self._busy[0] = Ticket(Request((0,) * bucket, 1), lambda ids, end: None)
-            self._admit_into(0, self._busy[0])
+            self._admit(bucket, [(0, self._busy[0])])
             on_compiled(f"prompt bucket {bucket}")
         for rows in self._row_counts():
             self._decode(np.zeros(rows, bool))
@@ -265,34 +266,47 @@ class Engine:
                 admitted: list[Ticket] = []
                 while self._waiting and len(self._busy) + len(admitted) < self.rows:
                     admitted.append(self._waiting.popleft())
+            joining: dict[int, list[tuple[int, Ticket]]] = {}  # bucket -> (row, ticket)
             for ticket in admitted:
-                if not ticket.cancelled.is_set():
-                    free = next(row for row in range(self.rows) if row not in self._busy)
-                    self._busy[free] = ticket
-                    self._admit_into(free, ticket)
-                else:
+                if ticket.cancelled.is_set():
                     ticket.deliver([], CANCELLED)
+                    continue
+                free = next(row for row in range(self.rows) if row not in self._busy)
+                self._busy[free] = ticket
+                bucket = prompt_bucket(len(ticket.request.prompt), self.context)
+                joining.setdefault(bucket, []).append((free, ticket))
+            for bucket, group in joining.items():
+                self._admit(bucket, group)
             if self._busy:
                 self._dispatch()
 
-    def _admit_into(self, row: int, ticket: Ticket) -> None:
-        request = ticket.request
-        pad_id = self.model.tokenizer.pad_id
-        bucket = prompt_bucket(len(request.prompt), self.context)
-        tokens, mask = left_padded([list(request.prompt)], pad_id, bucket)
+    def _admit(self, bucket: int, group: list[tuple[int, Ticket]]) -> None:
+        """Prefills the group's prompts (one bucket) together into their rows. The batch is
+        padded to a row count (`_row_counts`) with copies of the first prompt, their rows
+        dropped, so each bucket compiles for a few batch sizes only."""
+        size = next(n for n in self._row_counts() if n >= len(group))
+        padded = group + [(self.rows, group[0][1])] * (size - len(group))  # row B: dropped
+        requests = [ticket.request for _, ticket in padded]
+        tokens, masks = left_padded([list(r.prompt) for r in requests], self._pad_id, bucket)
+        vocab = self.model.config.vocab_size
+        sampling = jax.tree.map(
+            lambda *rows: jnp.stack(rows), *(_sampling(r, vocab) for r in requests)
+        )
         self._slots, first = slots_lib.admit(
             self.model.params,
             self._slots,
             jnp.asarray(tokens),
-            jnp.asarray(mask),
-            jnp.int32(row),
-            jnp.int32(request.max_tokens),
-            jnp.asarray(self._stops_of(request)),
-            _sampling(request, self.model.config.vocab_size),
-            jax.random.key(request.seed),
+            jnp.asarray(masks),
+            jnp.asarray([row for row, _ in padded], jnp.int32),
+            jnp.asarray([r.max_tokens for r in requests], jnp.int32),
+            jnp.asarray(np.stack([self._stops_of(r) for r in requests])),
+            sampling,
+            # jax.random.key(seed) for each: the keys `generate` is given for the same seeds.
+            jax.random.wrap_key_data(np.stack([checks.seed_key(r.seed) for r in requests])),
             config=self.model.config,
         )
-        self._hand_over(row, ticket, [int(first)])
+        for (row, ticket), token in zip(group, np.asarray(first).tolist(), strict=False):
+            self._hand_over(row, ticket, [token])
 
     def _row_counts(self) -> list[int]:
         """The row counts a dispatch decodes: powers of two below the slots, and all of them."""
@@ -319,7 +333,7 @@ class Engine:
             self.model.params,
             self._slots,
             jnp.asarray(keep),
-            jnp.int32(self.model.tokenizer.pad_id),
+            jnp.int32(self._pad_id),
             config=self.model.config,
             steps=self.steps,
             rows=len(keep),
