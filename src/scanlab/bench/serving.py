@@ -4,7 +4,8 @@ Both servers run as processes of their own over the same file with the same slot
 per slot (llama-server: `-np SLOTS -c SLOTS×CONTEXT`, continuous batching on, 2 threads), started
 side by side. For each count of clients, round by round, the same clients ask each server in
 turn: one thread each with the official `openai` package, streaming a chat answer of exactly
-NEW_TOKENS tokens (`ignore_eos`, greedy), every client its own question.
+NEW_TOKENS tokens (`ignore_eos`, greedy), every client its own question, after a first round
+that is not counted.
 
 Per server and client count: aggregate tokens/s (all answers' tokens over the time from the
 first request to the last token), time to first token (per request, from sending it) and
@@ -99,6 +100,8 @@ def measure_file(path: Path, plan: Plan, binary: Path | None) -> dict[str, Any]:
         figures: dict[str, list] = {server.name: [] for server in servers}
         for clients in plan.clients:
             runs: dict[str, list] = {server.name: [] for server in servers}
+            for server in servers:  # a round to warm up (scanlab: programs compiled on first use)
+                _clients(server.port, clients, plan.new_tokens)
             for _ in range(plan.rounds):
                 for server in servers:
                     runs[server.name].append(_clients(server.port, clients, plan.new_tokens))
@@ -136,7 +139,8 @@ def _clients(port: int, clients: int, new_tokens: int) -> list[_Answer]:
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
+            # llama-server would reuse the KV of a prompt seen in an earlier round: not here.
+            extra_body={"ignore_eos": True, "cache_prompt": False},
         )
         for chunk in chunks:
             if chunk.choices and chunk.choices[0].delta.content:

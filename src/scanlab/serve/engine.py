@@ -214,13 +214,19 @@ class Engine:
     # --- running ----------------------------------------------------------------------------
 
     def warm_up(self, buckets: Sequence[int] = (), on_compiled: Callable[[str], None] = print):
-        """Compiles the decoding step and the given buckets' admissions now (a dummy request
-        each, its row freed at once), rather than at the first requests that need them."""
+        """Compiles the decoding step and the given buckets' admissions (of each batch size) now,
+        with dummy requests whose rows are freed at once, rather than at the first requests
+        that need them."""
         if self._thread.is_alive():
             raise ArgumentError("warm_up must come before start(): the engine is running")
         for bucket in buckets:
-            self._busy[0] = Ticket(Request((0,) * bucket, 1), lambda ids, end: None)
-            self._admit(bucket, [(0, self._busy[0])])
+            for size in self._row_counts():  # requests joining together: prefilled together
+                dummies = [
+                    (row, Ticket(Request((0,) * bucket, 1), lambda ids, end: None))
+                    for row in range(size)
+                ]
+                self._busy.update(dummies)
+                self._admit(bucket, dummies)
             on_compiled(f"prompt bucket {bucket}")
         for rows in self._row_counts():
             self._decode(np.zeros(rows, bool))
@@ -302,7 +308,7 @@ class Engine:
             jnp.asarray(np.stack([self._stops_of(r) for r in requests])),
             sampling,
             # jax.random.key(seed) for each: the keys `generate` is given for the same seeds.
-            jax.random.wrap_key_data(np.stack([checks.seed_key(r.seed) for r in requests])),
+            jax.random.wrap_key_data(jnp.asarray([checks.seed_key(r.seed) for r in requests])),
             config=self.model.config,
         )
         for (row, ticket), token in zip(group, np.asarray(first).tolist(), strict=False):
