@@ -107,6 +107,31 @@ def test_w17_is_rendered_and_judged_from_the_canonical_figures(tmp_path):
     assert not any(name.startswith("W17") for name, _, _ in targets.judge(results))
 
 
+def test_w16_is_rendered_and_judged_from_the_canonical_figures(tmp_path):
+    """W16 starts two servers per file: its section, targets and plot from the committed run."""
+    results = canonical_results()
+    serving = results["serving"]
+    text = markdown.render(results)
+    assert "## W16 — many users at once: scanlab serve against llama-server" in text
+    judged = {name: ok for name, _, ok in targets.judge(results)}
+    for file in serving["files"]:
+        name = file["name"]
+        ours = {row["clients"]: row for row in file["servers"]["scanlab serve"]}
+        theirs = {row["clients"]: row for row in file["servers"]["llama-server"]}
+        alone = ours[1]["tokens_per_s"] / file["one_at_a_time_tokens_per_s"]
+        assert judged[f"W16 {name}: one client ≥ 0.9× scanlab chat's tokens/s"] == (alone >= 0.9)
+        ratio = ours[8]["tokens_per_s"] / theirs[8]["tokens_per_s"]
+        assert judged[f"W16 {name}: 8 clients ≥ 1.5× llama-server's aggregate tokens/s"] == (
+            ratio >= 1.5
+        )
+        assert f"| {name} | scanlab serve | 8 | {ours[8]['tokens_per_s']:.1f} |" in text
+    figures.serving(serving, tmp_path / "serving.png")
+    assert matplotlib.image.imread(tmp_path / "serving.png")[..., :3].std() > 0.05
+    del results["serving"]
+    assert "## W16 — many users at once\n\nNot run in quick mode" in markdown.render(results)
+    assert not any(name.startswith("W16") for name, _, _ in targets.judge(results))
+
+
 def test_the_committed_report_is_the_rendering_of_the_committed_figures():
     docs = Path(__file__).parents[2] / "docs"
     assert (docs / "bench/report.md").read_text() == markdown.render(canonical_results())

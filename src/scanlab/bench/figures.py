@@ -149,3 +149,26 @@ def sizes(sizes: dict, path: Path) -> None:
     fig.suptitle("GGUF files at real sizes: scanlab and llama.cpp, each in its own process")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def serving(serving: dict, path: Path) -> None:
+    """W16: aggregate tokens/s and p95 time to the first token against the clients, per server
+    and file, with one-at-a-time serving for scale."""
+    fig = Figure(figsize=(10, 4.5))
+    rate, first = fig.subplots(1, 2)
+    for file, color in zip(serving["files"], ("C0", "C1", "C2"), strict=False):
+        for (who, rows), style in zip(file["servers"].items(), ("o-", "s--"), strict=False):
+            clients = [row["clients"] for row in rows]
+            label = f"{who}, {file['name']}"
+            rate.plot(clients, [r["tokens_per_s"] for r in rows], style, color=color, label=label)
+            p95 = [r["first_token_s"]["p95"] * 1000 for r in rows]
+            first.plot(clients, p95, style, color=color, label=label)
+        rate.axhline(file["one_at_a_time_tokens_per_s"], color=color, ls=":", lw=1)
+    rate.set(xscale="log", yscale="log", xlabel="clients at once", ylabel="tokens/s, all clients")
+    first.set(xscale="log", yscale="log", xlabel="clients at once", ylabel="p95 first token, ms")
+    for ax in (rate, first):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("Many users: scanlab serve and llama-server (dotted: one request at a time)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

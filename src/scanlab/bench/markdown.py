@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from scanlab.bench import decoding as w7
 from scanlab.bench import gemma3 as w13
+from scanlab.bench import serving as w16
 from scanlab.bench.contender import DECODE_PROMPT, LLAMA_CPP, SCANLAB
 from scanlab.bench.results import bound, by_shape, contender, decode_rate, first_token_s
 from scanlab.bench.targets import judge
@@ -31,6 +32,7 @@ def render(results: dict) -> str:
         _decoding(results),
         _gemma3(results),
         _sizes(results),
+        _serving(results),
         _finetuning(results),
         _sharding(results),
         _processes(results),
@@ -565,6 +567,81 @@ def _sizes(results: dict) -> str:
             "![tokens/s and memory against model size](sizes.png)",
         ]
     )
+
+
+def _serving(results: dict) -> str:
+    serving = results.get("serving")
+    if not serving:
+        return "## W16 — many users at once\n\nNot run in quick mode (it starts two servers)."
+    plan = serving["plan"]
+    rows = []
+    for file in serving["files"]:
+        theirs = {row["clients"]: row for row in file["servers"].get(w16.LLAMA_SERVER, [])}
+        for who, figures in file["servers"].items():
+            for row in figures:
+                peer = theirs.get(row["clients"])
+                rows.append(
+                    (
+                        file["name"],
+                        who,
+                        row["clients"],
+                        f"{row['tokens_per_s']:.1f}",
+                        _ratio(row["tokens_per_s"], peer["tokens_per_s"]) if peer else "–",
+                        _quantile_pair(row["first_token_s"], 1000),
+                        _quantile_pair(row["inter_token_s"], 1000),
+                    )
+                )
+        rows.append(
+            (
+                file["name"],
+                "one at a time (scanlab chat's path)",
+                "any",
+                f"{file['one_at_a_time_tokens_per_s']:.1f}",
+                "",
+                "",
+                "",
+            )
+        )
+    return "\n".join(
+        [
+            "## W16 — many users at once: scanlab serve against llama-server",
+            "",
+            f"Measured {serving['date']}, servers: {', '.join(serving['servers'])}, each a "
+            f"process of its own on the same GGUF file, {plan['slots']} slots of "
+            f"{plan['context']} positions each (llama-server: `-np {plan['slots']} -c "
+            f"{plan['slots'] * plan['context']}`, continuous batching, 2 threads, built from "
+            f"the llama.cpp that llama-cpp-python 0.3.36 vendors; scanlab: {plan['steps']} "
+            "decoding steps per dispatch). Every client is a thread with the official `openai` "
+            f"package streaming one chat answer of {plan['new_tokens']} tokens (greedy, "
+            "`ignore_eos`, llama-server's prompt cache off), each client its own question; "
+            f"after an uncounted round, {plan['rounds']} rounds, the servers taking turns. "
+            "Aggregate tokens/s: every answer's tokens over the time from the first request to "
+            "the last token (median over rounds); first token: from sending a request to its "
+            "first text; inter-token: a request's (last − first token time) / (tokens − 1); "
+            "medians and 95th percentiles over every request. One at a time: `scanlab chat`'s "
+            "decoding (one token per step, the prompt's prefill included) — what users served "
+            "one after another get, in aggregate, whatever their number.",
+            "",
+            *table(
+                (
+                    "file",
+                    "server",
+                    "clients",
+                    "tokens/s (all clients)",
+                    "vs llama-server",
+                    "first token ms, median / p95",
+                    "inter-token ms, median / p95",
+                ),
+                rows,
+            ),
+            "",
+            "![aggregate tokens/s and time to first token against the clients](serving.png)",
+        ]
+    )
+
+
+def _quantile_pair(quantiles: dict, scale: float) -> str:
+    return f"{quantiles['median'] * scale:.0f} / {quantiles['p95'] * scale:.0f}"
 
 
 def _mib_and_ratio(nbytes: int, file_bytes: int) -> str:

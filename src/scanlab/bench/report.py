@@ -24,6 +24,8 @@ def write(results: dict, out_dir: str | Path) -> Path:
         figures.contexts(results["gemma3"], out / "gemma3-contexts.png")
     if results.get("sizes"):
         figures.sizes(results["sizes"], out / "sizes.png")
+    if results.get("serving"):
+        figures.serving(results["serving"], out / "serving.png")
     report = out / "report.md"
     report.write_text(markdown.render(results))
     return report

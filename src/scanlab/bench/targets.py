@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from scanlab.bench import decoding as w7
+from scanlab.bench import serving as w16
 from scanlab.bench.contender import LLAMA_CPP, SCANLAB
 from scanlab.bench.results import (
     best_scanlab,
@@ -35,6 +36,9 @@ W13_MAX_CACHE_FRACTION, W13_MIN_LONG_CONTEXT_SPEEDUP, W13_MAX_COMPILE_RATIO = 1.
 W17_MIN_DECODE_VS_LLAMA_CPP, W17_MIN_FIRST_TOKEN_VS_LLAMA_CPP = 1.0, 1.0
 W17_MIN_BATCH8_VS_BATCH1, W17_MAX_LOAD_PEAK_VS_FILE, W17_MAX_LOAD_S_PER_GB = 2.0, 1.25, 2.0
 W17_DECODE_TARGET_FILES = (pretrained.SMOLLM2.name, "Llama-1B")  # names starting so
+# Many users: at 8 clients 1.5× llama-server's aggregate tokens/s, its p95 time to the first
+# token or better; one client within 10% of `scanlab chat`'s speed (the server costs nothing).
+W16_CLIENTS, W16_MIN_VS_LLAMA_SERVER, W16_MIN_ALONE_VS_CHAT = 8, 1.5, 0.9
 
 
 class Target(NamedTuple):
@@ -53,6 +57,7 @@ def judge(results: dict) -> list[Target]:
         *_decoding(results.get("decoding")),
         *_gemma3(results.get("gemma3")),
         *_sizes(results.get("sizes")),
+        *_serving(results.get("serving")),
         *_masked(results["loops"]["masked"]),
     ]
 
@@ -325,6 +330,46 @@ def _sizes(sizes: dict | None) -> list[Target]:
                     "llama.cpp's tokens/s",
                     f"{ratio:.2f}×",
                     ratio >= W17_MIN_DECODE_VS_LLAMA_CPP,
+                )
+            )
+    return rows
+
+
+def _serving(serving: dict | None) -> list[Target]:
+    """W16's targets, per file; absent in quick mode, which starts no server."""
+    if not serving:
+        return []
+    rows = []
+    for file in serving["files"]:
+        ours = {row["clients"]: row for row in file["servers"][w16.SCANLAB]}
+        theirs = {row["clients"]: row for row in file["servers"].get(w16.LLAMA_SERVER, [])}
+        name, many = file["name"], W16_CLIENTS
+        if 1 in ours:
+            ratio = ours[1]["tokens_per_s"] / file["one_at_a_time_tokens_per_s"]
+            rows.append(
+                Target(
+                    f"W16 {name}: one client ≥ {W16_MIN_ALONE_VS_CHAT:.1f}× scanlab chat's "
+                    "tokens/s",
+                    f"{ratio:.2f}×",
+                    ratio >= W16_MIN_ALONE_VS_CHAT,
+                )
+            )
+        if many in ours and many in theirs:
+            ratio = ours[many]["tokens_per_s"] / theirs[many]["tokens_per_s"]
+            rows.append(
+                Target(
+                    f"W16 {name}: {many} clients ≥ {W16_MIN_VS_LLAMA_SERVER}× llama-server's "
+                    "aggregate tokens/s",
+                    f"{ratio:.2f}×",
+                    ratio >= W16_MIN_VS_LLAMA_SERVER,
+                )
+            )
+            mine, peer = ours[many]["first_token_s"]["p95"], theirs[many]["first_token_s"]["p95"]
+            rows.append(
+                Target(
+                    f"W16 {name}: {many} clients' p95 first token ≤ llama-server's",
+                    f"{mine * 1000:.0f} ms vs {peer * 1000:.0f} ms",
+                    mine <= peer,
                 )
             )
     return rows
