@@ -199,11 +199,11 @@ def bench(
         str | None,
         typer.Option(
             help="Re-measure only these real-model workloads (comma-separated: W7, W13, W14, "
-            "W17) into --out's results.json, a full run's, and rewrite its report."
+            "W16, W17) into --out's results.json, a full run's, and rewrite its report."
         ),
     ] = None,
 ) -> None:
-    """Run the benchmarks W1–W17 (--quick leaves out W7, W13, W14 and W17: they load real
+    """Run the benchmarks W1–W17 (--quick leaves out W7, W13, W14, W16 and W17: they load real
     models); write a markdown report with plots."""
     from rich.table import Table
 
