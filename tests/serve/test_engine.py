@@ -302,3 +302,33 @@ def test_buckets_pad_prompts_to_a_few_lengths():
         4095,
     ]
     assert prompt_bucket(40, 48) == 47  # never past the context less one
+
+
+def test_tensor_parallel_params_serve_as_one_device_does(on_host_devices):
+    """On a mesh of 2 devices (model=2) the engine's programs follow the params' shardings and
+    answer as `generate` does on one device."""
+    out = on_host_devices(
+        2,
+        """
+        import types
+        import jax, jax.numpy as jnp, numpy as np
+        from scanlab import decoder, sharding
+        from scanlab.serve import Engine
+
+        TINY = decoder.preset("tiny")
+        # The engine reads a tokenizer's stop and padding ids only: token ids in and out here.
+        ids_only = types.SimpleNamespace(eos_ids=(), pad_id=0)
+        params = decoder.init_params(TINY, jax.random.PRNGKey(0))
+        mesh = sharding.make_mesh("model=2")
+        sharded = decoder.shard_params(params, TINY, mesh)
+        assert len(sharded.blocks.attention.q_proj.sharding.device_set) == 2
+        engine = Engine(decoder.Model(TINY, sharded, ids_only), slots=2, context=48)
+        engine.start()
+        prompt = [5, 9, 31, 7]
+        served = list(engine.generate(engine.check(prompt, 12, ignore_eos=True)))
+        engine.close()
+        alone = decoder.generate(params, jnp.asarray([prompt]), TINY, 12).tokens[0, 4:]
+        print(served == np.asarray(alone).tolist())
+        """,
+    )
+    assert out.strip() == "True"
