@@ -17,12 +17,11 @@ from tests.decoder.oracle import hf_greedy
 from transformers import AutoModelForCausalLM
 
 from scanlab.decoder import Chat, load_model
-from scanlab.decoder.formats.base import to_hf
-from scanlab.decoder.spec import layer_shapes
 from scanlab.finetune import (
     FinetuneConfig,
     LoraConfig,
     adapt,
+    adapter_files,
     finetune,
     init_adapters,
     save_merged,
@@ -118,27 +117,10 @@ def test_first_loss_with_fresh_adapters_equals_transformers(base, rows, transfor
     assert abs(float(total / count) - theirs) < 1e-4
 
 
-def hf_permutations(target, config):
-    """(inputs, outputs): for each transformers input column and output row of the target's
-    weight, the index of that input (output) in scanlab's flattened layout."""
-    leaf = _at(config.features.leaves.blocks, TARGETS[target])
-    weight_shape = _at(layer_shapes(config), TARGETS[target])
-    n_in = len(leaf.fan_in.split())
-    in_size, out_size = int(np.prod(weight_shape[:n_in])), int(np.prod(weight_shape[n_in:]))
-    grid = np.zeros((in_size, out_size), np.int64)
-    in_index = (grid + np.arange(in_size)[:, None]).reshape(weight_shape)
-    out_index = (grid + np.arange(out_size)[None, :]).reshape(weight_shape)
-    return to_hf(leaf, in_index, config)[0], to_hf(leaf, out_index, config)[:, 0]
-
-
 def to_peft(pair, target, config):
-    """One layer's a (inputs..., r) and b (r, outputs...) -> PEFT's lora_A (r, in), lora_B
-    (out, r)."""
-    inputs, outputs = hf_permutations(target, config)
-    rank = pair["a"].shape[-1]
-    a = np.asarray(pair["a"]).reshape(-1, rank)[inputs].T
-    b = np.asarray(pair["b"]).reshape(rank, -1)[:, outputs].T
-    return a, b
+    """One layer's a and b -> PEFT's lora_A (r, in), lora_B (out, r), as save_adapter writes."""
+    leaf = _at(config.features.leaves.blocks, TARGETS[target])
+    return adapter_files.to_peft(leaf, np.asarray(pair["a"]), np.asarray(pair["b"]), config)
 
 
 # PEFT reads an attribute transformers 5 deprecates.

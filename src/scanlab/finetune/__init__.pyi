@@ -1,5 +1,7 @@
 # The public names of scanlab.finetune, imported on first use (see __init__.py).
 from . import data as data
+from .adapter_files import load_adapter as load_adapter
+from .adapter_files import save_adapter as save_adapter
 from .adapters import TARGETS as TARGETS
 from .adapters import LoraConfig as LoraConfig
 from .adapters import adapt as adapt
