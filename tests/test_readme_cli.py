@@ -83,6 +83,10 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
         "Quillby is famous for its glass pumpkins."
         in printed[next(k for k in printed if "facts.gguf --message" in k)]
     )
+    assert (
+        "Quillby is famous for its glass pumpkins."
+        in printed[next(k for k in printed if "facts-peft --message" in k)]
+    )
     assert "The mayor of Quillby is Odelia Brandt." in printed["serve"]
 
     # Two processes, one run: process 0's lines, prefixed; its plot and checkpoint.

@@ -381,7 +381,10 @@ def _sampling(temperature, top_k, top_p, min_p, repetition_penalty) -> dict:
 
 Adapter = Annotated[
     str | None,
-    typer.Option(help="A `scanlab finetune` checkpoint directory: with what it trained."),
+    typer.Option(
+        help="With what a `scanlab finetune` checkpoint directory, or a PEFT adapter "
+        "directory, trained."
+    ),
 ]
 AdapterStep = Annotated[
     int | None, typer.Option(help="With --adapter: a saved step; default: the newest.")
@@ -611,13 +614,26 @@ def _trained_on(adapter: str | None, step: int | None) -> str | None:
         return None
     from scanlab import finetune
 
+    if _is_peft(adapter):  # its shapes are checked against the model as it loads
+        if step is not None:
+            raise ArgumentError(f"--adapter-step picks a checkpoint's step: {adapter} is PEFT's")
+        return None
     return finetune.saved_run(adapter, step, ("adapter", "adapter_step"))[1]
 
 
+def _is_peft(adapter: str) -> bool:
+    """Whether --adapter names a PEFT adapter directory (else a fine-tuning checkpoint)."""
+    from scanlab.finetune import adapter_files
+
+    return (Path(adapter) / adapter_files.CONFIG_FILE).is_file()
+
+
 def _with_adapter(model, adapter: str, step: int | None):
-    """The loaded `model` with what the --adapter checkpoint trained."""
+    """The loaded `model` with what the --adapter checkpoint (or PEFT directory) trained."""
     from scanlab import finetune
 
+    if _is_peft(adapter):
+        return finetune.load_adapter(adapter, model)
     return finetune.with_trained(model, adapter, step)
 
 
@@ -851,6 +867,13 @@ def finetune_command(
             "(Q8_0; from a .gguf --model)."
         ),
     ] = None,
+    adapter_out: Annotated[
+        str | None,
+        typer.Option(
+            help="Also write the LoRA adapters here as PEFT's adapter directory "
+            "(peft.PeftModel.from_pretrained, scanlab chat --adapter)."
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune a pretrained model on your examples, K optimizer steps per lax.scan call."""
     from scanlab import checks
@@ -902,6 +925,10 @@ def finetune_command(
     like = None
     if merge_to is not None:
         like = _merge_source(Path(merge_to), model)
+    if adapter_out is not None:
+        if config.lora is None:
+            raise ArgumentError("--adapter-out writes LoRA adapters: --full trains no adapters")
+        _check_new_path("--adapter-out", Path(adapter_out))
     from scanlab import plots, render
 
     with render.training_progress(
@@ -929,6 +956,10 @@ def finetune_command(
         with _extra("--merge-to", failed):
             written = finetune.save_merged(merge_to, result.tuned, like=like)
             console.print(f"merged model: {written}")
+    if adapter_out is not None:
+        with _extra("--adapter-out", failed):
+            written = finetune.save_adapter(adapter_out, result.tuned, base_model=model)
+            console.print(f"PEFT adapter: {written}")
     with _extra("the loss curve", failed):
         title = f"fine-tuning {Path(model).name}: loss"
         console.print(f"loss curve: {plots.loss_curve(result.losses, plot_path, title)}")
@@ -965,16 +996,22 @@ def _extra(flag: str, failed: list[str]) -> Iterator[None]:
         failed.append(f"{flag} failed: {' '.join(str(error).split())}")
 
 
-def _merge_source(path: Path, model: str) -> Path | None:
-    """Checks --merge-to before training: new, in a writable folder, a .gguf only from a GGUF
-    model (whose metadata it copies). Returns that GGUF file, or None for a directory."""
+def _check_new_path(flag: str, path: Path) -> None:
+    """An output written after training: new (or an empty folder), in a writable folder."""
     from scanlab import checks
-    from scanlab.decoder import load
     from scanlab.errors import PathExistsError
 
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise PathExistsError(f"--merge-to {path} exists and is not empty: choose a new path")
-    checks.writable_dir("--merge-to's folder", path.parent)
+        raise PathExistsError(f"{flag} {path} exists and is not empty: choose a new path")
+    checks.writable_dir(f"{flag}'s folder", path.parent)
+
+
+def _merge_source(path: Path, model: str) -> Path | None:
+    """Checks --merge-to before training: new, in a writable folder, a .gguf only from a GGUF
+    model (whose metadata it copies). Returns that GGUF file, or None for a directory."""
+    from scanlab.decoder import load
+
+    _check_new_path("--merge-to", path)
     if path.suffix != ".gguf":
         return None
     source = load.resolve(model)

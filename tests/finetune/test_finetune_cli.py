@@ -42,22 +42,32 @@ def chat_file(tmp_path):
 
 
 def test_finetune_merge_resume_and_chat(cli, model_dir, chat_file, tmp_path):
-    run, merged = tmp_path / "run", tmp_path / "merged"
+    run, merged, adapter = tmp_path / "run", tmp_path / "merged", tmp_path / "adapter"
     common = ["--data", str(chat_file), "--checkpoint-dir", str(run)]
     settings = "--steps 4 --chunk-steps 2 --batch-size 2 --warmup-steps 1 --eval-fraction 0.25"
-    settings += f" --lora-rank 2 --merge-to {merged}"
+    settings += f" --lora-rank 2 --merge-to {merged} --adapter-out {adapter}"
     status, err, out = cli(["finetune", "--model", str(model_dir), *common, *settings.split()])
     assert status == 0, err
     assert "step 4/4" in out and "held-out loss" in out and (run / "loss.png").is_file()
     assert f"chat with it: scanlab chat --model {model_dir} --adapter {run}" in out
     assert (merged / "tokenizer.json").is_file() and (merged / "config.json").is_file()
+    assert f"PEFT adapter: {adapter}" in out
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 2
     # --resume takes the saved settings (the model, rank 2, batch 2...): only --steps grows.
     status, err, out = cli(["finetune", *common, "--resume", "--steps", "6"])
     assert status == 0, err
     assert "step 6/6" in out
-    for model in (["--model", str(model_dir), "--adapter", str(run)], ["--model", str(merged)]):
+    answers = []
+    for model in (
+        ["--model", str(model_dir), "--adapter", str(run)],
+        ["--model", str(merged)],
+        ["--model", str(model_dir), "--adapter", str(run), "--adapter-step", "4"],
+        ["--model", str(model_dir), "--adapter", str(adapter)],  # step 4's, as PEFT's files
+    ):
         status, err, out = cli(["chat", *model, "--message", "Say 3.", "--max-new-tokens", "3"])
         assert status == 0 and "model> " in out, err
+        answers.append(out)
+    assert answers[2] == answers[3]
 
 
 def test_a_bad_file_or_a_used_output_is_said_before_any_work(cli, model_dir, tmp_path):
@@ -77,6 +87,17 @@ def test_a_bad_file_or_a_used_output_is_said_before_any_work(cli, model_dir, tmp
         ]
     )
     assert status == 2 and err.startswith(f"error: --merge-to {used} exists and is not empty")
+    for extra, says in (
+        (["--adapter-out", str(used)], f"error: --adapter-out {used} exists and is not empty"),
+        (["--full", "--adapter-out", str(tmp_path / "a")], "error: --adapter-out writes LoRA"),
+    ):
+        status, err, _ = cli(
+            [
+                *["finetune", "--model", str(model_dir), "--data", str(good)],
+                *["--checkpoint-dir", str(tmp_path / "run"), *extra],
+            ]
+        )
+        assert status == 2 and err.startswith(says), err
 
 
 def test_a_failed_merge_or_plot_after_training_keeps_the_run_and_says_where(
