@@ -17,20 +17,23 @@ import math
 import os
 from pathlib import Path
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from scanlab import storage
+from scanlab.checks import shown
 from scanlab.decoder import spec
 from scanlab.decoder.config import DecoderConfig
 from scanlab.decoder.families import Leaf
 from scanlab.decoder.formats.base import to_hf
+from scanlab.decoder.formats.gguf_file import file_layout
 from scanlab.decoder.formats.hf import check_new_directory
 from scanlab.decoder.load import Model
 from scanlab.decoder.lora import Adapted
-from scanlab.errors import ArgumentError, MissingPathError
+from scanlab.errors import ArgumentError, MissingPathError, PathExistsError
 from scanlab.finetune.adapters import TARGETS, Adapters, LoraConfig, _at, adapt
 
 WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
@@ -60,10 +63,13 @@ def save_adapter(
     base_model: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Writes the model's adapters as a PEFT adapter directory; `base_model` is recorded as
-    PEFT's `base_model_name_or_path`. Nothing is left half-written if the save fails."""
+    """Writes the model's adapters as a PEFT adapter directory (`base_model` recorded as its
+    `base_model_name_or_path`), or, for a path ending in .gguf, as llama.cpp's GGUF LoRA file
+    (`llama-cli --lora`, `Llama(lora_path=...)`). Nothing is left half-written if it fails."""
     adapters, lora = adapters_of(model)
     config = model.config
+    if Path(path).suffix == ".gguf":
+        return _save_gguf_adapter(Path(path), config, adapters, lora, overwrite)
     tensors = {}
     for target, pair in adapters.items():
         leaf = _leaf(config, target)
@@ -93,6 +99,41 @@ def save_adapter(
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(settings, indent=2))
     return directory
+
+
+def _save_gguf_adapter(
+    path: Path, config: DecoderConfig, adapters: Adapters, lora: LoraConfig, overwrite: bool
+) -> Path:
+    """llama.cpp's LoRA file (llama-adapter.cpp): `general.type` "adapter", `adapter.type`
+    "lora", `adapter.lora.alpha`, and per adapted weight `<its GGUF name>.lora_a` (r, in) and
+    `.lora_b` (out, r) in the file's order of that weight's inputs and outputs."""
+    if path.exists() and not overwrite:
+        raise PathExistsError(f"path {path} exists; pass {shown('overwrite')}=True")
+    with storage.staged_file(path) as staging:
+        writer = gguf.GGUFWriter(staging, config.features.gguf_architecture)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora.alpha)
+        for target, pair in adapters.items():
+            leaf = _leaf(config, target)
+            inputs, outputs = _order(
+                leaf, config, lambda a, leaf=leaf: file_layout(leaf, a, config)
+            )
+            a_layers, b_layers = (
+                np.asarray(pair["a"], np.float32),
+                np.asarray(pair["b"], np.float32),
+            )
+            for i in range(config.n_layers):
+                name = f"blk.{i}.{leaf.gguf_name}"  # e.g. blk.0.attn_q.weight
+                lora_a = a_layers[i].reshape(-1, lora.rank)[inputs].T
+                lora_b = b_layers[i].reshape(lora.rank, -1)[:, outputs].T
+                writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(lora_a))
+                writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(lora_b))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
 
 
 def load_adapter(path: str | os.PathLike, model: Model) -> Model:
@@ -160,12 +201,17 @@ def from_peft(leaf: Leaf, lora_a, lora_b, config: DecoderConfig, name: str):
 def _hf_order(leaf: Leaf, config: DecoderConfig) -> tuple[np.ndarray, np.ndarray]:
     """For each of transformers' input columns (output rows) of the weight, the index of that
     input (output) in scanlab's flattened inputs (outputs)."""
+    return _order(leaf, config, lambda array: to_hf(leaf, array, config))
+
+
+def _order(leaf: Leaf, config: DecoderConfig, layout) -> tuple[np.ndarray, np.ndarray]:
+    """The input and output orders of a file's (out, in) `layout` of the weight, read off by
+    laying out each weight entry's input (output) index."""
     in_shape, out_shape = _weight_shape(leaf, config)
     grid = np.zeros((math.prod(in_shape), math.prod(out_shape)), np.int64)
     in_index = (grid + np.arange(grid.shape[0])[:, None]).reshape(*in_shape, *out_shape)
     out_index = (grid + np.arange(grid.shape[1])[None, :]).reshape(*in_shape, *out_shape)
-    inputs, outputs = to_hf(leaf, in_index, config)[0], to_hf(leaf, out_index, config)[:, 0]
-    return np.asarray(inputs), np.asarray(outputs)
+    return np.asarray(layout(in_index))[0], np.asarray(layout(out_index))[:, 0]
 
 
 def _weight_shape(leaf: Leaf, config: DecoderConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:

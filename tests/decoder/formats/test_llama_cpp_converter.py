@@ -30,6 +30,7 @@ from scanlab.decoder import (
     load_tokenizer,
 )
 from scanlab.decoder.formats.tokenizer import save_tokenizer
+from scanlab.finetune import LoraConfig, adapt, init_adapters, save_adapter
 
 pytestmark = pytest.mark.e2e  # builds on llama.cpp's sources and llama-cpp-python: `make test-e2e`
 
@@ -87,12 +88,14 @@ def convert(converter, directory, outtype: str, pre: str | None):
     return out
 
 
-def llama_cpp_logits(path) -> np.ndarray:
-    """llama.cpp's logits of TOKENS on the file, its K/V cache in f32 as scanlab's is."""
+def llama_cpp_logits(path, lora_path=None) -> np.ndarray:
+    """llama.cpp's logits of TOKENS on the file (with a LoRA file over it), its K/V cache in f32
+    as scanlab's is."""
     from llama_cpp import GGML_TYPE_F32, Llama
 
     model = Llama(
         str(path),
+        lora_path=None if lora_path is None else str(lora_path),
         n_ctx=64,
         n_batch=64,
         n_threads=2,
@@ -138,6 +141,26 @@ def test_the_f32_file_holds_the_directory_bitwise_and_matches_both_references(fa
     np.testing.assert_allclose(logits, reference, atol=LOGITS_ATOL)
     atol = LLAMA_CPP_ATOL.get(name, 1e-5)
     np.testing.assert_allclose(logits, llama_cpp_logits(files["f32"]), atol=atol)
+
+
+def test_a_gguf_lora_scanlab_writes_gives_its_logits_in_llama_cpp(family, tmp_path):
+    """`save_adapter(... .gguf)`: llama.cpp's own LoRA file, loaded by llama.cpp over the F32
+    file, gives the logits of scanlab's adapted model (q/k's rotary pairs interleaved as the
+    file's weights are)."""
+    name, _, files, _, _ = family
+    model = load_model(files["f32"], weights="float32")
+    lora = LoraConfig(rank=4, alpha=8.0)  # all seven projections
+    adapters = init_adapters(model.config, lora, jax.random.PRNGKey(1))
+    keys = iter(jax.random.split(jax.random.PRNGKey(2), len(adapters)))
+    for pair in adapters.values():
+        pair["b"] = 0.1 * jax.random.normal(next(keys), pair["b"].shape)
+    tuned = model._replace(params=adapt(model.params, adapters, lora))
+    path = save_adapter(tmp_path / "lora.gguf", tuned)
+    ours = np.asarray(forward(tuned.params, TOKENS, model.config))
+    base = np.asarray(forward(model.params, TOKENS, model.config))
+    assert np.abs(ours - base).max() > 0.01  # the adapters change the logits
+    atol = LLAMA_CPP_ATOL.get(name, 1e-5) + 1e-5
+    np.testing.assert_allclose(ours, llama_cpp_logits(files["f32"], path), atol=atol)
 
 
 def test_the_q8_0_file_is_read_as_llama_cpp_reads_it(family):

@@ -437,9 +437,9 @@ def _gguf_tensors(config: DecoderConfig, params: DecoderParams):
         return jax.tree.leaves(tree, is_leaf=spec.is_leaf)
 
     def in_file(leaf: Leaf, array) -> np.ndarray:
-        if leaf.gguf_interleaved:
-            array = _pairs_from_halves(array, leaf.shape.split().index("Dh"))
-        return np.asarray(to_hf(leaf, jnp.asarray(array, jnp.float32) + leaf.gguf_offset, config))
+        return np.asarray(
+            file_layout(leaf, jnp.asarray(array, jnp.float32) + leaf.gguf_offset, config)
+        )
 
     for leaf, array in zip(
         leaves(outside_layers(declared)), leaves(outside_layers(params)), strict=True
@@ -450,6 +450,14 @@ def _gguf_tensors(config: DecoderConfig, params: DecoderParams):
             yield _name(leaf, layer), in_file(leaf, array[layer])
     if config.rope_scaling is not None and config.rope_scaling.kind == FACTORS:
         yield ROPE_FACTORS, np.asarray(config.rope_scaling.frequency_factors, np.float32)
+
+
+def file_layout(leaf: Leaf, array: Tensor, config: DecoderConfig) -> jax.Array:
+    """One layer's leaf in scanlab's layout -> as a GGUF file holds it (numpy's (out, in) order
+    of transformers, rotary pairs interleaved where llama.cpp's converter interleaves them)."""
+    if leaf.gguf_interleaved:
+        array = _pairs_from_halves(array, leaf.shape.split().index("Dh"))
+    return jnp.asarray(to_hf(leaf, jnp.asarray(array), config))
 
 
 def _pairs_from_halves(array: Tensor, axis: int) -> jax.Array:
