@@ -14,13 +14,12 @@ import urllib.error
 import urllib.request
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import openai
 import pytest
+from tests.serve.test_engine import alone
 from tests.tiny import CHAT_TEMPLATE, TINY, tiny_tokenizer
 
-from scanlab.decoder import Model, generate, init_params
+from scanlab.decoder import Model, init_params
 from scanlab.serve import Engine, running
 
 KEY = "secret"
@@ -58,16 +57,7 @@ def client(url) -> openai.OpenAI:
 
 def greedy_text(model: Model, prompt: list[int], budget: int) -> str:
     """The answer `generate` gives the prompt alone, as text."""
-    tokenizer = model.tokenizer
-    out = generate(
-        model.params,
-        jnp.asarray([prompt]),
-        model.config,
-        budget,
-        stop_tokens=tokenizer.eos_ids,
-        pad_token=tokenizer.pad_id,
-    )
-    return tokenizer.decode(np.asarray(out.tokens[0, len(prompt) :][: int(out.lengths[0])]))
+    return model.tokenizer.decode(alone(model, prompt, budget))
 
 
 def chat_ids(model: Model, messages) -> list[int]:

@@ -143,12 +143,12 @@ def sizes(sizes: dict, path: Path) -> None:
         )
     speed.set(xscale="log", yscale="log", xlabel="parameters", ylabel="decoding tokens/s, batch 1")
     memory.set(xscale="log", yscale="log", xlabel="parameters", ylabel="GiB above the start")
-    for ax in (speed, memory):
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-    fig.suptitle("GGUF files at real sizes: scanlab and llama.cpp, each in its own process")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _finish(
+        fig,
+        (speed, memory),
+        "GGUF files at real sizes: scanlab and llama.cpp, each in its own process",
+        path,
+    )
 
 
 def serving(serving: dict, path: Path) -> None:
@@ -166,9 +166,19 @@ def serving(serving: dict, path: Path) -> None:
         rate.axhline(file["one_at_a_time_tokens_per_s"], color=color, ls=":", lw=1)
     rate.set(xscale="log", yscale="log", xlabel="clients at once", ylabel="tokens/s, all clients")
     first.set(xscale="log", yscale="log", xlabel="clients at once", ylabel="p95 first token, ms")
-    for ax in (rate, first):
+    _finish(
+        fig,
+        (rate, first),
+        "Many users: scanlab serve and llama-server (dotted: one request at a time)",
+        path,
+    )
+
+
+def _finish(fig: Figure, axes, title: str, path: Path) -> None:
+    """Legends and grids on each of `axes`, the title, and the figure written to `path`."""
+    for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle("Many users: scanlab serve and llama-server (dotted: one request at a time)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
