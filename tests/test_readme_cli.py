@@ -77,7 +77,7 @@ def test_every_cli_line_runs(tmp_path, monkeypatch, cli):
     # The fine-tuned model answers with what it was taught, over the base and merged into a GGUF.
     assert (
         "The mayor of Quillby is Odelia Brandt."
-        in printed[next(k for k in printed if "--adapter" in k)]
+        in printed[next(k for k in printed if k.startswith("chat --adapter runs/facts --"))]
     )
     assert (
         "Quillby is famous for its glass pumpkins."

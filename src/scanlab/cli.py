@@ -959,7 +959,7 @@ def finetune_command(
     if adapter_out is not None:
         with _extra("--adapter-out", failed):
             written = finetune.save_adapter(adapter_out, result.tuned, base_model=model)
-            console.print(f"PEFT adapter: {written}")
+            console.print(f"PEFT adapter: {written}", highlight=False, soft_wrap=True)
     with _extra("the loss curve", failed):
         title = f"fine-tuning {Path(model).name}: loss"
         console.print(f"loss curve: {plots.loss_curve(result.losses, plot_path, title)}")
