@@ -22,6 +22,8 @@ from tests.tiny import CHAT_TEMPLATE, TINY, tiny_tokenizer
 from scanlab.decoder import Model, init_params
 from scanlab.serve import Engine, running
 
+pytestmark = pytest.mark.slow  # HTTP servers on sockets: not in `make test-fast`
+
 KEY = "secret"
 NAME = "tiny-chat"
 # ChatML, refusing roles it does not know as many chat templates do (through raise_exception).
