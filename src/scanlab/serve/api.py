@@ -223,7 +223,10 @@ async def _answer(engine: Engine, body: Options, prompt, prompt_field: str, *, c
     pieces: asyncio.Queue = asyncio.Queue()
 
     def deliver(ids: list[int], end: str | None) -> None:  # on the engine's thread
-        loop.call_soon_threadsafe(pieces.put_nowait, (ids, end))
+        try:
+            loop.call_soon_threadsafe(pieces.put_nowait, (ids, end))
+        except RuntimeError:  # the server's loop has closed: no one is left to tell
+            pass
 
     try:
         ticket = engine.submit(request, deliver)

@@ -99,7 +99,8 @@ def running(
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> Iterator[str]:
     """Serves `engine`'s model as `name` from a thread while the block runs; yields the base
-    URL (`port` 0: a free port). On leaving, the server stops and the engine closes."""
+    URL (`port` 0: a free port). On leaving, the engine closes (what is in flight is cancelled)
+    and the server stops."""
     app = create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes)
     bound: list[int] = []
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"), bound.append)
@@ -112,6 +113,6 @@ def running(
     try:
         yield f"http://{host}:{bound[0]}"
     finally:
+        engine.close(deadline_s=0)  # first: answers still streaming end (cancelled)
         server.should_exit = True
         thread.join()
-        engine.close(deadline_s=0)
