@@ -16,7 +16,7 @@ import urllib.request
 import jax
 import openai
 import pytest
-from tests.serve.test_engine import alone
+from tests.serve.alone import alone
 from tests.tiny import CHAT_TEMPLATE, TINY, tiny_tokenizer
 
 from scanlab.decoder import Model, init_params
