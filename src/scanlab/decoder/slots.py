@@ -2,11 +2,11 @@
 dispatches (continuous batching, as JetStream and llama-server do it).
 
 A `Slots` state holds B rows: a KV cache of T positions each and, per row, its newest token and
-position, its token budget, stop ids, sampling settings and PRNG key. `admit` prefills one
-prompt, left-padded to a bucket length P, and writes it into a row; `decode` runs K steps of
-every row in one `lax.scan`, the state donated, so the caches are updated in place. A free or
-finished row is computed too and its result dropped: the shapes never change, so each bucket's
-admission and the decoding step compile once.
+position, its token budget, stop ids, sampling settings and PRNG key. `admit` prefills N prompts
+of one bucket length P together (left-padded) and writes them into their rows; `decode` runs K
+steps of the first n rows in one `lax.scan`, the state donated, so the caches are updated in
+place. A free or finished row among them is computed too and its result dropped: the shapes
+never change, so each (bucket, N) admission and each n's decoding step compile once.
 
 A row's positions are its cache slots, as in `generate` for a left-padded prompt: the prompt's S
 tokens sit at P - S .. P - 1 and the answer follows, so P + max_tokens <= T. Rotary attention
@@ -106,19 +106,38 @@ def _split(key_B):
     return pairs_Bx2[:, 0], pairs_Bx2[:, 1]
 
 
-def _put_rows(slots: Slots, rows: Slots) -> Slots:
-    """`slots` with its first rows replaced by `rows` (the caches' rows are their second axis,
-    every other field's its first)."""
-
-    def put(axis: int):
-        return lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, 0, axis)
-
+def _row_wise(function, *states: Slots) -> Slots:
+    """`function(axis)(*arrays)` for each array of the states, field by field, `axis` the one
+    that indexes rows (the caches' second, every other field's first)."""
     return Slots(
         **{
-            name: jax.tree.map(put(1 if name == "cache" else 0), old, new)
-            for name, old, new in zip(Slots._fields, slots, rows, strict=True)
+            name: jax.tree.map(function(1 if name == "cache" else 0), *fields)
+            for name, *fields in zip(Slots._fields, *states, strict=True)
         }
     )
+
+
+def _first_rows(slots: Slots, count: int) -> Slots:
+    """The first `count` rows of the slots."""
+    return _row_wise(lambda axis: lambda a: jax.lax.slice_in_dim(a, 0, count, axis=axis), slots)
+
+
+def _put_first_rows(slots: Slots, rows: Slots) -> Slots:
+    """`slots` with its first rows replaced by `rows`."""
+    return _row_wise(
+        lambda axis: lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, 0, axis),
+        slots,
+        rows,
+    )
+
+
+def _scatter_rows(slots: Slots, rows_N, new: Slots) -> Slots:
+    """`slots` with rows `rows_N` replaced by `new`'s N rows in order; rows >= B are dropped."""
+
+    def put(axis: int):
+        return lambda old, rows: old.at[(slice(None),) * axis + (rows_N,)].set(rows, mode="drop")
+
+    return _row_wise(put, slots, new)
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnums=1)
@@ -168,38 +187,6 @@ def admit(
     return _scatter_rows(slots, rows_N, admitted), tokens_N
 
 
-def _scatter_rows(slots: Slots, rows_N, new: Slots) -> Slots:
-    """`slots` with rows `rows_N` replaced by `new`'s N rows in order; rows >= B are dropped."""
-
-    def put(axis: int):
-        def put_rows(old, rows):
-            index = (slice(None),) * axis + (rows_N,)
-            return old.at[index].set(rows, mode="drop")
-
-        return put_rows
-
-    return Slots(
-        **{
-            name: jax.tree.map(put(1 if name == "cache" else 0), old, rows)
-            for name, old, rows in zip(Slots._fields, slots, new, strict=True)
-        }
-    )
-
-
-def _rows(slots: Slots, count: int) -> Slots:
-    """The first `count` rows of the slots (the caches' rows are their second axis)."""
-
-    def first(axis: int):
-        return lambda array: jax.lax.slice_in_dim(array, 0, count, axis=axis)
-
-    return Slots(
-        **{
-            name: jax.tree.map(first(1 if name == "cache" else 0), field)
-            for name, field in zip(Slots._fields, slots, strict=True)
-        }
-    )
-
-
 @functools.partial(jax.jit, static_argnames=("config", "steps", "rows"), donate_argnums=1)
 def decode(params, slots: Slots, keep_B, pad_id, *, config: DecoderConfig, steps: int, rows: int):
     """`steps` decoding steps of the first `rows` rows in one scan: (the slots after them, what
@@ -209,7 +196,7 @@ def decode(params, slots: Slots, keep_B, pad_id, *, config: DecoderConfig, steps
     keep_B: bool (rows,), False for rows the host cancels now (they emit nothing more).
     pad_id: () int32, emitted by rows that are done.
     """
-    active = _rows(slots, rows)
+    active = _first_rows(slots, rows)
     active = active._replace(done_B=active.done_B | ~keep_B)
     rows_B = jnp.arange(rows)
 
@@ -242,4 +229,4 @@ def decode(params, slots: Slots, keep_B, pad_id, *, config: DecoderConfig, steps
         return new, Emitted(token_B, live_B)
 
     active, emitted = jax.lax.scan(step, active, length=steps)
-    return _put_rows(slots, active), Emitted(emitted.tokens_BxK.T, emitted.live_BxK.T)
+    return _put_first_rows(slots, active), Emitted(emitted.tokens_BxK.T, emitted.live_BxK.T)
