@@ -8,7 +8,7 @@ conversation compiles once per bucket instead of once per turn.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,23 +39,64 @@ def left_padded(rows: list[list[int]], pad_id: int, bucket: int = 1):
     return tokens, mask
 
 
-def decode_stream(tokenizer: Tokenizer, chunks: Iterable[np.ndarray]) -> Iterator[str]:
-    """Text pieces of one row's token chunks ((1, c) arrays), ending at its stop token.
+class AnswerText:
+    """One answer's text as its tokens arrive: `push` returns the text now safe to show.
 
-    The whole answer is decoded again at each chunk and the new suffix yielded, held back while
-    it ends in an incomplete UTF-8 character (a byte-level token can split one).
+    The whole answer is decoded again at each push and the new suffix given out, held back while
+    it ends in an incomplete UTF-8 character (a byte-level token can split one) or in the
+    beginning of a stop string, which is never shown: the answer ends before it.
     """
-    ids: list[int] = []
-    shown = ""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.shown = ""
+        self.stopped = False  # a stop string was found: the answer ends where it began
+
+    def push(self, ids: Sequence[int], final: bool = False) -> str:
+        """The text the new token ids add, or "" while held back; with `final`, all that is
+        left (a stop string's beginning included: it did not come)."""
+        if self.stopped:
+            return ""
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._show(text[:cut])
+        if not final:
+            if text.endswith("\ufffd"):
+                return ""
+            text = text[: len(text) - self._stop_prefix(text)]
+        return self._show(text)
+
+    def _stop_prefix(self, text: str) -> int:
+        """The length of the longest end of `text` that begins a stop string."""
+        return max(
+            (n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0
+        )
+
+    def _show(self, text: str) -> str:
+        if len(text) <= len(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+
+def decode_stream(tokenizer: Tokenizer, chunks: Iterable[np.ndarray]) -> Iterator[str]:
+    """Text pieces of one row's token chunks ((1, c) arrays), ending at its stop token
+    (`AnswerText`, no stop strings)."""
+    answer = AnswerText(tokenizer)
     for chunk in chunks:
+        ids = []
         for token in np.asarray(chunk)[0].tolist():
             ids.append(token)
             if token in tokenizer.eos_ids:
                 break
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-            yield text[len(shown) :]
-            shown = text
+        piece = answer.push(ids)
+        if piece:
+            yield piece
         if ids and ids[-1] in tokenizer.eos_ids:
             return
 

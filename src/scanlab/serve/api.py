@@ -28,9 +28,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from scanlab.decoder.chat import AnswerText
 from scanlab.errors import ArgumentError
 from scanlab.serve.engine import CANCELLED, Engine, EngineBusy
-from scanlab.serve.text import AnswerText
 
 log = logging.getLogger("scanlab.serve")
 MAX_BODY_BYTES = 1 << 20
@@ -171,9 +171,11 @@ def create_app(
     async def models():
         return {"object": "list", "data": [_model_card(model_name)]}
 
+    page_html = resources.files("scanlab.serve").joinpath("page.html").read_text()
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return resources.files("scanlab.serve").joinpath("page.html").read_text()
+        return page_html
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -309,15 +311,19 @@ class _Reply:
         choice["finish_reason"] = self.finish_reason
         return self.envelope([choice], kind) | {"usage": self.usage()}
 
+    @property
+    def chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
     def chunk(self, text: str | None, finish_reason: str | None = None, role=False) -> dict:
         if not self.chat:
             choice = {"index": 0, "text": text or "", "logprobs": None}
-            return self.envelope([choice | {"finish_reason": finish_reason}], "text_completion")
+            return self.envelope([choice | {"finish_reason": finish_reason}], self.chunk_kind)
         delta: dict = {"role": "assistant"} if role else {}
         if text is not None:
             delta["content"] = text
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return self.envelope([choice], "chat.completion.chunk")
+        return self.envelope([choice], self.chunk_kind)
 
 
 def _event(data: dict | str) -> str:
@@ -335,11 +341,7 @@ async def _events(reply: _Reply, pieces: asyncio.Queue, ticket) -> AsyncIterator
         yield _event(reply.chunk(None if reply.chat else "", reply.finish_reason))
         options = reply.body.stream_options
         if options is not None and options.include_usage:
-            yield _event(reply.envelope([], _chunk_kind(reply.chat)) | {"usage": reply.usage()})
+            yield _event(reply.envelope([], reply.chunk_kind) | {"usage": reply.usage()})
         yield _event("[DONE]")
     finally:
         ticket.cancel()
-
-
-def _chunk_kind(chat: bool) -> str:
-    return "chat.completion.chunk" if chat else "text_completion"

@@ -124,6 +124,9 @@ class Engine:
         )
         self.steps = checks.static_int("steps", steps, minimum=1)
         self.queue_size = checks.static_int("queue_size", queue_size, minimum=0)
+        # The row counts a dispatch decodes and an admission prefills: powers of two below the
+        # slots, and all of them (each compiles once).
+        self._row_counts = sorted({min(2**i, self.rows) for i in range(self.rows.bit_length() + 1)})
         self._stops = np.full(max(1, len(model.tokenizer.eos_ids)), -1, np.int32)
         self._stops[: len(model.tokenizer.eos_ids)] = model.tokenizer.eos_ids
         self._pad_id = model.tokenizer.pad_id
@@ -220,7 +223,7 @@ class Engine:
         if self._thread.is_alive():
             raise ArgumentError("warm_up must come before start(): the engine is running")
         for bucket in buckets:
-            for size in self._row_counts():  # requests joining together: prefilled together
+            for size in self._row_counts:  # requests joining together: prefilled together
                 dummies = [
                     (row, Ticket(Request((0,) * bucket, 1), lambda ids, end: None))
                     for row in range(size)
@@ -228,7 +231,7 @@ class Engine:
                 self._busy.update(dummies)
                 self._admit(bucket, dummies)
             on_compiled(f"prompt bucket {bucket}")
-        for rows in self._row_counts():
+        for rows in self._row_counts:
             self._decode(np.zeros(rows, bool))
         self._finished = 0
         on_compiled(f"decoding step ({self.rows} slots, {self.steps} steps per dispatch)")
@@ -290,7 +293,7 @@ class Engine:
         """Prefills the group's prompts (one bucket) together into their rows. The batch is
         padded to a row count (`_row_counts`) with copies of the first prompt, their rows
         dropped, so each bucket compiles for a few batch sizes only."""
-        size = next(n for n in self._row_counts() if n >= len(group))
+        size = next(n for n in self._row_counts if n >= len(group))
         padded = group + [(self.rows, group[0][1])] * (size - len(group))  # row B: dropped
         requests = [ticket.request for _, ticket in padded]
         tokens, masks = left_padded([list(r.prompt) for r in requests], self._pad_id, bucket)
@@ -314,10 +317,6 @@ class Engine:
         for (row, ticket), token in zip(group, np.asarray(first).tolist(), strict=False):
             self._hand_over(row, ticket, [token])
 
-    def _row_counts(self) -> list[int]:
-        """The row counts a dispatch decodes: powers of two below the slots, and all of them."""
-        return sorted({min(2**i, self.rows) for i in range(self.rows.bit_length() + 1)})
-
     def _dispatch(self) -> None:
         """K steps of the busy rows (the first n rows, n the least row count holding them)."""
         for row, ticket in list(self._busy.items()):
@@ -326,7 +325,7 @@ class Engine:
         if not self._busy:
             return
         highest = max(self._busy)
-        rows = next(n for n in self._row_counts() if n > highest)
+        rows = next(n for n in self._row_counts if n > highest)
         keep = np.zeros(rows, bool)
         keep[list(self._busy)] = True
         tokens, live = self._decode(keep)
