@@ -716,10 +716,12 @@ def serve_command(
     config = load.load_config(path)
     context = min(config.max_seq_len, SERVE_CONTEXT) if context is None else context
     checks.static_int("--context", context, minimum=2, maximum=config.max_seq_len)
+    from scanlab.serve import engine, server
+
+    engine.check_fits(config, slots, context)  # before the weights load
+    server.check_address(host, port)
     with _loading(model, weights):
         loaded = load.load_model(path, weights)
-    from scanlab.serve import server
-
     server.serve(
         loaded,
         Path(model).name if Path(model).exists() else model,

@@ -150,3 +150,6 @@ def test_an_adapter_of_another_base_is_refused_naming_the_tensor(base, tmp_path)
         load_adapter(directory, model)
     with pytest.raises(MissingPathError, match=r"must hold PEFT's adapter_config\.json"):
         load_adapter(tmp_path, model)
+    (directory / "adapter_config.json").write_text("{r: 4")
+    with pytest.raises(ArgumentError, match=r"adapter_config\.json is not JSON"):
+        load_adapter(directory, model)

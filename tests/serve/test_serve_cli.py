@@ -2,6 +2,7 @@
 ending it with one line and the CLI's exit status."""
 
 import signal
+import socket
 
 import jax
 import pytest
@@ -46,3 +47,14 @@ def test_serve_answers_then_a_signal_ends_it_with_one_line(tiny_dir, signum, sta
     assert server.returncode == status
     assert "5 completion tokens" in rest  # the request's log line
     assert rest.endswith(f"{line}\n") and rest.count("error:") == 1
+
+
+def test_an_address_in_use_or_slots_past_memory_are_one_line_before_loading(tiny_dir, cli):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        status, err, _ = cli(["serve", "--model", str(tiny_dir), "--port", str(port)])
+    assert status == 2
+    assert err.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen there (")
+    status, err, _ = cli(["serve", "--model", str(tiny_dir), "--slots", "100000000"])
+    assert status == 2 and err.startswith("error: 100000000 slots of 64 positions (their KV")
+    assert "loading" not in err  # refused before the weights load

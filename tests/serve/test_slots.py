@@ -16,7 +16,7 @@ from tests.traces import traced
 from scanlab.decoder import Model
 from scanlab.decoder import slots as slots_lib
 from scanlab.decoder.chat import left_padded
-from scanlab.errors import ArgumentError
+from scanlab.errors import ArgumentError, OutOfMemoryError
 from scanlab.serve.engine import Engine, prompt_bucket
 
 
@@ -146,3 +146,8 @@ def test_buckets_pad_prompts_to_a_few_lengths():
         4095,
     ]
     assert prompt_bucket(40, 48) == 47  # never past the context less one
+
+
+def test_slots_past_the_machine_s_memory_are_refused_before_allocating(model):
+    with pytest.raises(OutOfMemoryError, match=r"^1000000000 slots of 64 positions .* GiB"):
+        Engine(model, slots=10**9, context=CONTEXT)

@@ -143,7 +143,10 @@ def load_adapter(path: str | os.PathLike, model: Model) -> Model:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise MissingPathError(f"{directory} must hold PEFT's {name}: not a PEFT adapter")
-    settings = json.loads((directory / CONFIG_FILE).read_text())
+    try:
+        settings = json.loads((directory / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise ArgumentError(f"{directory / CONFIG_FILE} is not JSON: {error}") from None
     missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in settings]
     if missing:
         raise ArgumentError(f"{directory / CONFIG_FILE} must set {missing}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from scanlab import checks
 from scanlab.decoder import slots as slots_lib
+from scanlab.decoder.cache import cache_bytes, init_cache
 from scanlab.decoder.chat import left_padded
 from scanlab.decoder.load import Model
 from scanlab.decoder.sampling import Sampling
@@ -38,6 +39,14 @@ STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"  # why a request ended
 
 class EngineBusy(ScanlabError):
     """Every slot is busy and the waiting queue is full: try again later."""
+
+
+def check_fits(config, slots: int, context: int, dtype=jnp.float32) -> None:
+    """Refuses up front (OutOfMemoryError) slots whose KV caches the machine cannot hold."""
+    shapes = jax.eval_shape(lambda: init_cache(config, slots, context, dtype))
+    checks.fits_in_memory(
+        f"{slots} slots of {context} positions (their KV caches)", cache_bytes(shapes)
+    )
 
 
 def prompt_bucket(length: int, context: int) -> int:
@@ -127,6 +136,7 @@ class Engine:
         # The row counts a dispatch decodes and an admission prefills: powers of two below the
         # slots, and all of them (each compiles once).
         self._row_counts = sorted({min(2**i, self.rows) for i in range(self.rows.bit_length() + 1)})
+        check_fits(config, self.rows, self.context, model.params.embed.dtype)
         self._stops = np.full(max(1, len(model.tokenizer.eos_ids)), -1, np.int32)
         self._stops[: len(model.tokenizer.eos_ids)] = model.tokenizer.eos_ids
         self._pad_id = model.tokenizer.pad_id

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 import uvicorn
 
 from scanlab.decoder.load import Model
+from scanlab.errors import ArgumentError
 from scanlab.serve.api import MAX_BODY_BYTES, create_app
 from scanlab.serve.engine import Engine
 
@@ -35,6 +37,19 @@ class Settings:
     port: int = 8000
     api_key: str | None = None
     warm_up: int = 128  # prompt buckets up to this many tokens compiled at start-up
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuses, in one line and before any model loads, an address this process cannot listen
+    on (in use, not this machine's, a privileged port): probed as uvicorn binds, SO_REUSEADDR."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as error:
+        raise ArgumentError(
+            f"--host {host} --port {port}: cannot listen there ({error.strerror or error})"
+        ) from None
 
 
 def serve(model: Model, name: str, settings: Settings, on_progress: Callable[[str], None]):
